@@ -1,0 +1,248 @@
+"""AnyRes tiling (LLaVA-NeXT / OneVision) and the visual token counts that go with it.
+
+Sizes are always ``(height, width)``, named so. The output equals transformers'
+``LlavaOnevisionImageProcessorPil`` for the same config (see tests/components/test_anyres.py),
+and the token counts equal what ``LlavaOnevisionProcessor`` expands, so checkpoints trained
+here behave the same wherever they are served.
+
+Speed comes from doing each step once: one conversion to RGB, one resize to the grid
+resolution, one resize to the base tile, padding into a uint8 canvas, and a fused
+rescale+normalize through a per-channel 256-entry lookup table (exact, since inputs are uint8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Size = tuple[int, int]  # (height, width)
+
+
+class ImageTooSmallError(ValueError):
+    """An image with a zero side cannot be tiled."""
+
+
+@dataclass(frozen=True)
+class AnyResConfig:
+    """How images become tiles. Every knob is a typed int; no knob is parsed out of a string."""
+
+    tile_size: int = 384
+    """Side of one square tile in pixels (the vision tower's input size)."""
+    patch_size: int = 14
+    """Side of one vision-transformer patch; tokens per tile side = tile_size // patch_size (384 // 14 = 27)."""
+    max_grid: int = 6
+    """Grids go from 1x1 up to max_grid x max_grid tiles (OneVision: 6)."""
+    max_tiles: int = 9
+    """Features of the unpadded grid are bilinear-reduced to about this many tiles' worth (anyres_max_9)."""
+    multi_image_mode: str = "pad"
+    """Multi-image items and video frames' base tile: "pad" (pad to a square with the mean colour, then
+    resize; what transformers does for multi-image samples) or "resize" (squash to the tile)."""
+    mean: tuple[float, float, float] = field(default=OPENAI_CLIP_MEAN)
+    std: tuple[float, float, float] = field(default=OPENAI_CLIP_STD)
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size", "patch_size", "max_grid", "max_tiles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AnyResConfig.{name}: expected a positive int, found {value!r}")
+        if self.tile_size < self.patch_size:
+            raise ValueError(f"AnyResConfig.tile_size: expected >= patch_size={self.patch_size}, found {self.tile_size}")
+        if self.multi_image_mode not in ("pad", "resize"):
+            raise ValueError(f"AnyResConfig.multi_image_mode: expected 'pad' or 'resize', found {self.multi_image_mode!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"AnyResConfig.mean/std: expected 3 values each, found {self.mean!r} / {self.std!r}")
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.tile_size // self.patch_size
+
+
+@dataclass
+class TiledImage:
+    pixel_values: np.ndarray
+    """float32 [1 + rows*cols, 3, T, T]; the base tile first, then the grid row by row."""
+    image_size: Size
+    """The original (height, width)."""
+    grid: Size
+    """(rows, cols) of the grid."""
+
+
+def grid_pinpoints(config: AnyResConfig) -> list[Size]:
+    """Every candidate resolution, (rows*T, cols*T) for rows, cols in 1..max_grid, in transformers' order."""
+    t = config.tile_size
+    return [(r * t, c * t) for r in range(1, config.max_grid + 1) for c in range(1, config.max_grid + 1)]
+
+
+def select_best_resolution(image_size: Size, candidates: list[Size]) -> Size:
+    """The candidate keeping the most effective resolution; ties go to the least wasted area."""
+    height, width = image_size
+    best, best_effective, best_waste = None, -1, math.inf
+    for cand_h, cand_w in candidates:
+        scale = min(cand_w / width, cand_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = cand_w * cand_h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (cand_h, cand_w), effective, waste
+    assert best is not None, "no candidate resolutions"
+    return best
+
+
+def fit_size(image_size: Size, target: Size) -> Size:
+    """The (height, width) that fits image_size inside target, keeping the aspect ratio (one side exact)."""
+    height, width = image_size
+    target_h, target_w = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (what transformers does)."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scale_shift(config: AnyResConfig) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (a, b) per channel with x * a - b == (x / 255 - mean) / std to within 1e-6 for uint8 x."""
+    std = np.asarray(config.std, dtype=np.float64)
+    scale = (1 / 255 / std).astype(np.float32)[:, None, None]
+    shift = (np.asarray(config.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
+    return scale, shift
+
+
+_SCALE_SHIFT: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def normalize_into(out: np.ndarray, pixels: np.ndarray, config: AnyResConfig) -> None:
+    """Fused rescale+normalize of HWC uint8 ``pixels`` into float32 CHW ``out`` (a view is fine), in two passes."""
+    key = (config.mean, config.std)
+    if key not in _SCALE_SHIFT:
+        _SCALE_SHIFT[key] = _scale_shift(config)
+    scale, shift = _SCALE_SHIFT[key]
+    np.multiply(pixels.transpose(2, 0, 1), scale, out=out, dtype=np.float32)
+    np.subtract(out, shift, out=out)
+
+
+def pad_value(config: AnyResConfig) -> np.ndarray:
+    """The normalized value of a black pixel, per channel, as [3, 1, 1]."""
+    scale, shift = _scale_shift(config)
+    return -shift
+
+
+def _check_size(image: Image.Image) -> Size:
+    if image.width < 1 or image.height < 1:
+        raise ImageTooSmallError(f"image: expected a non-empty image, found size (height={image.height}, width={image.width})")
+    return image.height, image.width
+
+
+def tile_image(image: Image.Image, config: AnyResConfig) -> TiledImage:
+    """AnyRes: pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, base first."""
+    image_size = _check_size(image)
+    rgb = to_rgb(image)
+    t = config.tile_size
+    best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
+    new_h, new_w = fit_size(image_size, (best_h, best_w))
+    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+    resized = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
+    rows, cols = best_h // t, best_w // t
+    out = np.empty((1 + rows * cols, 3, t, t), dtype=np.float32)
+    normalize_into(out[0], np.asarray(rgb.resize((t, t), Image.BICUBIC)), config)
+    pad = pad_value(config)
+    for r in range(rows):
+        for c in range(cols):
+            tile = out[1 + r * cols + c]
+            # the part of this tile covered by the resized image; the rest is black padding
+            y0, y1 = max(r * t, top), min((r + 1) * t, top + new_h)
+            x0, x1 = max(c * t, left), min((c + 1) * t, left + new_w)
+            if y0 >= y1 or x0 >= x1:
+                tile[:] = pad
+                continue
+            if (y1 - y0, x1 - x0) != (t, t):
+                tile[:] = pad
+            normalize_into(
+                tile[:, y0 - r * t : y1 - r * t, x0 - c * t : x1 - c * t],
+                resized[y0 - top : y1 - top, x0 - left : x1 - left],
+                config,
+            )
+    return TiledImage(pixel_values=out, image_size=image_size, grid=(rows, cols))
+
+
+def base_tile(image: Image.Image, config: AnyResConfig) -> np.ndarray:
+    """One float32 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
+    _check_size(image)
+    rgb = to_rgb(image)
+    t = config.tile_size
+    if config.multi_image_mode == "pad" and rgb.width != rgb.height:
+        side = max(rgb.width, rgb.height)
+        fill = tuple(int(m * 255) for m in config.mean)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+        rgb = square
+    out = np.empty((3, t, t), dtype=np.float32)
+    normalize_into(out, np.asarray(rgb.resize((t, t), Image.BICUBIC)), config)
+    return out
+
+
+def video_tiles(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
+    """Frames uint8 [F, H, W, 3] -> float32 [F, 3, T, T], each resized to the tile (transformers' video processor)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames: expected uint8 [F>=1, H, W, 3], found shape {tuple(frames.shape)}")
+    t = config.tile_size
+    out = np.empty((frames.shape[0], 3, t, t), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        normalize_into(out[i], np.asarray(Image.fromarray(frame).resize((t, t), Image.BICUBIC)), config)
+    return out
+
+
+# ---- token counts ---------------------------------------------------------------------------
+
+
+def _unpadded_features(image_size: Size, grid: Size, config: AnyResConfig) -> tuple[int, int]:
+    """(features, newlines) of the unpadded grid, reduced to about max_tiles tiles' worth when larger."""
+    height, width = image_size
+    side = config.tokens_per_side
+    cur_h, cur_w = side * grid[0], side * grid[1]
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= ((cur_h - new_h) // 2) * 2
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= ((cur_w - new_w) // 2) * 2
+    ratio = math.sqrt(cur_h * cur_w / (config.max_tiles * side**2))
+    if ratio > 1.1:
+        return int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+    return cur_h * cur_w, cur_h
+
+
+def num_image_tokens(image_size: Size, config: AnyResConfig) -> int:
+    """Tokens of one AnyRes image: base tile + unpadded grid features + one newline per feature row."""
+    if image_size[0] < 1 or image_size[1] < 1:
+        raise ImageTooSmallError(f"image_size: expected positive (height, width), found {image_size}")
+    best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
+    grid = (best_h // config.tile_size, best_w // config.tile_size)
+    features, newlines = _unpadded_features(image_size, grid, config)
+    return config.tokens_per_side**2 + features + newlines
+
+
+def num_multi_image_tokens(config: AnyResConfig) -> int:
+    """Tokens of one item of a multi-image sample: its base tile plus one newline."""
+    return config.tokens_per_side**2 + 1
+
+
+def num_video_tokens(num_frames: int, config: AnyResConfig) -> int:
+    """Tokens of a video: each frame 2x2 bilinear-pooled (27x27 -> 14x14 = 196), plus one newline at the end."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames: expected at least 1, found {num_frames}")
+    pooled = math.ceil(config.tokens_per_side / 2)
+    return num_frames * pooled * pooled + 1

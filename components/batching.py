@@ -1,0 +1,47 @@
+"""Collation of tokenized rows into model inputs, and modality+length grouping of batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from components.conversation import IGNORE_INDEX
+
+
+def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / labels / attention_mask plus the media tensors HF's LLaVA classes take.
+
+    A row has input_ids, labels, modality, and for media: pixel_values [tiles, 3, T, T],
+    image_sizes [[h, w], ...] and tiles_per_image. Images of all rows are concatenated (4-D
+    pixel_values with batch_num_images); videos are stacked [videos, frames, 3, T, T] and must
+    have equal frame counts (grouping guarantees it).
+    """
+    if not rows:
+        raise ValueError("collate: expected at least one row, found none")
+    length = max(len(r["input_ids"]) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(np.asarray(r["labels"]), dtype=torch.long)
+        attention[i, :n] = 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+    image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
+    if image_rows:
+        out["pixel_values"] = torch.as_tensor(np.concatenate([np.asarray(r["pixel_values"]) for r in image_rows]))
+        out["image_sizes"] = torch.as_tensor(
+            [list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long
+        )
+        if arch == "llava_onevision":
+            out["batch_num_images"] = torch.as_tensor([len(r["image_sizes"]) for r in image_rows], dtype=torch.long)
+    video_rows = [r for r in rows if r["modality"] == "video"]
+    if video_rows:
+        frames = {len(r["pixel_values"]) for r in video_rows}
+        if len(frames) > 1:
+            raise ValueError(f"collate: expected videos with equal frame counts in a batch, found {sorted(frames)}")
+        out["pixel_values_videos"] = torch.as_tensor(np.stack([np.asarray(r["pixel_values"]) for r in video_rows]))
+    return out

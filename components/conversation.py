@@ -1,0 +1,336 @@
+"""The sample schema, the chat templates, and tokenization with assistant-only labels.
+
+Ids are built turn by turn: every segment is tokenized on its own and concatenated, and each
+media placeholder is expanded to exactly the number of media tokens the model will produce.
+So the label mask cannot drift from the text by construction (the official trainer's
+"tokenization mismatch" cannot happen), and an over-long sample is an error, never truncated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDER_RE = re.compile(r"<image>|<video>")
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used, with the sample id, the field, and what was expected against found."""
+
+    def __init__(self, sample_id: str, field_name: str, expected: str, found: str, kind: str = "invalid_sample"):
+        super().__init__(f"sample {sample_id!r}, field {field_name!r}: expected {expected}, found {found}")
+        self.sample_id = sample_id
+        self.field = field_name
+        self.kind = kind
+
+
+class SampleTooLongError(SampleError):
+    def __init__(self, sample_id: str, length: int, max_length: int):
+        super().__init__(sample_id, "conversations", f"at most {max_length} tokens", f"{length} tokens", "too_long")
+        self.length = length
+
+
+@dataclass
+class Turn:
+    role: str
+    """user, assistant or system."""
+    text: str
+
+
+@dataclass
+class Sample:
+    """One LLaVA record, validated."""
+
+    id: str
+    turns: list[Turn]
+    images: list[str] = field(default_factory=list)
+    video: str | None = None
+    source: str = ""
+
+    @property
+    def modality(self) -> str:
+        if self.video is not None:
+            return "video"
+        if len(self.images) > 1:
+            return "multi_image"
+        if len(self.images) == 1:
+            return "image"
+        return "text"
+
+    @property
+    def num_media(self) -> int:
+        return len(self.images) + (1 if self.video is not None else 0)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_sample(record: dict, source: str = "") -> Sample:
+    """Validate a LLaVA JSON record (``conversations`` with from/value, or role/content ``messages``)."""
+    if not isinstance(record, dict):
+        raise SampleError("?", "<record>", "a JSON object", type(record).__name__)
+    sample_id = str(record.get("id", record.get("sample_id", "?")))
+    images = record.get("image", record.get("images"))
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    elif not (isinstance(images, list) and all(isinstance(x, str) and x for x in images)):
+        raise SampleError(sample_id, "image", "a path or a list of paths", _short(images))
+    video = record.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        raise SampleError(sample_id, "video", "a path", _short(video))
+    if video is not None and images:
+        raise SampleError(sample_id, "image", "no images beside a video", f"{len(images)} images and a video")
+
+    raw_turns = record.get("conversations", record.get("messages"))
+    field_name = "conversations" if "conversations" in record else "messages"
+    if not isinstance(raw_turns, list) or not raw_turns:
+        raise SampleError(sample_id, field_name, "a non-empty list of turns", _short(raw_turns))
+    turns: list[Turn] = []
+    for i, raw in enumerate(raw_turns):
+        where = f"{field_name}[{i}]"
+        if not isinstance(raw, dict):
+            raise SampleError(sample_id, where, "an object with from/value or role/content", _short(raw))
+        role = raw.get("from", raw.get("role"))
+        text = raw.get("value", raw.get("content"))
+        if role not in ROLE_ALIASES:
+            raise SampleError(sample_id, f"{where}.from", "one of human, gpt, user, assistant, system", _short(role))
+        if not isinstance(text, str):
+            raise SampleError(sample_id, f"{where}.value", "a string", _short(text))
+        if not text.strip():
+            raise SampleError(sample_id, f"{where}.value", "a non-empty turn", "an empty string", "empty_turn")
+        turns.append(Turn(ROLE_ALIASES[role], text))
+
+    if turns[0].role == "system":
+        system, rest = turns[:1], turns[1:]
+    else:
+        system, rest = [], turns
+    if not rest:
+        raise SampleError(sample_id, field_name, "at least one user and one assistant turn", "only a system turn")
+    for i, turn in enumerate(rest):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise SampleError(
+                sample_id, f"{field_name}[{i + len(system)}].from", f"{expected} (turns alternate)", turn.role
+            )
+    if rest[-1].role != "assistant":
+        raise SampleError(sample_id, field_name, "the last turn from the assistant", "a user turn")
+
+    placeholders = sum(len(_PLACEHOLDER_RE.findall(t.text)) for t in turns)
+    num_media = len(images) + (1 if video is not None else 0)
+    if placeholders != num_media:
+        raise SampleError(
+            sample_id,
+            field_name,
+            f"{num_media} media placeholder(s) for {num_media} media",
+            f"{placeholders} placeholder(s)",
+            "placeholder_mismatch",
+        )
+    for t in turns:
+        if t.role != "user" and _PLACEHOLDER_RE.search(t.text):
+            raise SampleError(sample_id, field_name, "placeholders only in user turns", f"one in a {t.role} turn")
+    return Sample(id=sample_id, turns=turns, images=list(images), video=video, source=source)
+
+
+# ---- templates -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat format as segments: prefix, then per exchange user(q) then assistant(a) + stop."""
+
+    name: str
+    system: str
+    user_format: str
+    """The user segment; {text} is the message. It ends with the assistant's prompt."""
+    assistant_format: str
+    """The labelled assistant segment; {text} is the answer and it ends with the stop."""
+    prefix_format: str = "{system}"
+    after_assistant: str = ""
+    """Unlabelled text after each assistant segment (chatml's newline)."""
+    stop: str = ""
+    add_bos: bool = False
+    text_in_user: bool = True
+    """False for "plain": the user turn contributes only its media."""
+
+    def prefix(self, system: str | None = None) -> str:
+        return self.prefix_format.format(system=self.system if system is None else system)
+
+    def generation_prompt(self, turns: list[Turn]) -> str:
+        """The text a model is prompted with (media placeholders left in), ending at the assistant's prompt."""
+        system = next((t.text for t in turns if t.role == "system"), None)
+        out = [self.prefix(system)]
+        for t in turns:
+            if t.role == "user":
+                out.append(self.user_format.format(text=t.text if self.text_in_user else _only_media(t.text)))
+            elif t.role == "assistant":
+                out.append(self.assistant_format.format(text=t.text) + self.after_assistant)
+        return "".join(out)
+
+
+def _only_media(text: str) -> str:
+    return "".join(_PLACEHOLDER_RE.findall(text))
+
+
+VICUNA_V0_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+TEMPLATES: dict[str, Template] = {
+    # Stage-1 pre-training: the image, then the caption.
+    "plain": Template(
+        name="plain", system="", user_format="{text}", assistant_format="{text}\n", stop="\n", text_in_user=False
+    ),
+    # LLaVA (1.0): Vicuna-v0, "###" separates turns and stops generation.
+    "vicuna_v0": Template(
+        name="vicuna_v0",
+        system=VICUNA_V0_SYSTEM,
+        prefix_format="{system}###",
+        user_format="Human: {text}###Assistant:",
+        assistant_format=" {text}###",
+        stop="###",
+        add_bos=True,
+    ),
+    # LLaVA-1.5: Vicuna-v1.
+    "vicuna_v1": Template(
+        name="vicuna_v1",
+        system=VICUNA_V1_SYSTEM,
+        prefix_format="{system} ",
+        user_format="USER: {text} ASSISTANT:",
+        assistant_format=" {text}</s>",
+        stop="</s>",
+        add_bos=True,
+    ),
+    # OneVision (Qwen-2): ChatML.
+    "chatml": Template(
+        name="chatml",
+        system="You are a helpful assistant.",
+        prefix_format="<|im_start|>system\n{system}<|im_end|>\n",
+        user_format="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        assistant_format="{text}<|im_end|>",
+        after_assistant="\n",
+        stop="<|im_end|>",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"template: expected one of {sorted(TEMPLATES)}, found {name!r}")
+    return TEMPLATES[name]
+
+
+# ---- tokenization ----------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: np.ndarray
+    """int32 [L]."""
+    labels: np.ndarray
+    """int32 [L]; IGNORE_INDEX except on assistant turns and their stops."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _move_media_to_front(turns: list[Turn]) -> list[Turn]:
+    """The "in-the-front" layout: every placeholder moves to the start of the first user turn."""
+    found = [p for t in turns for p in _PLACEHOLDER_RE.findall(t.text)]
+    out, placed = [], False
+    for t in turns:
+        text = _PLACEHOLDER_RE.sub("", t.text).strip() if t.role == "user" else t.text
+        if t.role == "user" and not placed:
+            text = "".join(found) + ("\n" if found else "") + text
+            placed = True
+        out.append(Turn(t.role, text))
+    return out
+
+
+def tokenize(
+    sample: Sample,
+    tokenizer,
+    template: Template | str,
+    media_token_counts: list[int],
+    *,
+    layout: str = "interleaved",
+    max_length: int | None = None,
+) -> TokenizedSample:
+    """input_ids with each placeholder expanded to its media's token count; labels on assistant turns only."""
+    template = get_template(template) if isinstance(template, str) else template
+    if len(media_token_counts) != sample.num_media:
+        raise SampleError(
+            sample.id, "media_token_counts", f"{sample.num_media} counts (one per media)", str(len(media_token_counts))
+        )
+    if layout not in ("interleaved", "front"):
+        raise ValueError(f"layout: expected 'interleaved' or 'front', found {layout!r}")
+    turns = _move_media_to_front(sample.turns) if layout == "front" else sample.turns
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+    media_id = video_id if sample.video is not None else image_id
+
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, labelled: bool) -> None:
+        if not text:
+            return
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(piece)
+        labels.extend(piece if labelled else [IGNORE_INDEX] * len(piece))
+
+    counts = iter(media_token_counts)
+
+    def add_user(text: str) -> None:
+        formatted = template.user_format.format(text=text if template.text_in_user else _only_media(text))
+        pos = 0
+        for m in _PLACEHOLDER_RE.finditer(formatted):
+            add(formatted[pos : m.start()], False)
+            n = next(counts)
+            ids.extend([media_id] * n)
+            labels.extend([IGNORE_INDEX] * n)
+            pos = m.end()
+        add(formatted[pos:], False)
+
+    if template.add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    system = next((t.text for t in turns if t.role == "system"), None)
+    add(template.prefix(system), False)
+    for t in turns:
+        if t.role == "user":
+            add_user(t.text)
+        elif t.role == "assistant":
+            add(template.assistant_format.format(text=t.text), True)
+            add(template.after_assistant, False)
+    if max_length is not None and len(ids) > max_length:
+        raise SampleTooLongError(sample.id, len(ids), max_length)
+    return TokenizedSample(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+
+
+def assistant_targets(sample: Sample, template: Template | str) -> str:
+    """The text the labels must decode to: every assistant turn in its template, with its stop."""
+    template = get_template(template) if isinstance(template, str) else template
+    return "".join(template.assistant_format.format(text=t.text) for t in sample.turns if t.role == "assistant")

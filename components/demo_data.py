@@ -1,0 +1,316 @@
+"""The deterministic demo world: coloured shapes, with answers a tiny model can learn.
+
+Every kind of LLaVA data, small: Stage-1 captions, Stage-1.5 detailed descriptions, single-image QA
+with LLaVA-1.5's response-format prompts, multi-image QA, video QA on real H.264 clips, text-only
+QA, and a held-out eval split. Image sizes are spread over every AnyRes grid of the tile size.
+The same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 210, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+SHORT = "Answer the question using a single word or phrase."
+MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
+CAPTION_PROMPTS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Summarize the visual content of the image.",
+)
+DETAIL_PROMPTS = ("Describe the following image in detail.", "What do you see in this image? Explain in detail.")
+MIXES = {
+    ("red", "blue"): "purple",
+    ("red", "yellow"): "orange",
+    ("blue", "yellow"): "green",
+    ("red", "white"): "pink",
+    ("black", "white"): "gray",
+}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """How much of each kind to make."""
+
+    tile_size: int = 56
+    """Image sizes are spread over the AnyRes grids of this tile size (1x1 .. 6x6)."""
+    captions: int = 96
+    details: int = 48
+    single_image: int = 160
+    multi_image: int = 32
+    videos: int = 24
+    text: int = 32
+    eval_per_kind: int = 24
+    video_frames: int = 16
+    video_fps: int = 8
+    video_size: int = 64
+    seed: int = 0
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def _image_size(rng: random.Random, tile: int) -> tuple[int, int]:
+    """(height, width) near a random rows x cols grid of ``tile`` pixels, so every grid shows up."""
+    rows, cols = rng.randint(1, 6), rng.randint(1, 6)
+    return max(8, int(rows * tile * rng.uniform(0.7, 1.0))), max(8, int(cols * tile * rng.uniform(0.7, 1.0)))
+
+
+def shape_image(rng: random.Random, tile: int, color: str, shape: str, count: int = 1) -> Image.Image:
+    height, width = _image_size(rng, tile)
+    image = Image.new("RGB", (width, height), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    side = max(4, int(min(height, width) * (0.7 if count == 1 else 0.35)))
+    for _ in range(count):
+        x = rng.randint(0, max(0, width - side))
+        y = rng.randint(0, max(0, height - side))
+        _draw_shape(draw, shape, (x, y, x + side, y + side), COLORS[color])
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def _options(rng: random.Random, answer: str, pool: tuple[str, ...]) -> tuple[str, str]:
+    """A multiple-choice block with the answer among up to four options, and the answer's letter."""
+    others = [p for p in pool if p != answer]
+    rng.shuffle(others)
+    choices = [answer] + others[:3]
+    rng.shuffle(choices)
+    letters = "ABCD"
+    text = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
+    return text, letters[choices.index(answer)]
+
+
+def write_video(path: str, frames: np.ndarray, fps: int) -> None:
+    """H.264 mp4 from uint8 [F, H, W, 3] with imageio-ffmpeg's ffmpeg binary."""
+    import imageio_ffmpeg
+
+    _, height, width, _ = frames.shape
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", path,
+    ]  # fmt: skip
+    subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
+
+
+def motion_frames(rng: random.Random, color: str, shape: str, direction: str, cfg: DemoConfig) -> np.ndarray:
+    size, n = cfg.video_size, cfg.video_frames
+    side = size // 4
+    start = rng.randint(side, size - 2 * side)
+    frames = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        t = i / max(1, n - 1)
+        travel = int(t * (size - side - 2))
+        x, y = {"right": (travel, start), "left": (size - side - 2 - travel, start),
+                "down": (start, travel), "up": (start, size - side - 2 - travel)}[direction]  # fmt: skip
+        image = Image.new("RGB", (size, size), (245, 245, 245))
+        _draw_shape(ImageDraw.Draw(image), shape, (x, y, x + side, y + side), COLORS[color])
+        frames[i] = np.asarray(image)
+    return frames
+
+
+class _Writer:
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+        self.files: dict[str, list[dict]] = {}
+
+    def image(self, name: str, image: Image.Image) -> str:
+        rel = f"images/{name}.png"
+        image.save(os.path.join(self.out_dir, rel))
+        return rel
+
+    def add(self, split: str, record: dict) -> None:
+        self.files.setdefault(split, []).append(record)
+
+
+def _single_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        rid = f"{split}-si-{i:04d}"
+        path = w.image(rid, shape_image(rng, cfg.tile_size, color, shape))
+        if i % 2 == 0:
+            turn = (f"<image>\nWhat color is the {shape}?\n{SHORT}", color)
+            task = "color"
+        else:
+            options, letter = _options(rng, shape, SHAPES)
+            turn = (f"<image>\nWhich shape is shown?\n{options}\n{MULTIPLE_CHOICE}", letter)
+            task = "shape_mc"
+        w.add(split, {"id": rid, "image": path, "conversations": _turns(turn), "task": task, "answer": turn[1]})
+
+
+def _multi_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    for i in range(n):
+        rid = f"{split}-mi-{i:04d}"
+        if i % 2 == 0:
+            counts = rng.sample(range(1, 5), 2)
+            color = rng.choice(list(COLORS))
+            paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, color, "circle", c)) for k, c in enumerate(counts)]
+            answer = f"Image {1 + counts.index(max(counts))}"
+            turn = (f"Image 1: <image>\nImage 2: <image>\nWhich image has more circles?\n{SHORT}", answer)
+            task = "more_circles"
+        else:
+            shape = rng.choice(SHAPES)
+            before, after = rng.sample(list(COLORS), 2)
+            paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, shape)) for k, c in enumerate((before, after))]
+            answer = f"The {shape} changed from {before} to {after}."
+            turn = ("<image>\n<image>\nWhat changed between the two images?", answer)
+            task = "what_changed"
+        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer})
+
+
+def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    for i in range(n):
+        rid = f"{split}-vid-{i:04d}"
+        color, shape, direction = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
+        rel = f"videos/{rid}.mp4"
+        write_video(os.path.join(w.out_dir, rel), motion_frames(rng, color, shape, direction, cfg), cfg.video_fps)
+        if i % 2 == 0:
+            turn = (f"<image>\nWhich direction does the {shape} move?\n{SHORT}", direction)
+            task = "direction"
+        else:
+            options, letter = _options(rng, shape, SHAPES)
+            turn = (f"<image>\nWhich shape appears in the video?\n{options}\n{MULTIPLE_CHOICE}", letter)
+            task = "video_shape_mc"
+        w.add(split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": turn[1]})
+
+
+def _text_records(rng: random.Random, w: _Writer, split: str, n: int) -> None:
+    for i in range(n):
+        rid = f"{split}-txt-{i:04d}"
+        if i % 2 == 0:
+            (a, b), mix = rng.choice(list(MIXES.items()))
+            turn = (f"What color do you get by mixing {a} and {b}?\n{SHORT}", mix)
+        else:
+            x, y = rng.randint(0, 5), rng.randint(0, 5)
+            turn = (f"What is {NUMBER_WORDS[x]} plus {NUMBER_WORDS[y]}?\n{SHORT}", NUMBER_WORDS[x + y])
+        w.add(split, {"id": rid, "conversations": _turns(turn), "task": "text", "answer": turn[1]})
+
+
+def _position(box_center: float) -> str:
+    return "left" if box_center < 0.4 else "right" if box_center > 0.6 else "middle"
+
+
+def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str]:
+    """Write the demo world under ``out_dir``; returns {split name: manifest path}."""
+    cfg = cfg or DemoConfig()
+    rng = random.Random(cfg.seed)
+    w = _Writer(out_dir)
+    for i in range(cfg.captions):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        rid = f"cap-{i:04d}"
+        path = w.image(rid, shape_image(rng, cfg.tile_size, color, shape))
+        turn = (rng.choice(CAPTION_PROMPTS) + "\n<image>" if i % 2 else "<image>\n" + rng.choice(CAPTION_PROMPTS),
+                f"A {color} {shape} on a light gray background.")  # fmt: skip
+        w.add("stage1_captions", {"id": rid, "image": path, "conversations": _turns(turn)})
+    for i in range(cfg.details):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        rid = f"det-{i:04d}"
+        image = shape_image(rng, cfg.tile_size, color, shape)
+        path = w.image(rid, image)
+        orient = "wide" if image.width > image.height else "tall" if image.height > image.width else "square"
+        answer = (
+            f"The image is {orient}, {image.width} pixels wide and {image.height} pixels tall. "
+            f"It shows one large {color} {shape} on a plain light gray background. There is nothing else in it."
+        )
+        w.add("stage1_5_detail", {"id": rid, "image": path, "conversations": _turns((f"<image>\n{rng.choice(DETAIL_PROMPTS)}", answer))})
+    _single_image_records(rng, w, "single_image", cfg.single_image, cfg)
+    _multi_image_records(rng, w, "multi_image", cfg.multi_image, cfg)
+    _video_records(rng, w, "video", cfg.videos, cfg)
+    _text_records(rng, w, "text", cfg.text)
+    eval_rng = random.Random(cfg.seed + 1_000_003)
+    _single_image_records(eval_rng, w, "eval", cfg.eval_per_kind * 2, cfg)
+    _multi_image_records(eval_rng, w, "eval", cfg.eval_per_kind, cfg)
+    _video_records(eval_rng, w, "eval", max(4, cfg.eval_per_kind // 2), cfg)
+    _text_records(eval_rng, w, "eval", cfg.eval_per_kind)
+
+    manifests = {}
+    for split, records in w.files.items():
+        path = os.path.join(out_dir, f"{split}.jsonl")
+        with open(path, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        manifests[split] = path
+    manifests["single_image_parquet"] = write_parquet(
+        os.path.join(out_dir, "single_image.parquet"), w.files["single_image"], out_dir
+    )
+    return manifests
+
+
+def write_parquet(path: str, records: list[dict], media_root: str) -> str:
+    """The LLaVA-OneVision data form: id, image {bytes, path}, conversations, data_source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for r in records:
+        with open(os.path.join(media_root, r["image"]), "rb") as f:
+            data = f.read()
+        rows.append({
+            "id": r["id"],
+            "image": {"bytes": data, "path": r["image"]},
+            "conversations": r["conversations"],
+            "data_source": "demo_single_image",
+        })  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def tokenizer_corpus() -> list[str]:
+    """Deterministic text for the tiny tokenizer: the templates and the whole demo vocabulary."""
+    from components.conversation import TEMPLATES
+
+    lines = [t.system for t in TEMPLATES.values()]
+    lines += [SHORT, MULTIPLE_CHOICE, *CAPTION_PROMPTS, *DETAIL_PROMPTS]
+    lines += ["USER: ASSISTANT: Human: Assistant: ### system user assistant", "\n".join(NUMBER_WORDS)]
+    for color in list(COLORS) + ["pink", "gray", "white", "black"]:
+        for shape in SHAPES:
+            lines.append(f"A {color} {shape} on a light gray background. What color is the {shape}? The {shape} changed from {color} to")
+    for direction in DIRECTIONS:
+        lines.append(f"Which direction does the shape move? It moves {direction}.")
+    lines += [
+        "Image 1: Image 2: Which image has more circles? What changed between the two images?",
+        "Which shape is shown? Which shape appears in the video? A. B. C. D.",
+        "The image is wide, tall, square, pixels wide and pixels tall. It shows one large on a plain light gray "
+        "background. There is nothing else in it. What do you get by mixing and plus 0 1 2 3 4 5 6 7 8 9",
+    ]
+    return lines * 4
