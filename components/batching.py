@@ -33,10 +33,8 @@ def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") 
     image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
     if image_rows:
         out["pixel_values"] = torch.as_tensor(np.concatenate([np.asarray(r["pixel_values"]) for r in image_rows]))
-        out["image_sizes"] = torch.as_tensor(
-            [list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long
-        )
-        if arch == "llava_onevision":
+        if arch == "llava_onevision":  # LLaVA / 1.5 take base tiles only, no sizes
+            out["image_sizes"] = torch.as_tensor([list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long)
             out["batch_num_images"] = torch.as_tensor([len(r["image_sizes"]) for r in image_rows], dtype=torch.long)
     video_rows = [r for r in rows if r["modality"] == "video"]
     if video_rows:

@@ -250,15 +250,29 @@ def build_model(spec: ModelSpec):
 
 
 def _load_vision(tower: nn.Module, pretrained: nn.Module) -> None:
-    state = pretrained.state_dict()
-    missing, unexpected = tower.load_state_dict(state, strict=False)
+    """Copy a pretrained vision model (tower alone, or a full CLIP/SigLIP whose text half is ignored)."""
+    wanted = tower.state_dict()
+    state = {k: v for k, v in pretrained.state_dict().items() if k in wanted}
+    missing = sorted(set(wanted) - set(state))
     if missing:
-        # a full CLIP/SigLIP model keeps its tower under vision_model.*
-        state = {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
-        state = {f"vision_model.{k}": v for k, v in state.items()}
-        missing, _ = tower.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"vision weights: expected keys like {missing[:3]}, found {list(state)[:3]}")
+        raise ValueError(f"vision weights: expected keys like {missing[:3]}, found {list(pretrained.state_dict())[:3]}")
+    tower.load_state_dict(state, strict=True)
+
+
+def _load_linear_projector(model, path: str) -> None:
+    """HF has no linear-projector class: its two weights are read from the safetensors by name."""
+    from safetensors import safe_open
+
+    found = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    if "multi_modal_projector.linear." in key:
+                        found[key.rsplit(".", 1)[-1]] = f.get_tensor(key)
+    if set(found) != {"weight", "bias"}:
+        raise ValueError(f"{path}: expected multi_modal_projector.linear weight and bias, found {sorted(found)}")
+    model.model.multi_modal_projector.linear.load_state_dict(found)
 
 
 def chat_template(name: str) -> str:
@@ -360,18 +374,10 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None):
         extra = getattr(config, "llava_ray", None) or {}
         arch = "llava_onevision" if config.model_type == "llava_onevision" else "llava"
         cls = _model_class(arch)
+        model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
         if extra.get("projector_type") == "linear":
-            model = cls(config)
             _use_linear_projector(model)
-            from safetensors.torch import load_file
-
-            state = {}
-            for name in sorted(os.listdir(path)):
-                if name.endswith(".safetensors"):
-                    state.update(load_file(os.path.join(path, name)))
-            model.load_state_dict(state, strict=True)
-        else:
-            model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
+            _load_linear_projector(model, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         _ensure_media_tokens(tokenizer)
     return model, tokenizer

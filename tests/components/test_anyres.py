@@ -1,0 +1,150 @@
+"""AnyRes against transformers' own processor: tiles and token counts, on many shapes and modes."""
+
+import math
+
+import numpy as np
+import pytest
+from transformers import LlavaOnevisionImageProcessorPil
+
+from components.anyres import (
+    AnyResConfig,
+    ImageTooSmallError,
+    base_tile,
+    grid_pinpoints,
+    num_image_tokens,
+    num_multi_image_tokens,
+    num_video_tokens,
+    select_best_resolution,
+    tile_image,
+    video_tiles,
+)
+from tests.conftest import random_image
+
+SHAPES = [
+    (1, 1), (10, 10), (1, 2000), (2000, 1), (3000, 4000), (4000, 3000), (384, 384), (383, 385), (768, 384),
+    (480, 640), (640, 480), (720, 1280), (1080, 1920), (224, 224), (336, 336), (500, 375), (100, 1000),
+    (1000, 100), (2304, 2304), (2305, 10), (50, 70), (800, 1200), (1200, 800), (385, 1153), (1536, 999),
+    (37, 1500), (999, 37), (3, 5), (1152, 2304), (600, 600), (2400, 500),
+]  # fmt: skip
+MODES = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
+
+
+def hf_processor(config: AnyResConfig) -> LlavaOnevisionImageProcessorPil:
+    return LlavaOnevisionImageProcessorPil(
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints(config)],
+        size={"height": config.tile_size, "width": config.tile_size},
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+    )
+
+
+def hf_token_count(config: AnyResConfig, image_size) -> int:
+    """What LlavaOnevisionProcessor expands one image placeholder to."""
+    from transformers import LlavaOnevisionProcessor
+
+    class _Tok:
+        image_token_id = 1
+        video_token_id = 2
+
+    proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    proc.image_processor = hf_processor(config)
+    proc.num_image_tokens = config.tokens_per_side**2
+    proc.vision_aspect_ratio = f"anyres_max_{config.max_tiles}"
+    return proc._get_number_of_features(image_size[0], image_size[1], config.tile_size, config.tile_size)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tiles_equal_transformers(shape):
+    config = AnyResConfig()
+    mode = MODES[SHAPES.index(shape) % len(MODES)]
+    image = random_image(np.random.default_rng(sum(shape)), *shape, mode=mode)
+    ref = hf_processor(config)(image, return_tensors="np")
+    ours = tile_image(image, config)
+    assert ours.pixel_values.dtype == np.float32
+    assert ours.pixel_values.shape == ref["pixel_values"][0].shape
+    assert np.abs(ours.pixel_values - ref["pixel_values"][0]).max() <= 1e-5
+    assert tuple(ref["image_sizes"][0]) == ours.image_size == shape
+    rows, cols = ours.grid
+    assert len(ours.pixel_values) == 1 + rows * cols
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_at_a_small_tile(mode):
+    config = AnyResConfig(tile_size=56)
+    image = random_image(np.random.default_rng(1), 90, 200, mode=mode)
+    ref = hf_processor(config)(image, return_tensors="np")["pixel_values"][0]
+    assert np.abs(tile_image(image, config).pixel_values - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_token_counts_equal_transformers(shape):
+    for config in (AnyResConfig(), AnyResConfig(tile_size=56)):
+        assert num_image_tokens(shape, config) == hf_token_count(config, shape)
+
+
+def test_select_best_resolution_matches_transformers():
+    from transformers.image_processing_utils import select_best_resolution as hf_select
+
+    candidates = grid_pinpoints(AnyResConfig())
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size = (int(rng.integers(1, 5000)), int(rng.integers(1, 5000)))
+        assert select_best_resolution(size, candidates) == tuple(hf_select(size, [list(c) for c in candidates]))
+
+
+def test_grid_pinpoints_cover_1x1_to_6x6():
+    points = grid_pinpoints(AnyResConfig())
+    assert len(points) == 36 and points[0] == (384, 384) and points[-1] == (2304, 2304)
+    assert (384, 768) in points and (768, 384) in points  # (height, width): both orders are there
+
+
+def test_multi_image_base_tile_equals_transformers():
+    config = AnyResConfig()
+    rng = np.random.default_rng(3)
+    images = [random_image(rng, 300, 500), random_image(rng, 640, 200, "RGBA")]
+    ref = hf_processor(config)([images], return_tensors="np")["pixel_values"]
+    for i, image in enumerate(images):
+        assert np.abs(base_tile(image, config) - ref[i][0]).max() <= 1e-5
+
+
+def test_resize_mode_squashes_without_padding():
+    config = AnyResConfig(tile_size=56, multi_image_mode="resize")
+    from PIL import Image
+
+    image = Image.new("RGB", (200, 50), (255, 0, 0))
+    tile = base_tile(image, config)
+    assert np.allclose(tile[:, 0, :], tile[:, 28, :])  # no mean-coloured bands at the top
+
+
+def test_token_counts_of_multi_image_and_video():
+    config = AnyResConfig()
+    assert num_multi_image_tokens(config) == 729 + 1
+    assert num_video_tokens(32, config) == 32 * 196 + 1
+    assert num_video_tokens(8, AnyResConfig(tile_size=56)) == 8 * 4 + 1
+    frames = np.zeros((3, 48, 64, 3), dtype=np.uint8)
+    assert video_tiles(frames, AnyResConfig(tile_size=56)).shape == (3, 3, 56, 56)
+
+
+def test_over_nine_tiles_are_reduced():
+    config = AnyResConfig()
+    big = num_image_tokens((2304, 2304), config)
+    base = 729
+    assert big - base < 729 * 9 * 1.25 + 200  # bilinear-reduced to about 9 tiles' worth
+    assert num_image_tokens((384, 384), config) == base + 27 * 27 + 27
+
+
+def test_bad_configs_and_images_are_rejected():
+    with pytest.raises(ValueError, match="tile_size"):
+        AnyResConfig(tile_size=0)
+    with pytest.raises(ValueError, match="max_tiles"):
+        AnyResConfig(max_tiles="9")  # no magic strings: a typed int
+    with pytest.raises(ValueError, match="multi_image_mode"):
+        AnyResConfig(multi_image_mode="crop")
+    with pytest.raises(ImageTooSmallError):
+        num_image_tokens((0, 10), AnyResConfig())
+    with pytest.raises(ValueError, match="frames"):
+        video_tiles(np.zeros((2, 8, 8), dtype=np.uint8), AnyResConfig())
+
+
+def test_tokens_per_side_floors_like_siglip():
+    assert AnyResConfig().tokens_per_side == 27 == math.floor(384 / 14)

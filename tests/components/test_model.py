@@ -1,0 +1,150 @@
+"""The model builder: forward passes per modality, trainable parts, param groups, save/load, the real path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.batching import collate
+from components.conversation import parse_sample, tokenize
+from components.model import (
+    ModelSpec,
+    build_model,
+    count_parameters,
+    load_model,
+    param_groups,
+    save_model,
+    set_trainable,
+)
+from components.processing import process_images, process_video
+from components.video import read_frames
+
+
+def rows_for(demo_dir, spec, tokenizer, splits=("single_image", "multi_image", "video", "text"), n=2):
+    root, manifests = demo_dir
+    rows = []
+    for split in splits:
+        with open(manifests[split]) as f:
+            records = [json.loads(line) for line in f][:n]
+        for record in records:
+            sample = parse_sample(record)
+            if sample.video:
+                media = process_video(read_frames(root / sample.video).frames, spec.arch, spec.anyres)
+            else:
+                media = process_images([Image.open(root / p) for p in sample.images], spec.arch, spec.anyres)
+            ids = tokenize(sample, tokenizer, spec.template, media.token_counts)
+            rows.append({"input_ids": ids.input_ids, "labels": ids.labels, "modality": media.modality,
+                         "pixel_values": media.pixel_values, "image_sizes": media.image_sizes})  # fmt: skip
+    return rows
+
+
+def test_tiny_model_size_and_names(tiny_model):
+    _, model, tokenizer = tiny_model
+    assert 1_000_000 <= count_parameters(model) <= 5_000_000
+    names = {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("model.")}
+    assert {"vision_tower", "multi_modal_projector", "language_model", "image_newline"} <= names
+    assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+@pytest.mark.parametrize("split", ["single_image", "multi_image", "video", "text"])
+def test_forward_backward_per_modality_never_mismatches(demo_dir, tiny_model, split):
+    spec, model, tokenizer = tiny_model
+    batch = collate(rows_for(demo_dir, spec, tokenizer, (split,), n=2), tokenizer.pad_token_id)
+    model.zero_grad()
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_mixed_batch_of_every_modality(demo_dir, tiny_model):
+    spec, model, tokenizer = tiny_model
+    out = model(**collate(rows_for(demo_dir, spec, tokenizer, n=1), tokenizer.pad_token_id))
+    assert torch.isfinite(out.loss)
+
+
+def test_set_trainable_and_param_groups(tiny_model):
+    _, model, _ = tiny_model
+    counts = set_trainable(model, ["multi_modal_projector"])
+    assert counts["vision_tower"] == 0 and counts["language_model"] == 0 and counts["multi_modal_projector"] > 0
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert model.model.image_newline.requires_grad
+    set_trainable(model, ["vision_tower", "multi_modal_projector", "language_model"])
+    groups = param_groups(model, 1e-5, vision_lr=2e-6, weight_decay=0.1)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["vision_tower"] == pytest.approx(lrs["language_model"] / 5)
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("_no_decay"))
+    assert sum(p.numel() for g in groups for p in g["params"]) == count_parameters(model)
+    with pytest.raises(ValueError, match="trainable parts"):
+        set_trainable(model, ["decoder"])
+
+
+def test_save_and_load_roundtrip_gives_same_logits(demo_dir, tiny_model, tmp_path):
+    spec, model, tokenizer = tiny_model
+    batch = collate(rows_for(demo_dir, spec, tokenizer, ("single_image",), n=1), tokenizer.pad_token_id)
+    save_model(model, tokenizer, str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "MANIFEST.json").exists()
+    assert not list((tmp_path / "ckpt").glob("*.bin"))
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    loaded, tok2 = load_model(f"file://{tmp_path / 'ckpt'}")
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+        assert torch.equal(hf(**batch).logits, ref)
+        assert torch.equal(loaded.eval()(**batch).logits, ref)
+    assert tok2.encode("a red circle") == tokenizer.encode("a red circle")
+
+
+def test_real_path_from_separately_saved_vision_and_llm(tmp_path):
+    """The HF-id / local-path code path, against tiny pretrained parts saved to disk."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from components.demo_data import tokenizer_corpus
+    from components.model import TINY_LLM, TINY_VISION, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tokenizer_corpus())
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), **TINY_LLM))
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    vision = SiglipVisionModel(SiglipVisionConfig(image_size=56, patch_size=14, **TINY_VISION))
+    vision.save_pretrained(tmp_path / "vision")
+    model, tokenizer = build_model(ModelSpec(vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm")))
+    assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
+    ref = vision.state_dict()
+    for name, p in model.model.vision_tower.state_dict().items():
+        assert torch.equal(p, ref[name]), name
+    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
+def test_llava_arch_for_v1_and_v1_5(demo_dir, tmp_path, projector):
+    from components.anyres import AnyResConfig
+
+    spec = ModelSpec(arch="llava", projector=projector, vision_feature_layer=-2, template="vicuna_v1",
+                     anyres=AnyResConfig(tile_size=56))  # fmt: skip
+    model, tokenizer = build_model(spec)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    batch = collate(rows_for(demo_dir, spec, tokenizer, ("single_image", "multi_image", "text"), n=1),
+                    tokenizer.pad_token_id, arch="llava")  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    save_model(model, tokenizer, str(tmp_path / "m"))
+    loaded, _ = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).logits, logits)
+    if projector == "linear":
+        assert sum(p.numel() for p in model.model.multi_modal_projector.parameters()) == 64 * 192 + 192
+
+
+def test_build_is_deterministic():
+    a, _ = build_model(ModelSpec(seed=3))
+    b, _ = build_model(ModelSpec(seed=3))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert np.isclose(float(a.lm_head.weight.sum()), float(b.lm_head.weight.sum()))
