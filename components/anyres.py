@@ -52,11 +52,17 @@ class AnyResConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AnyResConfig.{name}: expected a positive int, found {value!r}")
         if self.tile_size < self.patch_size:
-            raise ValueError(f"AnyResConfig.tile_size: expected >= patch_size={self.patch_size}, found {self.tile_size}")
+            raise ValueError(
+                f"AnyResConfig.tile_size: expected >= patch_size={self.patch_size}, found {self.tile_size}"
+            )
         if self.multi_image_mode not in ("pad", "resize"):
-            raise ValueError(f"AnyResConfig.multi_image_mode: expected 'pad' or 'resize', found {self.multi_image_mode!r}")
+            raise ValueError(
+                f"AnyResConfig.multi_image_mode: expected 'pad' or 'resize', found {self.multi_image_mode!r}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"AnyResConfig.mean/std: expected 3 values each, found {self.mean!r} / {self.std!r}")
+            raise ValueError(
+                f"AnyResConfig.mean/std: expected 3 values each, found {self.mean!r} / {self.std!r}"
+            )
 
     @property
     def tokens_per_side(self) -> int:
@@ -142,7 +148,9 @@ def pad_value(config: AnyResConfig) -> np.ndarray:
 
 def _check_size(image: Image.Image) -> Size:
     if image.width < 1 or image.height < 1:
-        raise ImageTooSmallError(f"image: expected a non-empty image, found size (height={image.height}, width={image.width})")
+        raise ImageTooSmallError(
+            f"image: expected a non-empty image, found size (height={image.height}, width={image.width})"
+        )
     return image.height, image.width
 
 

@@ -32,14 +32,24 @@ def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") 
 
     image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
     if image_rows:
-        out["pixel_values"] = torch.as_tensor(np.concatenate([np.asarray(r["pixel_values"]) for r in image_rows]))
+        out["pixel_values"] = torch.as_tensor(
+            np.concatenate([np.asarray(r["pixel_values"]) for r in image_rows])
+        )
         if arch == "llava_onevision":  # LLaVA / 1.5 take base tiles only, no sizes
-            out["image_sizes"] = torch.as_tensor([list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long)
-            out["batch_num_images"] = torch.as_tensor([len(r["image_sizes"]) for r in image_rows], dtype=torch.long)
+            out["image_sizes"] = torch.as_tensor(
+                [list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long
+            )
+            out["batch_num_images"] = torch.as_tensor(
+                [len(r["image_sizes"]) for r in image_rows], dtype=torch.long
+            )
     video_rows = [r for r in rows if r["modality"] == "video"]
     if video_rows:
         frames = {len(r["pixel_values"]) for r in video_rows}
         if len(frames) > 1:
-            raise ValueError(f"collate: expected videos with equal frame counts in a batch, found {sorted(frames)}")
-        out["pixel_values_videos"] = torch.as_tensor(np.stack([np.asarray(r["pixel_values"]) for r in video_rows]))
+            raise ValueError(
+                f"collate: expected videos with equal frame counts in a batch, found {sorted(frames)}"
+            )
+        out["pixel_values_videos"] = torch.as_tensor(
+            np.stack([np.asarray(r["pixel_values"]) for r in video_rows])
+        )
     return out

@@ -31,7 +31,9 @@ ROLE_ALIASES = {
 class SampleError(ValueError):
     """A sample that cannot be used, with the sample id, the field, and what was expected against found."""
 
-    def __init__(self, sample_id: str, field_name: str, expected: str, found: str, kind: str = "invalid_sample"):
+    def __init__(
+        self, sample_id: str, field_name: str, expected: str, found: str, kind: str = "invalid_sample"
+    ):
         super().__init__(f"sample {sample_id!r}, field {field_name!r}: expected {expected}, found {found}")
         self.sample_id = sample_id
         self.field = field_name
@@ -40,7 +42,9 @@ class SampleError(ValueError):
 
 class SampleTooLongError(SampleError):
     def __init__(self, sample_id: str, length: int, max_length: int):
-        super().__init__(sample_id, "conversations", f"at most {max_length} tokens", f"{length} tokens", "too_long")
+        super().__init__(
+            sample_id, "conversations", f"at most {max_length} tokens", f"{length} tokens", "too_long"
+        )
         self.length = length
 
 
@@ -111,11 +115,15 @@ def parse_sample(record: dict, source: str = "") -> Sample:
         role = raw.get("from", raw.get("role"))
         text = raw.get("value", raw.get("content"))
         if role not in ROLE_ALIASES:
-            raise SampleError(sample_id, f"{where}.from", "one of human, gpt, user, assistant, system", _short(role))
+            raise SampleError(
+                sample_id, f"{where}.from", "one of human, gpt, user, assistant, system", _short(role)
+            )
         if not isinstance(text, str):
             raise SampleError(sample_id, f"{where}.value", "a string", _short(text))
         if not text.strip():
-            raise SampleError(sample_id, f"{where}.value", "a non-empty turn", "an empty string", "empty_turn")
+            raise SampleError(
+                sample_id, f"{where}.value", "a non-empty turn", "an empty string", "empty_turn"
+            )
         turns.append(Turn(ROLE_ALIASES[role], text))
 
     if turns[0].role == "system":
@@ -123,7 +131,9 @@ def parse_sample(record: dict, source: str = "") -> Sample:
     else:
         system, rest = [], turns
     if not rest:
-        raise SampleError(sample_id, field_name, "at least one user and one assistant turn", "only a system turn")
+        raise SampleError(
+            sample_id, field_name, "at least one user and one assistant turn", "only a system turn"
+        )
     for i, turn in enumerate(rest):
         expected = "user" if i % 2 == 0 else "assistant"
         if turn.role != expected:
@@ -145,7 +155,9 @@ def parse_sample(record: dict, source: str = "") -> Sample:
         )
     for t in turns:
         if t.role != "user" and _PLACEHOLDER_RE.search(t.text):
-            raise SampleError(sample_id, field_name, "placeholders only in user turns", f"one in a {t.role} turn")
+            raise SampleError(
+                sample_id, field_name, "placeholders only in user turns", f"one in a {t.role} turn"
+            )
     return Sample(id=sample_id, turns=turns, images=list(images), video=video, source=source)
 
 
@@ -201,7 +213,12 @@ VICUNA_V1_SYSTEM = (
 TEMPLATES: dict[str, Template] = {
     # Stage-1 pre-training: the image, then the caption.
     "plain": Template(
-        name="plain", system="", user_format="{text}", assistant_format="{text}\n", stop="\n", text_in_user=False
+        name="plain",
+        system="",
+        user_format="{text}",
+        assistant_format="{text}\n",
+        stop="\n",
+        text_in_user=False,
     ),
     # LLaVA (1.0): Vicuna-v0, "###" separates turns and stops generation.
     "vicuna_v0": Template(
@@ -282,7 +299,10 @@ def tokenize(
     template = get_template(template) if isinstance(template, str) else template
     if len(media_token_counts) != sample.num_media:
         raise SampleError(
-            sample.id, "media_token_counts", f"{sample.num_media} counts (one per media)", str(len(media_token_counts))
+            sample.id,
+            "media_token_counts",
+            f"{sample.num_media} counts (one per media)",
+            str(len(media_token_counts)),
         )
     if layout not in ("interleaved", "front"):
         raise ValueError(f"layout: expected 'interleaved' or 'front', found {layout!r}")
@@ -333,4 +353,6 @@ def tokenize(
 def assistant_targets(sample: Sample, template: Template | str) -> str:
     """The text the labels must decode to: every assistant turn in its template, with its stop."""
     template = get_template(template) if isinstance(template, str) else template
-    return "".join(template.assistant_format.format(text=t.text) for t in sample.turns if t.role == "assistant")
+    return "".join(
+        template.assistant_format.format(text=t.text) for t in sample.turns if t.role == "assistant"
+    )

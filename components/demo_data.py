@@ -36,7 +36,10 @@ CAPTION_PROMPTS = (
     "Give a short and clear explanation of the subsequent image.",
     "Summarize the visual content of the image.",
 )
-DETAIL_PROMPTS = ("Describe the following image in detail.", "What do you see in this image? Explain in detail.")
+DETAIL_PROMPTS = (
+    "Describe the following image in detail.",
+    "What do you see in this image? Explain in detail.",
+)
 MIXES = {
     ("red", "blue"): "purple",
     ("red", "yellow"): "orange",
@@ -175,7 +178,9 @@ def _single_image_records(rng: random.Random, w: _Writer, split: str, n: int, cf
             options, letter = _options(rng, shape, SHAPES)
             turn = (f"<image>\nWhich shape is shown?\n{options}\n{MULTIPLE_CHOICE}", letter)
             task = "shape_mc"
-        w.add(split, {"id": rid, "image": path, "conversations": _turns(turn), "task": task, "answer": turn[1]})
+        w.add(
+            split, {"id": rid, "image": path, "conversations": _turns(turn), "task": task, "answer": turn[1]}
+        )
 
 
 def _multi_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
@@ -184,18 +189,26 @@ def _multi_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg
         if i % 2 == 0:
             counts = rng.sample(range(1, 5), 2)
             color = rng.choice(list(COLORS))
-            paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, color, "circle", c)) for k, c in enumerate(counts)]
+            paths = [
+                w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, color, "circle", c))
+                for k, c in enumerate(counts)
+            ]
             answer = f"Image {1 + counts.index(max(counts))}"
             turn = (f"Image 1: <image>\nImage 2: <image>\nWhich image has more circles?\n{SHORT}", answer)
             task = "more_circles"
         else:
             shape = rng.choice(SHAPES)
             before, after = rng.sample(list(COLORS), 2)
-            paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, shape)) for k, c in enumerate((before, after))]
+            paths = [
+                w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, shape))
+                for k, c in enumerate((before, after))
+            ]
             answer = f"The {shape} changed from {before} to {after}."
             turn = ("<image>\n<image>\nWhat changed between the two images?", answer)
             task = "what_changed"
-        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer})
+        w.add(
+            split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer}
+        )
 
 
 def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
@@ -203,7 +216,9 @@ def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: Demo
         rid = f"{split}-vid-{i:04d}"
         color, shape, direction = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
         rel = f"videos/{rid}.mp4"
-        write_video(os.path.join(w.out_dir, rel), motion_frames(rng, color, shape, direction, cfg), cfg.video_fps)
+        write_video(
+            os.path.join(w.out_dir, rel), motion_frames(rng, color, shape, direction, cfg), cfg.video_fps
+        )
         if i % 2 == 0:
             turn = (f"<image>\nWhich direction does the {shape} move?\n{SHORT}", direction)
             task = "direction"
@@ -211,7 +226,9 @@ def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: Demo
             options, letter = _options(rng, shape, SHAPES)
             turn = (f"<image>\nWhich shape appears in the video?\n{options}\n{MULTIPLE_CHOICE}", letter)
             task = "video_shape_mc"
-        w.add(split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": turn[1]})
+        w.add(
+            split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": turn[1]}
+        )
 
 
 def _text_records(rng: random.Random, w: _Writer, split: str, n: int) -> None:
@@ -252,7 +269,14 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
             f"The image is {orient}, {image.width} pixels wide and {image.height} pixels tall. "
             f"It shows one large {color} {shape} on a plain light gray background. There is nothing else in it."
         )
-        w.add("stage1_5_detail", {"id": rid, "image": path, "conversations": _turns((f"<image>\n{rng.choice(DETAIL_PROMPTS)}", answer))})
+        w.add(
+            "stage1_5_detail",
+            {
+                "id": rid,
+                "image": path,
+                "conversations": _turns((f"<image>\n{rng.choice(DETAIL_PROMPTS)}", answer)),
+            },
+        )
     _single_image_records(rng, w, "single_image", cfg.single_image, cfg)
     _multi_image_records(rng, w, "multi_image", cfg.multi_image, cfg)
     _video_records(rng, w, "video", cfg.videos, cfg)
@@ -270,9 +294,10 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
             for r in records:
                 f.write(json.dumps(r) + "\n")
         manifests[split] = path
-    manifests["single_image_parquet"] = write_parquet(
-        os.path.join(out_dir, "single_image.parquet"), w.files["single_image"], out_dir
-    )
+    if w.files.get("single_image"):
+        manifests["single_image_parquet"] = write_parquet(
+            os.path.join(out_dir, "single_image.parquet"), w.files["single_image"], out_dir
+        )
     return manifests
 
 
@@ -304,7 +329,9 @@ def tokenizer_corpus() -> list[str]:
     lines += ["USER: ASSISTANT: Human: Assistant: ### system user assistant", "\n".join(NUMBER_WORDS)]
     for color in list(COLORS) + ["pink", "gray", "white", "black"]:
         for shape in SHAPES:
-            lines.append(f"A {color} {shape} on a light gray background. What color is the {shape}? The {shape} changed from {color} to")
+            lines.append(
+                f"A {color} {shape} on a light gray background. What color is the {shape}? The {shape} changed from {color} to"
+            )
     for direction in DIRECTIONS:
         lines.append(f"Which direction does the shape move? It moves {direction}.")
     lines += [

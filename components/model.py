@@ -21,7 +21,7 @@ from torch import nn
 
 from components import storage
 from components.anyres import AnyResConfig, grid_pinpoints
-from components.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, TEMPLATES
+from components.conversation import IMAGE_PLACEHOLDER, TEMPLATES, VIDEO_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,15 @@ class ModelSpec:
         if self.arch not in ("llava_onevision", "llava"):
             raise ValueError(f"ModelSpec.arch: expected 'llava_onevision' or 'llava', found {self.arch!r}")
         if self.projector not in ("mlp2x_gelu", "linear"):
-            raise ValueError(f"ModelSpec.projector: expected 'mlp2x_gelu' or 'linear', found {self.projector!r}")
+            raise ValueError(
+                f"ModelSpec.projector: expected 'mlp2x_gelu' or 'linear', found {self.projector!r}"
+            )
         if self.projector == "linear" and self.arch != "llava":
             raise ValueError("ModelSpec.projector: 'linear' is LLaVA (1.0)'s projector; use arch 'llava'")
         if self.template not in TEMPLATES:
-            raise ValueError(f"ModelSpec.template: expected one of {sorted(TEMPLATES)}, found {self.template!r}")
+            raise ValueError(
+                f"ModelSpec.template: expected one of {sorted(TEMPLATES)}, found {self.template!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -125,10 +129,16 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024):
 
 def _ensure_media_tokens(tokenizer) -> None:
     """Pretrained tokenizers get <image>/<video> (and the template's specials) added when missing."""
-    missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [
+        t
+        for t in SPECIAL_TOKENS.values()
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
     missing = [t for t in missing if t not in ("<unk>", "<pad>", "<s>", "</s>")]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -192,14 +202,20 @@ def _compose_config(spec: ModelSpec, vision_config, text_config, tokenizer):
         )
     else:
         config = LlavaConfig(**common, vision_feature_select_strategy="default")
-    config.llava_ray = {"projector_type": spec.projector, "template": spec.template, "anyres": asdict(spec.anyres)}
+    config.llava_ray = {
+        "projector_type": spec.projector,
+        "template": spec.template,
+        "anyres": asdict(spec.anyres),
+    }
     return config
 
 
 def _model_class(arch: str):
     from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
-    return LlavaOnevisionForConditionalGeneration if arch == "llava_onevision" else LlavaForConditionalGeneration
+    return (
+        LlavaOnevisionForConditionalGeneration if arch == "llava_onevision" else LlavaForConditionalGeneration
+    )
 
 
 def _use_linear_projector(model) -> None:
@@ -232,7 +248,9 @@ def build_model(spec: ModelSpec):
         if isinstance(spec.vision, dict):
             vision, vision_config = None, _vision_config(spec)
         else:
-            vision = AutoModel.from_pretrained(_local(spec.vision, os.path.join(tmp, "vision")), use_safetensors=True)
+            vision = AutoModel.from_pretrained(
+                _local(spec.vision, os.path.join(tmp, "vision")), use_safetensors=True
+            )
             vision_config = getattr(vision.config, "vision_config", vision.config)
         config = _compose_config(spec, vision_config, text_config, tokenizer)
         model = _model_class(spec.arch)(config)
@@ -255,7 +273,9 @@ def _load_vision(tower: nn.Module, pretrained: nn.Module) -> None:
     state = {k: v for k, v in pretrained.state_dict().items() if k in wanted}
     missing = sorted(set(wanted) - set(state))
     if missing:
-        raise ValueError(f"vision weights: expected keys like {missing[:3]}, found {list(pretrained.state_dict())[:3]}")
+        raise ValueError(
+            f"vision weights: expected keys like {missing[:3]}, found {list(pretrained.state_dict())[:3]}"
+        )
     tower.load_state_dict(state, strict=True)
 
 
@@ -271,7 +291,9 @@ def _load_linear_projector(model, path: str) -> None:
                     if "multi_modal_projector.linear." in key:
                         found[key.rsplit(".", 1)[-1]] = f.get_tensor(key)
     if set(found) != {"weight", "bias"}:
-        raise ValueError(f"{path}: expected multi_modal_projector.linear weight and bias, found {sorted(found)}")
+        raise ValueError(
+            f"{path}: expected multi_modal_projector.linear weight and bias, found {sorted(found)}"
+        )
     model.model.multi_modal_projector.linear.load_state_dict(found)
 
 
@@ -289,11 +311,20 @@ def chat_template(name: str) -> str:
         "{% set sys = namespace(text=" + q(t.system) + ") %}"
         "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys.text = m['content'] %}{% endif %}{% endfor %}"
         + ("{{ bos_token }}" if t.add_bos else "")
-        + "{{ " + q(prefix_pre) + " + sys.text + " + q(prefix_post) + " }}"
+        + "{{ "
+        + q(prefix_pre)
+        + " + sys.text + "
+        + q(prefix_post)
+        + " }}"
         "{% for m in messages %}"
         "{% if m['role'] == 'user' %}{{ " + q(user_pre) + " + m['content'] + " + q(user_post) + " }}"
-        "{% elif m['role'] == 'assistant' %}{{ " + q(asst_pre) + " + m['content'] + " + q(asst_post)
-        + " + " + q(t.after_assistant) + " }}{% endif %}{% endfor %}"
+        "{% elif m['role'] == 'assistant' %}{{ "
+        + q(asst_pre)
+        + " + m['content'] + "
+        + q(asst_post)
+        + " + "
+        + q(t.after_assistant)
+        + " }}{% endif %}{% endfor %}"
     )
 
 
@@ -342,7 +373,9 @@ def param_groups(
     for part, modules in part_modules(model).items():
         decay, no_decay = [], []
         for module in modules:
-            named = module.named_parameters() if isinstance(module, nn.Module) else [("image_newline", module)]
+            named = (
+                module.named_parameters() if isinstance(module, nn.Module) else [("image_newline", module)]
+            )
             for name, p in named:
                 if not p.requires_grad:
                     continue

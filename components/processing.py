@@ -44,7 +44,11 @@ def process_images(images: list[Image.Image], arch: str, anyres: AnyResConfig) -
     if arch == "llava_onevision" and len(images) == 1:
         tiled = tile_image(images[0], anyres)
         return MediaInputs(
-            modality, tiled.pixel_values, [tiled.image_size], [len(tiled.pixel_values)], [num_image_tokens(sizes[0], anyres)]
+            modality,
+            tiled.pixel_values,
+            [tiled.image_size],
+            [len(tiled.pixel_values)],
+            [num_image_tokens(sizes[0], anyres)],
         )
     pixels = np.stack([base_tile(im, anyres) for im in images])
     if arch == "llava_onevision":
@@ -56,7 +60,11 @@ def process_images(images: list[Image.Image], arch: str, anyres: AnyResConfig) -
 
 def process_video(frames: np.ndarray, arch: str, anyres: AnyResConfig) -> MediaInputs:
     if arch != "llava_onevision":
-        raise ValueError(f"video: expected arch 'llava_onevision' (LLaVA and LLaVA-1.5 take no video), found {arch!r}")
+        raise ValueError(
+            f"video: expected arch 'llava_onevision' (LLaVA and LLaVA-1.5 take no video), found {arch!r}"
+        )
     pixels = video_tiles(frames, anyres)
     size = (int(frames.shape[1]), int(frames.shape[2]))
-    return MediaInputs("video", pixels, [size] * len(frames), [len(frames)], [num_video_tokens(len(frames), anyres)])
+    return MediaInputs(
+        "video", pixels, [size] * len(frames), [len(frames)], [num_video_tokens(len(frames), anyres)]
+    )

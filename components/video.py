@@ -50,7 +50,9 @@ def sample_frame_indices(
     if total_frames < 1:
         raise ValueError(f"total_frames: expected at least 1, found {total_frames}")
     if native_fps <= 0 or fps <= 0:
-        raise ValueError(f"fps: expected positive native_fps and fps, found native_fps={native_fps}, fps={fps}")
+        raise ValueError(
+            f"fps: expected positive native_fps and fps, found native_fps={native_fps}, fps={fps}"
+        )
     if max_frames < 1:
         raise ValueError(f"max_frames: expected at least 1, found {max_frames}")
     step = max(1, round(native_fps / fps))
@@ -97,7 +99,9 @@ def probe_container(name: str, data: bytes) -> None:
     for offset, magic in _SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
             return
-    raise VideoDecodeError(name, f"expected a video container (mp4, mkv/webm, avi, mpeg), found bytes {data[:12]!r}")
+    raise VideoDecodeError(
+        name, f"expected a video container (mp4, mkv/webm, avi, mpeg), found bytes {data[:12]!r}"
+    )
 
 
 def read_frames(
@@ -123,7 +127,9 @@ def read_frames(
         raise VideoDecodeError(name, "expected at least one frame, found 0")
     if not native_fps > 0:
         raise VideoDecodeError(name, f"expected a positive frame rate, found {native_fps}")
-    indices = sample_frame_indices(total, native_fps, fps=fps, max_frames=max_frames, force_uniform=force_uniform)
+    indices = sample_frame_indices(
+        total, native_fps, fps=fps, max_frames=max_frames, force_uniform=force_uniform
+    )
     try:
         frames = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError) as e:
@@ -131,7 +137,9 @@ def read_frames(
             name, f"frames {indices[0]}..{indices[-1]} of {total} cannot be decoded (truncated or corrupt)"
         ) from e
     if frames.shape[0] != len(indices) or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise VideoDecodeError(name, f"expected {len(indices)} RGB frames, found array of shape {frames.shape}")
+        raise VideoDecodeError(
+            name, f"expected {len(indices)} RGB frames, found array of shape {frames.shape}"
+        )
     return VideoClip(
         frames=frames,
         indices=indices,

@@ -89,7 +89,9 @@ def test_select_best_resolution_matches_transformers():
     rng = np.random.default_rng(0)
     for _ in range(300):
         size = (int(rng.integers(1, 5000)), int(rng.integers(1, 5000)))
-        assert select_best_resolution(size, candidates) == tuple(hf_select(size, [list(c) for c in candidates]))
+        assert select_best_resolution(size, candidates) == tuple(
+            hf_select(size, [list(c) for c in candidates])
+        )
 
 
 def test_grid_pinpoints_cover_1x1_to_6x6():

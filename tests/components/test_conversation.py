@@ -30,8 +30,12 @@ def rec(*values, **extra):
 
 def test_parses_llava_and_role_content_forms():
     a = parse_sample(rec("<image>\nWhat?", "Red.", image="a.png"))
-    assert a.modality == "image" and a.images == ["a.png"] and [t.role for t in a.turns] == ["user", "assistant"]
-    b = parse_sample({"id": 7, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    assert (
+        a.modality == "image" and a.images == ["a.png"] and [t.role for t in a.turns] == ["user", "assistant"]
+    )
+    b = parse_sample(
+        {"id": 7, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
     assert b.id == "7" and b.modality == "text"
     c = parse_sample(rec("<image> and <image>", "two", image=["a.png", "b.png"]))
     assert c.modality == "multi_image"
@@ -60,7 +64,11 @@ def test_bad_records_name_sample_field_and_expectation(record, field, kind):
     with pytest.raises(SampleError) as err:
         parse_sample(record)
     assert err.value.field == field and err.value.kind == kind
-    assert "expected" in str(err.value) and "found" in str(err.value) and repr(err.value.sample_id) in str(err.value)
+    assert (
+        "expected" in str(err.value)
+        and "found" in str(err.value)
+        and repr(err.value.sample_id) in str(err.value)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -122,7 +130,9 @@ def test_wrong_number_of_counts(tok):
         tokenize(parse_sample(rec("<image>", "A", image="x.png")), tok, "chatml", [])
 
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1, max_size=40)
+text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1, max_size=40
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -69,7 +69,9 @@ def test_mixed_batch_of_every_modality(demo_dir, tiny_model):
 def test_set_trainable_and_param_groups(tiny_model):
     _, model, _ = tiny_model
     counts = set_trainable(model, ["multi_modal_projector"])
-    assert counts["vision_tower"] == 0 and counts["language_model"] == 0 and counts["multi_modal_projector"] > 0
+    assert (
+        counts["vision_tower"] == 0 and counts["language_model"] == 0 and counts["multi_modal_projector"] > 0
+    )
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     assert model.model.image_newline.requires_grad
     set_trainable(model, ["vision_tower", "multi_modal_projector", "language_model"])
@@ -86,7 +88,9 @@ def test_save_and_load_roundtrip_gives_same_logits(demo_dir, tiny_model, tmp_pat
     spec, model, tokenizer = tiny_model
     batch = collate(rows_for(demo_dir, spec, tokenizer, ("single_image",), n=1), tokenizer.pad_token_id)
     save_model(model, tokenizer, str(tmp_path / "ckpt"))
-    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "MANIFEST.json").exists()
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (
+        tmp_path / "ckpt" / "MANIFEST.json"
+    ).exists()
     assert not list((tmp_path / "ckpt").glob("*.bin"))
     from transformers import LlavaOnevisionForConditionalGeneration
 

@@ -59,7 +59,7 @@ def test_frames_are_the_right_frames(h264):
         (lambda d: b"", "empty"),
         (lambda d: d[:32] + b"\x00" * 4000, "decoder"),
         (lambda d: b"\x89PNG\r\n\x1a\n" + b"0" * 100, "video container"),
-        (lambda d: "not a video at all".encode(), "video container"),
+        (lambda d: b"not a video at all", "video container"),
     ],
     ids=["truncated", "zero-byte", "garbage", "png", "text"],
 )

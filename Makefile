@@ -1,0 +1,29 @@
+# llava-ray: `make demo` runs the main job on the embedded default; `make test` runs every test tier.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llava-ray demo --out demo_out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check components pipelines serve tests benchmarks
+	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf demo_out runs .pytest_cache

@@ -1,0 +1,25 @@
+"""Shared bits of the benchmarks: the machine line, medians, the final ratio line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def final_line(name: str, ratio: float, target: str) -> str:
+    return f"{name}: {ratio:.2f}x (target {target})"
