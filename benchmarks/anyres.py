@@ -48,7 +48,9 @@ def main() -> None:
         assert ours.shape == ref.shape and float(np.abs(ours - ref).max()) <= 1e-5
 
     repeats = 3 if args.quick else 9
-    print(f"machine: {machine()}; single thread; tile {config.tile_size}, up to {config.max_grid}x{config.max_grid}")
+    print(
+        f"machine: {machine()}; single thread; tile {config.tile_size}, up to {config.max_grid}x{config.max_grid}"
+    )
     print(f"{'image (h x w)':>14s} {'tiles':>5s} {'hf ms':>8s} {'ours ms':>8s} {'ratio':>6s}")
     hf_total = ours_total = 0.0
     for (h, w), image in zip(SIZES, images, strict=True):

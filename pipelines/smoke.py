@@ -40,6 +40,6 @@ def forward_backward_per_modality(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         results.append(
-            {"modality": modality, "tokens": len(ids), "loss": float(loss), "grad_norm": float(grad_norm)}
+            {"modality": modality, "tokens": len(ids), "loss": loss.item(), "grad_norm": float(grad_norm)}
         )
     return results
