@@ -130,22 +130,6 @@ def _scale_shift(config: AnyResConfig) -> tuple[np.ndarray, np.ndarray]:
 _SCALE_SHIFT: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def normalize_into(out: np.ndarray, pixels: np.ndarray, config: AnyResConfig) -> None:
-    """Fused rescale+normalize of HWC uint8 ``pixels`` into float32 CHW ``out`` (a view is fine), in two passes."""
-    key = (config.mean, config.std)
-    if key not in _SCALE_SHIFT:
-        _SCALE_SHIFT[key] = _scale_shift(config)
-    scale, shift = _SCALE_SHIFT[key]
-    np.multiply(pixels.transpose(2, 0, 1), scale, out=out, dtype=np.float32)
-    np.subtract(out, shift, out=out)
-
-
-def pad_value(config: AnyResConfig) -> np.ndarray:
-    """The normalized value of a black pixel, per channel, as [3, 1, 1]."""
-    scale, shift = _scale_shift(config)
-    return -shift
-
-
 def _check_size(image: Image.Image) -> Size:
     if image.width < 1 or image.height < 1:
         raise ImageTooSmallError(
@@ -154,40 +138,46 @@ def _check_size(image: Image.Image) -> Size:
     return image.height, image.width
 
 
-def tile_image(image: Image.Image, config: AnyResConfig) -> TiledImage:
-    """AnyRes: pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, base first."""
+def tile_image_uint8(image: Image.Image, config: AnyResConfig) -> tuple[np.ndarray, Size, Size]:
+    """AnyRes before normalization: (uint8 [1 + rows*cols, 3, T, T] base first, image_size, (rows, cols)).
+
+    Pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, and put the
+    base image (resized to T x T) first.
+    """
     image_size = _check_size(image)
     rgb = to_rgb(image)
     t = config.tile_size
     best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
     new_h, new_w = fit_size(image_size, (best_h, best_w))
     top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-    resized = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
+    canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
+    canvas[top : top + new_h, left : left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
     rows, cols = best_h // t, best_w // t
-    out = np.empty((1 + rows * cols, 3, t, t), dtype=np.float32)
-    normalize_into(out[0], np.asarray(rgb.resize((t, t), Image.BICUBIC)), config)
-    pad = pad_value(config)
-    for r in range(rows):
-        for c in range(cols):
-            tile = out[1 + r * cols + c]
-            # the part of this tile covered by the resized image; the rest is black padding
-            y0, y1 = max(r * t, top), min((r + 1) * t, top + new_h)
-            x0, x1 = max(c * t, left), min((c + 1) * t, left + new_w)
-            if y0 >= y1 or x0 >= x1:
-                tile[:] = pad
-                continue
-            if (y1 - y0, x1 - x0) != (t, t):
-                tile[:] = pad
-            normalize_into(
-                tile[:, y0 - r * t : y1 - r * t, x0 - c * t : x1 - c * t],
-                resized[y0 - top : y1 - top, x0 - left : x1 - left],
-                config,
-            )
-    return TiledImage(pixel_values=out, image_size=image_size, grid=(rows, cols))
+    tiles = np.empty((1 + rows * cols, 3, t, t), dtype=np.uint8)
+    tiles[0] = np.asarray(rgb.resize((t, t), Image.BICUBIC)).transpose(2, 0, 1)
+    tiles[1:] = canvas.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, t, t)
+    return tiles, image_size, (rows, cols)
 
 
-def base_tile(image: Image.Image, config: AnyResConfig) -> np.ndarray:
-    """One float32 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
+def normalize_tiles(tiles: np.ndarray, config: AnyResConfig) -> np.ndarray:
+    """uint8 [..., 3, T, T] -> float32, one fused rescale+normalize pass."""
+    key = (config.mean, config.std)
+    if key not in _SCALE_SHIFT:
+        _SCALE_SHIFT[key] = _scale_shift(config)
+    scale, shift = _SCALE_SHIFT[key]
+    out = np.multiply(tiles, scale, dtype=np.float32)
+    np.subtract(out, shift, out=out)
+    return out
+
+
+def tile_image(image: Image.Image, config: AnyResConfig) -> TiledImage:
+    """AnyRes tiles, normalized: float32 [1 + rows*cols, 3, T, T], base first."""
+    tiles, image_size, grid = tile_image_uint8(image, config)
+    return TiledImage(pixel_values=normalize_tiles(tiles, config), image_size=image_size, grid=grid)
+
+
+def base_tile_uint8(image: Image.Image, config: AnyResConfig) -> np.ndarray:
+    """One uint8 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
     _check_size(image)
     rgb = to_rgb(image)
     t = config.tile_size
@@ -197,20 +187,28 @@ def base_tile(image: Image.Image, config: AnyResConfig) -> np.ndarray:
         square = Image.new("RGB", (side, side), fill)
         square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
         rgb = square
-    out = np.empty((3, t, t), dtype=np.float32)
-    normalize_into(out, np.asarray(rgb.resize((t, t), Image.BICUBIC)), config)
+    return np.ascontiguousarray(np.asarray(rgb.resize((t, t), Image.BICUBIC)).transpose(2, 0, 1))
+
+
+def base_tile(image: Image.Image, config: AnyResConfig) -> np.ndarray:
+    """One float32 [3, T, T] tile for a multi-image item."""
+    return normalize_tiles(base_tile_uint8(image, config), config)
+
+
+def video_tiles_uint8(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
+    """Frames uint8 [F, H, W, 3] -> uint8 [F, 3, T, T], each resized to the tile (transformers' video processor)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames: expected uint8 [F>=1, H, W, 3], found shape {tuple(frames.shape)}")
+    t = config.tile_size
+    out = np.empty((frames.shape[0], 3, t, t), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(frame).resize((t, t), Image.BICUBIC)).transpose(2, 0, 1)
     return out
 
 
 def video_tiles(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
-    """Frames uint8 [F, H, W, 3] -> float32 [F, 3, T, T], each resized to the tile (transformers' video processor)."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames: expected uint8 [F>=1, H, W, 3], found shape {tuple(frames.shape)}")
-    t = config.tile_size
-    out = np.empty((frames.shape[0], 3, t, t), dtype=np.float32)
-    for i, frame in enumerate(frames):
-        normalize_into(out[i], np.asarray(Image.fromarray(frame).resize((t, t), Image.BICUBIC)), config)
-    return out
+    """Frames uint8 [F, H, W, 3] -> float32 [F, 3, T, T]."""
+    return normalize_tiles(video_tiles_uint8(frames, config), config)
 
 
 # ---- token counts ---------------------------------------------------------------------------

@@ -5,10 +5,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from components.anyres import AnyResConfig, normalize_tiles
 from components.conversation import IGNORE_INDEX
 
 
-def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") -> dict[str, torch.Tensor]:
+def row_pixels(row: dict, anyres: AnyResConfig | None) -> np.ndarray:
+    """A row's pixels as normalized float32: arrays pass through; uint8 tiles (or stored bytes) get normalized."""
+    pixels = row["pixel_values"]
+    if isinstance(pixels, (bytes, bytearray)):
+        pixels = np.frombuffer(pixels, dtype=row.get("pixel_dtype", "uint8")).reshape(row["pixel_shape"])
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8:
+        if anyres is None:
+            raise ValueError("collate: uint8 tiles need the AnyResConfig (mean/std) to be normalized")
+        return normalize_tiles(pixels, anyres)
+    return pixels
+
+
+def collate(
+    rows: list[dict], pad_token_id: int, arch: str = "llava_onevision", anyres: AnyResConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / labels / attention_mask plus the media tensors HF's LLaVA classes take.
 
     A row has input_ids, labels, modality, and for media: pixel_values [tiles, 3, T, T],
@@ -32,9 +48,7 @@ def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") 
 
     image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
     if image_rows:
-        out["pixel_values"] = torch.as_tensor(
-            np.concatenate([np.asarray(r["pixel_values"]) for r in image_rows])
-        )
+        out["pixel_values"] = torch.as_tensor(np.concatenate([row_pixels(r, anyres) for r in image_rows]))
         if arch == "llava_onevision":  # LLaVA / 1.5 take base tiles only, no sizes
             out["image_sizes"] = torch.as_tensor(
                 [list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long
@@ -44,12 +58,11 @@ def collate(rows: list[dict], pad_token_id: int, arch: str = "llava_onevision") 
             )
     video_rows = [r for r in rows if r["modality"] == "video"]
     if video_rows:
-        frames = {len(r["pixel_values"]) for r in video_rows}
+        videos = [row_pixels(r, anyres) for r in video_rows]
+        frames = {len(v) for v in videos}
         if len(frames) > 1:
             raise ValueError(
                 f"collate: expected videos with equal frame counts in a batch, found {sorted(frames)}"
             )
-        out["pixel_values_videos"] = torch.as_tensor(
-            np.stack([np.asarray(r["pixel_values"]) for r in video_rows])
-        )
+        out["pixel_values_videos"] = torch.as_tensor(np.stack(videos))
     return out

@@ -225,25 +225,39 @@ def _use_linear_projector(model) -> None:
     )
 
 
+def build_tokenizer(spec: ModelSpec):
+    """The tokenizer a spec trains and serves with (the checkpoint's, the LLM's, or the tiny BPE)."""
+    from transformers import AutoTokenizer
+
+    if spec.checkpoint or not isinstance(spec.llm, dict):
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(_local(spec.checkpoint or spec.llm, tmp))
+        _ensure_media_tokens(tokenizer)
+    else:
+        from components.demo_data import tokenizer_corpus
+
+        tokenizer = build_tiny_tokenizer(spec.tokenizer_corpus or tokenizer_corpus())
+    tokenizer.chat_template = chat_template(spec.template)
+    return tokenizer
+
+
 def build_model(spec: ModelSpec):
     """(model, tokenizer) for a spec: from a full checkpoint, or composed from vision + llm."""
     if spec.checkpoint:
-        return load_model(spec.checkpoint)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        model, tokenizer = load_model(spec.checkpoint)
+        tokenizer.chat_template = chat_template(spec.template)
+        return model, tokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(spec.seed)
+    tokenizer = build_tokenizer(spec)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(spec.llm, dict):
-            from components.demo_data import tokenizer_corpus
-
-            tokenizer = build_tiny_tokenizer(spec.tokenizer_corpus or tokenizer_corpus())
-            llm = None
-            text_config = _llm_config(spec, len(tokenizer))
+            llm, text_config = None, _llm_config(spec, len(tokenizer))
         else:
-            path = _local(spec.llm, os.path.join(tmp, "llm"))
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            _ensure_media_tokens(tokenizer)
-            llm = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+            llm = AutoModelForCausalLM.from_pretrained(
+                _local(spec.llm, os.path.join(tmp, "llm")), use_safetensors=True
+            )
             text_config = llm.config
         if isinstance(spec.vision, dict):
             vision, vision_config = None, _vision_config(spec)
@@ -263,7 +277,6 @@ def build_model(spec: ModelSpec):
             model.config.text_config.vocab_size = len(tokenizer)
         if vision is not None:
             _load_vision(model.model.vision_tower, vision)
-    tokenizer.chat_template = chat_template(spec.template)
     return model, tokenizer
 
 
