@@ -181,6 +181,7 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
     seed = int(spec.get("seed", seed))
     base = _parent(uri)
     out: list[Entry] = []
+    names: set[str] = set()
     for k, d in enumerate(datasets):
         path = d.get("json_path") or d.get("parquet_path")
         if not path:
@@ -189,6 +190,9 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
             )
         path = _relative_to(base, path)
         name = d.get("name") or posixpath.basename(path).split(".")[0]
+        if name in names:  # the same file twice, or x.jsonl beside x.parquet: keep ids apart
+            name = f"{name}_{k}"
+        names.add(name)
         folder = d.get("image_folder")
         root = _relative_to(base, folder) if folder else None
         entries = read_records(path, name, root)

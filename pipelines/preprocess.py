@@ -1,0 +1,147 @@
+"""Ray Data preprocessing: manifest -> load -> decode (sampled frames only) -> tile -> tokenize -> shards.
+
+    llava-ray preprocess --recipe llava_onevision --profile tiny --stage stage2_ov --out runs/pre
+
+Reads top to bottom: resolve the mixture on the driver (ids, hashes, read errors), stream it through
+the stages on CPU actors, then either hand the Dataset to Ray Train (``build_dataset``) or write
+Parquet shards (``preprocess``). Every bad row lands in ``<out>/rejects/`` with its reason; the
+summary counts read, accepted and rejected-by-reason, and must add up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+
+from components import storage
+from components.manifest import Entry, load_mixture, mixture_manifest
+from pipelines.stages import STAGES, WORK_SCHEMA, Chain, Emit, StageConfig, _reject, read_rejects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessConfig:
+    """One preprocessing run: what to read, how to process it, and the Ray resources for it."""
+
+    manifest: str
+    """A LLaVA JSON/JSONL, a Parquet with image bytes, or a YAML mixture; a path or s3:// URI."""
+    stage: StageConfig = field(default_factory=StageConfig)
+    media_root: str | None = None
+    """Relative media paths resolve here; by default beside the manifest."""
+    num_cpus: float = 1.0
+    """CPUs per actor (one actor runs every stage when ``fuse``)."""
+    min_workers: int = 1
+    max_workers: int = 2
+    batch_size: int = 8
+    fuse: bool = True
+    """Run all stages in one actor (rows cross the object store once) or one actor pool per stage."""
+    blocks_per_worker: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, dict):
+            self.stage = StageConfig(**self.stage)
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"workers: expected 1 <= min_workers <= max_workers, found {self.min_workers}, {self.max_workers}"
+            )
+
+
+def work_table(entries: list[Entry]) -> pa.Table:
+    rows = []
+    for e in entries:
+        rows.append({
+            "index": e.index, "sample_id": e.sample_id, "source": e.dataset, "record": e.record,
+            "media_root": e.media_root, "embedded_images": e.embedded_images,
+            "reject": _reject("read", "read_error", e.read_error) if e.read_error else None,
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def build_dataset(
+    config: PreprocessConfig, rejects_uri: str, entries: list[Entry] | None = None
+) -> ray.data.Dataset:
+    """The streaming Dataset of output rows; rejects are written to ``rejects_uri`` as it runs."""
+    if entries is None:
+        entries = load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same seed, same order
+    table = work_table(entries)
+    n_blocks = max(1, min(len(entries), config.max_workers * config.blocks_per_worker))
+    step = -(-len(entries) // n_blocks) if entries else 1
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, len(entries)), step)])
+    pool = ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
+    common = {"batch_format": "pyarrow", "batch_size": config.batch_size, "compute": pool}
+    if config.fuse:
+        stages = [cls(config.stage) for cls in STAGES]
+        return ds.map_batches(
+            Chain, fn_constructor_args=(stages, Emit(rejects_uri)), num_cpus=config.num_cpus, **common
+        )
+    share = config.num_cpus / (len(STAGES) + 1)
+    for cls in STAGES:
+        ds = ds.map_batches(cls, fn_constructor_args=(config.stage,), num_cpus=share, **common)
+    return ds.map_batches(Emit, fn_constructor_args=(rejects_uri,), num_cpus=share, **common)
+
+
+def summarize(entries: list[Entry], accepted: int, rejects_uri: str) -> dict:
+    rejects = read_rejects(rejects_uri)
+    reasons = Counter(r["error_type"] for r in rejects)
+    summary = {
+        "read": len(entries),
+        "accepted": accepted,
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "by_source": dict(sorted(Counter(e.dataset for e in entries).items())),
+    }
+    if summary["read"] != summary["accepted"] + summary["rejected"]:
+        raise RuntimeError(f"preprocess: expected read == accepted + rejected, found {summary}")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'read':>10s} {summary['read']:8d}", f"{'accepted':>10s} {summary['accepted']:8d}"]
+    lines.append(f"{'rejected':>10s} {summary['rejected']:8d}")
+    for reason, n in summary["rejected_by_reason"].items():
+        lines.append(f"{'':>12s}{reason:24s} {n:6d}")
+    return "\n".join(lines)
+
+
+def count_rows(uri: str) -> int:
+    fs, path = storage.resolve(uri)
+    if not storage.exists(uri):
+        return 0
+    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
+    """Write Parquet shards to ``<out>/data``, rejects to ``<out>/rejects``, plus mixture.json and summary.json."""
+    start = time.monotonic()
+    log.info("preprocess config: %s", json.dumps(asdict(config), default=str))
+    entries = load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+    for sub in ("data", "rejects"):
+        storage.delete_dir(storage.join(out_uri, sub))  # a re-run replaces, never appends
+    storage.write_text(storage.join(out_uri, "mixture.json"), json.dumps(mixture_manifest(entries)))
+    rejects_uri = storage.join(out_uri, "rejects")
+    ds = build_dataset(config, rejects_uri, entries)
+    fs, data_path = storage.resolve(storage.join(out_uri, "data"))
+    ds.write_parquet(data_path, filesystem=fs)
+    summary = summarize(entries, count_rows(storage.join(out_uri, "data")), rejects_uri)
+    summary["seconds"] = round(time.monotonic() - start, 2)
+    summary["mixture_digest"] = mixture_manifest(entries)["digest"]
+    storage.write_text(storage.join(out_uri, "summary.json"), json.dumps(summary, indent=1))
+    print(format_summary(summary))
+    return summary
+
+
+def read_output(uri: str) -> list[dict]:
+    """Every output row under ``<out>/data``, ordered by (source, index)."""
+    fs, path = storage.resolve(storage.join(uri, "data"))
+    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    return sorted(rows, key=lambda r: (r["source"], r["index"]))
