@@ -238,12 +238,18 @@ class DecodeVideo(Stage):
     def process_row(self, row: dict) -> dict:
         if row.get("video_data") is None:
             return row
-        clip = read_frames(
-            row["video_data"],
-            fps=self.config.video_fps,
-            max_frames=self.config.max_frames,
-            force_uniform=self.config.force_uniform_frames,
-        )
+        try:
+            clip = read_frames(
+                row["video_data"],
+                fps=self.config.video_fps,
+                max_frames=self.config.max_frames,
+                force_uniform=self.config.force_uniform_frames,
+            )
+        except VideoDecodeError as e:
+            video = json.loads(row["record"]).get("video")
+            raise MediaError(
+                "corrupt_video", f"sample {row['sample_id']!r}, field 'video' ({video}): {e.reason}"
+            ) from e
         row["frames"] = clip.frames.tobytes()
         row["frames_shape"] = list(clip.frames.shape)
         row["frame_indices"] = clip.indices
