@@ -174,19 +174,22 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
     if not (uri.endswith(".yaml") or uri.endswith(".yml")):
         name = posixpath.basename(uri).split(".")[0]
         return read_records(uri, name, media_root)
-    spec = yaml.safe_load(storage.read_text(uri)) or {}
+    return resolve_mixture(yaml.safe_load(storage.read_text(uri)) or {}, _parent(uri), seed, where=uri)
+
+
+def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture") -> list[Entry]:
+    """A mixture given as data (``datasets:`` + optional ``seed:``), paths relative to ``base``."""
     datasets = spec.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        raise ManifestError(f"{uri}: expected 'datasets:' with at least one entry, found {datasets!r}")
+        raise ManifestError(f"{where}: expected 'datasets:' with at least one entry, found {datasets!r}")
     seed = int(spec.get("seed", seed))
-    base = _parent(uri)
     out: list[Entry] = []
     names: set[str] = set()
     for k, d in enumerate(datasets):
         path = d.get("json_path") or d.get("parquet_path")
         if not path:
             raise ManifestError(
-                f"{uri}: datasets[{k}]: expected json_path or parquet_path, found {sorted(d)}"
+                f"{where}: datasets[{k}]: expected json_path or parquet_path, found {sorted(d)}"
             )
         path = _relative_to(base, path)
         name = d.get("name") or posixpath.basename(path).split(".")[0]
@@ -195,7 +198,10 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
         names.add(name)
         folder = d.get("image_folder")
         root = _relative_to(base, folder) if folder else None
-        entries = read_records(path, name, root)
+        if path.endswith((".yaml", ".yml")):  # a nested mixture file
+            entries = load_mixture(path, seed=seed + k, media_root=root)
+        else:
+            entries = read_records(path, name, root)
         out += sample_entries(entries, str(d.get("sampling_strategy", "all")), seed + k)
     return out
 

@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import ray
 
 from components import storage
-from components.manifest import Entry, load_mixture, mixture_manifest
+from components.manifest import Entry, load_mixture, mixture_manifest, resolve_mixture
 from pipelines.stages import STAGES, WORK_SCHEMA, Chain, Emit, StageConfig, _reject, read_rejects
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 class PreprocessConfig:
     """One preprocessing run: what to read, how to process it, and the Ray resources for it."""
 
-    manifest: str
-    """A LLaVA JSON/JSONL, a Parquet with image bytes, or a YAML mixture; a path or s3:// URI."""
+    manifest: str | dict
+    """A LLaVA JSON/JSONL, a Parquet with image bytes, or a YAML mixture (a path or s3:// URI);
+    or a mixture given as data ({datasets: [...]}) with paths relative to ``data_root``."""
+    data_root: str = "."
     stage: StageConfig = field(default_factory=StageConfig)
     media_root: str | None = None
     """Relative media paths resolve here; by default beside the manifest."""
@@ -54,6 +56,12 @@ class PreprocessConfig:
             )
 
 
+def resolve_entries(config: PreprocessConfig) -> list[Entry]:
+    if isinstance(config.manifest, dict):
+        return resolve_mixture(config.manifest, config.data_root, seed=config.stage.seed)
+    return load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+
+
 def work_table(entries: list[Entry]) -> pa.Table:
     rows = []
     for e in entries:
@@ -70,7 +78,7 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The streaming Dataset of output rows; rejects are written to ``rejects_uri`` as it runs."""
     if entries is None:
-        entries = load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+        entries = resolve_entries(config)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same seed, same order
     table = work_table(entries)
@@ -124,7 +132,7 @@ def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
     """Write Parquet shards to ``<out>/data``, rejects to ``<out>/rejects``, plus mixture.json and summary.json."""
     start = time.monotonic()
     log.info("preprocess config: %s", json.dumps(asdict(config), default=str))
-    entries = load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+    entries = resolve_entries(config)
     for sub in ("data", "rejects"):
         storage.delete_dir(storage.join(out_uri, sub))  # a re-run replaces, never appends
     storage.write_text(storage.join(out_uri, "mixture.json"), json.dumps(mixture_manifest(entries)))

@@ -1,0 +1,206 @@
+"""Recipes: a curriculum as data. A stage is config, not code; two stages differ only in their YAML.
+
+A recipe file (pipelines/recipes/NAME.yaml) has a base (``model``, ``stages``) and ``profiles``
+(``tiny`` for the demo and tests, ``full`` with the papers' numbers) that are deep-merged over it.
+``${demo}`` in a path is the demo data directory; ``${data_root}`` the profile's data root.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from components.anyres import AnyResConfig
+from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec
+
+RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+
+
+@dataclass
+class StageSpec:
+    """One stage of a curriculum."""
+
+    name: str
+    template: str
+    """plain (Stage-1), vicuna_v0, vicuna_v1 or chatml."""
+    data: dict
+    """A mixture: {datasets: [{json_path|parquet_path, sampling_strategy}], seed}; paths under data_root."""
+    trainable: list[str]
+    """A subset of vision_tower, multi_modal_projector, language_model."""
+    lr: float
+    vision_lr: float | None = None
+    """None: same as lr. OneVision: lr / 5."""
+    projector_lr: float | None = None
+    global_batch: int = 8
+    """Samples per optimizer step across all workers; gradient accumulation makes up the rest."""
+    micro_batch: int = 2
+    """Samples per forward pass per worker."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (tiny profiles); None: the whole epochs."""
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    offload: bool = False
+    max_length: int = 4096
+    front_fraction: float = 0.0
+    """Interleave's format mix: share of media samples with all images in front."""
+    anyres: dict = field(default_factory=dict)
+    """Overrides of the model's AnyResConfig for this stage (max_tiles: 5 for Stage-1.5, 10 for Stage-2)."""
+    video_fps: float = 1.0
+    max_frames: int = 32
+    lora: dict | None = None
+    """LoRA on the LLM: {r, alpha, dropout, target_modules}; None: full fine-tuning."""
+    checkpoint_every: int = 50
+    group_by_modality: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.trainable) - set(PARTS)
+        if unknown or not self.trainable:
+            raise ValueError(
+                f"stage {self.name}: trainable: expected a non-empty subset of {PARTS}, found {self.trainable}"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage {self.name}: zero_stage: expected 0-3, found {self.zero_stage}")
+        if self.lr <= 0 or self.global_batch < 1 or self.micro_batch < 1:
+            raise ValueError(
+                f"stage {self.name}: expected lr > 0 and batches >= 1, found {self.lr}, {self.global_batch}, {self.micro_batch}"
+            )
+        if not isinstance(self.data, dict) or not self.data.get("datasets"):
+            raise ValueError(
+                f"stage {self.name}: data: expected a mixture with datasets, found {self.data!r}"
+            )
+
+    def anyres_config(self, base: AnyResConfig) -> AnyResConfig:
+        return AnyResConfig(**{**base.__dict__, **self.anyres})
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    stages: list[StageSpec]
+    profile: str
+    data_root: str
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    eval: dict = field(default_factory=dict)
+    """{manifest: path under data_root, max_new_tokens: N}: the held-out split for post-stage evaluation."""
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(
+            f"recipe {self.name}: expected a stage in {[s.name for s in self.stages]}, found {name!r}"
+        )
+
+
+def stage_config(recipe: Recipe, stage: StageSpec):
+    """What preprocessing needs for one stage of a recipe: the model spec at this stage's AnyRes, the template."""
+    from pipelines.stages import StageConfig
+
+    model = copy.deepcopy(recipe.model)
+    model.anyres = stage.anyres_config(recipe.model.anyres)
+    return StageConfig(
+        model=model,
+        template=stage.template,
+        max_length=stage.max_length,
+        front_fraction=stage.front_fraction,
+        video_fps=stage.video_fps,
+        max_frames=stage.max_frames,
+        seed=stage.seed,
+    )
+
+
+def ensure_demo_data(demo_dir: str, tile_size: int = 56) -> str:
+    """Make the demo world once (idempotent): the tiny profiles read from it."""
+    from components.demo_data import DemoConfig, make_demo_data
+
+    if not os.path.exists(os.path.join(demo_dir, "eval.jsonl")):
+        make_demo_data(demo_dir, DemoConfig(tile_size=tile_size))
+    return demo_dir
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = (
+            _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        )
+    return out
+
+
+def _subst(value, mapping: dict):
+    if isinstance(value, str):
+        for k, v in mapping.items():
+            value = value.replace("${" + k + "}", v)
+        return value
+    if isinstance(value, list):
+        return [_subst(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: _subst(v, mapping) for k, v in value.items()}
+    return value
+
+
+def recipe_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    path = os.path.join(RECIPES_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        available = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+        raise FileNotFoundError(f"recipe: expected one of {available} or a YAML path, found {name!r}")
+    return path
+
+
+def list_recipes() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+
+
+def load_recipe(
+    name: str, profile: str = "tiny", *, demo_dir: str = "demo_out/data", data_root: str | None = None
+) -> Recipe:
+    with open(recipe_path(name)) as f:
+        raw = yaml.safe_load(f)
+    profiles = raw.get("profiles", {})
+    if profile not in profiles:
+        raise KeyError(
+            f"recipe {raw.get('name')}: expected a profile in {sorted(profiles)}, found {profile!r}"
+        )
+    merged = _merge({k: v for k, v in raw.items() if k != "profiles"}, profiles[profile])
+    root = data_root or merged.get("data_root", ".")
+    merged = _subst(
+        merged,
+        {"demo": os.path.abspath(demo_dir), "data_root": _subst(root, {"demo": os.path.abspath(demo_dir)})},
+    )
+    model = dict(merged["model"])
+    if model.get("vision") == "tiny":
+        model["vision"] = dict(TINY_VISION)
+    if model.get("llm") == "tiny":
+        model["llm"] = dict(TINY_LLM)
+    order = merged.get("stage_order") or list(merged["stages"])
+    known = {f.name for f in fields(StageSpec)}
+    stages = []
+    for stage_name in order:
+        body = merged["stages"][stage_name]
+        extra = set(body) - known
+        if extra:
+            raise ValueError(f"recipe {merged['name']}, stage {stage_name}: unknown fields {sorted(extra)}")
+        stages.append(StageSpec(name=stage_name, **body))
+    return Recipe(
+        name=merged["name"],
+        model=ModelSpec(**model),
+        stages=stages,
+        profile=profile,
+        data_root=merged.get("data_root", "."),
+        workers=int(merged.get("workers", 2)),
+        use_gpu=bool(merged.get("use_gpu", False)),
+        cpus_per_worker=int(merged.get("cpus_per_worker", 1)),
+        eval=merged.get("eval", {}),
+    )
