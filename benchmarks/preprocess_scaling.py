@@ -1,0 +1,79 @@
+"""Preprocessing throughput: rows/s of the Ray Data pipeline with 1 and with 2 CPU workers, on the
+demo OneVision mix (single-image AnyRes, multi-image, video, text), in one run; plus bytes per row.
+
+Throughput is counted from the first output batch to the last (actor start-up excluded), median of
+the repeats. Each worker is one CPU actor running every stage.
+
+    python benchmarks/preprocess_scaling.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks._common import final_line, machine  # noqa: E402
+
+
+def run(ray, config, entries, rejects: str) -> tuple[float, int, int]:
+    from pipelines.preprocess import build_dataset
+
+    ds = build_dataset(config, rejects, entries)
+    rows = nbytes = 0
+    first = None
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if first is None:
+            first = time.perf_counter()
+            first_rows = batch.num_rows
+        rows += batch.num_rows
+        nbytes += batch.nbytes
+    elapsed = time.perf_counter() - first
+    return (rows - first_rows) / elapsed, rows, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller mix, one repeat (under 45 s)")
+    args = parser.parse_args()
+    import ray
+
+    from pipelines.preprocess import PreprocessConfig, resolve_entries
+    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
+
+    work = tempfile.mkdtemp(prefix="llava-ray-bench-")
+    demo = ensure_demo_data(os.path.join(work, "demo"))
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
+    stage = recipe.stage("stage2_ov")
+    copies = 2 if args.quick else 6
+    mix = {"datasets": [dict(d) for d in stage.data["datasets"] for _ in range(copies)]}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    base = PreprocessConfig(
+        manifest=mix, data_root=recipe.data_root, stage=stage_config(recipe, stage), batch_size=8
+    )
+    entries = resolve_entries(base)
+    repeats = 1 if args.quick else 3
+    print(f"machine: {machine()}; demo OneVision mix x{copies}: {len(entries)} rows; median of {repeats}")
+    results = {}
+    for workers in (1, 2):
+        base.min_workers = base.max_workers = workers
+        rates = []
+        for r in range(repeats):
+            rate, rows, nbytes = run(ray, base, entries, os.path.join(work, f"rejects-{workers}-{r}"))
+            rates.append(rate)
+        results[workers] = statistics.median(rates)
+        print(
+            f"{workers} worker(s): {results[workers]:7.1f} rows/s ({rows} rows, {nbytes / rows / 1024:.1f} KiB/row)"
+        )
+    print(final_line("preprocess_scaling", results[2] / results[1], "1.7x"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""One tracking interface: MLflow when a tracking URI is given, a no-op otherwise; rank 0 only.
+
+A pipeline has a parent run; each stage is a nested run under it. Workers never create runs: the
+driver creates them and hands the run id to rank 0, which logs into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs go. ``uri`` None (or "") turns tracking off."""
+
+    uri: str | None = None
+    """An MLflow tracking URI: a local directory, sqlite:///..., or http://host:5000."""
+    experiment: str = "llava-ray"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri)
+
+
+class NoopTracker:
+    """Stands in when tracking is off, and on every rank but 0."""
+
+    run_id: str | None = None
+    enabled = False
+
+    def start_run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str | None:
+        return None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_dict(self, data: dict, name: str) -> None: ...
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def end_run(self, status: str = "FINISHED") -> None: ...
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MlflowTracker(NoopTracker):
+    """MLflow through its client, bound to one run at a time (a new run, or an existing one by id)."""
+
+    enabled = True
+
+    def __init__(self, config: TrackingConfig, run_id: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.config = config
+        self.client = MlflowClient(tracking_uri=config.uri)
+        mlflow.set_tracking_uri(config.uri)
+        experiment = self.client.get_experiment_by_name(config.experiment)
+        self.experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
+        )
+        self.run_id = run_id
+
+    def start_run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        flat = {k: (json.dumps(v) if isinstance(v, (list, tuple)) else v) for k, v in _flatten(params).items()}
+        for key, value in flat.items():
+            self.client.log_param(self.run_id, key[:250], str(value)[:6000])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if value is not None:
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status)
+
+    def register_model(self, name: str, source_uri: str) -> str:
+        """Register ``source_uri`` (the HF export) as a new version of ``name``; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        version = self.client.create_model_version(name, source_uri, run_id=self.run_id)
+        return version.version
+
+
+def make_tracker(config: TrackingConfig | None, *, rank: int = 0, run_id: str | None = None):
+    """The tracker for this process: MLflow on rank 0 when enabled, else a no-op."""
+    if config is None or not config.enabled or rank != 0:
+        return NoopTracker()
+    return MlflowTracker(config, run_id=run_id)
+
+
+def loss_curve_png(steps: list[int], losses: list[float], title: str) -> str:
+    """A loss-curve PNG in a temporary file (matplotlib, headless); the caller logs and deletes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fd, path = tempfile.mkstemp(suffix=".png", prefix="loss-")
+    os.close(fd)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
