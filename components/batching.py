@@ -23,7 +23,12 @@ def row_pixels(row: dict, anyres: AnyResConfig | None) -> np.ndarray:
 
 
 def collate(
-    rows: list[dict], pad_token_id: int, arch: str = "llava_onevision", anyres: AnyResConfig | None = None
+    rows: list[dict],
+    pad_token_id: int,
+    arch: str = "llava_onevision",
+    anyres: AnyResConfig | None = None,
+    *,
+    left_pad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / labels / attention_mask plus the media tensors HF's LLaVA classes take.
 
@@ -41,9 +46,10 @@ def collate(
     attention = torch.zeros((batch, length), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(np.asarray(r["labels"]), dtype=torch.long)
-        attention[i, :n] = 1
+        span = slice(length - n, length) if left_pad else slice(0, n)  # left padding for generation
+        input_ids[i, span] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
+        labels[i, span] = torch.as_tensor(np.asarray(r["labels"]), dtype=torch.long)
+        attention[i, span] = 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
     image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
@@ -66,3 +72,28 @@ def collate(
             )
         out["pixel_values_videos"] = torch.as_tensor(np.stack(videos))
     return out
+
+
+def _group_key(row: dict) -> tuple:
+    shape = row.get("pixel_shape")
+    if shape is None and row.get("pixel_values") is not None and not isinstance(row["pixel_values"], bytes):
+        shape = np.asarray(row["pixel_values"]).shape
+    frames = int(shape[0]) if row["modality"] == "video" and shape is not None and len(shape) else 0
+    return (row["modality"], frames, len(row["input_ids"]))
+
+
+def group_rows(rows: list[dict], micro_batch: int, num_batches: int) -> list[list[dict]]:
+    """Split rows into ``num_batches`` micro-batches of ``micro_batch``, grouped by modality, frame count
+    and length, so that each micro-batch is mostly one modality (LLaVA-1.5: 25% faster) with little padding.
+    Always exactly ``num_batches`` batches: every rank runs the same number of forward passes."""
+    if len(rows) != micro_batch * num_batches:
+        raise ValueError(f"group_rows: expected {micro_batch * num_batches} rows, found {len(rows)}")
+    ordered = sorted(rows, key=_group_key)
+    return [ordered[i * micro_batch : (i + 1) * micro_batch] for i in range(num_batches)]
+
+
+def padding_share(batches: list[list[dict]]) -> float:
+    """Pad tokens over all tokens when each batch is padded to its longest row."""
+    real = sum(len(r["input_ids"]) for b in batches for r in b)
+    padded = sum(max(len(r["input_ids"]) for r in b) * len(b) for b in batches if b)
+    return 1.0 - real / padded if padded else 0.0

@@ -431,3 +431,22 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def dummy_vision_loss(model, batch: dict, anyres: AnyResConfig) -> torch.Tensor:
+    """Zero, but through the vision tower and projector, for a batch without media.
+
+    Under ZeRO-3 every rank must run the same modules each step, or the parameter all-gathers
+    deadlock (the official trainer's hang when one rank gets only text). A zero-weight dummy tile
+    keeps the vision path in every step and changes nothing else."""
+    if "pixel_values" in batch or "pixel_values_videos" in batch:
+        return torch.zeros((), dtype=torch.float32)
+    inner = model.model
+    tower = inner.vision_tower
+    param = next(tower.parameters())
+    tile = torch.zeros((1, 3, anyres.tile_size, anyres.tile_size), dtype=param.dtype, device=param.device)
+    features = inner.multi_modal_projector(tower(tile).last_hidden_state)
+    total = features.sum()
+    if getattr(inner, "image_newline", None) is not None:
+        total = total + inner.image_newline.sum()
+    return 0.0 * total

@@ -34,7 +34,9 @@ class NoopTracker:
     run_id: str | None = None
     enabled = False
 
-    def start_run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str | None:
+    def start_run(
+        self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None
+    ) -> str | None:
         return None
 
     def log_params(self, params: dict) -> None: ...
@@ -83,7 +85,9 @@ class MlflowTracker(NoopTracker):
         return self.run_id
 
     def log_params(self, params: dict) -> None:
-        flat = {k: (json.dumps(v) if isinstance(v, (list, tuple)) else v) for k, v in _flatten(params).items()}
+        flat = {
+            k: (json.dumps(v) if isinstance(v, (list, tuple)) else v) for k, v in _flatten(params).items()
+        }
         for key, value in flat.items():
             self.client.log_param(self.run_id, key[:250], str(value)[:6000])
 

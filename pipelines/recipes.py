@@ -89,7 +89,8 @@ class Recipe:
     data_root: str
     workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
+    """CPUs per training worker; the tiny profiles use 0.5 so that Ray Data keeps a CPU to feed them."""
     eval: dict = field(default_factory=dict)
     """{manifest: path under data_root, max_new_tokens: N}: the held-out split for post-stage evaluation."""
 
@@ -201,6 +202,6 @@ def load_recipe(
         data_root=merged.get("data_root", "."),
         workers=int(merged.get("workers", 2)),
         use_gpu=bool(merged.get("use_gpu", False)),
-        cpus_per_worker=int(merged.get("cpus_per_worker", 1)),
+        cpus_per_worker=float(merged.get("cpus_per_worker", 1.0)),
         eval=merged.get("eval", {}),
     )

@@ -1,0 +1,425 @@
+"""One curriculum stage on Ray Train + DeepSpeed, from one stage config.
+
+    llava-ray stage stage1 --recipe llava_onevision --profile tiny --storage runs --run-id demo
+
+Reads top to bottom: ``train_stage`` (driver) sizes the run from the preprocessed shards and starts a
+TorchTrainer; ``train_loop`` (every worker) builds the model from the previous stage's HF export,
+sets the trainable parts and LR groups, wraps it in DeepSpeed, iterates its Ray Data shard in
+modality-grouped micro-batches, checkpoints every N steps (every rank saves its shard, then
+``ray.train.report``), resumes from ``ray.train.get_checkpoint()``, and finally exports an HF
+checkpoint (safetensors) to ``<storage>/<run>/<stage>/hf``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from components import storage
+from components.model import ModelSpec
+from components.tracking import TrackingConfig
+from pipelines.recipes import Recipe, StageSpec
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "LLAVA_RAY_FAULT_AT_STEP"
+"""Fault injection for tests: "STEP:RANK:MARKER" kills that rank once, at that step (the marker file records it)."""
+
+
+@dataclass
+class StagePlan:
+    """Everything a worker needs, resolved on the driver (logged first, shipped as a dict)."""
+
+    stage: dict
+    model: dict
+    init_from: str | None
+    """The previous stage's HF export; None: build the base models (Stage-1)."""
+    export_uri: str
+    workers: int
+    micro_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    use_gpu: bool = False
+    tracking: dict = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    fault: str | None = None
+    torch_threads: int = 1
+    history_uri: str | None = None
+    """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
+
+
+def plan_stage(
+    recipe: Recipe, stage: StageSpec, rows: int, *, init_from: str | None, export_uri: str
+) -> StagePlan:
+    """Gradient accumulation to reach the global batch, and the exact step count."""
+    workers = recipe.workers
+    micro = stage.micro_batch
+    accum = max(1, stage.global_batch // (micro * workers))
+    rows_per_step = micro * accum
+    steps_per_epoch = (rows // workers) // rows_per_step
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"stage {stage.name}: expected at least {rows_per_step * workers} rows for one step "
+            f"({workers} workers x {micro} micro-batch x {accum} accumulation), found {rows}"
+        )
+    total = stage.max_steps or steps_per_epoch * stage.epochs
+    model = asdict(recipe.model)
+    model["anyres"] = asdict(stage.anyres_config(recipe.model.anyres))
+    model.pop("tokenizer_corpus", None)
+    return StagePlan(
+        stage=asdict(stage), model=model, init_from=init_from, export_uri=export_uri, workers=workers,
+        micro_batch=micro, grad_accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total,
+        use_gpu=recipe.use_gpu, torch_threads=max(1, int(recipe.cpus_per_worker)),
+    )  # fmt: skip
+
+
+def deepspeed_config(plan: StagePlan) -> dict:
+    stage = plan.stage
+    zero: dict = {"stage": stage["zero_stage"]}
+    if stage["offload"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage["zero_stage"] == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
+    return {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.micro_batch * plan.grad_accum * plan.workers,
+        "gradient_clipping": stage["grad_clip"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": plan.use_gpu},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def cosine_with_warmup(step: int, total: int, warmup_ratio: float) -> float:
+    """The LR multiplier: linear warm-up over warmup_ratio of the steps, then cosine to 0."""
+    warmup = max(1, math.ceil(total * warmup_ratio)) if warmup_ratio > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- the worker side -------------------------------------------------------------------------
+
+
+def _build(plan: StagePlan):
+    from components.model import build_model, load_model
+
+    spec = ModelSpec(**plan.model)
+    if plan.init_from:
+        model, tokenizer = load_model(plan.init_from)
+    else:
+        model, tokenizer = build_model(spec)
+    # this stage's AnyRes grid (Stage-1.5: up to 729 x 5, Stage-2: 729 x 10) lives in the config
+    if spec.arch == "llava_onevision":
+        from components.anyres import grid_pinpoints
+
+        model.config.image_grid_pinpoints = [list(p) for p in grid_pinpoints(spec.anyres)]
+        model.config.vision_aspect_ratio = f"anyres_max_{spec.anyres.max_tiles}"
+        model.config.llava_ray = {
+            **(getattr(model.config, "llava_ray", None) or {}),
+            "anyres": asdict(spec.anyres),
+        }
+    return spec, model, tokenizer
+
+
+def _apply_lora(model, lora: dict):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.get("r", 8),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.0),
+        target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    model.model.language_model = get_peft_model(model.model.language_model, config)
+
+
+def _micro_batches(rows: list[dict], plan: StagePlan, group: bool) -> list[list[dict]]:
+    from components.batching import group_rows
+
+    return (
+        group_rows(rows, plan.micro_batch, plan.grad_accum)
+        if group
+        else [rows[i * plan.micro_batch : (i + 1) * plan.micro_batch] for i in range(plan.grad_accum)]
+    )
+
+
+def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
+    """Gather full weights (ZeRO-3 shards them), merge LoRA, and save an HF checkpoint from rank 0."""
+    import deepspeed
+    import torch
+
+    from components.model import save_model
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=plan.stage["zero_stage"] == 3):
+        if rank == 0:
+            state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    if rank == 0:
+        export, _ = _build(plan)[1:]
+        if plan.stage.get("lora"):
+            _apply_lora(export, plan.stage["lora"])
+        export.load_state_dict(state, strict=True)
+        if plan.stage.get("lora"):
+            export.model.language_model = export.model.language_model.merge_and_unload()
+        export.to(torch.float32)
+        save_model(export, tokenizer, plan.export_uri)
+    torch.distributed.barrier()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    from components.batching import collate
+    from components.model import dummy_vision_loss, param_groups, set_trainable
+    from components.tracking import make_tracker
+
+    plan = StagePlan(**config)
+    stage = plan.stage
+    torch.set_num_threads(plan.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(stage["seed"] + rank)
+    spec, model, tokenizer = _build(plan)
+    if stage.get("lora"):
+        _apply_lora(model, stage["lora"])
+    set_trainable(model, stage["trainable"])
+    if stage.get("lora"):  # LoRA: only the adapters of the LLM train, beside the other trainable parts
+        for name, p in model.model.language_model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    groups = param_groups(model, stage["lr"], vision_lr=stage["vision_lr"], projector_lr=stage["projector_lr"],
+                          weight_decay=stage["weight_decay"])  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, plan.total_steps, stage["warmup_ratio"])
+    )
+    engine, optimizer, _, schedule = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(plan)
+    )
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d)  # the tag named in its "latest" file
+        step = int(client["step"])
+    tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
+                           run_id=plan.mlflow_run_id)  # fmt: skip
+    fault = (plan.fault or "").split(":")
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_step = plan.micro_batch * plan.grad_accum
+    history = []
+    while step < plan.total_steps:
+        skip = step % plan.steps_per_epoch  # resume mid-epoch: skip what was consumed
+        batches = shard.iter_batches(batch_size=rows_per_step, batch_format="pyarrow", drop_last=True)
+        wait_start = time.perf_counter()
+        for i, table in enumerate(batches):
+            if i < skip:
+                continue
+            if i >= plan.steps_per_epoch or step >= plan.total_steps:
+                break
+            waited = time.perf_counter() - wait_start
+            step_start = time.perf_counter()
+            rows = table.to_pylist()
+            losses, tokens = [], 0
+            for micro in _micro_batches(rows, plan, stage["group_by_modality"]):
+                batch = collate(micro, tokenizer.pad_token_id, spec.arch, spec.anyres)
+                tokens += int(batch["attention_mask"].sum())
+                out = engine(**batch)
+                loss = out.loss + dummy_vision_loss(engine.module, batch, spec.anyres)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(out.loss.detach()))
+            step += 1
+            elapsed = time.perf_counter() - step_start
+            metrics = {
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": schedule.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": tokens * world / elapsed,
+                "samples_per_s": len(rows) * world / elapsed,
+                "data_wait_share": waited / (waited + elapsed),
+            }
+            history.append(metrics)
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            if fault[0] and step == int(fault[0]) and rank == int(fault[1]) and not os.path.exists(fault[2]):
+                open(fault[2], "w").close()
+                os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint
+            if step % stage["checkpoint_every"] == 0 or step == plan.total_steps:
+                if rank == 0 and plan.history_uri:
+                    storage.write_text(
+                        storage.join(plan.history_uri, f"{step:07d}.json"), json.dumps(history)
+                    )
+                with tempfile.TemporaryDirectory() as d:
+                    engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                history = []
+            else:
+                ray.train.report(metrics)
+            wait_start = time.perf_counter()
+    _export(engine, engine.module, tokenizer, plan, rank)
+
+
+# ---- the driver side -------------------------------------------------------------------------
+
+
+def read_history(history_uri: str) -> list[dict]:
+    steps = {}
+    for rel in storage.list_files(history_uri):
+        for m in json.loads(storage.read_text(storage.join(history_uri, rel))):
+            steps[m["step"]] = m
+    return [steps[k] for k in sorted(steps)]
+
+
+def latest_checkpoint(train_uri: str):
+    """The newest complete Ray Train checkpoint under ``<stage>/train`` (for a re-run of an interrupted stage)."""
+    import ray.train
+
+    fs, path = storage.resolve(train_uri)
+    dirs = sorted(rel.split("/")[0] for rel in storage.list_files(train_uri) if rel.startswith("checkpoint_"))
+    for name in reversed(dirs):
+        files = storage.list_files(storage.join(train_uri, name))
+        if any(f.endswith("latest") for f in files):
+            return ray.train.Checkpoint(path=f"{path}/{name}", filesystem=fs)
+    return None
+
+
+def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | None:
+    """Greedy generation on the held-out split, per task and modality (None when the recipe has none)."""
+    from components.evaluation import evaluate
+    from components.manifest import _parent
+    from components.model import load_model
+
+    manifest = recipe.eval.get("manifest")
+    if not manifest:
+        return None
+    records = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
+    model, tokenizer = load_model(hf_uri)
+    spec = recipe.model
+    return evaluate(
+        model, tokenizer, records, _parent(manifest), template=stage.template if stage.template != "plain" else spec.template,
+        arch=spec.arch, anyres=stage.anyres_config(spec.anyres), max_new_tokens=int(recipe.eval.get("max_new_tokens", 8)),
+        video_fps=stage.video_fps, max_frames=stage.max_frames,
+    )  # fmt: skip
+
+
+def train_stage(
+    recipe: Recipe,
+    stage: StageSpec,
+    *,
+    storage_uri: str,
+    run_id: str,
+    data_uri: str,
+    init_from: str | None,
+    tracking: TrackingConfig | None = None,
+    parent_run_id: str | None = None,
+    max_failures: int = 1,
+    mixture_digest: str | None = None,
+) -> dict:
+    """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from components.evaluation import format_report
+    from components.tracking import loss_curve_png, make_tracker
+    from pipelines.preprocess import count_rows
+
+    start = time.monotonic()
+    stage_uri = storage.join(storage_uri, run_id, stage.name)
+    hf_uri = storage.join(stage_uri, "hf")
+    shards_uri = storage.join(data_uri, "data")  # what preprocess wrote
+    plan = plan_stage(recipe, stage, count_rows(shards_uri), init_from=init_from, export_uri=hf_uri)
+    plan.history_uri = storage.join(stage_uri, "history")
+    plan.fault = os.environ.get(FAULT_ENV)
+    tracking = tracking or TrackingConfig()
+    tracker = make_tracker(tracking)
+    plan.tracking = asdict(tracking)
+    plan.mlflow_run_id = tracker.start_run(
+        stage.name,
+        parent_run_id=parent_run_id,
+        tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": run_id},
+    )
+    resolved = {"plan": {k: v for k, v in asdict(plan).items() if k not in ("tracking",)},
+                "deepspeed": deepspeed_config(plan), "mixture_digest": mixture_digest}  # fmt: skip
+    log.info("stage %s resolved config: %s", stage.name, json.dumps(resolved, default=str))
+    tracker.log_params({"stage": asdict(stage), "model": plan.model, "workers": plan.workers,
+                        "grad_accum": plan.grad_accum, "total_steps": plan.total_steps,
+                        "mixture_digest": mixture_digest or ""})  # fmt: skip
+    tracker.log_dict(resolved, "resolved_config.json")
+
+    data_fs, data_path = storage.resolve(shards_uri)
+    dataset = ray.data.read_parquet(data_path, filesystem=data_fs)
+    fs, path = storage.resolve(stage_uri)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(plan),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": recipe.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+        resume_from_checkpoint=latest_checkpoint(storage.join(stage_uri, "train")),
+    )
+    result = trainer.fit()
+    history = read_history(plan.history_uri)
+    checkpoint_uri = result.checkpoint.path if result.checkpoint else None
+    if storage.is_s3(stage_uri) and checkpoint_uri and not checkpoint_uri.startswith("s3://"):
+        checkpoint_uri = "s3://" + checkpoint_uri
+    record = {
+        "stage": stage.name,
+        "steps": history[-1]["step"] if history else 0,
+        "final_loss": history[-1]["loss"] if history else None,
+        "checkpoint_uri": checkpoint_uri,
+        "hf_uri": hf_uri,
+        "mlflow_run_id": plan.mlflow_run_id,
+        "trainable": stage.trainable,
+    }
+    report = evaluate_export(recipe, stage, hf_uri)
+    if report:
+        print(f"stage {stage.name} evaluation:\n{format_report(report)}")
+        record["eval"] = {
+            "overall": report["overall"],
+            "modalities": report["modalities"],
+            "tasks": report["tasks"],
+        }
+        metrics = {f"eval/{k}/accuracy": v["accuracy"] for k, v in report["tasks"].items()}
+        metrics.update(
+            {f"eval/modality/{k}/accuracy": v["accuracy"] for k, v in report["modalities"].items()}
+        )
+        tracker.log_metrics(metrics, step=record["steps"])
+        tracker.log_dict(report, "eval.json")
+    if history:
+        png = loss_curve_png(
+            [m["step"] for m in history], [m["loss"] for m in history], f"{recipe.name} / {stage.name}"
+        )
+        tracker.log_artifact(png, "plots")
+        os.unlink(png)
+    record["seconds"] = round(time.monotonic() - start, 1)
+    tracker.set_tags({"llava_ray.output_uri": hf_uri, "llava_ray.checkpoint_uri": checkpoint_uri or ""})
+    tracker.end_run()
+    storage.write_text(storage.join(stage_uri, "result.json"), json.dumps(record, indent=1))
+    return record
