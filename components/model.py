@@ -434,19 +434,28 @@ def count_parameters(model) -> int:
 
 
 def dummy_vision_loss(model, batch: dict, anyres: AnyResConfig) -> torch.Tensor:
-    """Zero, but through the vision tower and projector, for a batch without media.
+    """Zero, but through the model's own image path, for a batch without media.
 
-    Under ZeRO-3 every rank must run the same modules each step, or the parameter all-gathers
-    deadlock (the official trainer's hang when one rank gets only text). A zero-weight dummy tile
-    keeps the vision path in every step and changes nothing else."""
+    Every rank must touch the same parameters each step: under ZeRO-3 the parameter all-gathers
+    deadlock otherwise (the official trainer's hang when one rank gets only text), and under ZeRO-2
+    the gradient buckets differ in size. A zero-weight dummy image run through ``get_image_features``
+    (the very path a real image takes) keeps the vision tower, projector and image_newline in every
+    step and changes nothing else."""
     if "pixel_values" in batch or "pixel_values_videos" in batch:
         return torch.zeros((), dtype=torch.float32)
     inner = model.model
-    tower = inner.vision_tower
-    param = next(tower.parameters())
-    tile = torch.zeros((1, 3, anyres.tile_size, anyres.tile_size), dtype=param.dtype, device=param.device)
-    features = inner.multi_modal_projector(tower(tile).last_hidden_state)
-    total = features.sum()
-    if getattr(inner, "image_newline", None) is not None:
-        total = total + inner.image_newline.sum()
-    return 0.0 * total
+    param = next(inner.vision_tower.parameters())
+    t = anyres.tile_size
+    config = model.config
+    kwargs = {
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+    }
+    if hasattr(inner, "image_newline"):  # OneVision: one (T, T) image = base tile + one grid tile
+        tiles = torch.zeros((2, 3, t, t), dtype=param.dtype, device=param.device)
+        kwargs["image_sizes"] = torch.tensor([[t, t]], device=param.device)
+    else:
+        tiles = torch.zeros((1, 3, t, t), dtype=param.dtype, device=param.device)
+    features = inner.get_image_features(pixel_values=tiles, **kwargs).pooler_output
+    features = features if isinstance(features, torch.Tensor) else torch.cat(list(features))
+    return 0.0 * features.sum()

@@ -20,8 +20,22 @@ class TrackingConfig:
     """Where runs go. ``uri`` None (or "") turns tracking off."""
 
     uri: str | None = None
-    """An MLflow tracking URI: a local directory, sqlite:///..., or http://host:5000."""
+    """An MLflow tracking URI (sqlite:///..., http://host:5000, ...) or a local directory, which
+    becomes a sqlite store in it (MLflow's plain-file store is retired)."""
     experiment: str = "llava-ray"
+    artifact_location: str | None = None
+    """Where a new experiment's artifacts go; for a local store, beside its database."""
+
+    def resolved(self) -> tuple[str, str | None]:
+        """(tracking URI, artifact location) with a local directory turned into a sqlite store."""
+        uri = self.uri or ""
+        if "://" not in uri and not uri.startswith("sqlite:"):
+            os.makedirs(uri, exist_ok=True)
+            uri = f"sqlite:///{os.path.abspath(uri)}/mlflow.db"
+        artifacts = self.artifact_location
+        if artifacts is None and uri.startswith("sqlite:///"):
+            artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "artifacts")
+        return uri, artifacts
 
     @property
     def enabled(self) -> bool:
@@ -68,12 +82,14 @@ class MlflowTracker(NoopTracker):
         from mlflow.tracking import MlflowClient
 
         self.config = config
-        self.client = MlflowClient(tracking_uri=config.uri)
-        mlflow.set_tracking_uri(config.uri)
+        uri, artifacts = config.resolved()
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow.set_tracking_uri(uri)
         experiment = self.client.get_experiment_by_name(config.experiment)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-        )
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=artifacts)
+        else:
+            self.experiment_id = experiment.experiment_id
         self.run_id = run_id
 
     def start_run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str:

@@ -216,6 +216,8 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d)  # the tag named in its "latest" file
         step = int(client["step"])
+        if rank == 0:
+            print(f"resumed from checkpoint at step {step}")
     tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
                            run_id=plan.mlflow_run_id)  # fmt: skip
     fault = (plan.fault or "").split(":")
@@ -283,19 +285,6 @@ def read_history(history_uri: str) -> list[dict]:
         for m in json.loads(storage.read_text(storage.join(history_uri, rel))):
             steps[m["step"]] = m
     return [steps[k] for k in sorted(steps)]
-
-
-def latest_checkpoint(train_uri: str):
-    """The newest complete Ray Train checkpoint under ``<stage>/train`` (for a re-run of an interrupted stage)."""
-    import ray.train
-
-    fs, path = storage.resolve(train_uri)
-    dirs = sorted(rel.split("/")[0] for rel in storage.list_files(train_uri) if rel.startswith("checkpoint_"))
-    for name in reversed(dirs):
-        files = storage.list_files(storage.join(train_uri, name))
-        if any(f.endswith("latest") for f in files):
-            return ray.train.Checkpoint(path=f"{path}/{name}", filesystem=fs)
-    return None
 
 
 def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | None:
@@ -382,8 +371,7 @@ def train_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        resume_from_checkpoint=latest_checkpoint(storage.join(stage_uri, "train")),
-    )
+    )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
     result = trainer.fit()
     history = read_history(plan.history_uri)
     checkpoint_uri = result.checkpoint.path if result.checkpoint else None
