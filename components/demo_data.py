@@ -58,7 +58,7 @@ class DemoConfig:
     """Image sizes are spread over the AnyRes grids of this tile size (1x1 .. 6x6)."""
     captions: int = 96
     details: int = 48
-    single_image: int = 160
+    single_image: int = 240
     multi_image: int = 32
     videos: int = 24
     text: int = 32
@@ -171,7 +171,7 @@ def _single_image_records(rng: random.Random, w: _Writer, split: str, n: int, cf
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         rid = f"{split}-si-{i:04d}"
         path = w.image(rid, shape_image(rng, cfg.tile_size, color, shape))
-        if i % 2 == 0:
+        if i % 3 != 2:  # two colour questions for each shape question
             turn = (f"<image>\nWhat color is the {shape}?\n{SHORT}", color)
             task = "color"
         else:

@@ -131,3 +131,23 @@ def load_media(record_images: list[str], video: str | None, media_root: str, *, 
         uri = video if storage.is_s3(video) or os.path.isabs(video) else storage.join(media_root, video)
         frames = read_frames(storage.read_bytes(uri), fps=fps, max_frames=max_frames).frames
     return images, frames
+
+
+def probe_batch(tokenizer, template: str, arch: str, anyres: AnyResConfig) -> dict:
+    """A fixed batch (an image question and a text question) that every rank can build identically:
+    used to check that an export gives the same logits as the model that trained it."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (150, 100), (245, 245, 245))
+    ImageDraw.Draw(image).ellipse((30, 10, 110, 90), fill=(220, 30, 30))
+    rows = [
+        prompt_row(
+            Prompt([Turn("user", "<image>\nWhat color is the circle?")], [image]),
+            tokenizer,
+            template,
+            arch,
+            anyres,
+        ),
+        prompt_row(Prompt([Turn("user", "What is two plus three?")]), tokenizer, template, arch, anyres),
+    ]
+    return collate(rows, tokenizer.pad_token_id, arch)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -16,27 +15,6 @@ def _demo_data(args: argparse.Namespace) -> int:
     manifests = make_demo_data(args.out, DemoConfig(tile_size=args.tile_size, seed=args.seed))
     for split, path in manifests.items():
         print(f"{split:22s} {path}")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """Build the tiny model and the demo data, then one forward+backward pass per modality."""
-    from components.demo_data import DemoConfig, make_demo_data
-    from components.model import ModelSpec, build_model, count_parameters
-    from pipelines.smoke import forward_backward_per_modality
-
-    spec = ModelSpec()
-    print(f"resolved model spec: {json.dumps(spec.to_dict(), default=str)}")
-    out = args.out
-    start = time.monotonic()
-    manifests = make_demo_data(os.path.join(out, "data"), DemoConfig(tile_size=spec.anyres.tile_size))
-    print(f"demo data: {len(manifests)} manifests under {out}/data ({time.monotonic() - start:.1f}s)")
-    model, tokenizer = build_model(spec)
-    print(f"tiny model: {count_parameters(model):,} parameters, vocabulary {len(tokenizer)}")
-    results = forward_backward_per_modality(model, tokenizer, spec, os.path.join(out, "data"), manifests)
-    print(f"{'modality':14s} {'tokens':>7s} {'loss':>8s} {'grad norm':>10s}")
-    for r in results:
-        print(f"{r['modality']:14s} {r['tokens']:7d} {r['loss']:8.4f} {r['grad_norm']:10.4f}")
     return 0
 
 
@@ -75,6 +53,122 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0 if summary["accepted"] > 0 else 1
 
 
+def _pipeline_config(args: argparse.Namespace, **over):
+    from pipelines.dag import PipelineConfig
+
+    return PipelineConfig(
+        recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
+        tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, **over,
+    )  # fmt: skip
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.dag import format_summary, run_pipeline
+
+    _init_ray(args)
+    summary = run_pipeline(_pipeline_config(args, from_stage=args.from_stage, until_stage=args.until_stage))
+    print(format_summary(summary))
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    """One stage = the DAG cut to that node; its input is the URI the previous stage recorded."""
+    from pipelines.dag import format_summary, run_pipeline
+
+    _init_ray(args)
+    summary = run_pipeline(_pipeline_config(args, from_stage=args.name, until_stage=args.name))
+    print(format_summary(summary))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from components import storage
+
+    uri = storage.join(args.storage, args.run_id, "state.json")
+    if not storage.exists(uri):
+        print(f"run {args.run_id!r}: expected a state file at {uri}, found none")
+        return 1
+    state = json.loads(storage.read_text(uri))
+    print(f"{'node':26s} {'status':10s} output")
+    for name, node in state["nodes"].items():
+        print(
+            f"{name:26s} {node.get('status', '-'):10s} {node.get('hf_uri') or node.get('output_uri') or ''}"
+        )
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import submit
+
+    common = ["--recipe", args.recipe, "--profile", args.profile, "--storage", args.storage, "--run-id", args.run_id,
+              "--demo-dir", args.demo_dir]  # fmt: skip
+    if args.tracking_uri:
+        common += ["--tracking-uri", args.tracking_uri]
+    target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
+    return submit(args.address, target, python=args.python, follow=not args.no_follow)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from serve.app import build_app, load_serve_config
+
+    config = load_serve_config(args.config, args.checkpoint)
+    _init_ray(args)
+    serve.start(
+        http_options={"host": args.host, "port": args.port, "request_timeout_s": config.request_timeout_s}
+    )
+    serve.run(build_app(config), name="llava", route_prefix="/", blocking=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from components import storage
+    from components.evaluation import evaluate, format_report
+    from components.manifest import _parent
+    from components.model import load_model
+
+    model, tokenizer = load_model(args.checkpoint)
+    extra = getattr(model.config, "llava_ray", None) or {}
+    from components.anyres import AnyResConfig
+
+    anyres = AnyResConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
+    )
+    records = [json.loads(line) for line in storage.read_text(args.manifest).splitlines() if line.strip()]
+    arch = "llava_onevision" if model.config.model_type == "llava_onevision" else "llava"
+    report = evaluate(model, tokenizer, records, _parent(args.manifest), template=extra.get("template", "chatml"),
+                      arch=arch, anyres=anyres, max_new_tokens=args.max_new_tokens, video_fps=args.video_fps,
+                      max_frames=args.max_frames)  # fmt: skip
+    print(format_report(report))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(args.out, num_cpus=args.num_cpus)
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe", default="llava_onevision", help="a recipe name (pipelines/recipes) or YAML path"
+    )
+    p.add_argument(
+        "--profile", default="tiny", help="tiny (the embedded default) or full (the papers' numbers)"
+    )
+    p.add_argument(
+        "--storage", default="runs", help="checkpoints and outputs: a directory or s3://bucket/prefix"
+    )
+    p.add_argument("--run-id", default="default", help="a re-run of the same id skips completed nodes")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow: a directory (sqlite store), sqlite:/// or http://"
+    )
+    p.add_argument("--demo-dir", default="demo_out/data", help="where the tiny profile's demo data lives")
+    p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,8 +202,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default (tiny model, demo data)")
+    p = sub.add_parser("run", help="the end-to-end pipeline: preprocess -> train -> eval per stage")
+    _pipeline_args(p)
+    p.add_argument("--from", dest="from_stage", help="start at this stage (earlier ones must be completed)")
+    p.add_argument("--until", dest="until_stage", help="stop after this stage")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("stage", help="one stage of a recipe (preprocess + train + eval)")
+    p.add_argument("name", help="the stage, e.g. stage1")
+    _pipeline_args(p)
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("submit", help="submit a stage or the pipeline as a Ray job and follow it")
+    p.add_argument("target", help="a stage name, or 'pipeline'")
+    _pipeline_args(p)
+    p.add_argument("--python", default="python", help="the interpreter on the cluster")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("status", help="each node of a run: status and output URI")
+    p.add_argument("run_id", help="the run id")
+    p.add_argument("--storage", default="runs", help="where the run lives")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("serve", help="Ray Serve: an OpenAI-compatible endpoint for an HF checkpoint")
+    p.add_argument("--checkpoint", help="an HF export (path or s3://); overrides the config's")
+    p.add_argument("--config", help="a ServeConfig YAML (serve/serve.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--address", help="a Ray cluster address")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on a held-out manifest")
+    p.add_argument("--checkpoint", required=True, help="an HF export (path or s3://)")
+    p.add_argument("--manifest", required=True, help="a JSONL with task and answer fields")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens per answer")
+    p.add_argument("--video-fps", type=float, default=4.0, help="video sampling rate")
+    p.add_argument("--max-frames", type=int, default=8, help="most video frames")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: curriculum, eval, serve, query")
     p.add_argument("--out", default="demo_out", help="working directory")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.set_defaults(func=_demo)
     return parser
 

@@ -158,9 +158,19 @@ def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
     """Gather full weights (ZeRO-3 shards them), merge LoRA, and save an HF checkpoint from rank 0."""
     import deepspeed
     import torch
+    from safetensors.torch import save as save_tensors
 
+    from components.generation import probe_batch
     from components.model import save_model
 
+    spec = ModelSpec(**plan.model)
+    probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
+    model.eval()
+    with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
+        logits = model(**probe).logits.float()
+    if rank == 0 and plan.history_uri:
+        probe_uri = storage.join(plan.history_uri.rsplit("/", 1)[0], "probe_logits.safetensors")
+        storage.write_bytes(probe_uri, save_tensors({"logits": logits.contiguous()}))
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=plan.stage["zero_stage"] == 3):
         if rank == 0:
@@ -211,6 +221,7 @@ def train_loop(config: dict) -> None:
     )
 
     step = 0
+    vision_group = next((g for g in optimizer.param_groups if g.get("name") == "vision_tower"), None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -218,6 +229,7 @@ def train_loop(config: dict) -> None:
         step = int(client["step"])
         if rank == 0:
             print(f"resumed from checkpoint at step {step}")
+    attempt_start = step
     tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
                            run_id=plan.mlflow_run_id)  # fmt: skip
     fault = (plan.fault or "").split(":")
@@ -236,8 +248,9 @@ def train_loop(config: dict) -> None:
             waited = time.perf_counter() - wait_start
             step_start = time.perf_counter()
             rows = table.to_pylist()
-            losses, tokens = [], 0
+            losses, tokens, micro_modalities = [], 0, []
             for micro in _micro_batches(rows, plan, stage["group_by_modality"]):
+                micro_modalities.append({r["modality"] for r in micro})
                 batch = collate(micro, tokenizer.pad_token_id, spec.arch, spec.anyres)
                 tokens += int(batch["attention_mask"].sum())
                 out = engine(**batch)
@@ -255,9 +268,14 @@ def train_loop(config: dict) -> None:
                 "tokens_per_s": tokens * world / elapsed,
                 "samples_per_s": len(rows) * world / elapsed,
                 "data_wait_share": waited / (waited + elapsed),
+                "lr_vision": vision_group["lr"] if vision_group else None,
+                "attempt_start_step": attempt_start,
+                "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
             }
             history.append(metrics)
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            tracker.log_metrics(
+                {k: v for k, v in metrics.items() if k not in ("step", "attempt_start_step")}, step=step
+            )
             if fault[0] and step == int(fault[0]) and rank == int(fault[1]) and not os.path.exists(fault[2]):
                 open(fault[2], "w").close()
                 os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint

@@ -16,7 +16,7 @@ from components.processing import process_images, process_video
 from components.video import read_frames
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.stages import StageConfig, read_rejects
-from tests.pipelines.conftest import upload_tree
+from tests.conftest import upload_tree
 
 
 def _mixture(root, extra=""):

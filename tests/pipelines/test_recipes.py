@@ -43,7 +43,9 @@ def test_onevision_full_profile_matches_table_1():
     )
     for s in (s15, s2, ov):
         assert set(s.trainable) == {"vision_tower", "multi_modal_projector", "language_model"}
-        assert s.lr == 1e-5 and s.vision_lr == 2e-6 and s.lr / s.vision_lr == pytest.approx(5) and s.epochs == 1
+        assert (
+            s.lr == 1e-5 and s.vision_lr == 2e-6 and s.lr / s.vision_lr == pytest.approx(5) and s.epochs == 1
+        )
         assert s.warmup_ratio == 0.03 and s.weight_decay == 0.0
     assert s2.anyres_config(r.model.anyres).max_tiles == 9 and ov.max_frames == 32
     assert r.model.anyres.tile_size == 384 and r.model.vision_feature_layer == -1

@@ -1,0 +1,330 @@
+"""Ray Serve: an OpenAI-compatible ingress in front of an autoscaling, batching LLaVA model deployment.
+
+    llava-ray serve --checkpoint runs/demo/stage2_ov/hf --config serve/serve.yaml
+    serve run serve/serve_config.yaml        # or: serve deploy serve/serve_config.yaml
+
+The model deployment loads an HF checkpoint (a path or s3:// URI, safetensors only) in ``__init__``
+and prompts with the very components training used (tiling, templates), so the two cannot drift.
+Generate calls are batched (``serve.batch``); streaming requests take a token streamer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from components.conversation import SampleTooLongError
+from serve.protocol import ChatRequest, Limits, RequestError, parse_chat_request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """Everything about serving one model; ``from_dict`` takes the YAML form."""
+
+    checkpoint: str
+    """An HF export of ours (path or s3:// URI)."""
+    model_name: str = "llava-ray"
+    batching: bool = True
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    max_ongoing_requests: int = 32
+    request_timeout_s: float = 120.0
+    replica_cpus: float = 0.5
+    api_key_env: str = "LLAVA_RAY_API_KEY"
+    """When this environment variable is set, requests need ``Authorization: Bearer <its value>``."""
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limits, dict):
+            self.limits = Limits(**self.limits)
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServeConfig:
+        return cls(**data)
+
+
+def _error(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment
+class LlavaModel:
+    """One replica: the model, its tokenizer, and a batched generate."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from components.anyres import AnyResConfig
+        from components.model import load_model
+
+        self.config = ServeConfig.from_dict(config)
+        torch.set_num_threads(max(1, int(self.config.replica_cpus)))
+        self.model, self.tokenizer = load_model(self.config.checkpoint)
+        self.model.eval()
+        extra = getattr(self.model.config, "llava_ray", None) or {}
+        self.template = extra.get("template", "chatml")
+        self.anyres = AnyResConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
+        )
+        self.arch = "llava_onevision" if self.model.config.model_type == "llava_onevision" else "llava"
+        self.generate_batched.set_max_batch_size(self.config.max_batch_size)
+        self.generate_batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.lock = threading.Lock()
+
+    def _row(self, request: ChatRequest) -> dict:
+        from components.generation import prompt_row
+
+        try:
+            return prompt_row(request.prompt, self.tokenizer, self.template, self.arch, self.anyres,
+                              max_length=self.config.limits.max_prompt_tokens)  # fmt: skip
+        except SampleTooLongError as e:
+            raise RequestError(
+                f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
+                "messages",
+                400,
+                "context_length_exceeded",
+            ) from e
+
+    def _run(self, requests: list[ChatRequest]) -> list[dict]:
+        """Sub-batches of compatible requests (sampling, seed, video frame count), greedy ones together."""
+        from components.generation import generate
+
+        out: list[dict | None] = [None] * len(requests)
+        rows = {}
+        for i, r in enumerate(requests):
+            try:
+                rows[i] = self._row(r)
+            except RequestError as e:
+                out[i] = {"error": e.body(), "status": e.status}
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            if i in rows:
+                frames = len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
+                key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
+                groups.setdefault(key, []).append(i)
+        for (temperature, top_p, seed, _, stop), members in groups.items():
+            with self.lock:
+                results = generate(
+                    self.model, self.tokenizer, [rows[i] for i in members], self.template, self.arch,
+                    max_new_tokens=max(requests[i].max_tokens for i in members), temperature=temperature,
+                    top_p=top_p, stop=list(stop), seed=seed,
+                )  # fmt: skip
+            for i, res in zip(members, results, strict=True):
+                out[i] = self._trim(res, requests[i].max_tokens)
+        return out
+
+    def _trim(self, result: dict, max_tokens: int) -> dict:
+        """A request batched with longer ones keeps only its own max_tokens (greedy: the same tokens)."""
+        if result["completion_tokens"] > max_tokens:
+            ids = self.tokenizer.encode(result["text"], add_special_tokens=False)[:max_tokens]
+            result = {**result, "text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                      "completion_tokens": max_tokens, "finish_reason": "length"}  # fmt: skip
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batched(self, requests: list[ChatRequest]) -> list[dict]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
+
+    async def generate(self, request: ChatRequest) -> dict:
+        if self.config.batching:
+            return await self.generate_batched(request)
+        return (await asyncio.get_running_loop().run_in_executor(None, self._run, [request]))[0]
+
+    async def stream(self, request: ChatRequest):
+        """Text deltas as the model produces them (HF's TextIteratorStreamer in a worker thread)."""
+        from transformers import TextIteratorStreamer
+
+        from components.batching import collate
+        from components.generation import stop_ids
+
+        try:
+            row = self._row(request)
+        except RequestError as e:
+            yield json.dumps({"error": e.body(), "status": e.status})
+            return
+        batch = collate([row], self.tokenizer.pad_token_id, self.arch, left_pad=True)
+        batch.pop("labels")
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**batch, max_new_tokens=request.max_tokens, streamer=streamer,
+                      eos_token_id=stop_ids(self.tokenizer, self.template), pad_token_id=self.tokenizer.pad_token_id,
+                      do_sample=request.temperature > 0)  # fmt: skip
+        if request.temperature > 0:
+            kwargs.update(temperature=request.temperature, top_p=request.top_p)
+
+        def work():
+            with self.lock:
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        loop = asyncio.get_running_loop()
+        stops = [s for s in request.stop if s]
+        produced = ""
+        while True:
+            piece = await loop.run_in_executor(None, lambda: next(streamer, None))
+            if piece is None:
+                break
+            produced += piece
+            cut = min((produced.index(s) for s in stops if s in produced), default=None)
+            if cut is not None:
+                yield json.dumps(
+                    {"delta": piece[: max(0, len(piece) - (len(produced) - cut))], "finish": "stop"}
+                )
+                break
+            if piece:
+                yield json.dumps({"delta": piece})
+        thread.join()
+
+
+app = FastAPI(title="llava-ray", description="OpenAI-compatible LLaVA endpoint")
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP in front: auth, parsing and limits (4xx, never 5xx, for bad input), the OpenAI schema out."""
+
+    def __init__(self, model, config: dict):
+        self.model = model
+        self.config = ServeConfig.from_dict(config)
+        self.api_key = os.environ.get(self.config.api_key_env) or None
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise RequestError("Authorization: expected 'Bearer <api key>', found a missing or wrong key",
+                               "authorization", 401, "invalid_api_key")  # fmt: skip
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.config.model_name}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return _error(e)
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llava-ray"}]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            self._check_auth(request)
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"body: expected JSON, found unparsable text ({e})", "body") from e
+            loop = asyncio.get_running_loop()
+            parsed = await loop.run_in_executor(
+                None, parse_chat_request, body, [self.config.model_name], self.config.limits
+            )
+        except RequestError as e:
+            return _error(e)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if parsed.stream:
+            return StreamingResponse(self._sse(parsed, completion_id), media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(
+                self.model.generate.remote(parsed), timeout=self.config.request_timeout_s
+            )
+        except TimeoutError:
+            return JSONResponse({"error": {"message": f"request: expected an answer within "
+                                           f"{self.config.request_timeout_s}s, found none", "type": "timeout"}},
+                                status_code=504)  # fmt: skip
+        if "error" in result:
+            return JSONResponse(result["error"], status_code=result["status"])
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": parsed.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "finish_reason": result["finish_reason"]}],
+            "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                      "total_tokens": result["prompt_tokens"] + result["completion_tokens"]},
+        }  # fmt: skip
+
+    async def _sse(self, parsed: ChatRequest, completion_id: str):
+        created = int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": parsed.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        finish = "length"
+        async for piece in self.model.options(stream=True).stream.remote(parsed):
+            item = json.loads(piece)
+            if "error" in item:
+                yield f"data: {json.dumps(item['error'])}\n\n"
+                return
+            if item.get("delta"):
+                yield chunk({"content": item["delta"]})
+            if item.get("finish"):
+                finish = item["finish"]
+        yield chunk({}, finish)
+        yield "data: [DONE]\n\n"
+
+
+def build_app(config: ServeConfig):
+    """The Serve application: Ingress -> LlavaModel (autoscaling, batching, limits from the config)."""
+    model = LlavaModel.options(
+        autoscaling_config={
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "initial_replicas": config.min_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 2.0,
+        },
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.replica_cpus},
+    ).bind(asdict(config))
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, asdict(config))
+
+
+def app_builder(args: dict):
+    """For ``serve run`` / ``serve deploy``: the ``args`` of the Serve config file are a ServeConfig."""
+    return build_app(ServeConfig.from_dict(dict(args)))
+
+
+def load_serve_config(path: str | None, checkpoint: str | None) -> ServeConfig:
+    import yaml
+
+    data = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    if checkpoint:
+        data["checkpoint"] = checkpoint
+    if not data.get("checkpoint"):
+        raise ValueError("serve: expected --checkpoint or checkpoint: in the config, found neither")
+    return ServeConfig.from_dict(data)

@@ -1,0 +1,142 @@
+"""A stage on Ray Train + DeepSpeed (2 CPU workers): semantics, export, ZeRO-3 with text-only ranks,
+fault injection and resume, checkpoints on S3 (moto) and locally, and MLflow on a real server."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+
+from components import storage
+from components.generation import probe_batch
+from components.model import ModelSpec, build_model
+from components.tracking import TrackingConfig
+from pipelines.preprocess import PreprocessConfig, preprocess
+from pipelines.recipes import load_recipe, stage_config
+from pipelines.train_stage import FAULT_ENV, cosine_with_warmup, plan_stage, read_history, train_stage
+
+pytestmark = pytest.mark.slow
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before, after, prefix):
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+def _prepare(recipe, stage, out):
+    preprocess(
+        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
+        out,
+    )
+    return out
+
+
+def test_cosine_schedule_and_plan(demo_dir):
+    assert cosine_with_warmup(0, 100, 0.03) == pytest.approx(1 / 3)
+    assert cosine_with_warmup(3, 100, 0.03) == pytest.approx(1.0)
+    assert cosine_with_warmup(99, 100, 0.03) < 0.01
+    root, _ = demo_dir
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    stage = dataclasses.replace(
+        recipe.stage("stage1"), global_batch=16, micro_batch=2, max_steps=None, epochs=2
+    )
+    plan = plan_stage(recipe, stage, 40, init_from=None, export_uri="x")
+    assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (4, 2, 4)
+    with pytest.raises(ValueError, match="rows for one step"):
+        plan_stage(recipe, stage, 10, init_from=None, export_uri="x")
+
+
+def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_path):
+    root, _ = demo_dir
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    stage = dataclasses.replace(
+        recipe.stage("stage1"), max_steps=4, checkpoint_every=2, micro_batch=2, global_batch=4
+    )
+    data = _prepare(recipe, stage, str(tmp_path / "run" / "stage1"))
+    record = train_stage(
+        recipe, stage, storage_uri=str(tmp_path), run_id="run", data_uri=data, init_from=None
+    )
+    assert record["steps"] == 4 and record["final_loss"] > 0
+    assert storage.is_complete(record["hf_uri"])
+    before = _weights(build_model(recipe.model)[0])
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    export = LlavaOnevisionForConditionalGeneration.from_pretrained(record["hf_uri"]).eval()
+    after = _weights(export)
+    for frozen in ("model.vision_tower.", "model.language_model.", "lm_head."):
+        assert not _changed(before, after, frozen), f"{frozen} changed in Stage-1"
+    assert _changed(before, after, "model.multi_modal_projector.")
+    # the export gives the logits the training model gave on a fixed batch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(record["hf_uri"])
+    spec = ModelSpec(
+        **{**dataclasses.asdict(recipe.model), "anyres": stage.anyres_config(recipe.model.anyres)}
+    )
+    with torch.no_grad():
+        logits = export(**probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)).logits
+    trained = load_tensors(storage.read_bytes(str(tmp_path / "run" / "stage1" / "probe_logits.safetensors")))[
+        "logits"
+    ]
+    assert torch.allclose(logits, trained, atol=1e-5)
+    history = read_history(str(tmp_path / "run" / "stage1" / "history"))
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait_share"] < 1 for m in history)
+
+
+def test_zero3_s3_text_only_ranks_fault_and_resume_with_mlflow(
+    demo_dir, ray_local, s3_bucket, mlflow_server, tmp_path, monkeypatch
+):
+    root, manifests = demo_dir
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    stage = dataclasses.replace(
+        recipe.stage("stage2_ov"),
+        data={"datasets": [{"json_path": manifests["text"]}, {"json_path": manifests["single_image"], "sampling_strategy": "first:4"},
+                           {"json_path": manifests["text"], "name": "text_again"}]},
+        zero_stage=3, micro_batch=1, global_batch=2, max_steps=6, checkpoint_every=2, lr=1e-3, vision_lr=2e-4,
+    )  # fmt: skip
+    run = f"{s3_bucket}/runs"
+    data = _prepare(recipe, stage, f"{run}/z3/stage2_ov")
+    init = str(tmp_path / "init")
+    from components.model import save_model
+
+    model, tokenizer = build_model(recipe.model)
+    before = _weights(model)
+    save_model(model, tokenizer, init)
+    monkeypatch.setenv(FAULT_ENV, f"3:1:{tmp_path / 'fault-marker'}")
+    tracking = TrackingConfig(uri=mlflow_server, experiment="test-train")
+    record = train_stage(recipe, stage, storage_uri=run, run_id="z3", data_uri=data, init_from=init,
+                         tracking=tracking, max_failures=1)  # fmt: skip
+    assert (tmp_path / "fault-marker").exists(), "the fault was injected"
+    history = read_history(f"{run}/z3/stage2_ov/history")
+    assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6] and record["steps"] == 6
+    assert [m["attempt_start_step"] for m in history[2:]] == [2, 2, 2, 2], (
+        "resumed from the step-2 checkpoint, not 0"
+    )
+    assert any(m["text_only_batches"] for m in history), "rank 0 ran a text-only batch under ZeRO-3"
+    assert all(m["lr_vision"] == pytest.approx(m["lr"] / 5) for m in history)
+    assert record["checkpoint_uri"].startswith("s3://") and storage.exists(record["checkpoint_uri"])
+    assert storage.is_complete(record["hf_uri"]) and record["hf_uri"].startswith("s3://")
+    after = _weights(build_model(ModelSpec(checkpoint=record["hf_uri"]))[0])
+    for part in ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head."):
+        assert _changed(before, after, part), f"{part} did not change"
+    # MLflow, on a real server: params, per-step metrics, artifacts, the output tag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    mlrun = client.get_run(record["mlflow_run_id"])
+    assert mlrun.data.tags["llava_ray.output_uri"] == record["hf_uri"]
+    assert mlrun.data.params["total_steps"] == "6" and "mixture_digest" in mlrun.data.params
+    losses = client.get_metric_history(mlrun.info.run_id, "loss")
+    assert sorted({m.step for m in losses}) == [1, 2, 3, 4, 5, 6]
+    for name in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_share"):
+        assert client.get_metric_history(mlrun.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"resolved_config.json", "eval.json", "plots"} <= artifacts
+    assert json.loads(storage.read_text(f"{run}/z3/stage2_ov/result.json"))["steps"] == 6

@@ -1,0 +1,217 @@
+"""Ray Serve over real HTTP with the official openai client: every modality, streaming, 15+ kinds of
+malformed request (4xx, server stays up), auth on and off, and autoscaling up and back down."""
+
+import base64
+import concurrent.futures
+import io
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from components.model import ModelSpec, build_model, save_model
+from tests.conftest import TEST_API_KEY, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def png_url(color=(220, 30, 30), size=(120, 80)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "hf"
+    model, tokenizer = build_model(ModelSpec())
+    save_model(model, tokenizer, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, checkpoint):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    open_config = ServeConfig(checkpoint=checkpoint, upscale_delay_s=1.0, downscale_delay_s=4.0,
+                              target_ongoing_requests=1.0, max_batch_size=4, replica_cpus=0.25,
+                              api_key_env="LLAVA_RAY_NO_SUCH_KEY",
+                              limits={"max_images": 3, "max_image_pixels": 1000 * 1000, "max_tokens": 64,
+                                      "max_prompt_tokens": 3000, "max_image_bytes": 200_000})  # fmt: skip
+    serve.run(build_app(open_config), name="open", route_prefix="/")
+    secured = ServeConfig(checkpoint=checkpoint, api_key_env="LLAVA_RAY_TEST_API_KEY", replica_cpus=0.25,
+                          min_replicas=1, max_replicas=1)  # fmt: skip
+    serve.run(build_app(secured), name="secured", route_prefix="/secured")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    return openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, content, **kw):
+    return client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": content}],
+                                          max_tokens=kw.pop("max_tokens", 6), **kw)  # fmt: skip
+
+
+def test_models_and_health(client, endpoint):
+    assert [m.id for m in client.models.list()] == ["llava-ray"]
+    assert httpx.get(f"{endpoint}/health").json()["status"] == "ok"
+
+
+def test_image_question(client):
+    out = ask(client, [{"type": "text", "text": "What color is the circle?"},
+                       {"type": "image_url", "image_url": {"url": png_url()}}])  # fmt: skip
+    assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
+    assert out.usage.prompt_tokens > 16 and 0 <= out.usage.completion_tokens <= 6
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_multi_image_and_text_only(client):
+    out = ask(client, [{"type": "image_url", "image_url": {"url": png_url()}},
+                       {"type": "image_url", "image_url": {"url": png_url((30, 60, 220))}},
+                       {"type": "text", "text": "Which image is blue?"}])  # fmt: skip
+    assert out.usage.prompt_tokens > 2 * 17
+    text = ask(client, "What is two plus three?")
+    assert text.usage.prompt_tokens < out.usage.prompt_tokens
+
+
+def test_video_question(client, h264):
+    url = "data:video/mp4;base64," + base64.b64encode(h264.read_bytes()).decode()
+    out = ask(
+        client,
+        [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Where does it move?"}],
+    )
+    assert out.usage.prompt_tokens > 3 * 4  # 3 frames x 4 pooled tokens, plus the text
+
+
+def test_greedy_is_deterministic_and_batching_keeps_answers(client):
+    content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": png_url()}}]
+    first = ask(client, content, max_tokens=8).choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(
+            pool.map(lambda _: ask(client, content, max_tokens=8).choices[0].message.content, range(4))
+        )
+    assert answers == [first] * 4
+
+
+def test_streaming(client):
+    stream = ask(client, [{"type": "text", "text": "Say something."}, {"type": "image_url", "image_url": {"url": png_url()}}],
+                 max_tokens=8, stream=True)  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    whole = ask(client, [{"type": "text", "text": "Say something."}, {"type": "image_url", "image_url": {"url": png_url()}}],
+                max_tokens=8).choices[0].message.content  # fmt: skip
+    assert streamed.strip() == whole
+
+
+def _body(content=None, **extra):
+    body = {"model": "llava-ray", "messages": [{"role": "user", "content": content or "hi"}], "max_tokens": 4}
+    body.update(extra)
+    return body
+
+
+BAD = [
+    ("bad-json", b"{not json", 400, "expected JSON"),
+    ("not-an-object", b"[1, 2]", 400, "JSON object"),
+    ("unknown-model", _body(model="gpt-9"), 404, "model"),
+    ("no-messages", {"model": "llava-ray", "messages": []}, 400, "messages"),
+    ("bad-role", {"model": "llava-ray", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("ends-on-assistant", {"model": "llava-ray", "messages": [{"role": "user", "content": "a"},
+                                                             {"role": "assistant", "content": "b"}]}, 400, "last message"),
+    ("max-tokens-zero", _body(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-huge", _body(max_tokens=100000), 400, "max_tokens"),
+    ("max-tokens-string", _body(max_tokens="ten"), 400, "max_tokens"),
+    ("temperature", _body(temperature=5), 400, "temperature"),
+    ("top-p", _body(top_p=0), 400, "top_p"),
+    ("n-two", _body(n=2), 400, "n:"),
+    ("bad-stop", _body(stop=[1, 2]), 400, "stop"),
+    ("bad-base64", _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}]), 400, "base64"),
+    ("not-an-image", _body([{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(b"hello world, not a picture").decode()}}]), 400, "expected an image"),
+    ("huge-image", _body([{"type": "image_url", "image_url": {"url": png_url(size=(1200, 1000))}}]), 413, "pixels"),
+    ("too-many-images", _body([{"type": "image_url", "image_url": {"url": png_url()}}] * 4), 413, "at most 3 images"),
+    ("http-url", _body([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]), 400, "allow-listed"),
+    ("file-url", _body([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]), 400, "allow-listed"),
+    ("bad-part-type", _body([{"type": "audio_url", "audio_url": {"url": "x"}}]), 400, "type"),
+    ("marker-in-text", _body("look: <image>"), 400, "<image>"),
+    ("bad-video", _body([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
+                                                                    + base64.b64encode(b"\x00" * 64).decode()}}]), 400, "video"),
+    ("prompt-too-long", _body("word " * 4000), 400, "prompt tokens"),
+    ("bytes-too-large", _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]),
+     413, "bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, body, status, words", BAD, ids=[b[0] for b in BAD])
+def test_malformed_requests_get_4xx_and_the_server_stays_up(endpoint, client, name, body, status, words):
+    if isinstance(body, bytes):
+        r = httpx.post(
+            f"{endpoint}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    else:
+        r = httpx.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"], r.text
+    assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_auth_on(endpoint):
+    secured = openai.OpenAI(base_url=f"{endpoint}/secured/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        secured.chat.completions.create(
+            model="llava-ray", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    good = openai.OpenAI(base_url=f"{endpoint}/secured/v1", api_key=TEST_API_KEY, max_retries=0)
+    out = good.chat.completions.create(
+        model="llava-ray", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert out.choices[0].message.role == "assistant"
+
+
+def _replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["LlavaModel"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_up_under_load_and_back_down(client):
+    assert _replicas("open") == 1
+    start = time.monotonic()
+    up_at = None
+    stop = time.monotonic() + 60
+
+    def load():
+        while up_at is None and time.monotonic() < stop:
+            ask(client, [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": png_url()}}],
+                max_tokens=16)  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(load) for _ in range(6)]
+        while time.monotonic() < stop and up_at is None:
+            if _replicas("open") >= 2:
+                up_at = time.monotonic() - start
+            time.sleep(0.5)
+        for f in futures:
+            f.result()
+    assert up_at is not None, "Serve added no replica under load within 60 s"
+    idle = time.monotonic()
+    down_at = None
+    while time.monotonic() - idle < 90:
+        if _replicas("open") == 1:
+            down_at = time.monotonic() - idle
+            break
+        time.sleep(1.0)
+    print(f"autoscaling: 2 replicas after {up_at:.1f}s of load; back to 1 after {down_at}s idle")
+    assert down_at is not None, "Serve did not scale back down within 90 s"
