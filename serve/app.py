@@ -8,7 +8,6 @@ and prompts with the very components training used (tiling, templates), so the t
 Generate calls are batched (``serve.batch``); streaming requests take a token streamer.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -60,7 +59,7 @@ class ServeConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> ServeConfig:
+    def from_dict(cls, data: dict) -> "ServeConfig":
         return cls(**data)
 
 

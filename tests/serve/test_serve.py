@@ -6,9 +6,9 @@ import concurrent.futures
 import io
 import time
 
-import httpx
 import openai
 import pytest
+import requests
 from PIL import Image
 
 from components.model import ModelSpec, build_model, save_model
@@ -64,7 +64,7 @@ def ask(client, content, **kw):
 
 def test_models_and_health(client, endpoint):
     assert [m.id for m in client.models.list()] == ["llava-ray"]
-    assert httpx.get(f"{endpoint}/health").json()["status"] == "ok"
+    assert requests.get(f"{endpoint}/health").json()["status"] == "ok"
 
 
 def test_image_question(client):
@@ -156,11 +156,11 @@ BAD = [
 @pytest.mark.parametrize("name, body, status, words", BAD, ids=[b[0] for b in BAD])
 def test_malformed_requests_get_4xx_and_the_server_stays_up(endpoint, client, name, body, status, words):
     if isinstance(body, bytes):
-        r = httpx.post(
-            f"{endpoint}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        r = requests.post(
+            f"{endpoint}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
         )
     else:
-        r = httpx.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60)
+        r = requests.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"], r.text
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
