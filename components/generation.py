@@ -151,3 +151,40 @@ def probe_batch(tokenizer, template: str, arch: str, anyres: AnyResConfig) -> di
         prompt_row(Prompt([Turn("user", "What is two plus three?")]), tokenizer, template, arch, anyres),
     ]
     return collate(rows, tokenizer.pad_token_id, arch)
+
+
+class MediaFiller:
+    """Rows that make every micro-batch run the same modules, in the same order, on every rank.
+
+    Under ZeRO-3 each rank gathers parameters module by module as its forward reaches them, so all
+    ranks must call the same modules in the same order each step (the official trainer hangs when one
+    rank gets only text); under ZeRO-2 they must produce gradients for the same parameters. A micro-batch
+    without images gets a blank image row, and (in stages with video) one without video gets a blank
+    video row. Filler rows are labelled -100 throughout and attend only to themselves, so the loss and
+    the gradients are those of the real rows.
+    """
+
+    def __init__(self, tokenizer, template: str, arch: str, anyres: AnyResConfig, with_video: bool):
+        self.args = (tokenizer, template, arch, anyres)
+        self.with_video = with_video and arch == "llava_onevision"
+        blank = Image.new("RGB", (anyres.tile_size, anyres.tile_size), (0, 0, 0))
+        self.image = prompt_row(Prompt([Turn("user", "<image>")], [blank], id="filler-image"), *self.args)
+        self.videos: dict[int, dict] = {}
+
+    def video(self, frames: int) -> dict:
+        if frames not in self.videos:
+            t = self.args[3].tile_size
+            clip = np.zeros((frames, t, t, 3), dtype=np.uint8)
+            self.videos[frames] = prompt_row(
+                Prompt([Turn("user", "<video>")], video_frames=clip, id="filler-video"), *self.args
+            )
+        return self.videos[frames]
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        kinds = {r["modality"] for r in rows}
+        out = list(rows)
+        if not kinds & {"image", "multi_image"}:
+            out.append(self.image)
+        if self.with_video and "video" not in kinds:
+            out.append(self.video(1))
+        return out

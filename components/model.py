@@ -431,31 +431,3 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def dummy_vision_loss(model, batch: dict, anyres: AnyResConfig) -> torch.Tensor:
-    """Zero, but through the model's own image path, for a batch without media.
-
-    Every rank must touch the same parameters each step: under ZeRO-3 the parameter all-gathers
-    deadlock otherwise (the official trainer's hang when one rank gets only text), and under ZeRO-2
-    the gradient buckets differ in size. A zero-weight dummy image run through ``get_image_features``
-    (the very path a real image takes) keeps the vision tower, projector and image_newline in every
-    step and changes nothing else."""
-    if "pixel_values" in batch or "pixel_values_videos" in batch:
-        return torch.zeros((), dtype=torch.float32)
-    inner = model.model
-    param = next(inner.vision_tower.parameters())
-    t = anyres.tile_size
-    config = model.config
-    kwargs = {
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-    }
-    if hasattr(inner, "image_newline"):  # OneVision: one (T, T) image = base tile + one grid tile
-        tiles = torch.zeros((2, 3, t, t), dtype=param.dtype, device=param.device)
-        kwargs["image_sizes"] = torch.tensor([[t, t]], device=param.device)
-    else:
-        tiles = torch.zeros((1, 3, t, t), dtype=param.dtype, device=param.device)
-    features = inner.get_image_features(pixel_values=tiles, **kwargs).pooler_output
-    features = features if isinstance(features, torch.Tensor) else torch.cat(list(features))
-    return 0.0 * features.sum()

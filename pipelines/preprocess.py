@@ -128,6 +128,13 @@ def count_rows(uri: str) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
 
 
+def modality_counts(uri: str) -> dict[str, int]:
+    """Rows per modality in written shards (reads one column)."""
+    fs, path = storage.resolve(uri)
+    column = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["modality"]).column(0)
+    return dict(Counter(column.to_pylist()))
+
+
 def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
     """Write Parquet shards to ``<out>/data``, rejects to ``<out>/rejects``, plus mixture.json and summary.json."""
     start = time.monotonic()

@@ -50,6 +50,8 @@ class StagePlan:
     mlflow_run_id: str | None = None
     fault: str | None = None
     torch_threads: int = 1
+    has_video: bool = False
+    """Whether the stage's data holds video: then every micro-batch runs the video path too."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
@@ -194,7 +196,8 @@ def train_loop(config: dict) -> None:
     import torch
 
     from components.batching import collate
-    from components.model import dummy_vision_loss, param_groups, set_trainable
+    from components.generation import MediaFiller
+    from components.model import param_groups, set_trainable
     from components.tracking import make_tracker
 
     plan = StagePlan(**config)
@@ -221,7 +224,9 @@ def train_loop(config: dict) -> None:
     )
 
     step = 0
-    vision_group = next((g for g in optimizer.param_groups if g.get("name") == "vision_tower"), None)
+    groups_by_name = {g.get("name"): g for g in optimizer.param_groups}
+    vision_group = groups_by_name.get("vision_tower")
+    main_group = groups_by_name.get("language_model") or groups_by_name.get("multi_modal_projector")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -233,6 +238,7 @@ def train_loop(config: dict) -> None:
     tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
                            run_id=plan.mlflow_run_id)  # fmt: skip
     fault = (plan.fault or "").split(":")
+    filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     shard = ray.train.get_dataset_shard("train")
     rows_per_step = plan.micro_batch * plan.grad_accum
     history = []
@@ -251,11 +257,10 @@ def train_loop(config: dict) -> None:
             losses, tokens, micro_modalities = [], 0, []
             for micro in _micro_batches(rows, plan, stage["group_by_modality"]):
                 micro_modalities.append({r["modality"] for r in micro})
-                batch = collate(micro, tokenizer.pad_token_id, spec.arch, spec.anyres)
-                tokens += int(batch["attention_mask"].sum())
+                tokens += sum(len(r["input_ids"]) for r in micro)
+                batch = collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres)
                 out = engine(**batch)
-                loss = out.loss + dummy_vision_loss(engine.module, batch, spec.anyres)
-                engine.backward(loss)
+                engine.backward(out.loss)
                 engine.step()
                 losses.append(float(out.loss.detach()))
             step += 1
@@ -263,7 +268,7 @@ def train_loop(config: dict) -> None:
             metrics = {
                 "step": step,
                 "loss": sum(losses) / len(losses),
-                "lr": schedule.get_last_lr()[0],
+                "lr": main_group["lr"],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "tokens_per_s": tokens * world / elapsed,
                 "samples_per_s": len(rows) * world / elapsed,
@@ -278,6 +283,7 @@ def train_loop(config: dict) -> None:
             )
             if fault[0] and step == int(fault[0]) and rank == int(fault[1]) and not os.path.exists(fault[2]):
                 open(fault[2], "w").close()
+                time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
                 os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint
             if step % stage["checkpoint_every"] == 0 or step == plan.total_steps:
                 if rank == 0 and plan.history_uri:
@@ -344,13 +350,14 @@ def train_stage(
 
     from components.evaluation import format_report
     from components.tracking import loss_curve_png, make_tracker
-    from pipelines.preprocess import count_rows
+    from pipelines.preprocess import count_rows, modality_counts
 
     start = time.monotonic()
     stage_uri = storage.join(storage_uri, run_id, stage.name)
     hf_uri = storage.join(stage_uri, "hf")
     shards_uri = storage.join(data_uri, "data")  # what preprocess wrote
     plan = plan_stage(recipe, stage, count_rows(shards_uri), init_from=init_from, export_uri=hf_uri)
+    plan.has_video = "video" in modality_counts(shards_uri)
     plan.history_uri = storage.join(stage_uri, "history")
     plan.fault = os.environ.get(FAULT_ENV)
     tracking = tracking or TrackingConfig()

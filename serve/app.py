@@ -8,7 +8,6 @@ and prompts with the very components training used (tiling, templates), so the t
 Generate calls are batched (``serve.batch``); streaming requests take a token streamer.
 """
 
-
 import asyncio
 import json
 import logging
