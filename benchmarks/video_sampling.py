@@ -49,7 +49,7 @@ def sequential_pass(path: str) -> float:
 
     start = time.perf_counter()
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    for i in range(len(reader)):
+    for _ in range(len(reader)):
         reader.next()
     return time.perf_counter() - start
 

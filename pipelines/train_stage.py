@@ -28,7 +28,8 @@ from pipelines.recipes import Recipe, StageSpec
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "LLAVA_RAY_FAULT_AT_STEP"
-"""Fault injection for tests: "STEP:RANK:MARKER" kills that rank once, at that step (the marker file records it)."""
+"""Fault injection for tests: "[STAGE:]STEP:RANK:MARKER" kills that rank once, at that step of that stage
+(of any stage without STAGE); the marker file records that it happened."""
 
 
 @dataclass
@@ -359,7 +360,10 @@ def train_stage(
     plan = plan_stage(recipe, stage, count_rows(shards_uri), init_from=init_from, export_uri=hf_uri)
     plan.has_video = "video" in modality_counts(shards_uri)
     plan.history_uri = storage.join(stage_uri, "history")
-    plan.fault = os.environ.get(FAULT_ENV)
+    fault = os.environ.get(FAULT_ENV, "").split(":")
+    if len(fault) == 4:  # aimed at one stage
+        fault = fault[1:] if fault[0] == stage.name else []
+    plan.fault = ":".join(fault) or None
     tracking = tracking or TrackingConfig()
     tracker = make_tracker(tracking)
     plan.tracking = asdict(tracking)

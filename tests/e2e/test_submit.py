@@ -1,0 +1,64 @@
+"""A stage submitted as a Ray job to a `ray start --head` cluster (token auth on, job server on 127.0.0.1)."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components import storage
+from pipelines.submit import AuthTokenMissing, auth_token_source
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+RECIPE = os.path.join(os.path.dirname(__file__), "tiny3.yaml")
+BIN = os.path.dirname(sys.executable)
+
+
+def test_missing_token_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "nope"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    with pytest.raises(AuthTokenMissing, match="RAY_AUTH_TOKEN_PATH"):
+        auth_token_source()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(AuthTokenMissing, match="RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"):
+        auth_token_source()
+
+
+@pytest.fixture
+def head(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    subprocess.run([f"{BIN}/ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)  # fmt: skip
+    yield f"http://127.0.0.1:{dash}", env
+    subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True)
+    time.sleep(2)
+
+
+def test_submit_a_stage_as_a_ray_job(demo_dir, head, tmp_path):
+    address, env = head
+    root, _ = demo_dir
+    runs, tracking = str(tmp_path / "runs"), str(tmp_path / "mlflow")
+    cmd = [f"{BIN}/llava-ray", "submit", "stage1", "--address", address, "--recipe", RECIPE, "--profile", "tiny",
+           "--storage", runs, "--run-id", "job", "--tracking-uri", tracking, "--demo-dir", str(root),
+           "--python", sys.executable]  # fmt: skip
+    out = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(RECIPE) + "/../.."
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "submitted job" in out.stdout and "SUCCEEDED" in out.stdout
+    assert storage.is_complete(os.path.join(runs, "job", "stage1", "hf"))
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import TrackingConfig
+
+    uri, _ = TrackingConfig(uri=tracking).resolved()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("llava-ray")
+    runs_found = client.search_runs([experiment.experiment_id])
+    assert any(r.info.run_name == "stage1" and r.data.tags.get("llava_ray.output_uri") for r in runs_found)
