@@ -57,6 +57,9 @@ class StageSpec:
     """LoRA on the LLM: {r, alpha, dropout, target_modules}; None: full fine-tuning."""
     checkpoint_every: int = 50
     group_by_modality: bool = True
+    group_steps: int = 8
+    """Optimizer steps whose rows are grouped together by modality and length (a megabatch): 2% padding
+    against 26% naive on the demo mix (benchmarks/padding.py)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

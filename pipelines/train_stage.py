@@ -147,14 +147,23 @@ def _apply_lora(model, lora: dict):
     model.model.language_model = get_peft_model(model.model.language_model, config)
 
 
-def _micro_batches(rows: list[dict], plan: StagePlan, group: bool) -> list[list[dict]]:
+def _steps(rows: list[dict], plan: StagePlan, group: bool, seed: int) -> list[list[list[dict]]]:
+    """A window of rows -> optimizer steps of ``grad_accum`` micro-batches. Grouped: the whole window is
+    sorted by (modality, frames, length) before it is cut (LLaVA's megabatch grouping; see
+    benchmarks/padding.py), and the micro-batches are dealt to steps in a seeded random order."""
+    import random
+
     from components.batching import group_rows
 
-    return (
-        group_rows(rows, plan.micro_batch, plan.grad_accum)
-        if group
-        else [rows[i * plan.micro_batch : (i + 1) * plan.micro_batch] for i in range(plan.grad_accum)]
-    )
+    n_steps = len(rows) // (plan.micro_batch * plan.grad_accum)
+    rows = rows[: n_steps * plan.micro_batch * plan.grad_accum]
+    count = n_steps * plan.grad_accum
+    if group:
+        micro = group_rows(rows, plan.micro_batch, count)
+        random.Random(seed).shuffle(micro)
+    else:
+        micro = [rows[i * plan.micro_batch : (i + 1) * plan.micro_batch] for i in range(count)]
+    return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
 
 
 def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
@@ -243,62 +252,84 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     rows_per_step = plan.micro_batch * plan.grad_accum
     history = []
+    window = rows_per_step * stage["group_steps"]
     while step < plan.total_steps:
-        skip = step % plan.steps_per_epoch  # resume mid-epoch: skip what was consumed
-        batches = shard.iter_batches(batch_size=rows_per_step, batch_format="pyarrow", drop_last=True)
+        epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
+        windows = shard.iter_batches(batch_size=window, batch_format="pyarrow")
         wait_start = time.perf_counter()
-        for i, table in enumerate(batches):
-            if i < skip:
-                continue
-            if i >= plan.steps_per_epoch or step >= plan.total_steps:
-                break
+        in_epoch = 0
+        for w, table in enumerate(windows):
             waited = time.perf_counter() - wait_start
-            step_start = time.perf_counter()
-            rows = table.to_pylist()
-            losses, tokens, micro_modalities = [], 0, []
-            for micro in _micro_batches(rows, plan, stage["group_by_modality"]):
-                micro_modalities.append({r["modality"] for r in micro})
-                tokens += sum(len(r["input_ids"]) for r in micro)
-                batch = collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres)
-                out = engine(**batch)
-                engine.backward(out.loss)
-                engine.step()
-                losses.append(float(out.loss.detach()))
-            step += 1
-            elapsed = time.perf_counter() - step_start
-            metrics = {
-                "step": step,
-                "loss": sum(losses) / len(losses),
-                "lr": main_group["lr"],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": tokens * world / elapsed,
-                "samples_per_s": len(rows) * world / elapsed,
-                "data_wait_share": waited / (waited + elapsed),
-                "lr_vision": vision_group["lr"] if vision_group else None,
-                "attempt_start_step": attempt_start,
-                "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
-            }
-            history.append(metrics)
-            tracker.log_metrics(
-                {k: v for k, v in metrics.items() if k not in ("step", "attempt_start_step")}, step=step
+            steps = _steps(
+                table.to_pylist(), plan, stage["group_by_modality"], seed=stage["seed"] + 1000 * epoch + w
             )
-            if fault[0] and step == int(fault[0]) and rank == int(fault[1]) and not os.path.exists(fault[2]):
-                open(fault[2], "w").close()
-                time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
-                os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint
-            if step % stage["checkpoint_every"] == 0 or step == plan.total_steps:
-                if rank == 0 and plan.history_uri:
-                    storage.write_text(
-                        storage.join(plan.history_uri, f"{step:07d}.json"), json.dumps(history)
-                    )
-                with tempfile.TemporaryDirectory() as d:
-                    engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                history = []
-            else:
-                ray.train.report(metrics)
+            for micro_batches in steps:
+                if in_epoch < skip:
+                    in_epoch += 1
+                    continue
+                if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
+                    break
+                in_epoch += 1
+                step, metrics = _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world,
+                                            waited, main_group, vision_group, attempt_start)  # fmt: skip
+                waited = 0.0
+                history.append(metrics)
+                tracker.log_metrics(
+                    {k: v for k, v in metrics.items() if k not in ("step", "attempt_start_step")}, step=step
+                )
+                if (
+                    fault[0]
+                    and step == int(fault[0])
+                    and rank == int(fault[1])
+                    and not os.path.exists(fault[2])
+                ):
+                    open(fault[2], "w").close()
+                    time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
+                    os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint
+                if step % stage["checkpoint_every"] == 0 or step == plan.total_steps:
+                    if rank == 0 and plan.history_uri:
+                        storage.write_text(
+                            storage.join(plan.history_uri, f"{step:07d}.json"), json.dumps(history)
+                        )
+                    with tempfile.TemporaryDirectory() as d:
+                        engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    history = []
+                else:
+                    ray.train.report(metrics)
+            if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
+                break
             wait_start = time.perf_counter()
     _export(engine, engine.module, tokenizer, plan, rank)
+
+
+def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world, waited, main_group,
+                vision_group, attempt_start):  # fmt: skip
+    """One optimizer step over its micro-batches; returns (step, metrics)."""
+    step_start = time.perf_counter()
+    losses, tokens, micro_modalities, samples = [], 0, [], 0
+    for micro in micro_batches:
+        micro_modalities.append({r["modality"] for r in micro})
+        tokens += sum(len(r["input_ids"]) for r in micro)
+        samples += len(micro)
+        batch = collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres)
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(float(out.loss.detach()))
+    elapsed = time.perf_counter() - step_start
+    return step + 1, {
+        "step": step + 1,
+        "loss": sum(losses) / len(losses),
+        "lr": main_group["lr"],
+        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "tokens_per_s": tokens * world / elapsed,
+        "samples_per_s": samples * world / elapsed,
+        "data_wait_share": waited / (waited + elapsed),
+        "lr_vision": vision_group["lr"] if vision_group else None,
+        "attempt_start_step": attempt_start,
+        "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
+    }
 
 
 # ---- the driver side -------------------------------------------------------------------------
