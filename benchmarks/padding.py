@@ -25,7 +25,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shuffle (under 45 s)")
     parser.add_argument("--micro", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step per rank")
-    parser.add_argument("--group-steps", type=int, default=8, help="optimizer steps grouped together (megabatch)")
+    parser.add_argument(
+        "--group-steps", type=int, default=8, help="optimizer steps grouped together (megabatch)"
+    )
     args = parser.parse_args()
 
     from benchmarks._common import machine
@@ -54,15 +56,19 @@ def main() -> None:
         random.Random(seed).shuffle(stream)
         for start in range(0, len(stream) - window + 1, window):
             step = stream[start : start + window]
-            naive += [step[i * args.micro : (i + 1) * args.micro] for i in range(args.accum * args.group_steps)]
+            naive += [
+                step[i * args.micro : (i + 1) * args.micro] for i in range(args.accum * args.group_steps)
+            ]
             ours += group_rows(step, args.micro, args.accum * args.group_steps)
     p_naive, p_ours = padding_share(naive), padding_share(ours)
     kinds = {}
     for r in rows:
         kinds[r["modality"]] = kinds.get(r["modality"], 0) + 1
     print(f"machine: {machine()}; demo OneVision mix: {len(rows)} rows {kinds}")
-    print(f"micro-batch {args.micro}, {args.accum} per step per rank, {args.group_steps} steps grouped "
-          f"({window} rows at a time)")
+    print(
+        f"micro-batch {args.micro}, {args.accum} per step per rank, {args.group_steps} steps grouped "
+        f"({window} rows at a time)"
+    )
     print(f"pad tokens: naive {p_naive:.1%}, ours {p_ours:.1%}")
     print(f"padding: ours {p_ours:.1%} vs naive {p_naive:.1%}: {p_naive / max(p_ours, 1e-9):.1f}x less")
 

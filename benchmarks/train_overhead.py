@@ -1,0 +1,109 @@
+"""Training overhead: tokens/s of Ray Train + DeepSpeed (1 and 2 workers) against a plain single-process
+torch loop on the same tiny model and the same micro-batches, in one run. One thread per worker and
+for the baseline. Steady state: the median per-step throughput after the first steps (start-up,
+DeepSpeed initialisation and the final checkpoint/export are not counted).
+
+    python benchmarks/train_overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def baseline(recipe, stage, data_uri: str, steps: int) -> float:
+    """A plain loop: same model, same rows, same grouping and collation, AdamW, 1 thread."""
+    import torch
+
+    from components.batching import collate
+    from components.generation import MediaFiller
+    from components.model import build_model, param_groups, set_trainable
+    from pipelines.preprocess import read_output
+    from pipelines.train_stage import StagePlan, _steps, plan_stage
+
+    torch.set_num_threads(1)
+    rows = read_output(data_uri)
+    plan: StagePlan = plan_stage(
+        dataclasses.replace(recipe, workers=1), stage, len(rows), init_from=None, export_uri="-"
+    )
+    model, tokenizer = build_model(recipe.model)
+    set_trainable(model, stage.trainable)
+    optimizer = torch.optim.AdamW(param_groups(model, stage.lr, vision_lr=stage.vision_lr))
+    filler = MediaFiller(tokenizer, stage.template, recipe.model.arch, recipe.model.anyres, with_video=False)
+    rates = []
+    all_steps = _steps(rows, plan, True, seed=0)
+    for micro_batches in (all_steps * 10)[:steps]:
+        start, tokens = time.perf_counter(), 0
+        for micro in micro_batches:
+            tokens += sum(len(r["input_ids"]) for r in micro)
+            loss = model(
+                **collate(filler(micro), tokenizer.pad_token_id, recipe.model.arch, recipe.model.anyres)
+            ).loss
+            (loss / len(micro_batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[2:])
+
+
+def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> tuple[float, dict]:
+    from pipelines.train_stage import read_history, train_stage
+
+    recipe = dataclasses.replace(recipe, workers=workers, eval={})
+    record = train_stage(
+        recipe, stage, storage_uri=storage_uri, run_id=f"w{workers}", data_uri=data_uri, init_from=None
+    )
+    history = read_history(os.path.join(storage_uri, f"w{workers}", stage.name, "history"))
+    return statistics.median(m["tokens_per_s"] for m in history[2:-1]), record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    args = parser.parse_args()
+    import ray
+
+    from benchmarks._common import machine
+    from pipelines.preprocess import PreprocessConfig, preprocess
+    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
+
+    work = tempfile.mkdtemp(prefix="llava-ray-train-bench-")
+    demo = ensure_demo_data(os.path.join(work, "demo"))
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
+    steps = 8 if args.quick else 24
+    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=4,
+                                global_batch=4, epochs=1, group_steps=1)  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data = os.path.join(work, "data")
+    preprocess(
+        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
+        data,
+    )
+    base = baseline(recipe, stage, data, steps)
+    one, _ = ray_train(
+        recipe, dataclasses.replace(stage, global_batch=4), 1, os.path.join(work, "runs"), data
+    )
+    two, _ = ray_train(
+        recipe, dataclasses.replace(stage, global_batch=8), 2, os.path.join(work, "runs"), data
+    )
+    overhead = 1 - one / base
+    print(f"machine: {machine()}; tiny OneVision model, micro-batch 4, 1 thread per worker, {steps} steps")
+    print(f"plain torch loop  : {base:8.0f} tokens/s")
+    print(f"Ray Train 1 worker: {one:8.0f} tokens/s (overhead {overhead:.1%})")
+    print(f"Ray Train 2 workers: {two:7.0f} tokens/s ({two / one:.2f}x one)")
+    print(f"train_overhead: 2 workers {two / one:.2f}x one, overhead {overhead:.0%} (target 1.7x, <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
