@@ -10,6 +10,7 @@ the repeats. Each worker is one CPU actor running every stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -41,6 +42,8 @@ def run(ray, config, entries, rejects: str) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller mix, one repeat (under 45 s)")
+    parser.add_argument("--tile-size", type=int, default=384,
+                        help="384: real OneVision tiles (images up to 2304 px); 56: the tiny profile's")  # fmt: skip
     args = parser.parse_args()
     import ray
 
@@ -48,10 +51,11 @@ def main() -> None:
     from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
 
     work = tempfile.mkdtemp(prefix="llava-ray-bench-")
-    demo = ensure_demo_data(os.path.join(work, "demo"))
+    demo = ensure_demo_data(os.path.join(work, "demo"), tile_size=args.tile_size)
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
+    recipe.model.anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)
     stage = recipe.stage("stage2_ov")
-    copies = 2 if args.quick else 6
+    copies = (2 if args.quick else 6) if args.tile_size < 128 else 1
     mix = {"datasets": [dict(d) for d in stage.data["datasets"] for _ in range(copies)]}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -60,7 +64,10 @@ def main() -> None:
     )
     entries = resolve_entries(base)
     repeats = 1 if args.quick else 3
-    print(f"machine: {machine()}; demo OneVision mix x{copies}: {len(entries)} rows; median of {repeats}")
+    print(
+        f"machine: {machine()}; demo OneVision mix x{copies} at tile {args.tile_size}: {len(entries)} rows; "
+        f"median of {repeats}"
+    )
     results = {}
     for workers in (1, 2):
         base.min_workers = base.max_workers = workers

@@ -144,6 +144,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import GenerateConfig, generate, read_contexts
+
+    config = GenerateConfig(endpoint=args.endpoint, model=args.model, out=args.out, types=args.types.split(","),
+                            api_key_env=args.api_key_env, concurrency=args.concurrency, workers=args.workers,
+                            rate_limit_rps=args.rate_limit, max_retries=args.max_retries, timeout_s=args.timeout,
+                            prompt_pack=args.prompt_pack, seed=args.seed)  # fmt: skip
+    contexts = read_contexts(args.images, args.captions, args.image_prefix)
+    _init_ray(args)
+    summary = generate(contexts, config)
+    return 0 if summary["failed"] == 0 else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -241,6 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-fps", type=float, default=4.0, help="video sampling rate")
     p.add_argument("--max-frames", type=int, default=8, help="most video frames")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "generate", help="LLaVA-Instruct data from captions + boxes via an OpenAI-compatible teacher"
+    )
+    # inputs
+    p.add_argument(
+        "--images", required=True, help="COCO instances JSON, or JSONL {id, image, captions, boxes}"
+    )
+    p.add_argument("--captions", help="COCO captions JSON (beside --images)")
+    p.add_argument("--image-prefix", default="", help="prefix for COCO file names in the records")
+    p.add_argument("--types", default="conversation,detail,reasoning", help="response types to generate")
+    p.add_argument("--prompt-pack", help="a YAML overriding the system prompts and seed examples")
+    # the teacher
+    p.add_argument(
+        "--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+    )
+    p.add_argument("--model", required=True, help="the teacher's model name")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per actor")
+    p.add_argument("--workers", type=int, default=2, help="actors")
+    p.add_argument("--rate-limit", type=float, default=20.0, help="requests per second, all actors together")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--seed", type=int, default=0, help="seed for question sampling and placement")
+    # output
+    p.add_argument(
+        "--out", required=True, help="output URI: llava_instruct.jsonl, brief.jsonl, rejects.jsonl"
+    )
+    p.add_argument("--address", help="a Ray cluster address")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: curriculum, eval, serve, query")
     p.add_argument("--out", default="demo_out", help="working directory")

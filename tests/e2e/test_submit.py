@@ -29,15 +29,33 @@ def test_missing_token_is_named(monkeypatch, tmp_path):
 
 @pytest.fixture
 def head(tmp_path):
+    """`ray start --head --block` in its own process group, so that stopping it leaves any other Ray alone."""
+    import signal
+    import urllib.request
+
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    subprocess.run([f"{BIN}/ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            break
+        except OSError as e:
+            if getattr(e, "code", None) in (401, 403):  # up, and asking for the token
+                break
+            time.sleep(1)
     yield f"http://127.0.0.1:{dash}", env
-    subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True)
-    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_submit_a_stage_as_a_ray_job(demo_dir, head, tmp_path):
