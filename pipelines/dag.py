@@ -44,6 +44,12 @@ class PipelineConfig:
     """Register the final HF export in the MLflow model registry under this name (default: the recipe's)."""
 
 
+def _record_node(tracker, name: str, status: str, output_uri: str) -> None:
+    """Each node's status and output URI, as tags on the pipeline's parent MLflow run."""
+    if tracker.enabled:
+        tracker.set_tags({f"node.{name}.status": status, f"node.{name}.output_uri": output_uri})
+
+
 class RunState:
     """The run-state file: per node, its status and outputs; plus an append-only event log."""
 
@@ -121,6 +127,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             state.set(pre_name, status="completed", output_uri=data_uri, accepted=summary["accepted"],
                       rejected=summary["rejected"], mixture_digest=summary["mixture_digest"])  # fmt: skip
             state.event(pre_name, "completed")
+            _record_node(tracker, pre_name, "completed", data_uri)
         node = state.node(train_name)
         if _train_done(node):
             state.event(train_name, "skipped")
@@ -136,6 +143,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             state.set(train_name, status="completed", hf_uri=record["hf_uri"], checkpoint_uri=record["checkpoint_uri"],
                       mlflow_run_id=record["mlflow_run_id"], init_from=previous)  # fmt: skip
             state.event(train_name, "completed")
+            _record_node(tracker, train_name, "completed", record["hf_uri"])
             if tracker.enabled:
                 tracker.log_metrics(
                     {f"{stage.name}/final_loss": record["final_loss"] or 0.0}, step=len(records)

@@ -47,6 +47,20 @@ def test_killed_in_stage_3_resumes_there_and_reruns_skip(demo_dir, ray_local, tm
     state = json.loads(storage.read_text(storage.join(cfg.storage, "r", "state.json")))
     assert state["nodes"]["train:stage2_ov"]["init_from"] == state["nodes"]["train:stage2_si"]["hf_uri"]
 
+    # LoRA (stage2_si) was merged: its export is a plain HF checkpoint whose LLM weights moved
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(summary["stages"][1]["hf_uri"], "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k]
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import TrackingConfig
+
+    client = MlflowClient(tracking_uri=TrackingConfig(uri=cfg.tracking_uri).resolved()[0])
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.tags["node.train:stage2_ov.output_uri"] == summary["final_model"]
+    assert parent.data.tags["node.preprocess:stage1.status"] == "completed"
+
     before = _manifests(summary)
     again = run_pipeline(cfg)
     events2 = _events(cfg.storage, "r")
