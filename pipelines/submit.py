@@ -15,7 +15,8 @@ import time
 
 SAFE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
             "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")  # fmt: skip
-EXCLUDES = [".venv", ".git", "demo_out", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
+EXCLUDES = [".venv", ".git", "demo_out", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+            ".hypothesis"]  # fmt: skip
 
 
 class AuthTokenMissing(RuntimeError):
@@ -58,7 +59,15 @@ def submit(address: str, args: list[str], *, python: str = "python", follow: boo
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     client = JobSubmissionClient(address)
     entrypoint = " ".join(shlex.quote(a) for a in [python, "-m", "pipelines.cli", *args])
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(env, pip))
+    deadline = time.monotonic() + 120
+    while True:  # a fresh head's job agent takes a moment to register
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(env, pip))
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted job {job_id} to {address} (auth token from {source})", flush=True)
     if follow:
 
