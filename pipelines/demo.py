@@ -45,13 +45,14 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     summary = run_pipeline(config)
     trained = time.monotonic() - start
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    port = _port(8000)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app(ServeConfig(checkpoint=summary["final_model"], replica_cpus=0.5)),
         name="llava",
         route_prefix="/",
     )
-    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     records = [json.loads(line) for line in open(os.path.join(data, "eval.jsonl"))]
     image_q, video_q = _first(records, "color"), _first(records, "direction")
     answers = []
@@ -97,6 +98,19 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
         os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
     )
     return 0
+
+
+def _port(preferred: int) -> int:
+    """The preferred port when it is free on 127.0.0.1, else any free one."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
 
 def record_path(record: dict) -> str:
