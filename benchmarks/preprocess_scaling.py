@@ -57,7 +57,7 @@ def main() -> None:
     stage = recipe.stage("stage2_ov")
     copies = (2 if args.quick else 6) if args.tile_size < 128 else 1
     mix = {"datasets": [dict(d) for d in stage.data["datasets"] for _ in range(copies)]}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     base = PreprocessConfig(
         manifest=mix, data_root=recipe.data_root, stage=stage_config(recipe, stage), batch_size=8

@@ -81,7 +81,7 @@ def main() -> None:
     checkpoint = os.path.join(tempfile.mkdtemp(prefix="llava-ray-serve-bench-"), "hf")
     model, tokenizer = build_model(ModelSpec())
     save_model(model, tokenizer, checkpoint)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(checkpoint=checkpoint, min_replicas=1, max_replicas=1, replica_cpus=1.0, max_batch_size=8,

@@ -83,7 +83,7 @@ def main() -> None:
     steps = 8 if args.quick else 24
     stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=4,
                                 global_batch=4, epochs=1, group_steps=1)  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(work, "data")
     preprocess(

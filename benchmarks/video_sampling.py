@@ -72,7 +72,7 @@ def main() -> None:
     clips = [(720, 1280, 20, None), (720, 1280, 20, 15)]
     clips += [(1080, 1920, 10, 15)] if args.quick else [(1080, 1920, 60, None), (1080, 1920, 60, 15)]
     paths = [make_clip(*c) for c in clips]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(
         f"machine: {machine()}; ours single-threaded decord; baseline ray.data.read_videos on a local Ray (2 CPUs)"

@@ -25,7 +25,7 @@ def _init_ray(args: argparse.Namespace) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=getattr(args, "num_cpus", None), include_dashboard=False)
+        ray.init(address="local", num_cpus=getattr(args, "num_cpus", None), include_dashboard=False)
 
 
 def _preprocess(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     out = os.path.abspath(out)
     data = ensure_demo_data(os.path.join(out, "data"))
     tracking = os.path.join(out, "mlflow")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = PipelineConfig(recipe="llava_onevision", profile="tiny", storage=os.path.join(out, "runs"), run_id="demo",
                             tracking_uri=tracking, demo_dir=data)  # fmt: skip

@@ -104,7 +104,13 @@ def ray_local(s3_endpoint):
     env = {k: os.environ[k] for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["LLAVA_RAY_TEST_API_KEY"] = TEST_API_KEY  # only the secured test app reads it
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
