@@ -54,7 +54,7 @@ def main() -> None:
     demo = ensure_demo_data(os.path.join(work, "demo"), tile_size=args.tile_size)
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     recipe.model.anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)
-    stage = recipe.stage("stage2_ov")
+    stage = dataclasses.replace(recipe.stage("stage2_ov"), max_length=32768)  # 729-token tiles at 384
     copies = (2 if args.quick else 6) if args.tile_size < 128 else 1
     mix = {"datasets": [dict(d) for d in stage.data["datasets"] for _ in range(copies)]}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

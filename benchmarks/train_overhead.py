@@ -70,6 +70,7 @@ def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage for the Ray Train runs")
     args = parser.parse_args()
     import ray
 
@@ -82,7 +83,7 @@ def main() -> None:
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     steps = 8 if args.quick else 24
     stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=4,
-                                global_batch=4, epochs=1, group_steps=1)  # fmt: skip
+                                global_batch=4, epochs=1, group_steps=1, zero_stage=args.zero)  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(work, "data")
@@ -98,7 +99,10 @@ def main() -> None:
         recipe, dataclasses.replace(stage, global_batch=8), 2, os.path.join(work, "runs"), data
     )
     overhead = 1 - one / base
-    print(f"machine: {machine()}; tiny OneVision model, micro-batch 4, 1 thread per worker, {steps} steps")
+    print(
+        f"machine: {machine()}; tiny OneVision model, micro-batch 4, 1 thread per worker, {steps} steps, "
+        f"ZeRO-{args.zero}"
+    )
     print(f"plain torch loop  : {base:8.0f} tokens/s")
     print(f"Ray Train 1 worker: {one:8.0f} tokens/s (overhead {overhead:.1%})")
     print(f"Ray Train 2 workers: {two:7.0f} tokens/s ({two / one:.2f}x one)")
