@@ -36,9 +36,13 @@ def head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
+    # every port explicit: another Ray (the tests' local one) may hold the defaults, e.g. the agent's 52365
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+             "ray-client-server-port")]  # fmt: skip
     proc = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats", *ports],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
