@@ -63,7 +63,8 @@ class DatasetSpec:
 _STRATEGY = re.compile(r"^(all|first:(\d+)|end:(\d+)|random:(\d+)|(\d+(?:\.\d+)?)%)$")
 
 
-def _parent(uri: str) -> str:
+def parent_uri(uri: str) -> str:
+    """The directory of a path or URI (relative media paths resolve against it)."""
     return (
         posixpath.dirname(uri.rstrip("/"))
         if storage.is_s3(uri) or uri.startswith("file://")
@@ -85,7 +86,7 @@ def _relative_to(base: str, path: str) -> str:
 
 def read_records(uri: str, dataset: str, media_root: str | None = None) -> list[Entry]:
     """Every record of one JSON/JSONL/Parquet manifest, in file order."""
-    root = media_root or _parent(uri)
+    root = media_root or parent_uri(uri)
     if uri.endswith(".parquet"):
         return _read_parquet(uri, dataset, root)
     data = storage.read_bytes(uri)
@@ -174,7 +175,7 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
     if not (uri.endswith(".yaml") or uri.endswith(".yml")):
         name = posixpath.basename(uri).split(".")[0]
         return read_records(uri, name, media_root)
-    return resolve_mixture(yaml.safe_load(storage.read_text(uri)) or {}, _parent(uri), seed, where=uri)
+    return resolve_mixture(yaml.safe_load(storage.read_text(uri)) or {}, parent_uri(uri), seed, where=uri)
 
 
 def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture") -> list[Entry]:

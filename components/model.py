@@ -431,3 +431,21 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How a checkpoint is prompted: recorded in its config when it was built, read back by eval and serving."""
+
+    arch: str
+    template: str
+    anyres: AnyResConfig
+
+
+def prompt_settings(model) -> PromptSettings:
+    extra = getattr(model.config, "llava_ray", None) or {}
+    anyres = AnyResConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
+    )
+    arch = "llava_onevision" if model.config.model_type == "llava_onevision" else "llava"
+    return PromptSettings(arch=arch, template=extra.get("template", "chatml"), anyres=anyres)

@@ -125,21 +125,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from components import storage
     from components.evaluation import evaluate, format_report
-    from components.manifest import _parent
-    from components.model import load_model
+    from components.manifest import parent_uri
+    from components.model import load_model, prompt_settings
 
     model, tokenizer = load_model(args.checkpoint)
-    extra = getattr(model.config, "llava_ray", None) or {}
-    from components.anyres import AnyResConfig
-
-    anyres = AnyResConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
-    )
+    settings = prompt_settings(model)
     records = [json.loads(line) for line in storage.read_text(args.manifest).splitlines() if line.strip()]
-    arch = "llava_onevision" if model.config.model_type == "llava_onevision" else "llava"
-    report = evaluate(model, tokenizer, records, _parent(args.manifest), template=extra.get("template", "chatml"),
-                      arch=arch, anyres=anyres, max_new_tokens=args.max_new_tokens, video_fps=args.video_fps,
-                      max_frames=args.max_frames)  # fmt: skip
+    report = evaluate(model, tokenizer, records, parent_uri(args.manifest), template=settings.template,
+                      arch=settings.arch, anyres=settings.anyres, max_new_tokens=args.max_new_tokens,
+                      video_fps=args.video_fps, max_frames=args.max_frames)  # fmt: skip
     print(format_report(report))
     return 0
 

@@ -346,7 +346,7 @@ def read_history(history_uri: str) -> list[dict]:
 def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | None:
     """Greedy generation on the held-out split, per task and modality (None when the recipe has none)."""
     from components.evaluation import evaluate
-    from components.manifest import _parent
+    from components.manifest import parent_uri
     from components.model import load_model
 
     manifest = recipe.eval.get("manifest")
@@ -356,7 +356,7 @@ def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | Non
     model, tokenizer = load_model(hf_uri)
     spec = recipe.model
     return evaluate(
-        model, tokenizer, records, _parent(manifest), template=stage.template if stage.template != "plain" else spec.template,
+        model, tokenizer, records, parent_uri(manifest), template=stage.template if stage.template != "plain" else spec.template,
         arch=spec.arch, anyres=stage.anyres_config(spec.anyres), max_new_tokens=int(recipe.eval.get("max_new_tokens", 8)),
         video_fps=stage.video_fps, max_frames=stage.max_frames,
     )  # fmt: skip

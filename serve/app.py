@@ -73,19 +73,14 @@ class LlavaModel:
     def __init__(self, config: dict):
         import torch
 
-        from components.anyres import AnyResConfig
-        from components.model import load_model
+        from components.model import load_model, prompt_settings
 
         self.config = ServeConfig.from_dict(config)
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
         self.model, self.tokenizer = load_model(self.config.checkpoint)
         self.model.eval()
-        extra = getattr(self.model.config, "llava_ray", None) or {}
-        self.template = extra.get("template", "chatml")
-        self.anyres = AnyResConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
-        )
-        self.arch = "llava_onevision" if self.model.config.model_type == "llava_onevision" else "llava"
+        settings = prompt_settings(self.model)
+        self.template, self.anyres, self.arch = settings.template, settings.anyres, settings.arch
         self.generate_batched.set_max_batch_size(self.config.max_batch_size)
         self.generate_batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.lock = threading.Lock()
