@@ -185,17 +185,6 @@ class Template:
     def prefix(self, system: str | None = None) -> str:
         return self.prefix_format.format(system=self.system if system is None else system)
 
-    def generation_prompt(self, turns: list[Turn]) -> str:
-        """The text a model is prompted with (media placeholders left in), ending at the assistant's prompt."""
-        system = next((t.text for t in turns if t.role == "system"), None)
-        out = [self.prefix(system)]
-        for t in turns:
-            if t.role == "user":
-                out.append(self.user_format.format(text=t.text if self.text_in_user else _only_media(t.text)))
-            elif t.role == "assistant":
-                out.append(self.assistant_format.format(text=t.text) + self.after_assistant)
-        return "".join(out)
-
 
 def _only_media(text: str) -> str:
     return "".join(_PLACEHOLDER_RE.findall(text))

@@ -8,7 +8,6 @@ The same seed gives the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -95,12 +94,6 @@ def shape_image(rng: random.Random, tile: int, color: str, shape: str, count: in
         y = rng.randint(0, max(0, height - side))
         _draw_shape(draw, shape, (x, y, x + side, y + side), COLORS[color])
     return image
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _turns(*pairs: tuple[str, str]) -> list[dict]:
@@ -241,10 +234,6 @@ def _text_records(rng: random.Random, w: _Writer, split: str, n: int) -> None:
             x, y = rng.randint(0, 5), rng.randint(0, 5)
             turn = (f"What is {NUMBER_WORDS[x]} plus {NUMBER_WORDS[y]}?\n{SHORT}", NUMBER_WORDS[x + y])
         w.add(split, {"id": rid, "conversations": _turns(turn), "task": "text", "answer": turn[1]})
-
-
-def _position(box_center: float) -> str:
-    return "left" if box_center < 0.4 else "right" if box_center > 0.6 else "middle"
 
 
 def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str]:

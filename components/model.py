@@ -86,11 +86,6 @@ class ModelSpec:
                 f"ModelSpec.template: expected one of {sorted(TEMPLATES)}, found {self.template!r}"
             )
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("tokenizer_corpus")
-        return d
-
 
 # ---- tokenizer -------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The preprocessing stages: small classes with their resources as data and a ``__call__(batch)``.
+"""The preprocessing stages: small classes with a ``__call__(batch)``; their resources (CPUs, actors,
+batch size) are data in ``PreprocessConfig``.
 
 Each stage takes and returns a pyarrow Table of work rows (``WORK_SCHEMA``), so it runs the same
 when called directly (tests, debugging) and inside ``Dataset.map_batches`` on a CPU actor. Heavy
@@ -145,8 +146,6 @@ class Stage:
     """A map_batches callable: per-row processing with rejects instead of crashes."""
 
     name = "stage"
-    num_cpus: float = 1.0
-    batch_size: int = 8
 
     def __init__(self, config: StageConfig):
         self.config = config
@@ -332,7 +331,6 @@ class Emit:
     """Split: rejects to ``<rejects_uri>/part-<digest>.parquet`` (retry-safe names), good rows out."""
 
     name = "emit"
-    num_cpus = 0.25
 
     def __init__(self, rejects_uri: str):
         self.rejects_uri = rejects_uri
