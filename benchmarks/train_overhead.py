@@ -1,7 +1,9 @@
 """Training overhead: tokens/s of Ray Train + DeepSpeed (1 and 2 workers) against a plain single-process
 torch loop on the same tiny model and the same micro-batches, in one run. One thread per worker and
-for the baseline. Steady state: the median per-step throughput after the first steps (start-up,
-DeepSpeed initialisation and the final checkpoint/export are not counted).
+for the baseline, and the same per-worker work (micro-batch x accumulation): 2 workers do twice the
+global batch. Throughput is tokens over wall-clock time from the end of step 2 to the end of the
+second-to-last step (data waits included; start-up, DeepSpeed initialisation and the final checkpoint and
+export are not counted). The baseline runs before and after the Ray runs, and their mean is used.
 
     python benchmarks/train_overhead.py [--quick]
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def baseline(recipe, stage, data_uri: str, steps: int) -> float:
-    """A plain loop: same model, same rows, same grouping and collation, AdamW, 1 thread."""
+    """A plain loop: same model, same rows, same windows, grouping and collation as the train loop (so the
+    same padding), AdamW, 1 thread."""
     import torch
 
     from components.batching import collate
@@ -39,8 +41,13 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
     set_trainable(model, stage.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, vision_lr=stage.vision_lr))
     filler = MediaFiller(tokenizer, stage.template, recipe.model.arch, recipe.model.anyres, with_video=False)
-    rates = []
-    all_steps = _steps(rows, plan, True, seed=0)
+    tokens_done, seconds = [], []
+    window = plan.micro_batch * plan.grad_accum * stage.group_steps
+    all_steps = [
+        s
+        for w in range(0, len(rows), window)
+        for s in _steps(rows[w : w + window], plan, stage.group_by_modality, seed=stage.seed + w // window)
+    ]
     for micro_batches in (all_steps * 10)[:steps]:
         start, tokens = time.perf_counter(), 0
         for micro in micro_batches:
@@ -52,8 +59,9 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates[2:])
+        tokens_done.append(tokens)
+        seconds.append(time.perf_counter() - start)
+    return sum(tokens_done[2:-1]) / sum(seconds[2:-1])
 
 
 def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> tuple[float, dict]:
@@ -64,13 +72,16 @@ def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> t
         recipe, stage, storage_uri=storage_uri, run_id=f"w{workers}", data_uri=data_uri, init_from=None
     )
     history = read_history(os.path.join(storage_uri, f"w{workers}", stage.name, "history"))
-    return statistics.median(m["tokens_per_s"] for m in history[2:-1]), record
+    steady = history[2:-1]
+    return sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady), record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage for the Ray Train runs")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step per worker")
     args = parser.parse_args()
     import ray
 
@@ -81,9 +92,9 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="llava-ray-train-bench-")
     demo = ensure_demo_data(os.path.join(work, "demo"))
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
-    steps = 8 if args.quick else 24
-    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=4,
-                                global_batch=4, epochs=1, group_steps=1, zero_stage=args.zero)  # fmt: skip
+    steps = 12 if args.quick else 40
+    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=args.micro_batch,
+                                global_batch=args.micro_batch * args.accum, epochs=1, zero_stage=args.zero)  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(work, "data")
@@ -91,13 +102,14 @@ def main() -> None:
         PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
         data,
     )
-    base = baseline(recipe, stage, data, steps)
-    one, _ = ray_train(
-        recipe, dataclasses.replace(stage, global_batch=4), 1, os.path.join(work, "runs"), data
-    )
-    two, _ = ray_train(
-        recipe, dataclasses.replace(stage, global_batch=8), 2, os.path.join(work, "runs"), data
-    )
+    before = baseline(recipe, stage, data, steps)
+    # the same work per worker and step (micro-batch x accumulation): 2 workers take twice the global batch
+    one, _ = ray_train(recipe, stage, 1, os.path.join(work, "runs"), data)
+    two_stage = dataclasses.replace(stage, global_batch=2 * stage.global_batch)
+    two, _ = ray_train(recipe, two_stage, 2, os.path.join(work, "runs"), data)
+    after = baseline(recipe, stage, data, steps)
+    base = (before + after) / 2
+    print(f"plain loop before the Ray runs {before:.0f}, after {after:.0f} tokens/s")
     overhead = 1 - one / base
     print(
         f"machine: {machine()}; tiny OneVision model, micro-batch 4, 1 thread per worker, {steps} steps, "

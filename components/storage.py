@@ -112,6 +112,13 @@ def list_files(uri: str) -> list[str]:
     return sorted(posixpath.relpath(i.path, path) for i in info if i.type == pafs.FileType.File)
 
 
+def dir_bytes(uri: str) -> int:
+    """Total size of the files under a directory URI."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(i.size for i in info if i.type == pafs.FileType.File)
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -256,7 +256,7 @@ def train_loop(config: dict) -> None:
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
         windows = shard.iter_batches(batch_size=window, batch_format="pyarrow")
-        wait_start = time.perf_counter()
+        last_end = wait_start = time.perf_counter()
         in_epoch = 0
         for w, table in enumerate(windows):
             waited = time.perf_counter() - wait_start
@@ -271,8 +271,9 @@ def train_loop(config: dict) -> None:
                     break
                 in_epoch += 1
                 step, metrics = _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world,
-                                            waited, main_group, vision_group, attempt_start)  # fmt: skip
+                                            waited, last_end, main_group, vision_group, attempt_start)  # fmt: skip
                 waited = 0.0
+                last_end = time.perf_counter()
                 history.append(metrics)
                 tracker.log_metrics(
                     {k: v for k, v in metrics.items() if k not in ("step", "attempt_start_step")}, step=step
@@ -291,22 +292,25 @@ def train_loop(config: dict) -> None:
                         storage.write_text(
                             storage.join(plan.history_uri, f"{step:07d}.json"), json.dumps(history)
                         )
+                    # Ray Train hears from us only here: each report is a cross-rank barrier plus a hand-off
+                    # that waits for the controller's poll (every 2 s), far longer than a small step
                     with tempfile.TemporaryDirectory() as d:
                         engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
                         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                     history = []
-                else:
-                    ray.train.report(metrics)
             if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
                 break
             wait_start = time.perf_counter()
     _export(engine, engine.module, tokenizer, plan, rank)
 
 
-def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world, waited, main_group,
-                vision_group, attempt_start):  # fmt: skip
-    """One optimizer step over its micro-batches; returns (step, metrics)."""
-    step_start = time.perf_counter()
+def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world, waited, last_end,
+                main_group, vision_group, attempt_start):  # fmt: skip
+    """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every rank's
+    tokens over the wall-clock interval since the previous step ended (data wait, logging and
+    checkpointing included)."""
+    import torch
+
     losses, tokens, micro_modalities, samples = [], 0, [], 0
     for micro in micro_batches:
         micro_modalities.append({r["modality"] for r in micro})
@@ -317,15 +321,21 @@ def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, w
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss.detach()))
-    elapsed = time.perf_counter() - step_start
+    counts = torch.tensor([tokens, samples], dtype=torch.float64)
+    if world > 1:  # every rank's own rows: batches differ in length between ranks
+        torch.distributed.all_reduce(counts)
+    tokens, samples = int(counts[0]), int(counts[1])
+    interval = time.perf_counter() - last_end
     return step + 1, {
         "step": step + 1,
         "loss": sum(losses) / len(losses),
         "lr": main_group["lr"],
         "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-        "tokens_per_s": tokens * world / elapsed,
-        "samples_per_s": samples * world / elapsed,
-        "data_wait_share": waited / (waited + elapsed),
+        "tokens": tokens,
+        "step_s": interval,
+        "tokens_per_s": tokens / interval,
+        "samples_per_s": samples / interval,
+        "data_wait_share": min(1.0, waited / interval),
         "lr_vision": vision_group["lr"] if vision_group else None,
         "attempt_start_step": attempt_start,
         "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
@@ -360,6 +370,23 @@ def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | Non
         arch=spec.arch, anyres=stage.anyres_config(spec.anyres), max_new_tokens=int(recipe.eval.get("max_new_tokens", 8)),
         video_fps=stage.video_fps, max_frames=stage.max_frames,
     )  # fmt: skip
+
+
+CACHE_SHARE = 0.1
+"""Shards smaller than this share of the object store are read once and kept there for every epoch."""
+
+
+def _cached(dataset, nbytes: int):
+    """Small data: materialize once, so that no epoch restarts the reads (a stall of seconds at every epoch
+    boundary, with all workers waiting). Large data keeps streaming from storage."""
+    import ray
+
+    budget = ray.cluster_resources().get("object_store_memory", 0) * CACHE_SHARE
+    if nbytes > budget:
+        log.info("streaming %.1f MiB of shards from storage every epoch", nbytes / 2**20)
+        return dataset
+    log.info("caching %.1f MiB of shards in the object store for every epoch", nbytes / 2**20)
+    return dataset.materialize()
 
 
 def train_stage(
@@ -412,7 +439,7 @@ def train_stage(
     tracker.log_dict(resolved, "resolved_config.json")
 
     data_fs, data_path = storage.resolve(shards_uri)
-    dataset = ray.data.read_parquet(data_path, filesystem=data_fs)
+    dataset = _cached(ray.data.read_parquet(data_path, filesystem=data_fs), storage.dir_bytes(shards_uri))
     fs, path = storage.resolve(stage_uri)
     trainer = TorchTrainer(
         train_loop,

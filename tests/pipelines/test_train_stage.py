@@ -140,3 +140,48 @@ def test_zero3_s3_text_only_ranks_fault_and_resume_with_mlflow(
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"resolved_config.json", "eval.json", "plots"} <= artifacts
     assert json.loads(storage.read_text(f"{run}/z3/stage2_ov/result.json"))["steps"] == 6
+
+
+@pytest.fixture(scope="module")
+def onevision_data(demo_dir, ray_local, tmp_path_factory):
+    """The four tiny OneVision stages, 2 steps each, and their preprocessed data (shared by both ZeRO runs)."""
+    root, _ = demo_dir
+    recipe = dataclasses.replace(load_recipe("llava_onevision", "tiny", demo_dir=str(root)), eval={})
+    out = tmp_path_factory.mktemp("onevision-data")
+    stages, data = [], {}
+    assert [s.name for s in recipe.stages] == ["stage1", "stage1_5", "stage2_si", "stage2_ov"]
+    for stage in recipe.stages:
+        stage = dataclasses.replace(stage, max_steps=2, checkpoint_every=1, micro_batch=2, global_batch=4)
+        stages.append(stage)
+        data[stage.name] = _prepare(recipe, stage, str(out / stage.name))
+    return recipe, stages, data
+
+
+@pytest.mark.parametrize("zero, where", [(2, "local"), (3, "s3")])
+def test_every_onevision_stage_under_zero(zero, where, onevision_data, s3_bucket, tmp_path):
+    """The whole tiny curriculum, each stage from the previous stage's export, with 2 workers: checkpoints
+    in storage after every step, and each stage changes exactly its trainable parts."""
+    recipe, stages, data = onevision_data
+    run = f"{s3_bucket}/zero{zero}" if where == "s3" else str(tmp_path / "runs")
+    before, init = _weights(build_model(recipe.model)[0]), None
+    parts = {"vision_tower": ("model.vision_tower.",), "multi_modal_projector": ("model.multi_modal_projector.",),
+             "language_model": ("model.language_model.", "lm_head.")}  # fmt: skip
+    for stage in stages:
+        stage = dataclasses.replace(stage, zero_stage=zero)
+        record = train_stage(
+            recipe, stage, storage_uri=run, run_id="c", data_uri=data[stage.name], init_from=init
+        )
+        assert record["steps"] == 2, stage.name
+        assert record["checkpoint_uri"].startswith("s3://" if where == "s3" else "/")
+        assert storage.exists(record["checkpoint_uri"]) and storage.is_complete(record["hf_uri"])
+        resolved = json.loads(storage.read_text(storage.join(run, "c", stage.name, "result.json")))
+        assert resolved["hf_uri"] == record["hf_uri"]
+        after = _weights(build_model(ModelSpec(checkpoint=record["hf_uri"]))[0])
+        for part, prefixes in parts.items():
+            changed = any(_changed(before, after, p) for p in prefixes)
+            assert changed == (part in stage.trainable), f"{stage.name} ZeRO-{zero}: {part} changed={changed}"
+        history = read_history(storage.join(run, "c", stage.name, "history"))
+        assert [m["step"] for m in history] == [1, 2]
+        if "vision_tower" in stage.trainable:
+            assert all(m["lr_vision"] == pytest.approx(m["lr"] * stage.vision_lr / stage.lr) for m in history)
+        before, init = after, record["hf_uri"]
