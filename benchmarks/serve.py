@@ -84,8 +84,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(checkpoint=checkpoint, min_replicas=1, max_replicas=1, replica_cpus=1.0, max_batch_size=8,
-                  batch_wait_timeout_s=0.01)  # fmt: skip
+    # batching as configured by default (max_batch_size 8, adaptive wait of at most 50 ms)
+    common = dict(checkpoint=checkpoint, min_replicas=1, max_replicas=1, replica_cpus=1.0)
     serve.run(build_app(ServeConfig(batching=True, **common)), name="batched", route_prefix="/batched")
     serve.run(build_app(ServeConfig(batching=False, **common)), name="single", route_prefix="/single")
     url = image_url()

@@ -36,7 +36,12 @@ class ServeConfig:
     model_name: str = "llava-ray"
     batching: bool = True
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
+    batch_wait_timeout_s: float = 0.05
+    """The longest a batch waits for more requests after its first one."""
+    adaptive_batch_wait: bool = True
+    """Wait only when it pays: while requests overlap (two or more at the replica within the last second),
+    up to half the recent batch run time (at most batch_wait_timeout_s), so that requests on their way
+    back join the next batch; with one request at a time, 1 ms (nothing else is coming)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 2.0
@@ -62,6 +67,9 @@ class ServeConfig:
         return cls(**data)
 
 
+IDLE_BATCH_WAIT_S = 0.001
+
+
 def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -82,8 +90,25 @@ class LlavaModel:
         settings = prompt_settings(self.model)
         self.template, self.anyres, self.arch = settings.template, settings.anyres, settings.arch
         self.generate_batched.set_max_batch_size(self.config.max_batch_size)
-        self.generate_batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.lock = threading.Lock()
+        self.ongoing = 0
+        self.overlapped_at = -1e9
+        self.batch_seconds = 0.0
+        self.batches, self.largest_batch = 0, 0
+        self._set_batch_wait()
+
+    def _set_batch_wait(self) -> None:
+        wait = self.config.batch_wait_timeout_s
+        if self.config.adaptive_batch_wait:
+            overlapping = time.monotonic() - self.overlapped_at < 1.0
+            wait = min(wait, 0.5 * self.batch_seconds) if overlapping else IDLE_BATCH_WAIT_S
+        self.batch_wait_s = wait
+        self.generate_batched.set_batch_wait_timeout_s(wait)
+
+    def stats(self) -> dict:
+        """This replica's batching so far (for operators and tests)."""
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "batch_wait_s": self.batch_wait_s,
+                "batch_seconds": self.batch_seconds}  # fmt: skip
 
     def _row(self, request: ChatRequest) -> dict:
         from components.generation import prompt_row
@@ -135,13 +160,26 @@ class LlavaModel:
                       "completion_tokens": max_tokens, "finish_reason": "length"}  # fmt: skip
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batched(self, requests: list[ChatRequest]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
+        start = time.perf_counter()
+        out = await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
+        took = time.perf_counter() - start
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(requests))
+        self.batch_seconds = took if not self.batch_seconds else 0.7 * self.batch_seconds + 0.3 * took
+        self._set_batch_wait()
+        return out
 
     async def generate(self, request: ChatRequest) -> dict:
         if self.config.batching:
-            return await self.generate_batched(request)
+            self.ongoing += 1
+            if self.ongoing > 1:
+                self.overlapped_at = time.monotonic()
+            try:
+                return await self.generate_batched(request)
+            finally:
+                self.ongoing -= 1
         return (await asyncio.get_running_loop().run_in_executor(None, self._run, [request]))[0]
 
     async def stream(self, request: ChatRequest):
@@ -301,7 +339,13 @@ def build_app(config: ServeConfig):
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.replica_cpus},
     ).bind(asdict(config))
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, asdict(config))
+    # the ingress only parses and awaits: it must admit every request the model replicas can hold (Serve's
+    # default of 5 would cap the batches at 5 whatever max_batch_size says)
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_ongoing_requests * config.max_replicas,
+    )
+    return ingress.bind(model, asdict(config))
 
 
 def app_builder(args: dict):

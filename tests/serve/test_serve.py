@@ -215,3 +215,28 @@ def test_autoscaling_up_under_load_and_back_down(client):
         time.sleep(1.0)
     print(f"autoscaling: 2 replicas after {up_at:.1f}s of load; back to 1 after {down_at}s idle")
     assert down_at is not None, "Serve did not scale back down within 90 s"
+
+
+def test_batches_fill_under_concurrent_load_and_serial_requests_do_not_wait(endpoint):
+    """One replica, max_batch_size 8: serial requests run alone with a 1 ms wait; 8 concurrent clients fill
+    batches beyond 5 (Serve's default max_ongoing_requests on the ingress, which used to cap them)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LlavaModel", app_name="secured")
+    secured = openai.OpenAI(
+        base_url=f"{endpoint}/secured/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120
+    )
+    content = [
+        {"type": "text", "text": "What color?"},
+        {"type": "image_url", "image_url": {"url": png_url()}},
+    ]
+    for _ in range(4):
+        ask(secured, content)
+    serial = handle.stats.remote().result()
+    assert serial["largest_batch"] == 1 and serial["batch_wait_s"] == pytest.approx(0.001)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(4):
+            list(pool.map(lambda _: ask(secured, content, max_tokens=16), range(8)))
+    loaded = handle.stats.remote().result()
+    assert loaded["largest_batch"] >= 6, loaded
+    assert 0.001 < loaded["batch_wait_s"] <= 0.05, loaded
