@@ -89,7 +89,7 @@ def main() -> None:
     serve.run(build_app(ServeConfig(batching=True, **common)), name="batched", route_prefix="/batched")
     serve.run(build_app(ServeConfig(batching=False, **common)), name="single", route_prefix="/single")
     url = image_url()
-    seconds = 6 if args.quick else 20
+    seconds = 3 if args.quick else 20
     print(f"machine: {machine()}; tiny OneVision model, one replica (1 CPU), image question, 16 new tokens")
     print(
         f"{'concurrency':>11s} {'mode':>9s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'n':>5s} {'err':>4s}"
@@ -100,7 +100,7 @@ def main() -> None:
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/{mode}/v1", api_key="-", max_retries=0, timeout=60
             )
-            load(client, concurrency, 1.5, 8, url)  # warm up
+            load(client, concurrency, 1.0 if args.quick else 1.5, 8, url)  # warm up
             r = load(client, concurrency, seconds, 10**6, url)
             results[(concurrency, mode)] = r
             print(f"{concurrency:11d} {mode:>9s} {r['rps']:7.1f} {r['p50'] * 1e3:7.0f} {r['p99'] * 1e3:7.0f} "
@@ -108,7 +108,7 @@ def main() -> None:
     client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{port}/batched/v1", api_key="-", max_retries=0, timeout=60
     )
-    bounded = load(client, 8, 10 if args.quick else 30, 2000, url)
+    bounded = load(client, 8, 4 if args.quick else 30, 2000, url)
     print(f"bounded load (batched, concurrency 8): {bounded['n']} requests, {bounded['errors']} errors, "
           f"{bounded['rps']:.1f} req/s, p99 {bounded['p99'] * 1e3:.0f} ms")  # fmt: skip
     serve.shutdown()
