@@ -42,11 +42,10 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, vision_lr=stage.vision_lr))
     filler = MediaFiller(tokenizer, stage.template, recipe.model.arch, recipe.model.anyres, with_video=False)
     tokens_done, seconds = [], []
-    window = plan.micro_batch * plan.grad_accum * stage.group_steps
     all_steps = [
         s
-        for w in range(0, len(rows), window)
-        for s in _steps(rows[w : w + window], plan, stage.group_by_modality, seed=stage.seed + w // window)
+        for w, first in enumerate(range(0, len(rows), plan.window))
+        for s in _steps(rows[first : first + plan.window], plan, epoch=0, w=w)
     ]
     for micro_batches in (all_steps * 10)[:steps]:
         start, tokens = time.perf_counter(), 0
@@ -114,8 +113,8 @@ def main() -> None:
     print(f"plain loop before the Ray runs {before:.0f}, after {after:.0f} tokens/s")
     overhead = 1 - one / base
     print(
-        f"machine: {machine()}; tiny OneVision model, micro-batch 4, 1 thread per worker, {steps} steps, "
-        f"ZeRO-{args.zero}"
+        f"machine: {machine()}; tiny OneVision model, micro-batch {args.micro_batch} x {args.accum} per worker, "
+        f"1 thread per worker, {steps} steps, ZeRO-{args.zero}"
     )
     print(f"plain torch loop  : {base:8.0f} tokens/s")
     print(f"Ray Train 1 worker: {one:8.0f} tokens/s (overhead {overhead:.1%})")

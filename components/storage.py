@@ -105,18 +105,22 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def list_files(uri: str) -> list[str]:
-    """Relative paths of every file under a directory URI, sorted."""
+def _files(uri: str) -> tuple[str, list[pafs.FileInfo]]:
+    """The directory's path and every file under it (none when it does not exist)."""
     fs, path = resolve(uri)
     info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(posixpath.relpath(i.path, path) for i in info if i.type == pafs.FileType.File)
+    return path, [i for i in info if i.type == pafs.FileType.File]
+
+
+def list_files(uri: str) -> list[str]:
+    """Relative paths of every file under a directory URI, sorted."""
+    path, files = _files(uri)
+    return sorted(posixpath.relpath(i.path, path) for i in files)
 
 
 def dir_bytes(uri: str) -> int:
     """Total size of the files under a directory URI."""
-    fs, path = resolve(uri)
-    info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sum(i.size for i in info if i.type == pafs.FileType.File)
+    return sum(i.size for i in _files(uri)[1])
 
 
 def delete_dir(uri: str) -> None:

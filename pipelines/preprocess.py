@@ -129,8 +129,10 @@ def count_rows(uri: str) -> int:
 
 
 def modality_counts(uri: str) -> dict[str, int]:
-    """Rows per modality in written shards (reads one column)."""
+    """Rows per modality in written shards (reads one column); empty when there are none."""
     fs, path = storage.resolve(uri)
+    if not storage.exists(uri):
+        return {}
     column = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["modality"]).column(0)
     return dict(Counter(column.to_pylist()))
 

@@ -56,6 +56,11 @@ class StagePlan:
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
+    @property
+    def window(self) -> int:
+        """Rows grouped together before they are cut into steps: ``group_steps`` optimizer steps' worth."""
+        return self.micro_batch * self.grad_accum * self.stage["group_steps"]
+
 
 def plan_stage(
     recipe: Recipe, stage: StageSpec, rows: int, *, init_from: str | None, export_uri: str
@@ -147,13 +152,16 @@ def _apply_lora(model, lora: dict):
     model.model.language_model = get_peft_model(model.model.language_model, config)
 
 
-def _steps(rows: list[dict], plan: StagePlan, group: bool, seed: int) -> list[list[list[dict]]]:
-    """A window of rows -> optimizer steps of ``grad_accum`` micro-batches. Grouped: the whole window is
-    sorted by (modality, frames, length) before it is cut (LLaVA's megabatch grouping; see
-    benchmarks/padding.py), and the micro-batches are dealt to steps in a seeded random order."""
+def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[list[dict]]]:
+    """Window ``w`` of an epoch's rows -> optimizer steps of ``grad_accum`` micro-batches. Grouped
+    (group_by_modality): the whole window is sorted by (modality, frames, length) before it is cut (LLaVA's
+    megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in a random
+    order seeded by the stage seed, the epoch and the window."""
     import random
 
     from components.batching import group_rows
+
+    group, seed = plan.stage["group_by_modality"], plan.stage["seed"] + 1000 * epoch + w
 
     n_steps = len(rows) // (plan.micro_batch * plan.grad_accum)
     rows = rows[: n_steps * plan.micro_batch * plan.grad_accum]
@@ -250,19 +258,15 @@ def train_loop(config: dict) -> None:
     fault = (plan.fault or "").split(":")
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     shard = ray.train.get_dataset_shard("train")
-    rows_per_step = plan.micro_batch * plan.grad_accum
     history = []
-    window = rows_per_step * stage["group_steps"]
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
-        windows = shard.iter_batches(batch_size=window, batch_format="pyarrow")
+        windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
         last_end = wait_start = time.perf_counter()
         in_epoch = 0
         for w, table in enumerate(windows):
             waited = time.perf_counter() - wait_start
-            steps = _steps(
-                table.to_pylist(), plan, stage["group_by_modality"], seed=stage["seed"] + 1000 * epoch + w
-            )
+            steps = _steps(table.to_pylist(), plan, epoch, w)
             for micro_batches in steps:
                 if in_epoch < skip:
                     in_epoch += 1
@@ -409,14 +413,15 @@ def train_stage(
 
     from components.evaluation import format_report
     from components.tracking import loss_curve_png, make_tracker
-    from pipelines.preprocess import count_rows, modality_counts
+    from pipelines.preprocess import modality_counts
 
     start = time.monotonic()
     stage_uri = storage.join(storage_uri, run_id, stage.name)
     hf_uri = storage.join(stage_uri, "hf")
     shards_uri = storage.join(data_uri, "data")  # what preprocess wrote
-    plan = plan_stage(recipe, stage, count_rows(shards_uri), init_from=init_from, export_uri=hf_uri)
-    plan.has_video = "video" in modality_counts(shards_uri)
+    modalities = modality_counts(shards_uri)
+    plan = plan_stage(recipe, stage, sum(modalities.values()), init_from=init_from, export_uri=hf_uri)
+    plan.has_video = "video" in modalities
     plan.history_uri = storage.join(stage_uri, "history")
     fault = os.environ.get(FAULT_ENV, "").split(":")
     if len(fault) == 4:  # aimed at one stage
