@@ -1,9 +1,12 @@
 """Training overhead: tokens/s of Ray Train + DeepSpeed (1 and 2 workers) against a plain single-process
 torch loop on the same tiny model and the same micro-batches, in one run. One thread per worker and
 for the baseline, and the same per-worker work (micro-batch x accumulation): 2 workers do twice the
-global batch. Throughput is tokens over wall-clock time from the end of step 2 to the end of the
-second-to-last step (data waits included; start-up, DeepSpeed initialisation and the final checkpoint and
-export are not counted). The baseline runs before and after the Ray runs, and their mean is used.
+global batch. Every run covers the same whole epochs (1 worker and the plain loop take twice the steps
+of 2 workers), so all three see the same rows: step costs vary with length, and a partial epoch would
+compare different rows. Throughput is tokens over wall-clock time from the end of step 2 to the end of
+the second-to-last step (data waits and epoch boundaries included; start-up, DeepSpeed initialisation
+and the final checkpoint and export are not counted). The baseline runs before and after the Ray runs,
+and their mean is used.
 
     python benchmarks/train_overhead.py [--quick]
 """
@@ -44,10 +47,11 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
     tokens_done, seconds = [], []
     all_steps = [
         s
+        for epoch in range(stage.epochs)
         for w, first in enumerate(range(0, len(rows), plan.window))
-        for s in _steps(rows[first : first + plan.window], plan, epoch=0, w=w)
+        for s in _steps(rows[first : first + plan.window], plan, epoch=epoch, w=w)
     ]
-    for micro_batches in (all_steps * 10)[:steps]:
+    for micro_batches in all_steps[:steps]:
         start, tokens = time.perf_counter(), 0
         for micro in micro_batches:
             tokens += sum(len(r["input_ids"]) for r in micro)
@@ -77,7 +81,8 @@ def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--quick", action="store_true", help="one epoch (start-up transients weigh more)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the demo rows per run")
     parser.add_argument("--zero", type=int, default=2, help="DeepSpeed ZeRO stage for the Ray Train runs")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step per worker")
@@ -93,9 +98,9 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="llava-ray-train-bench-")
     demo = ensure_demo_data(os.path.join(work, "demo"))
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
-    steps = 8 if args.quick else 40
-    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=steps, checkpoint_every=10**6, micro_batch=args.micro_batch,
-                                global_batch=args.micro_batch * args.accum, epochs=1, zero_stage=args.zero)  # fmt: skip
+    epochs = 1 if args.quick else args.epochs
+    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=None, checkpoint_every=10**6, micro_batch=args.micro_batch,
+                                global_batch=args.micro_batch * args.accum, epochs=epochs, zero_stage=args.zero)  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(work, "data")
@@ -103,6 +108,13 @@ def main() -> None:
         PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
         data,
     )
+    from pipelines.preprocess import read_output
+    from pipelines.train_stage import plan_stage
+
+    rows = len(read_output(data))
+    steps = plan_stage(
+        dataclasses.replace(recipe, workers=1), stage, rows, init_from=None, export_uri="-"
+    ).total_steps
     before = baseline(recipe, stage, data, steps)
     # the same work per worker and step (micro-batch x accumulation): 2 workers take twice the global batch
     one, _ = ray_train(recipe, stage, 1, os.path.join(work, "runs"), data)
@@ -114,7 +126,7 @@ def main() -> None:
     overhead = 1 - one / base
     print(
         f"machine: {machine()}; tiny OneVision model, micro-batch {args.micro_batch} x {args.accum} per worker, "
-        f"1 thread per worker, {steps} steps, ZeRO-{args.zero}"
+        f"1 thread per worker, {epochs} epochs of {rows} rows ({steps} steps at 1 worker), ZeRO-{args.zero}"
     )
     print(f"plain torch loop  : {base:8.0f} tokens/s")
     print(f"Ray Train 1 worker: {one:8.0f} tokens/s (overhead {overhead:.1%})")

@@ -375,23 +375,39 @@ def param_groups(
     projector_lr: float | None = None,
     weight_decay: float = 0.0,
 ) -> list[dict]:
-    """Optimizer groups per part (vision LR, projector LR, LLM LR); no decay on biases and norms."""
+    """Optimizer groups: one per distinct (LR, weight decay), so parts that share an LR share a group, and
+    biases and norms take no decay. Each group lists its ``parts``; its name joins them (``_no_decay`` for
+    the undecayed half when decay is on). Few groups matter under ZeRO: every group is its own flat
+    partition, reduced and gathered on its own at every step."""
     lrs = {"vision_tower": vision_lr or lr, "multi_modal_projector": projector_lr or lr, "language_model": lr}
-    out = []
+    groups: dict[tuple[float, float], dict] = {}
+    seen: set[int] = set()  # a tied lm_head is the embedding: one tensor, one group
     for part, modules in part_modules(model).items():
-        decay, no_decay = [], []
         for module in modules:
             named = (
                 module.named_parameters() if isinstance(module, nn.Module) else [("image_newline", module)]
             )
             for name, p in named:
-                if not p.requires_grad:
+                if not p.requires_grad or id(p) in seen:
                     continue
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
-            if params:
-                out.append({"name": part + suffix, "params": params, "lr": lrs[part], "weight_decay": wd})
+                seen.add(id(p))
+                wd = 0.0 if p.ndim < 2 or "norm" in name.lower() else weight_decay
+                group = groups.setdefault((lrs[part], wd), {"parts": [], "params": []})
+                group["params"].append(p)
+                if part not in group["parts"]:
+                    group["parts"].append(part)
+    out = []
+    for (group_lr, wd), group in groups.items():
+        suffix = "_no_decay" if weight_decay and not wd else ""
+        out.append({"name": "+".join(group["parts"]) + suffix, "parts": group["parts"], "params": group["params"],
+                    "lr": group_lr, "weight_decay": wd})  # fmt: skip
     return out
+
+
+def group_of(groups: list[dict], part: str) -> dict | None:
+    """The (decayed, if any) optimizer group that holds ``part``: where its LR is read from."""
+    held = [g for g in groups if part in g.get("parts", ())]
+    return next((g for g in held if not g["name"].endswith("_no_decay")), held[0] if held else None)
 
 
 # ---- save / load -----------------------------------------------------------------------------

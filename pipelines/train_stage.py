@@ -53,6 +53,9 @@ class StagePlan:
     torch_threads: int = 1
     has_video: bool = False
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
+    keep_shard: bool = False
+    """Small data: each rank keeps its shard's rows in memory after the first epoch, and later epochs read
+    them from there (no Ray Data restart, which stalls every rank at each epoch boundary)."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
@@ -90,6 +93,10 @@ def plan_stage(
 def deepspeed_config(plan: StagePlan) -> dict:
     stage = plan.stage
     zero: dict = {"stage": stage["zero_stage"]}
+    if stage["zero_stage"] >= 2 and not plan.use_gpu:
+        # the contiguous gradient buffer fights GPU memory fragmentation; on CPU it only adds a copy of
+        # every gradient per step (~8% of a tiny model's step, benchmarks/train_overhead.py)
+        zero["contiguous_gradients"] = False
     if stage["offload"]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage["zero_stage"] == 3:
@@ -215,7 +222,7 @@ def train_loop(config: dict) -> None:
 
     from components.batching import collate
     from components.generation import MediaFiller
-    from components.model import param_groups, set_trainable
+    from components.model import group_of, param_groups, set_trainable
     from components.tracking import make_tracker
 
     plan = StagePlan(**config)
@@ -242,9 +249,10 @@ def train_loop(config: dict) -> None:
     )
 
     step = 0
-    groups_by_name = {g.get("name"): g for g in optimizer.param_groups}
-    vision_group = groups_by_name.get("vision_tower")
-    main_group = groups_by_name.get("language_model") or groups_by_name.get("multi_modal_projector")
+    vision_group = group_of(optimizer.param_groups, "vision_tower")
+    main_group = group_of(optimizer.param_groups, "language_model") or group_of(
+        optimizer.param_groups, "multi_modal_projector"
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -259,14 +267,19 @@ def train_loop(config: dict) -> None:
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     shard = ray.train.get_dataset_shard("train")
     history = []
+    kept: list[list[dict]] = []  # this rank's windows, once a whole epoch has been read (keep_shard)
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
-        windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
+        reading = not kept
+        windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow") if reading else kept
         last_end = wait_start = time.perf_counter()
         in_epoch = 0
-        for w, table in enumerate(windows):
+        for w, window in enumerate(windows):
             waited = time.perf_counter() - wait_start
-            steps = _steps(table.to_pylist(), plan, epoch, w)
+            rows = window.to_pylist() if reading else window
+            if reading and plan.keep_shard:
+                kept.append(rows)
+            steps = _steps(rows, plan, epoch, w)
             for micro_batches in steps:
                 if in_epoch < skip:
                     in_epoch += 1
@@ -381,16 +394,17 @@ CACHE_SHARE = 0.1
 
 
 def _cached(dataset, nbytes: int):
-    """Small data: materialize once, so that no epoch restarts the reads (a stall of seconds at every epoch
-    boundary, with all workers waiting). Large data keeps streaming from storage."""
+    """(dataset, small). Small data is materialized once, so that no epoch restarts the reads (a stall of
+    seconds at every epoch boundary, with all workers waiting), and the workers keep their rows after the
+    first epoch (``keep_shard``). Large data keeps streaming from storage."""
     import ray
 
     budget = ray.cluster_resources().get("object_store_memory", 0) * CACHE_SHARE
     if nbytes > budget:
         log.info("streaming %.1f MiB of shards from storage every epoch", nbytes / 2**20)
-        return dataset
+        return dataset, False
     log.info("caching %.1f MiB of shards in the object store for every epoch", nbytes / 2**20)
-    return dataset.materialize()
+    return dataset.materialize(), True
 
 
 def train_stage(
@@ -435,6 +449,10 @@ def train_stage(
         parent_run_id=parent_run_id,
         tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": run_id},
     )
+    data_fs, data_path = storage.resolve(shards_uri)
+    dataset, plan.keep_shard = _cached(
+        ray.data.read_parquet(data_path, filesystem=data_fs), storage.dir_bytes(shards_uri)
+    )
     resolved = {"plan": {k: v for k, v in asdict(plan).items() if k not in ("tracking",)},
                 "deepspeed": deepspeed_config(plan), "mixture_digest": mixture_digest}  # fmt: skip
     log.info("stage %s resolved config: %s", stage.name, json.dumps(resolved, default=str))
@@ -443,8 +461,6 @@ def train_stage(
                         "mixture_digest": mixture_digest or ""})  # fmt: skip
     tracker.log_dict(resolved, "resolved_config.json")
 
-    data_fs, data_path = storage.resolve(shards_uri)
-    dataset = _cached(ray.data.read_parquet(data_path, filesystem=data_fs), storage.dir_bytes(shards_uri))
     fs, path = storage.resolve(stage_uri)
     trainer = TorchTrainer(
         train_loop,

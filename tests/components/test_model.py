@@ -13,6 +13,7 @@ from components.model import (
     ModelSpec,
     build_model,
     count_parameters,
+    group_of,
     load_model,
     param_groups,
     save_model,
@@ -76,10 +77,20 @@ def test_set_trainable_and_param_groups(tiny_model):
     assert model.model.image_newline.requires_grad
     set_trainable(model, ["vision_tower", "multi_modal_projector", "language_model"])
     groups = param_groups(model, 1e-5, vision_lr=2e-6, weight_decay=0.1)
-    lrs = {g["name"]: g["lr"] for g in groups}
+    lrs = {part: g["lr"] for g in groups for part in g["parts"]}
     assert lrs["vision_tower"] == pytest.approx(lrs["language_model"] / 5)
+    assert lrs["multi_modal_projector"] == lrs["language_model"]
+    # one group per (LR, decay): the projector shares the LLM's groups, biases and norms take no decay
+    assert sorted(g["name"] for g in groups) == [
+        "multi_modal_projector+language_model", "multi_modal_projector+language_model_no_decay",
+        "vision_tower", "vision_tower_no_decay",
+    ]  # fmt: skip
     assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("_no_decay"))
+    assert all(g["weight_decay"] == 0.1 for g in groups if not g["name"].endswith("_no_decay"))
+    assert group_of(groups, "language_model")["weight_decay"] == 0.1
     assert sum(p.numel() for g in groups for p in g["params"]) == count_parameters(model)
+    undecayed = param_groups(model, 1e-5, vision_lr=2e-6, projector_lr=1e-4)  # no decay: one group per LR
+    assert sorted(g["name"] for g in undecayed) == ["language_model", "multi_modal_projector", "vision_tower"]
     with pytest.raises(ValueError, match="trainable parts"):
         set_trainable(model, ["decoder"])
 

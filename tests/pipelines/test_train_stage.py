@@ -12,7 +12,7 @@ from components import storage
 from components.generation import probe_batch
 from components.model import ModelSpec, build_model
 from components.tracking import TrackingConfig
-from pipelines.preprocess import PreprocessConfig, preprocess
+from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, stage_config
 from pipelines.train_stage import FAULT_ENV, cosine_with_warmup, plan_stage, read_history, train_stage
 
@@ -55,9 +55,13 @@ def test_cosine_schedule_and_plan(demo_dir):
 def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_path):
     root, _ = demo_dir
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    # 8 rows, 2 workers x micro-batch 2: two steps per epoch, two epochs; the second epoch comes from the
+    # rows each worker kept in memory (keep_shard), not from a second pass of Ray Data
+    manifest = {"datasets": [{**recipe.stage("stage1").data["datasets"][0], "sampling_strategy": "first:8"}]}
     stage = dataclasses.replace(
-        recipe.stage("stage1"), max_steps=4, checkpoint_every=2, micro_batch=2, global_batch=4
-    )
+        recipe.stage("stage1"), data=manifest, max_steps=None, epochs=2, checkpoint_every=2, micro_batch=2,
+        global_batch=4,
+    )  # fmt: skip
     data = _prepare(recipe, stage, str(tmp_path / "run" / "stage1"))
     record = train_stage(
         recipe, stage, storage_uri=str(tmp_path), run_id="run", data_uri=data, init_from=None
@@ -88,6 +92,11 @@ def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_
     history = read_history(str(tmp_path / "run" / "stage1" / "history"))
     assert [m["step"] for m in history] == [1, 2, 3, 4]
     assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait_share"] < 1 for m in history)
+    # every epoch trains on every row exactly once (tokens are summed over both ranks)
+    rows = read_output(data)
+    assert len(rows) == 8
+    per_epoch = [sum(m["tokens"] for m in history[:2]), sum(m["tokens"] for m in history[2:])]
+    assert per_epoch == [sum(len(r["input_ids"]) for r in rows)] * 2
 
 
 def test_zero3_s3_text_only_ranks_fault_and_resume_with_mlflow(
