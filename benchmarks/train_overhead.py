@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def baseline(recipe, stage, data_uri: str, steps: int) -> float:
+def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
     """A plain loop: same model, same rows, same windows, grouping and collation as the train loop (so the
-    same padding), AdamW, 1 thread."""
+    same padding), AdamW, 1 thread, over the stage's epochs. Returns (tokens/s, steps, rows)."""
     import torch
 
     from components.batching import collate
@@ -51,7 +51,8 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
         for w, first in enumerate(range(0, len(rows), plan.window))
         for s in _steps(rows[first : first + plan.window], plan, epoch=epoch, w=w)
     ]
-    for micro_batches in all_steps[:steps]:
+    assert len(all_steps) == plan.total_steps, (len(all_steps), plan.total_steps)  # the train loop's steps
+    for micro_batches in all_steps:
         start, tokens = time.perf_counter(), 0
         for micro in micro_batches:
             tokens += sum(len(r["input_ids"]) for r in micro)
@@ -64,7 +65,7 @@ def baseline(recipe, stage, data_uri: str, steps: int) -> float:
         optimizer.zero_grad()
         tokens_done.append(tokens)
         seconds.append(time.perf_counter() - start)
-    return sum(tokens_done[2:-1]) / sum(seconds[2:-1])
+    return sum(tokens_done[2:-1]) / sum(seconds[2:-1]), len(all_steps), len(rows)
 
 
 def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> tuple[float, dict]:
@@ -113,19 +114,12 @@ def main() -> None:
         PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
         data,
     )
-    from pipelines.preprocess import read_output
-    from pipelines.train_stage import plan_stage
-
-    rows = len(read_output(data))
-    steps = plan_stage(
-        dataclasses.replace(recipe, workers=1), stage, rows, init_from=None, export_uri="-"
-    ).total_steps
-    before = baseline(recipe, stage, data, steps)
+    before, steps, rows = baseline(recipe, stage, data)  # 1 worker's steps: the plan's for its epochs
     # the same work per worker and step (micro-batch x accumulation): 2 workers take twice the global batch
     one, _ = ray_train(recipe, stage, 1, os.path.join(work, "runs"), data)
     two_stage = dataclasses.replace(stage, global_batch=2 * stage.global_batch)
     two, _ = ray_train(recipe, two_stage, 2, os.path.join(work, "runs"), data)
-    after = before if args.quick else baseline(recipe, stage, data, steps)
+    after = before if args.quick else baseline(recipe, stage, data)[0]
     base = (before + after) / 2
     print(f"plain loop before the Ray runs {before:.0f}, after {after:.0f} tokens/s")
     overhead = 1 - one / base
