@@ -328,19 +328,24 @@ def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, w
     checkpointing included)."""
     import torch
 
-    losses, tokens, micro_modalities, samples = [], 0, [], 0
+    # every rank's own rows: batches differ in length between ranks, so the step's totals need every
+    # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
+    # thread) under the forward pass instead of adding one more cross-rank wait after the optimizer step.
+    counts = torch.tensor(
+        [sum(len(r["input_ids"]) for micro in micro_batches for r in micro), sum(map(len, micro_batches))],
+        dtype=torch.float64,
+    )
+    summed = torch.distributed.all_reduce(counts, async_op=True) if world > 1 else None
+    losses, micro_modalities = [], []
     for micro in micro_batches:
         micro_modalities.append({r["modality"] for r in micro})
-        tokens += sum(len(r["input_ids"]) for r in micro)
-        samples += len(micro)
         batch = collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres)
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss.detach()))
-    counts = torch.tensor([tokens, samples], dtype=torch.float64)
-    if world > 1:  # every rank's own rows: batches differ in length between ranks
-        torch.distributed.all_reduce(counts)
+    if summed is not None:
+        summed.wait()
     tokens, samples = int(counts[0]), int(counts[1])
     interval = time.perf_counter() - last_end
     return step + 1, {
