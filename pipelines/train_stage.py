@@ -412,6 +412,28 @@ def _cached(dataset, nbytes: int):
     return dataset.materialize(), True
 
 
+def _split_config():
+    """How the train dataset reaches the workers. Streaming data: Ray Train's default, one streaming
+    split (a coordinator actor hands out blocks as workers ask). Materialized (small) data: split once
+    into equal row ranges that each worker reads straight from the object store, with no coordinator
+    actor to start (about 3 s per stage at 2 workers on 2 CPUs) or to share the CPUs with during the
+    first epoch."""
+    import ray.train
+    from ray.data.dataset import MaterializedDataset
+
+    class SplitMaterialized(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            streaming = {k: v for k, v in datasets.items() if not isinstance(v, MaterializedDataset)}
+            output = super().configure(streaming, world_size, worker_handles, worker_node_ids, **kwargs)
+            for name, ds in datasets.items():
+                if name not in streaming:
+                    for shard, part in zip(output, ds.split(world_size, equal=True), strict=True):
+                        shard[name] = part.iterator()
+            return output
+
+    return SplitMaterialized()
+
+
 def train_stage(
     recipe: Recipe,
     stage: StageSpec,
@@ -484,6 +506,7 @@ def train_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=_split_config(),
     )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
     result = trainer.fit()
     history = read_history(plan.history_uri)
