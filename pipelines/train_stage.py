@@ -54,8 +54,8 @@ class StagePlan:
     has_video: bool = False
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
     keep_shard: bool = False
-    """Small data: each rank keeps its shard's rows in memory after the first epoch, and later epochs read
-    them from there (no Ray Data restart, which stalls every rank at each epoch boundary)."""
+    """Small data: each rank reads it once and keeps its rows in memory for every epoch (``_own_windows``;
+    no Ray Data restart, which stalls every rank at each epoch boundary)."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
@@ -181,6 +181,20 @@ def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[l
     return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
 
 
+def _own_windows(shard, plan: StagePlan, rank: int, world: int) -> list[list[dict]]:
+    """Small data (``keep_shard``): every worker reads all of it once, straight from the object store, and
+    keeps every ``world``-th row from its rank on, cut into windows for every epoch. Interleaving gives every
+    rank the same mix of datasets and modalities (a mixture lists its datasets one after the other, so
+    contiguous ranges would not), and no split coordinator has to be started or share the CPUs."""
+    mine, seen = [], 0
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        first = (rank - seen) % world
+        mine.extend(batch.take(list(range(first, batch.num_rows, world))).to_pylist())
+        seen += batch.num_rows
+    mine = mine[: seen // world]  # the same count on every rank
+    return [mine[i : i + plan.window] for i in range(0, len(mine), plan.window)]
+
+
 def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
     """Gather full weights (ZeRO-3 shards them), merge LoRA, and save an HF checkpoint from rank 0."""
     import deepspeed
@@ -267,18 +281,17 @@ def train_loop(config: dict) -> None:
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     shard = ray.train.get_dataset_shard("train")
     history = []
-    kept: list[list[dict]] = []  # this rank's windows, once a whole epoch has been read (keep_shard)
+    kept: list[list[dict]] = []  # small data: this rank's windows for every epoch
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
-        reading = not kept
-        windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow") if reading else kept
         last_end = wait_start = time.perf_counter()
+        if plan.keep_shard and not kept:
+            kept = _own_windows(shard, plan, rank, world)
+        windows = kept or shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
         in_epoch = 0
         for w, window in enumerate(windows):
             waited = time.perf_counter() - wait_start
-            rows = window.to_pylist() if reading else window
-            if reading and plan.keep_shard:
-                kept.append(rows)
+            rows = window if kept else window.to_pylist()
             steps = _steps(rows, plan, epoch, w)
             for micro_batches in steps:
                 if in_epoch < skip:
@@ -399,9 +412,10 @@ CACHE_SHARE = 0.1
 
 
 def _cached(dataset, nbytes: int):
-    """(dataset, small). Small data is materialized once, so that no epoch restarts the reads (a stall of
-    seconds at every epoch boundary, with all workers waiting), and the workers keep their rows after the
-    first epoch (``keep_shard``). Large data keeps streaming from storage."""
+    """(dataset, small). Small data is materialized once and every worker keeps its rows for every epoch
+    (``keep_shard``, ``_own_windows``): no epoch restarts the reads (a stall of seconds at every epoch
+    boundary, with all workers waiting). Large data keeps streaming from storage, split between the
+    workers."""
     import ray
 
     budget = ray.cluster_resources().get("object_store_memory", 0) * CACHE_SHARE
@@ -410,28 +424,6 @@ def _cached(dataset, nbytes: int):
         return dataset, False
     log.info("caching %.1f MiB of shards in the object store for every epoch", nbytes / 2**20)
     return dataset.materialize(), True
-
-
-def _split_config():
-    """How the train dataset reaches the workers. Streaming data: Ray Train's default, one streaming
-    split (a coordinator actor hands out blocks as workers ask). Materialized (small) data: split once
-    into equal row ranges that each worker reads straight from the object store, with no coordinator
-    actor to start (about 3 s per stage at 2 workers on 2 CPUs) or to share the CPUs with during the
-    first epoch."""
-    import ray.train
-    from ray.data.dataset import MaterializedDataset
-
-    class SplitMaterialized(ray.train.DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            streaming = {k: v for k, v in datasets.items() if not isinstance(v, MaterializedDataset)}
-            output = super().configure(streaming, world_size, worker_handles, worker_node_ids, **kwargs)
-            for name, ds in datasets.items():
-                if name not in streaming:
-                    for shard, part in zip(output, ds.split(world_size, equal=True), strict=True):
-                        shard[name] = part.iterator()
-            return output
-
-    return SplitMaterialized()
 
 
 def train_stage(
@@ -506,7 +498,8 @@ def train_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        dataset_config=_split_config(),
+        # small data is not split: each worker keeps its interleaved rows (_own_windows)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if plan.keep_shard else "all"),
     )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
     result = trainer.fit()
     history = read_history(plan.history_uri)

@@ -14,7 +14,14 @@ from components.model import ModelSpec, build_model
 from components.tracking import TrackingConfig
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, stage_config
-from pipelines.train_stage import FAULT_ENV, cosine_with_warmup, plan_stage, read_history, train_stage
+from pipelines.train_stage import (
+    FAULT_ENV,
+    _own_windows,
+    cosine_with_warmup,
+    plan_stage,
+    read_history,
+    train_stage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +57,27 @@ def test_cosine_schedule_and_plan(demo_dir):
     assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (4, 2, 4)
     with pytest.raises(ValueError, match="rows for one step"):
         plan_stage(recipe, stage, 10, init_from=None, export_uri="x")
+
+
+def test_small_data_ranks_keep_interleaved_rows_of_every_block(demo_dir, ray_local):
+    """Small data: each rank keeps rows rank, rank+W, ... of the whole dataset across block boundaries, the
+    ranks together hold every row once (minus the remainder), each gets the same mix of a concatenated
+    mixture, and windows are cut to the plan's size."""
+    import ray
+
+    # a mixture as preprocessing writes it: one dataset after the other, in 5 blocks of uneven sizes
+    rows = [{"i": i, "source": "image" if i < 61 else "video"} for i in range(101)]
+    data = ray.data.from_items(rows).repartition(5).materialize()
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(demo_dir[0]))
+    plan = plan_stage(recipe, recipe.stage("stage1"), len(rows), init_from=None, export_uri="x")
+    plan = dataclasses.replace(plan, micro_batch=2, grad_accum=1, stage={**plan.stage, "group_steps": 4})
+    kept = {rank: _own_windows(data.iterator(), plan, rank, 3) for rank in range(3)}
+    for rank, windows in kept.items():
+        assert [len(w) for w in windows] == [8, 8, 8, 8, 1]  # 33 rows each: 101 // 3
+        got = [r["i"] for w in windows for r in w]
+        assert got == list(range(rank, 99, 3))
+        assert sum(r["source"] == "video" for w in windows for r in w) in (12, 13)  # of 38
+    assert sorted(r["i"] for ws in kept.values() for w in ws for r in w) == list(range(99))
 
 
 def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_path):
