@@ -18,7 +18,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from components import storage
 from components.model import ModelSpec
@@ -274,11 +276,15 @@ def train_loop(config: dict) -> None:
         step = int(client["step"])
         if rank == 0:
             print(f"resumed from checkpoint at step {step}")
-    attempt_start = step
     tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
                            run_id=plan.mlflow_run_id)  # fmt: skip
     fault = (plan.fault or "").split(":")
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
+    attempt = _Attempt(
+        engine,
+        lambda micro: collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres),
+        world, main_group, vision_group, start_step=step,
+    )  # fmt: skip
     shard = ray.train.get_dataset_shard("train")
     history = []
     kept: list[list[dict]] = []  # small data: this rank's windows for every epoch
@@ -300,8 +306,7 @@ def train_loop(config: dict) -> None:
                 if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
                     break
                 in_epoch += 1
-                step, metrics = _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world,
-                                            waited, last_end, main_group, vision_group, attempt_start)  # fmt: skip
+                step, metrics = attempt.train_step(micro_batches, step, waited, last_end)
                 waited = 0.0
                 last_end = time.perf_counter()
                 history.append(metrics)
@@ -334,47 +339,61 @@ def train_loop(config: dict) -> None:
     _export(engine, engine.module, tokenizer, plan, rank)
 
 
-def _train_step(engine, micro_batches, filler, collate, tokenizer, spec, step, world, waited, last_end,
-                main_group, vision_group, attempt_start):  # fmt: skip
-    """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every rank's
-    tokens over the wall-clock interval since the previous step ended (data wait, logging and
-    checkpointing included)."""
-    import torch
+@dataclass
+class _Attempt:
+    """What every step of one attempt shares (after a failure Ray Train restarts the worker group, and the
+    new attempt resumes from the last checkpoint at ``start_step``)."""
 
-    # every rank's own rows: batches differ in length between ranks, so the step's totals need every
-    # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
-    # thread) under the forward pass instead of adding one more cross-rank wait after the optimizer step.
-    counts = torch.tensor(
-        [sum(len(r["input_ids"]) for micro in micro_batches for r in micro), sum(map(len, micro_batches))],
-        dtype=torch.float64,
-    )
-    summed = torch.distributed.all_reduce(counts, async_op=True) if world > 1 else None
-    losses, micro_modalities = [], []
-    for micro in micro_batches:
-        micro_modalities.append({r["modality"] for r in micro})
-        batch = collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres)
-        out = engine(**batch)
-        engine.backward(out.loss)
-        engine.step()
-        losses.append(float(out.loss.detach()))
-    if summed is not None:
-        summed.wait()
-    tokens, samples = int(counts[0]), int(counts[1])
-    interval = time.perf_counter() - last_end
-    return step + 1, {
-        "step": step + 1,
-        "loss": sum(losses) / len(losses),
-        "lr": main_group["lr"],
-        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-        "tokens": tokens,
-        "step_s": interval,
-        "tokens_per_s": tokens / interval,
-        "samples_per_s": samples / interval,
-        "data_wait_share": min(1.0, waited / interval),
-        "lr_vision": vision_group["lr"] if vision_group else None,
-        "attempt_start_step": attempt_start,
-        "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
-    }
+    engine: Any
+    make_batch: Callable[[list[dict]], dict]
+    """Rows of one micro-batch -> the model's inputs (media filled in, collated)."""
+    world: int
+    main_group: dict
+    vision_group: dict | None
+    start_step: int
+
+    def train_step(self, micro_batches: list[list[dict]], step: int, waited: float, last_end: float):
+        """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every
+        rank's tokens over the wall-clock interval since the previous step ended (data wait, logging and
+        checkpointing included)."""
+        import torch
+
+        # every rank's own rows: batches differ in length between ranks, so the step's totals need every
+        # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
+        # thread) under the forward pass instead of adding one more cross-rank wait after the step.
+        counts = torch.tensor(
+            [
+                sum(len(r["input_ids"]) for micro in micro_batches for r in micro),
+                sum(map(len, micro_batches)),
+            ],
+            dtype=torch.float64,
+        )
+        summed = torch.distributed.all_reduce(counts, async_op=True) if self.world > 1 else None
+        engine, losses, micro_modalities = self.engine, [], []
+        for micro in micro_batches:
+            micro_modalities.append({r["modality"] for r in micro})
+            out = engine(**self.make_batch(micro))
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(float(out.loss.detach()))
+        if summed is not None:
+            summed.wait()
+        tokens, samples = int(counts[0]), int(counts[1])
+        interval = time.perf_counter() - last_end
+        return step + 1, {
+            "step": step + 1,
+            "loss": sum(losses) / len(losses),
+            "lr": self.main_group["lr"],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens": tokens,
+            "step_s": interval,
+            "tokens_per_s": tokens / interval,
+            "samples_per_s": samples / interval,
+            "data_wait_share": min(1.0, waited / interval),
+            "lr_vision": self.vision_group["lr"] if self.vision_group else None,
+            "attempt_start_step": self.start_step,
+            "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
+        }
 
 
 # ---- the driver side -------------------------------------------------------------------------
