@@ -33,7 +33,7 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
     from components.generation import MediaFiller
     from components.model import build_model, param_groups, set_trainable
     from pipelines.preprocess import read_output
-    from pipelines.train_stage import StagePlan, _steps, plan_stage
+    from pipelines.train_stage import StagePlan, _steps, epoch_windows, plan_stage
 
     torch.set_num_threads(1)
     rows = read_output(data_uri)
@@ -48,8 +48,8 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
     all_steps = [
         s
         for epoch in range(stage.epochs)
-        for w, first in enumerate(range(0, len(rows), plan.window))
-        for s in _steps(rows[first : first + plan.window], plan, epoch=epoch, w=w)
+        for w, window in enumerate(epoch_windows(rows, plan, epoch, rank=0))
+        for s in _steps(window, plan, epoch=epoch, w=w)
     ]
     assert len(all_steps) == plan.total_steps, (len(all_steps), plan.total_steps)  # the train loop's steps
     for micro_batches in all_steps:

@@ -56,8 +56,8 @@ class StagePlan:
     has_video: bool = False
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
     keep_shard: bool = False
-    """Small data: each rank reads it once and keeps its rows in memory for every epoch (``_own_windows``;
-    no Ray Data restart, which stalls every rank at each epoch boundary)."""
+    """Small data: each rank reads it once and keeps its rows in memory for every epoch (``_own_rows``,
+    reshuffled each epoch; no Ray Data restart, which stalls every rank at each epoch boundary)."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
@@ -183,18 +183,27 @@ def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[l
     return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
 
 
-def _own_windows(shard, plan: StagePlan, rank: int, world: int) -> list[list[dict]]:
+def _own_rows(shard, rank: int, world: int) -> list[dict]:
     """Small data (``keep_shard``): every worker reads all of it once, straight from the object store, and
-    keeps every ``world``-th row from its rank on, cut into windows for every epoch. Interleaving gives every
-    rank the same mix of datasets and modalities (a mixture lists its datasets one after the other, so
-    contiguous ranges would not), and no split coordinator has to be started or share the CPUs."""
+    keeps rows rank, rank+W, ... Interleaving gives every rank the same mix of datasets and modalities (a
+    mixture lists its datasets one after the other, so contiguous ranges would not), and no split
+    coordinator has to be started or share the CPUs."""
     mine, seen = [], 0
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
         first = (rank - seen) % world
         mine.extend(batch.take(list(range(first, batch.num_rows, world))).to_pylist())
         seen += batch.num_rows
-    mine = mine[: seen // world]  # the same count on every rank
-    return [mine[i : i + plan.window] for i in range(0, len(mine), plan.window)]
+    return mine[: seen // world]  # the same count on every rank
+
+
+def epoch_windows(rows: list[dict], plan: StagePlan, epoch: int, rank: int) -> list[list[dict]]:
+    """A rank's kept rows for one epoch: reshuffled every epoch (seeded by the stage seed, the epoch and
+    the rank, so a resumed attempt sees the same windows), then cut into windows."""
+    import random
+
+    rows = list(rows)
+    random.Random(f"{plan.stage['seed']}:{epoch}:{rank}").shuffle(rows)
+    return [rows[i : i + plan.window] for i in range(0, len(rows), plan.window)]
 
 
 def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
@@ -287,13 +296,16 @@ def train_loop(config: dict) -> None:
     )  # fmt: skip
     shard = ray.train.get_dataset_shard("train")
     history = []
-    kept: list[list[dict]] = []  # small data: this rank's windows for every epoch
+    kept: list[dict] = []  # small data: this rank's rows for every epoch
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
         last_end = wait_start = time.perf_counter()
         if plan.keep_shard and not kept:
-            kept = _own_windows(shard, plan, rank, world)
-        windows = kept or shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
+            kept = _own_rows(shard, rank, world)
+        if kept:
+            windows = epoch_windows(kept, plan, epoch, rank)
+        else:
+            windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
         in_epoch = 0
         for w, window in enumerate(windows):
             waited = time.perf_counter() - wait_start
@@ -432,7 +444,7 @@ CACHE_SHARE = 0.1
 
 def _cached(dataset, nbytes: int):
     """(dataset, small). Small data is materialized once and every worker keeps its rows for every epoch
-    (``keep_shard``, ``_own_windows``): no epoch restarts the reads (a stall of seconds at every epoch
+    (``keep_shard``, ``_own_rows``): no epoch restarts the reads (a stall of seconds at every epoch
     boundary, with all workers waiting). Large data keeps streaming from storage, split between the
     workers."""
     import ray
@@ -517,7 +529,7 @@ def train_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        # small data is not split: each worker keeps its interleaved rows (_own_windows)
+        # small data is not split: each worker keeps its interleaved rows (_own_rows)
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if plan.keep_shard else "all"),
     )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
     result = trainer.fit()

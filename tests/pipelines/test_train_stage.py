@@ -16,8 +16,9 @@ from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, stage_config
 from pipelines.train_stage import (
     FAULT_ENV,
-    _own_windows,
+    _own_rows,
     cosine_with_warmup,
+    epoch_windows,
     plan_stage,
     read_history,
     train_stage,
@@ -59,25 +60,31 @@ def test_cosine_schedule_and_plan(demo_dir):
         plan_stage(recipe, stage, 10, init_from=None, export_uri="x")
 
 
-def test_small_data_ranks_keep_interleaved_rows_of_every_block(demo_dir, ray_local):
+def test_small_data_ranks_keep_interleaved_rows_reshuffled_each_epoch(demo_dir, ray_local):
     """Small data: each rank keeps rows rank, rank+W, ... of the whole dataset across block boundaries, the
     ranks together hold every row once (minus the remainder), each gets the same mix of a concatenated
-    mixture, and windows are cut to the plan's size."""
+    mixture; every epoch reshuffles a rank's rows (the same way on a resumed attempt) into windows of the
+    plan's size."""
     import ray
 
     # a mixture as preprocessing writes it: one dataset after the other, in 5 blocks of uneven sizes
     rows = [{"i": i, "source": "image" if i < 61 else "video"} for i in range(101)]
     data = ray.data.from_items(rows).repartition(5).materialize()
+    kept = {rank: _own_rows(data.iterator(), rank, 3) for rank in range(3)}
+    for rank, mine in kept.items():
+        assert [r["i"] for r in mine] == list(range(rank, 99, 3))  # 33 rows each: 101 // 3
+        assert sum(r["source"] == "video" for r in mine) in (12, 13)  # of 38
+    assert sorted(r["i"] for mine in kept.values() for r in mine) == list(range(99))
+
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(demo_dir[0]))
     plan = plan_stage(recipe, recipe.stage("stage1"), len(rows), init_from=None, export_uri="x")
     plan = dataclasses.replace(plan, micro_batch=2, grad_accum=1, stage={**plan.stage, "group_steps": 4})
-    kept = {rank: _own_windows(data.iterator(), plan, rank, 3) for rank in range(3)}
-    for rank, windows in kept.items():
-        assert [len(w) for w in windows] == [8, 8, 8, 8, 1]  # 33 rows each: 101 // 3
-        got = [r["i"] for w in windows for r in w]
-        assert got == list(range(rank, 99, 3))
-        assert sum(r["source"] == "video" for w in windows for r in w) in (12, 13)  # of 38
-    assert sorted(r["i"] for ws in kept.values() for w in ws for r in w) == list(range(99))
+    epochs = [epoch_windows(kept[1], plan, epoch, rank=1) for epoch in range(3)]
+    for windows in epochs:
+        assert [len(w) for w in windows] == [8, 8, 8, 8, 1]
+        assert sorted(r["i"] for w in windows for r in w) == list(range(1, 99, 3))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert epoch_windows(kept[1], plan, 1, rank=1) == epochs[1]  # a resumed attempt: the same windows
 
 
 def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_path):
