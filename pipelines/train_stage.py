@@ -184,16 +184,25 @@ def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[l
 
 
 def _own_rows(shard, rank: int, world: int) -> list[dict]:
-    """Small data (``keep_shard``): every worker reads all of it once, straight from the object store, and
-    keeps rows rank, rank+W, ... Interleaving gives every rank the same mix of datasets and modalities (a
-    mixture lists its datasets one after the other, so contiguous ranges would not), and no split
-    coordinator has to be started or share the CPUs."""
-    mine, seen = [], 0
+    """Small data (``keep_shard``): every worker reads it from the object store (twice: once for the row
+    keys, once for its rows) and keeps rows rank, rank+W, ... of the mixture's order, (source, index).
+    That order, not the order of the stored blocks (which depends on how preprocessing's tasks finished),
+    makes a run reproducible; interleaving gives every rank the same mix of datasets and modalities (a
+    mixture lists its datasets one after the other); and no split coordinator has to be started."""
+
+    def key(row) -> tuple:
+        return (row["source"], row["index"])
+
+    keys = []
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        first = (rank - seen) % world
-        mine.extend(batch.take(list(range(first, batch.num_rows, world))).to_pylist())
-        seen += batch.num_rows
-    return mine[: seen // world]  # the same count on every rank
+        keys.extend(key(r) for r in batch.select(["source", "index"]).to_pylist())
+    share = len(keys) // world  # the same count on every rank
+    wanted = set(sorted(keys)[rank::world][:share])
+    mine = []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        picked = [i for i, r in enumerate(batch.select(["source", "index"]).to_pylist()) if key(r) in wanted]
+        mine.extend(batch.take(picked).to_pylist())
+    return sorted(mine, key=key)[:share]
 
 
 def epoch_windows(rows: list[dict], plan: StagePlan, epoch: int, rank: int) -> list[list[dict]]:

@@ -61,19 +61,21 @@ def test_cosine_schedule_and_plan(demo_dir):
 
 
 def test_small_data_ranks_keep_interleaved_rows_reshuffled_each_epoch(demo_dir, ray_local):
-    """Small data: each rank keeps rows rank, rank+W, ... of the whole dataset across block boundaries, the
+    """Small data: each rank keeps rows rank, rank+W, ... of the mixture's order across blocks, the
     ranks together hold every row once (minus the remainder), each gets the same mix of a concatenated
     mixture; every epoch reshuffles a rank's rows (the same way on a resumed attempt) into windows of the
     plan's size."""
     import ray
 
-    # a mixture as preprocessing writes it: one dataset after the other, in 5 blocks of uneven sizes
-    rows = [{"i": i, "source": "image" if i < 61 else "video"} for i in range(101)]
-    data = ray.data.from_items(rows).repartition(5).materialize()
+    # a mixture of two datasets, stored in 5 blocks of uneven sizes in an order unlike the mixture's (as
+    # preprocessing's tasks may finish): ranks take rows in the mixture's (source, index) order
+    rows = [{"i": i, "source": "a_image" if i < 61 else "b_video", "index": i if i < 61 else i - 61}
+            for i in range(101)]  # fmt: skip
+    data = ray.data.from_items(rows[50:] + rows[:50]).repartition(5).materialize()
     kept = {rank: _own_rows(data.iterator(), rank, 3) for rank in range(3)}
     for rank, mine in kept.items():
         assert [r["i"] for r in mine] == list(range(rank, 99, 3))  # 33 rows each: 101 // 3
-        assert sum(r["source"] == "video" for r in mine) in (12, 13)  # of 38
+        assert sum(r["source"] == "b_video" for r in mine) in (12, 13)  # of 38
     assert sorted(r["i"] for mine in kept.values() for r in mine) == list(range(99))
 
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(demo_dir[0]))
