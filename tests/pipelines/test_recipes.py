@@ -18,7 +18,7 @@ def test_every_recipe_and_profile_loads(name, profile, demo_dir):
         config = stage_config(recipe, stage)
         assert config.template == stage.template
         if profile == "tiny":
-            assert stage.max_steps is not None or stage.epochs <= 3
+            assert stage.max_steps is not None or stage.epochs <= 4  # tiny stays small: minutes on 2 CPUs
             entries = resolve_mixture(stage.data, recipe.data_root)
             assert entries and not any(e.read_error for e in entries)
             assert os.path.isabs(stage.data["datasets"][0]["json_path"])
