@@ -22,7 +22,16 @@ import ray
 
 from components import storage
 from components.manifest import Entry, load_mixture, mixture_manifest, resolve_mixture
-from pipelines.stages import STAGES, WORK_SCHEMA, Chain, Emit, StageConfig, _reject, read_rejects
+from pipelines.stages import (
+    STAGES,
+    WORK_SCHEMA,
+    Chain,
+    Emit,
+    StageConfig,
+    _reject,
+    mixture_order,
+    read_rejects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +167,7 @@ def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
 
 
 def read_output(uri: str) -> list[dict]:
-    """Every output row under ``<out>/data``, ordered by (source, index)."""
+    """Every output row under ``<out>/data``, in the mixture's order."""
     fs, path = storage.resolve(storage.join(uri, "data"))
     rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
-    return sorted(rows, key=lambda r: (r["source"], r["index"]))
+    return sorted(rows, key=mixture_order)

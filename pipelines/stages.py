@@ -392,9 +392,15 @@ class Chain:
 STAGES = (LoadMedia, DecodeVideo, TileMedia, Tokenize)
 
 
+def mixture_order(row: dict) -> tuple:
+    """A row's place in its mixture, (source, index): the order of the manifest, whatever order
+    preprocessing's tasks wrote the rows (or rejects) in."""
+    return (row["source"], row["index"])
+
+
 def read_rejects(rejects_uri: str) -> list[dict]:
     rows = []
     for rel in storage.list_files(rejects_uri):
         if rel.endswith(".parquet"):
             rows += pq.read_table(io.BytesIO(storage.read_bytes(storage.join(rejects_uri, rel)))).to_pylist()
-    return sorted(rows, key=lambda r: (r["source"], r["index"]))
+    return sorted(rows, key=mixture_order)

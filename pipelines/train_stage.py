@@ -189,20 +189,19 @@ def _own_rows(shard, rank: int, world: int) -> list[dict]:
     That order, not the order of the stored blocks (which depends on how preprocessing's tasks finished),
     makes a run reproducible; interleaving gives every rank the same mix of datasets and modalities (a
     mixture lists its datasets one after the other); and no split coordinator has to be started."""
+    from pipelines.stages import mixture_order
 
-    def key(row) -> tuple:
-        return (row["source"], row["index"])
+    def batches_with_keys():
+        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+            yield batch, [mixture_order(r) for r in batch.select(["source", "index"]).to_pylist()]
 
-    keys = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        keys.extend(key(r) for r in batch.select(["source", "index"]).to_pylist())
+    keys = [key for _, batch_keys in batches_with_keys() for key in batch_keys]
     share = len(keys) // world  # the same count on every rank
     wanted = set(sorted(keys)[rank::world][:share])
     mine = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        picked = [i for i, r in enumerate(batch.select(["source", "index"]).to_pylist()) if key(r) in wanted]
-        mine.extend(batch.take(picked).to_pylist())
-    return sorted(mine, key=key)[:share]
+    for batch, batch_keys in batches_with_keys():
+        mine.extend(batch.take([i for i, key in enumerate(batch_keys) if key in wanted]).to_pylist())
+    return sorted(mine, key=mixture_order)[:share]
 
 
 def epoch_windows(rows: list[dict], plan: StagePlan, epoch: int, rank: int) -> list[list[dict]]:
