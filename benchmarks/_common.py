@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def scratch(prefix: str) -> str:
+    """A temporary directory for one benchmark run, removed when the run exits (the demo data, shards
+    and checkpoints of a run come to hundreds of MiB)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def median_seconds(fn, repeats: int) -> float:

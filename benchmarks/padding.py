@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,13 +29,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from benchmarks._common import machine
+    from benchmarks._common import machine, scratch
     from components.batching import group_rows, padding_share
     from pipelines.preprocess import PreprocessConfig, resolve_entries, work_table
     from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
     from pipelines.stages import STAGES, Emit
 
-    demo = ensure_demo_data(os.path.join(tempfile.mkdtemp(prefix="llava-ray-pad-"), "demo"))
+    demo = ensure_demo_data(os.path.join(scratch("llava-ray-pad-"), "demo"))
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     stage = recipe.stage("stage2_ov")
     config = PreprocessConfig(
@@ -47,7 +46,7 @@ def main() -> None:
         table = cls(config.stage)(table)
     rows = [
         {k: r[k] for k in ("modality", "input_ids", "pixel_shape")}
-        for r in Emit(tempfile.mkdtemp())(table).to_pylist()
+        for r in Emit(scratch("llava-ray-pad-rejects-"))(table).to_pylist()
     ]
     window = args.micro * args.accum * args.group_steps
     naive, ours = [], []

@@ -14,13 +14,12 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks._common import final_line, machine  # noqa: E402
+from benchmarks._common import final_line, machine, scratch  # noqa: E402
 
 
 def run(ray, config, entries, rejects: str) -> tuple[float, int, int]:
@@ -50,7 +49,7 @@ def main() -> None:
     from pipelines.preprocess import PreprocessConfig, resolve_entries
     from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
 
-    work = tempfile.mkdtemp(prefix="llava-ray-bench-")
+    work = scratch("llava-ray-bench-")
     demo = ensure_demo_data(os.path.join(work, "demo"), tile_size=args.tile_size)
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     recipe.model.anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)

@@ -14,7 +14,6 @@ import io
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,12 +72,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from benchmarks._common import machine
+    from benchmarks._common import machine, scratch
     from components.model import ModelSpec, build_model, save_model
     from serve.app import ServeConfig, build_app
     from tests.conftest import free_port
 
-    checkpoint = os.path.join(tempfile.mkdtemp(prefix="llava-ray-serve-bench-"), "hf")
+    checkpoint = os.path.join(scratch("llava-ray-serve-bench-"), "hf")
     model, tokenizer = build_model(ModelSpec())
     save_model(model, tokenizer, checkpoint)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

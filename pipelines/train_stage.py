@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,8 +56,11 @@ class StagePlan:
     has_video: bool = False
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
     keep_shard: bool = False
-    """Small data: each rank reads it once and keeps its rows in memory for every epoch (``_own_rows``,
-    reshuffled each epoch; no Ray Data restart, which stalls every rank at each epoch boundary)."""
+    """Small data: each rank reads it once from ``shards_uri`` and keeps its rows in memory for every epoch
+    (``_own_rows``, reshuffled each epoch; no Ray Data restart, which stalls every rank at each epoch
+    boundary). Otherwise the rows stream from Ray Data, split between the workers."""
+    shards_uri: str | None = None
+    """The Parquet shards preprocessing wrote (``<data>/data``), for small data."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
 
@@ -183,16 +186,24 @@ def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[l
     return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
 
 
-def _own_rows(shard, rank: int, world: int) -> list[dict]:
-    """Small data (``keep_shard``): every worker reads it from the object store (twice: once for the row
-    keys, once for its rows) and keeps rows rank, rank+W, ... of the mixture's order, (source, index).
-    That order, not the order of the stored blocks (which depends on how preprocessing's tasks finished),
-    makes a run reproducible; interleaving gives every rank the same mix of datasets and modalities (a
-    mixture lists its datasets one after the other); and no split coordinator has to be started."""
+def shard_batches(uri: str):
+    """Record batches of the Parquet shards under a URI (local or s3://), read with pyarrow."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_batches(batch_size=1024)
+
+
+def _own_rows(batches: Callable[[], Iterable], rank: int, world: int) -> list[dict]:
+    """Small data (``keep_shard``): every worker reads the shards (``batches()``: Arrow record batches)
+    twice, once for the row keys, once for its rows, and keeps rows rank, rank+W, ... of the mixture's
+    order, (source, index). That order, not the order of the stored files (which depends on how
+    preprocessing's tasks finished), makes a run reproducible; interleaving gives every rank the same mix
+    of datasets and modalities (a mixture lists its datasets one after the other)."""
     from pipelines.stages import mixture_order
 
     def batches_with_keys():
-        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        for batch in batches():
             yield batch, [mixture_order(r) for r in batch.select(["source", "index"]).to_pylist()]
 
     keys = [key for _, batch_keys in batches_with_keys() for key in batch_keys]
@@ -200,7 +211,9 @@ def _own_rows(shard, rank: int, world: int) -> list[dict]:
     wanted = set(sorted(keys)[rank::world][:share])
     mine = []
     for batch, batch_keys in batches_with_keys():
-        mine.extend(batch.take([i for i, key in enumerate(batch_keys) if key in wanted]).to_pylist())
+        take = [i for i, key in enumerate(batch_keys) if key in wanted]
+        if take:
+            mine.extend(batch.take(take).to_pylist())
     return sorted(mine, key=mixture_order)[:share]
 
 
@@ -302,14 +315,14 @@ def train_loop(config: dict) -> None:
         lambda micro: collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres),
         world, main_group, vision_group, start_step=step,
     )  # fmt: skip
-    shard = ray.train.get_dataset_shard("train")
+    shard = None if plan.keep_shard else ray.train.get_dataset_shard("train")
     history = []
     kept: list[dict] = []  # small data: this rank's rows for every epoch
     while step < plan.total_steps:
         epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
         last_end = wait_start = time.perf_counter()
         if plan.keep_shard and not kept:
-            kept = _own_rows(shard, rank, world)
+            kept = _own_rows(lambda: shard_batches(plan.shards_uri), rank, world)
         if kept:
             windows = epoch_windows(kept, plan, epoch, rank)
         else:
@@ -446,23 +459,21 @@ def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | Non
     )  # fmt: skip
 
 
-CACHE_SHARE = 0.1
-"""Shards smaller than this share of the object store are read once and kept there for every epoch."""
+SMALL_DATA_SHARE = 0.1
+"""Shards smaller than this share of the object store count as small data (``StagePlan.keep_shard``)."""
 
 
-def _cached(dataset, nbytes: int):
-    """(dataset, small). Small data is materialized once and every worker keeps its rows for every epoch
-    (``keep_shard``, ``_own_rows``): no epoch restarts the reads (a stall of seconds at every epoch
-    boundary, with all workers waiting). Large data keeps streaming from storage, split between the
-    workers."""
+def _small(nbytes: int) -> bool:
+    """Small data is read by every worker straight from storage, once, and kept for every epoch: no Ray Data
+    pipeline, split coordinator or materialized copy to start (seconds per stage), and no epoch restarts
+    the reads (a stall of seconds at every epoch boundary, with all workers waiting). Large data streams
+    from storage through Ray Data every epoch, split between the workers."""
     import ray
 
-    budget = ray.cluster_resources().get("object_store_memory", 0) * CACHE_SHARE
-    if nbytes > budget:
-        log.info("streaming %.1f MiB of shards from storage every epoch", nbytes / 2**20)
-        return dataset, False
-    log.info("caching %.1f MiB of shards in the object store for every epoch", nbytes / 2**20)
-    return dataset.materialize(), True
+    small = nbytes <= ray.cluster_resources().get("object_store_memory", 0) * SMALL_DATA_SHARE
+    how = "read once by every worker and kept" if small else "streamed through Ray Data every epoch"
+    log.info("%.1f MiB of shards: %s", nbytes / 2**20, how)
+    return small
 
 
 def train_stage(
@@ -507,10 +518,11 @@ def train_stage(
         parent_run_id=parent_run_id,
         tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": run_id},
     )
-    data_fs, data_path = storage.resolve(shards_uri)
-    dataset, plan.keep_shard = _cached(
-        ray.data.read_parquet(data_path, filesystem=data_fs), storage.dir_bytes(shards_uri)
-    )
+    plan.keep_shard, plan.shards_uri = _small(storage.dir_bytes(shards_uri)), shards_uri
+    datasets = {}
+    if not plan.keep_shard:
+        data_fs, data_path = storage.resolve(shards_uri)
+        datasets["train"] = ray.data.read_parquet(data_path, filesystem=data_fs)
     resolved = {"plan": {k: v for k, v in asdict(plan).items() if k not in ("tracking",)},
                 "deepspeed": deepspeed_config(plan), "mixture_digest": mixture_digest}  # fmt: skip
     log.info("stage %s resolved config: %s", stage.name, json.dumps(resolved, default=str))
@@ -536,9 +548,7 @@ def train_stage(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
-        # small data is not split: each worker keeps its interleaved rows (_own_rows)
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if plan.keep_shard else "all"),
+        datasets=datasets,  # none for small data: each worker reads its interleaved rows (_own_rows)
     )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
     result = trainer.fit()
     history = read_history(plan.history_uri)
@@ -553,6 +563,7 @@ def train_stage(
         "hf_uri": hf_uri,
         "mlflow_run_id": plan.mlflow_run_id,
         "trainable": stage.trainable,
+        "streamed": not plan.keep_shard,
     }
     report = evaluate_export(recipe, stage, hf_uri)
     if report:

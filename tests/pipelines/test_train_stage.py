@@ -21,6 +21,7 @@ from pipelines.train_stage import (
     epoch_windows,
     plan_stage,
     read_history,
+    shard_batches,
     train_stage,
 )
 
@@ -60,19 +61,19 @@ def test_cosine_schedule_and_plan(demo_dir):
         plan_stage(recipe, stage, 10, init_from=None, export_uri="x")
 
 
-def test_small_data_ranks_keep_interleaved_rows_reshuffled_each_epoch(demo_dir, ray_local):
-    """Small data: each rank keeps rows rank, rank+W, ... of the mixture's order across blocks, the
-    ranks together hold every row once (minus the remainder), each gets the same mix of a concatenated
-    mixture; every epoch reshuffles a rank's rows (the same way on a resumed attempt) into windows of the
-    plan's size."""
+def test_small_data_ranks_keep_interleaved_rows_reshuffled_each_epoch(demo_dir, ray_local, tmp_path):
+    """Small data: each rank reads the shards from storage and keeps rows rank, rank+W, ... of the
+    mixture's order across files; the ranks together hold every row once (minus the remainder), each
+    gets the same mix of a concatenated mixture; every epoch reshuffles a rank's rows (the same way on a
+    resumed attempt) into windows of the plan's size."""
     import ray
 
-    # a mixture of two datasets, stored in 5 blocks of uneven sizes in an order unlike the mixture's (as
-    # preprocessing's tasks may finish): ranks take rows in the mixture's (source, index) order
+    # a mixture of two datasets, stored in 5 files in an order unlike the mixture's (as preprocessing's
+    # tasks may finish): ranks take rows in the mixture's (source, index) order
     rows = [{"i": i, "source": "a_image" if i < 61 else "b_video", "index": i if i < 61 else i - 61}
             for i in range(101)]  # fmt: skip
-    data = ray.data.from_items(rows[50:] + rows[:50]).repartition(5).materialize()
-    kept = {rank: _own_rows(data.iterator(), rank, 3) for rank in range(3)}
+    ray.data.from_items(rows[50:] + rows[:50]).repartition(5).write_parquet(str(tmp_path / "shards"))
+    kept = {rank: _own_rows(lambda: shard_batches(str(tmp_path / "shards")), rank, 3) for rank in range(3)}
     for rank, mine in kept.items():
         assert [r["i"] for r in mine] == list(range(rank, 99, 3))  # 33 rows each: 101 // 3
         assert sum(r["source"] == "b_video" for r in mine) in (12, 13)  # of 38
@@ -204,10 +205,16 @@ def onevision_data(demo_dir, ray_local, tmp_path_factory):
 
 
 @pytest.mark.parametrize("zero, where", [(2, "local"), (3, "s3")])
-def test_every_onevision_stage_under_zero(zero, where, onevision_data, s3_bucket, tmp_path):
+def test_every_onevision_stage_under_zero(zero, where, onevision_data, s3_bucket, tmp_path, monkeypatch):
     """The whole tiny curriculum, each stage from the previous stage's export, with 2 workers: checkpoints
-    in storage after every step, and each stage changes exactly its trainable parts."""
+    in storage after every step, and each stage changes exactly its trainable parts. Under ZeRO-2 the rows
+    stream through Ray Data, split between the workers, as large data does; under ZeRO-3 every worker
+    reads the small data once and keeps its rows."""
+    import pipelines.train_stage
+
     recipe, stages, data = onevision_data
+    if zero == 2:
+        monkeypatch.setattr(pipelines.train_stage, "SMALL_DATA_SHARE", 0.0)
     run = f"{s3_bucket}/zero{zero}" if where == "s3" else str(tmp_path / "runs")
     before, init = _weights(build_model(recipe.model)[0]), None
     parts = {"vision_tower": ("model.vision_tower.",), "multi_modal_projector": ("model.multi_modal_projector.",),
@@ -217,7 +224,7 @@ def test_every_onevision_stage_under_zero(zero, where, onevision_data, s3_bucket
         record = train_stage(
             recipe, stage, storage_uri=run, run_id="c", data_uri=data[stage.name], init_from=init
         )
-        assert record["steps"] == 2, stage.name
+        assert record["steps"] == 2 and record["streamed"] == (zero == 2), stage.name
         assert record["checkpoint_uri"].startswith("s3://" if where == "s3" else "/")
         assert storage.exists(record["checkpoint_uri"]) and storage.is_complete(record["hf_uri"])
         resolved = json.loads(storage.read_text(storage.join(run, "c", stage.name, "result.json")))
