@@ -3,6 +3,10 @@
 Both run single-threaded in this process, on the same decoded PIL images (decoding is not timed),
 interleaved per image so that machine noise hits both. Output equality is asserted first.
 
+A second table measures the opt-in ``AnyResConfig(jpeg_draft=True)`` on JPEG files, decoding included
+(that is where it saves): its speed against our exact path and how far its tiles are from the exact
+ones. It is not identical, so it is not part of the ratio.
+
     python benchmarks/anyres.py [--quick]
 """
 
@@ -19,7 +23,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks._common import final_line, machine, median_seconds  # noqa: E402
-from components.anyres import AnyResConfig, grid_pinpoints, tile_image  # noqa: E402
+from components.anyres import AnyResConfig, base_tile, grid_pinpoints, tile_image  # noqa: E402
 
 # (height, width): COCO-like photos, phone photos, video stills, documents, small crops.
 SIZES = [(480, 640), (640, 480), (375, 500), (427, 640), (768, 1024), (720, 1280), (1080, 1920),
@@ -30,6 +34,41 @@ def photo(rng: np.random.Generator, height: int, width: int) -> Image.Image:
     """Smooth random content (a low-resolution field upsampled), like a photo to the resampler."""
     small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
     return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+# (height, width) of JPEG photos: a 12 MP phone photo, a 48 MP one, a 1080p still
+DRAFT_SIZES = [(3024, 4032), (6000, 8000), (1080, 1920)]
+
+
+def draft_table(rng: np.random.Generator, repeats: int) -> None:
+    """jpeg_draft against our exact path, Image.open + tiling timed together, for an AnyRes image and for
+    a multi-image item's base tile; deviation in normalized units (one uint8 step is about 0.015)."""
+    import io
+
+    exact, draft = AnyResConfig(), AnyResConfig(jpeg_draft=True)
+    print(f"\njpeg_draft (opt-in, not identical): JPEG quality 90, decoding included, medians of {repeats}")
+    print(f"{'image (h x w)':>14s} {'item':>10s} {'decoded at':>11s} {'exact ms':>9s} {'draft ms':>9s} "
+          f"{'speed-up':>8s} {'mean dev':>8s} {'max dev':>8s}")  # fmt: skip
+    for h, w in DRAFT_SIZES:
+        buffer = io.BytesIO()
+        photo(rng, h, w).save(buffer, "JPEG", quality=90)
+        data = buffer.getvalue()
+        for item, fn in (
+            ("anyres", lambda im, c: tile_image(im, c).pixel_values),
+            ("multi-image", base_tile),
+        ):
+            probe = Image.open(io.BytesIO(data))
+            out_draft = fn(probe, draft)
+            out_exact = fn(Image.open(io.BytesIO(data)), exact)
+            t_exact = median_seconds(
+                lambda fn=fn, data=data: fn(Image.open(io.BytesIO(data)), exact), repeats
+            )
+            t_draft = median_seconds(
+                lambda fn=fn, data=data: fn(Image.open(io.BytesIO(data)), draft), repeats
+            )
+            dev = np.abs(out_draft - out_exact)
+            print(f"{h:>6d} x {w:<6d} {item:>10s} {probe.height:>5d}x{probe.width:<5d} {t_exact * 1e3:9.1f} "
+                  f"{t_draft * 1e3:9.1f} {t_exact / t_draft:7.2f}x {dev.mean():8.4f} {dev.max():8.3f}")  # fmt: skip
 
 
 def main() -> None:
@@ -62,6 +101,7 @@ def main() -> None:
         print(f"{h:>6d} x {w:<6d} {tiles:5d} {t_hf * 1e3:8.1f} {t_ours * 1e3:8.1f} {t_hf / t_ours:6.2f}")
     n = len(images)
     print(f"throughput: hf {n / hf_total:.1f} img/s, ours {n / ours_total:.1f} img/s (medians of {repeats})")
+    draft_table(rng, 1 if args.quick else 5)
     print(final_line("anyres", hf_total / ours_total, "5x"))
 
 

@@ -6,8 +6,9 @@ and the token counts equal what ``LlavaOnevisionProcessor`` expands, so checkpoi
 here behave the same wherever they are served.
 
 Speed comes from doing each step once: one conversion to RGB, one resize to the grid
-resolution, one resize to the base tile, padding into a uint8 canvas, and a fused
-rescale+normalize through a per-channel 256-entry lookup table (exact, since inputs are uint8).
+resolution, one resize to the base tile, padding into a uint8 canvas, tiles cut as views of
+it, and one fused float32 rescale+normalize pass. ``AnyResConfig.jpeg_draft`` (opt-in, not
+identical) lets libjpeg decode large JPEGs at a reduced scale before those resizes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class AnyResConfig:
     resize; what transformers does for multi-image samples) or "resize" (squash to the tile)."""
     mean: tuple[float, float, float] = field(default=OPENAI_CLIP_MEAN)
     std: tuple[float, float, float] = field(default=OPENAI_CLIP_STD)
+    jpeg_draft: bool = False
+    """Opt-in: a JPEG not yet decoded is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT), the
+    smallest that still covers every size it is resized to; the grid and token counts still come from
+    its full size. Faster on large photos, but the tiles are no longer identical to transformers'
+    (deviation measured in benchmarks/anyres.py and benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "patch_size", "max_grid", "max_tiles"):
@@ -59,6 +65,8 @@ class AnyResConfig:
             raise ValueError(
                 f"AnyResConfig.multi_image_mode: expected 'pad' or 'resize', found {self.multi_image_mode!r}"
             )
+        if not isinstance(self.jpeg_draft, bool):
+            raise ValueError(f"AnyResConfig.jpeg_draft: expected true or false, found {self.jpeg_draft!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(
                 f"AnyResConfig.mean/std: expected 3 values each, found {self.mean!r} / {self.std!r}"
@@ -138,17 +146,25 @@ def _check_size(image: Image.Image) -> Size:
     return image.height, image.width
 
 
+def _draft(image: Image.Image, config: AnyResConfig, width: int, height: int) -> None:
+    """With ``config.jpeg_draft``, a JPEG that is not decoded yet will be decoded at the largest reduction
+    (1/2, 1/4, 1/8) that keeps it at least width x height. A no-op for other images and decoded ones."""
+    if config.jpeg_draft and image.format == "JPEG" and len(getattr(image, "tile", None) or ()) == 1:
+        image.draft(None, (max(1, width), max(1, height)))
+
+
 def tile_image_uint8(image: Image.Image, config: AnyResConfig) -> tuple[np.ndarray, Size, Size]:
     """AnyRes before normalization: (uint8 [1 + rows*cols, 3, T, T] base first, image_size, (rows, cols)).
 
     Pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, and put the
     base image (resized to T x T) first.
     """
-    image_size = _check_size(image)
-    rgb = to_rgb(image)
+    image_size = _check_size(image)  # the full size, also under jpeg_draft: it sets the grid and tokens
     t = config.tile_size
     best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
     new_h, new_w = fit_size(image_size, (best_h, best_w))
+    _draft(image, config, max(new_w, t), max(new_h, t))
+    rgb = to_rgb(image)
     top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
     canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
     canvas[top : top + new_h, left : left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
@@ -178,9 +194,14 @@ def tile_image(image: Image.Image, config: AnyResConfig) -> TiledImage:
 
 def base_tile_uint8(image: Image.Image, config: AnyResConfig) -> np.ndarray:
     """One uint8 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
-    _check_size(image)
-    rgb = to_rgb(image)
+    height, width = _check_size(image)
     t = config.tile_size
+    if config.multi_image_mode == "pad":  # the longer side becomes the tile's
+        side = max(height, width)
+        _draft(image, config, math.ceil(width * t / side), math.ceil(height * t / side))
+    else:
+        _draft(image, config, t, t)
+    rgb = to_rgb(image)
     if config.multi_image_mode == "pad" and rgb.width != rgb.height:
         side = max(rgb.width, rgb.height)
         fill = tuple(int(m * 255) for m in config.mean)

@@ -269,8 +269,18 @@ class TileMedia(Stage):
             media = process_video(frames, spec.arch, spec.anyres, normalize=normalize)
             row["frames"] = None
         else:
-            images = [self._open(row, i, data) for i, data in enumerate(row.get("image_data") or [])]
-            media = process_images(images, spec.arch, spec.anyres, normalize=normalize)
+            images = [
+                self._open(row, i, data, spec.anyres.jpeg_draft)
+                for i, data in enumerate(row.get("image_data") or [])
+            ]
+            try:  # under jpeg_draft a JPEG is decoded here, at the reduced scale tiling asks for
+                media = process_images(images, spec.arch, spec.anyres, normalize=normalize)
+            except (OSError, SyntaxError) as e:
+                for i, data in enumerate(row["image_data"]):  # which one: decode each in full
+                    self._open(row, i, data)
+                raise MediaError(
+                    "corrupt_image", f"sample {row['sample_id']!r}, field 'image': {type(e).__name__}: {e}"
+                ) from e
             row["image_data"] = []
         if media.pixel_values is not None:
             row["pixel_values"] = np.ascontiguousarray(media.pixel_values).tobytes()
@@ -283,10 +293,11 @@ class TileMedia(Stage):
         return row
 
     @staticmethod
-    def _open(row: dict, i: int, data: bytes) -> Image.Image:
+    def _open(row: dict, i: int, data: bytes, jpeg_draft: bool = False) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data))
-            image.load()
+            if not (jpeg_draft and image.format == "JPEG"):  # a draft must come before decoding
+                image.load()
             return image
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise MediaError(

@@ -1,5 +1,6 @@
 """AnyRes against transformers' own processor: tiles and token counts, on many shapes and modes."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -150,3 +151,66 @@ def test_bad_configs_and_images_are_rejected():
 
 def test_tokens_per_side_floors_like_siglip():
     assert AnyResConfig().tokens_per_side == 27 == math.floor(384 / 14)
+
+
+def _jpeg(height: int, width: int, seed: int = 0):
+    """A photo-like JPEG (smooth content), opened but not decoded."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(buffer, "JPEG", quality=90)
+    return lambda: Image.open(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize(
+    "height, width, tile_size", [(3000, 4000, 56), (1600, 1200, 56), (2200, 700, 56), (5000, 3000, 384)]
+)
+def test_jpeg_draft_keeps_grid_and_tokens_and_stays_close(height, width, tile_size):
+    """Opt-in draft decoding: a JPEG much larger than its grid is decoded at a reduced scale, yet the grid,
+    tile count and token count are those of its full size, and the tiles stay close to the exact ones."""
+    exact_config = AnyResConfig(tile_size=tile_size)
+    draft_config = AnyResConfig(tile_size=tile_size, jpeg_draft=True)
+    opened = _jpeg(height, width)
+    exact = tile_image(opened(), exact_config)
+    image = opened()
+    drafted = tile_image(image, draft_config)
+    assert image.height < height and image.width < width, "decoded at a reduced scale"
+    assert drafted.image_size == exact.image_size == (height, width) and drafted.grid == exact.grid
+    assert drafted.pixel_values.shape == exact.pixel_values.shape
+    assert num_image_tokens(drafted.image_size, draft_config) == num_image_tokens(
+        (height, width), exact_config
+    )
+    deviation = np.abs(drafted.pixel_values - exact.pixel_values)
+    assert 0 < float(deviation.mean()) < 0.05  # normalized units (one uint8 step is about 0.015)
+    # multi-image items: only the base tile, so even a photo twice the tile is reduced
+    for config in (
+        AnyResConfig(tile_size=tile_size),
+        AnyResConfig(tile_size=tile_size, multi_image_mode="resize"),
+    ):
+        image = opened()
+        reduced = base_tile(image, dataclasses.replace(config, jpeg_draft=True))
+        assert image.width < width and float(np.abs(reduced - base_tile(opened(), config)).mean()) < 0.05
+
+
+def test_jpeg_draft_leaves_other_images_identical():
+    """Not a JPEG, an already decoded JPEG, or one too small to reduce: the exact output."""
+    draft_config = AnyResConfig(jpeg_draft=True)
+    png = random_image(np.random.default_rng(0), 900, 1200)
+    assert np.array_equal(
+        tile_image(png, draft_config).pixel_values, tile_image(png, AnyResConfig()).pixel_values
+    )
+    opened = _jpeg(1600, 1200)
+    decoded = opened()
+    decoded.load()
+    exact = tile_image(opened(), AnyResConfig()).pixel_values
+    assert np.array_equal(tile_image(decoded, draft_config).pixel_values, exact)
+    small = _jpeg(300, 400)
+    assert np.array_equal(
+        tile_image(small(), draft_config).pixel_values, tile_image(small(), AnyResConfig()).pixel_values
+    )
+    with pytest.raises(ValueError, match="jpeg_draft: expected true or false, found 'yes'"):
+        AnyResConfig(jpeg_draft="yes")

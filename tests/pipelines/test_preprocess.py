@@ -159,3 +159,44 @@ def test_s3_in_and_out_against_moto_over_http(demo_dir, ray_local, s3_bucket, tm
     assert {r["sample_id"] for r in read_output(f"{s3_bucket}/pre")} == good_ids
     assert len(read_rejects(f"{s3_bucket}/pre/rejects")) == sum(expected.values())
     assert json.loads(storage.read_text(f"{s3_bucket}/pre/summary.json"))["accepted"] == len(good_ids)
+
+
+def test_jpeg_draft_decodes_reduced_keeps_tokens_and_rejects_truncated(ray_local, tmp_path):
+    """Opt-in jpeg_draft: a large JPEG is decoded at a reduced scale during tiling (not at load), with the
+    token count and tile count of its full size; a truncated JPEG, which opens but cannot be decoded,
+    is still rejected with its sample and field."""
+    import io
+
+    from components.anyres import AnyResConfig, num_image_tokens, tile_image_uint8
+    from components.model import ModelSpec
+
+    (tmp_path / "images").mkdir()
+    small = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((4000, 3000), Image.BILINEAR).save(buffer, "JPEG", quality=90)
+    (tmp_path / "images" / "big.jpg").write_bytes(buffer.getvalue())
+    (tmp_path / "images" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])
+    turn = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    (tmp_path / "m.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "image": f"images/{i}.jpg", "conversations": turn}) + "\n"
+            for i in ("big", "cut")
+        )
+    )
+    anyres = AnyResConfig(tile_size=56, jpeg_draft=True)
+    config = PreprocessConfig(
+        manifest=str(tmp_path / "m.jsonl"), stage=StageConfig(model=ModelSpec(anyres=anyres), max_length=2048)
+    )
+    summary = preprocess(config, str(tmp_path / "out"))
+    assert summary["accepted"] == 1 and summary["rejected_by_reason"] == {"corrupt_image": 1}
+    (row,) = read_output(str(tmp_path / "out"))
+    exact, _, grid = tile_image_uint8(Image.open(tmp_path / "images" / "big.jpg"), AnyResConfig(tile_size=56))
+    assert row["image_sizes"] == [[3000, 4000]] and row["media_tokens"] == [
+        num_image_tokens((3000, 4000), anyres)
+    ]
+    drafted = np.frombuffer(row["pixel_values"], np.uint8).reshape(row["pixel_shape"])
+    assert drafted.shape == exact.shape == (1 + grid[0] * grid[1], 3, 56, 56)
+    assert 0 < np.abs(drafted.astype(int) - exact).mean() < 5  # close, not identical (uint8 steps)
+    (reject,) = read_rejects(str(tmp_path / "out" / "rejects"))
+    assert reject["sample_id"] == "cut" and reject["step"] == "tile"
+    assert "'cut', field 'image[0]'" in reject["message"]
