@@ -130,19 +130,23 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def count_rows(uri: str) -> int:
+def shards_dataset(uri: str) -> pads.Dataset:
+    """The Parquet shards under a directory URI (local or s3://), as one pyarrow dataset."""
     fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def count_rows(uri: str) -> int:
     if not storage.exists(uri):
         return 0
-    return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    return shards_dataset(uri).count_rows()
 
 
 def modality_counts(uri: str) -> dict[str, int]:
     """Rows per modality in written shards (reads one column); empty when there are none."""
-    fs, path = storage.resolve(uri)
     if not storage.exists(uri):
         return {}
-    column = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["modality"]).column(0)
+    column = shards_dataset(uri).to_table(columns=["modality"]).column(0)
     return dict(Counter(column.to_pylist()))
 
 
@@ -168,6 +172,5 @@ def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
 
 def read_output(uri: str) -> list[dict]:
     """Every output row under ``<out>/data``, in the mixture's order."""
-    fs, path = storage.resolve(storage.join(uri, "data"))
-    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    rows = shards_dataset(storage.join(uri, "data")).to_table().to_pylist()
     return sorted(rows, key=mixture_order)

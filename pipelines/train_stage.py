@@ -55,14 +55,17 @@ class StagePlan:
     torch_threads: int = 1
     has_video: bool = False
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
-    keep_shard: bool = False
-    """Small data: each rank reads it once from ``shards_uri`` and keeps its rows in memory for every epoch
-    (``_own_rows``, reshuffled each epoch; no Ray Data restart, which stalls every rank at each epoch
-    boundary). Otherwise the rows stream from Ray Data, split between the workers."""
     shards_uri: str | None = None
-    """The Parquet shards preprocessing wrote (``<data>/data``), for small data."""
+    """Small data only: the Parquet shards preprocessing wrote (``<data>/data``). Each rank reads them
+    once and keeps its rows in memory for every epoch (``_own_rows``, reshuffled each epoch; no Ray Data
+    restart, which stalls every rank at each epoch boundary). None: the rows stream from Ray Data, split
+    between the workers."""
     history_uri: str | None = None
     """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
+
+    @property
+    def keep_shard(self) -> bool:
+        return self.shards_uri is not None
 
     @property
     def window(self) -> int:
@@ -188,10 +191,9 @@ def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[l
 
 def shard_batches(uri: str):
     """Record batches of the Parquet shards under a URI (local or s3://), read with pyarrow."""
-    import pyarrow.dataset as pads
+    from pipelines.preprocess import shards_dataset
 
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_batches(batch_size=1024)
+    return shards_dataset(uri).to_batches(batch_size=1024)
 
 
 def _own_rows(batches: Callable[[], Iterable], rank: int, world: int) -> list[dict]:
@@ -518,7 +520,7 @@ def train_stage(
         parent_run_id=parent_run_id,
         tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": run_id},
     )
-    plan.keep_shard, plan.shards_uri = _small(storage.dir_bytes(shards_uri)), shards_uri
+    plan.shards_uri = shards_uri if _small(storage.dir_bytes(shards_uri)) else None
     datasets = {}
     if not plan.keep_shard:
         data_fs, data_path = storage.resolve(shards_uri)
