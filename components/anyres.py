@@ -5,10 +5,11 @@ Sizes are always ``(height, width)``, named so. The output equals transformers'
 and the token counts equal what ``LlavaOnevisionProcessor`` expands, so checkpoints trained
 here behave the same wherever they are served.
 
-Speed comes from doing each step once: one conversion to RGB, one resize to the grid
-resolution, one resize to the base tile, padding into a uint8 canvas, tiles cut as views of
-it, and one fused float32 rescale+normalize pass. ``AnyResConfig.jpeg_draft`` (opt-in, not
-identical) lets libjpeg decode large JPEGs at a reduced scale before those resizes.
+Speed: Pillow's pixels are read without a copy, the two resizes (to the grid resolution and to
+the base tile) run components/resample.py's vectorized, byte-identical replica of Pillow's
+bicubic, and the last step writes planar tiles straight from the resized pixels: the padding,
+the cut into tiles and the rescale+normalize in one pass. ``AnyResConfig.jpeg_draft`` (opt-in,
+not identical) lets libjpeg decode large JPEGs at a reduced scale before those resizes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from components.resample import emit_tiles, resize_rgbx, rgb_to_rgbx, rgbx_pixels
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,14 +131,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _scale_shift(config: AnyResConfig) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (a, b) per channel with x * a - b == (x / 255 - mean) / std to within 1e-6 for uint8 x."""
+    """float32 [3] (a, b) with x * a - b == (x / 255 - mean) / std to within 1e-6 for uint8 x."""
     std = np.asarray(config.std, dtype=np.float64)
-    scale = (1 / 255 / std).astype(np.float32)[:, None, None]
-    shift = (np.asarray(config.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
+    scale = (1 / 255 / std).astype(np.float32)
+    shift = (np.asarray(config.mean, dtype=np.float64) / std).astype(np.float32)
     return scale, shift
-
-
-_SCALE_SHIFT: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _check_size(image: Image.Image) -> Size:
@@ -153,47 +153,49 @@ def _draft(image: Image.Image, config: AnyResConfig, width: int, height: int) ->
         image.draft(None, (max(1, width), max(1, height)))
 
 
-def tile_image_uint8(image: Image.Image, config: AnyResConfig) -> tuple[np.ndarray, Size, Size]:
-    """AnyRes before normalization: (uint8 [1 + rows*cols, 3, T, T] base first, image_size, (rows, cols)).
+def _to_tile(pixels: np.ndarray, tiles: np.ndarray, config: AnyResConfig) -> None:
+    """RGBX pixels resized to T x T into tiles [1, 3, T, T]: uint8 bytes, or float32 normalized."""
+    t = config.tile_size
+    emit_tiles(resize_rgbx(pixels, (t, t)), tiles, 1, (0, 0), *_scale_shift(config))
 
-    Pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, and put the
-    base image (resized to T x T) first.
-    """
+
+def _tiles(image: Image.Image, config: AnyResConfig, dtype: type) -> tuple[np.ndarray, Size, Size]:
+    """AnyRes: pick the grid, resize keeping the aspect ratio, pad (centred, black), cut into tiles, and
+    put the base image (resized to T x T) first; uint8 tiles hold the bytes, float32 ones are normalized."""
     image_size = _check_size(image)  # the full size, also under jpeg_draft: it sets the grid and tokens
     t = config.tile_size
     best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
     new_h, new_w = fit_size(image_size, (best_h, best_w))
     _draft(image, config, max(new_w, t), max(new_h, t))
-    rgb = to_rgb(image)
-    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-    canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = np.asarray(rgb.resize((new_w, new_h), Image.BICUBIC))
+    pixels = rgbx_pixels(to_rgb(image))
     rows, cols = best_h // t, best_w // t
-    tiles = np.empty((1 + rows * cols, 3, t, t), dtype=np.uint8)
-    tiles[0] = np.asarray(rgb.resize((t, t), Image.BICUBIC)).transpose(2, 0, 1)
-    tiles[1:] = canvas.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, t, t)
+    tiles = np.empty((1 + rows * cols, 3, t, t), dtype)
+    _to_tile(pixels, tiles[:1], config)
+    offset = ((best_h - new_h) // 2, (best_w - new_w) // 2)
+    emit_tiles(resize_rgbx(pixels, (new_h, new_w)), tiles[1:], cols, offset, *_scale_shift(config))
     return tiles, image_size, (rows, cols)
 
 
+def tile_image_uint8(image: Image.Image, config: AnyResConfig) -> tuple[np.ndarray, Size, Size]:
+    """AnyRes before normalization: (uint8 [1 + rows*cols, 3, T, T] base first, image_size, (rows, cols))."""
+    return _tiles(image, config, np.uint8)
+
+
 def normalize_tiles(tiles: np.ndarray, config: AnyResConfig) -> np.ndarray:
-    """uint8 [..., 3, T, T] -> float32, one fused rescale+normalize pass."""
-    key = (config.mean, config.std)
-    if key not in _SCALE_SHIFT:
-        _SCALE_SHIFT[key] = _scale_shift(config)
-    scale, shift = _SCALE_SHIFT[key]
-    out = np.multiply(tiles, scale, dtype=np.float32)
-    np.subtract(out, shift, out=out)
+    """uint8 [..., 3, T, T] -> float32, one fused rescale+normalize pass (the values tile_image gives)."""
+    scale, shift = _scale_shift(config)
+    out = np.multiply(tiles, scale[:, None, None], dtype=np.float32)
+    np.subtract(out, shift[:, None, None], out=out)
     return out
 
 
 def tile_image(image: Image.Image, config: AnyResConfig) -> TiledImage:
     """AnyRes tiles, normalized: float32 [1 + rows*cols, 3, T, T], base first."""
-    tiles, image_size, grid = tile_image_uint8(image, config)
-    return TiledImage(pixel_values=normalize_tiles(tiles, config), image_size=image_size, grid=grid)
+    tiles, image_size, grid = _tiles(image, config, np.float32)
+    return TiledImage(pixel_values=tiles, image_size=image_size, grid=grid)
 
 
-def base_tile_uint8(image: Image.Image, config: AnyResConfig) -> np.ndarray:
-    """One uint8 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
+def _base_tile(image: Image.Image, config: AnyResConfig, dtype: type) -> np.ndarray:
     height, width = _check_size(image)
     t = config.tile_size
     if config.multi_image_mode == "pad":  # the longer side becomes the tile's
@@ -208,28 +210,41 @@ def base_tile_uint8(image: Image.Image, config: AnyResConfig) -> np.ndarray:
         square = Image.new("RGB", (side, side), fill)
         square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
         rgb = square
-    return np.ascontiguousarray(np.asarray(rgb.resize((t, t), Image.BICUBIC)).transpose(2, 0, 1))
+    tile = np.empty((1, 3, t, t), dtype)
+    _to_tile(rgbx_pixels(rgb), tile, config)
+    return tile[0]
+
+
+def base_tile_uint8(image: Image.Image, config: AnyResConfig) -> np.ndarray:
+    """One uint8 [3, T, T] tile for a multi-image item: padded to a square (or squashed), then resized."""
+    return _base_tile(image, config, np.uint8)
 
 
 def base_tile(image: Image.Image, config: AnyResConfig) -> np.ndarray:
     """One float32 [3, T, T] tile for a multi-image item."""
-    return normalize_tiles(base_tile_uint8(image, config), config)
+    return _base_tile(image, config, np.float32)
+
+
+def _video_tiles(frames: np.ndarray, config: AnyResConfig, dtype: type) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"frames: expected uint8 [F>=1, H, W, 3], found {frames.dtype} {tuple(frames.shape)}"
+        )
+    t = config.tile_size
+    out = np.empty((frames.shape[0], 3, t, t), dtype)
+    for i, frame in enumerate(frames):
+        _to_tile(rgb_to_rgbx(frame), out[i : i + 1], config)
+    return out
 
 
 def video_tiles_uint8(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
     """Frames uint8 [F, H, W, 3] -> uint8 [F, 3, T, T], each resized to the tile (transformers' video processor)."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames: expected uint8 [F>=1, H, W, 3], found shape {tuple(frames.shape)}")
-    t = config.tile_size
-    out = np.empty((frames.shape[0], 3, t, t), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((t, t), Image.BICUBIC)).transpose(2, 0, 1)
-    return out
+    return _video_tiles(frames, config, np.uint8)
 
 
 def video_tiles(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
     """Frames uint8 [F, H, W, 3] -> float32 [F, 3, T, T]."""
-    return normalize_tiles(video_tiles_uint8(frames, config), config)
+    return _video_tiles(frames, config, np.float32)
 
 
 # ---- token counts ---------------------------------------------------------------------------
