@@ -261,26 +261,17 @@ def rgb_to_rgbx(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, inline="always")
-def _as_uint8(value, scale, shift):
-    return np.uint8(value)
-
-
-@njit(cache=True, inline="always")
-def _as_normalized(value, scale, shift):
-    return np.float32(value) * scale - shift
-
-
 @njit(cache=True)
-def _emit(pixels32, tiles, cols, top, left, scale, shift, convert):
+def _emit(pixels32, tiles, cols, top, left, scale, shift):
     """Write RGBX pixels (uint32 [h, w]) into planar tiles [rows*cols, 3, T, T] of a canvas whose image
-    sits at (top, left), converting each value; the rest of the canvas gets the converted 0."""
+    sits at (top, left) as ``value * scale[c] - shift[c]`` in float32 (exact bytes for uint8 tiles with
+    scale 1 and shift 0); the rest of the canvas gets the value of 0."""
     side = tiles.shape[2]
     height, width = pixels32.shape
     canvas_h = (tiles.shape[0] // cols) * side
     s0, s1, s2 = scale[0], scale[1], scale[2]
     f0, f1, f2 = shift[0], shift[1], shift[2]
-    p0, p1, p2 = convert(0, s0, f0), convert(0, s1, f1), convert(0, s2, f2)
+    p0, p1, p2 = -f0, -f1, -f2
     for y_canvas in range(canvas_h):
         tr, ry = y_canvas // side, y_canvas % side
         y = y_canvas - top
@@ -298,11 +289,14 @@ def _emit(pixels32, tiles, cols, top, left, scale, shift, convert):
                 src = pixels32[y, x_start + lo : x_start + hi]
                 for i in range(hi - lo):
                     v = src[i]
-                    d0[lo + i] = convert(v & 0xFF, s0, f0)
-                    d1[lo + i] = convert((v >> 8) & 0xFF, s1, f1)
-                    d2[lo + i] = convert((v >> 16) & 0xFF, s2, f2)
+                    d0[lo + i] = np.float32(v & 0xFF) * s0 - f0
+                    d1[lo + i] = np.float32((v >> 8) & 0xFF) * s1 - f1
+                    d2[lo + i] = np.float32((v >> 16) & 0xFF) * s2 - f2
             for rx in range(hi, side):
                 d0[rx], d1[rx], d2[rx] = p0, p1, p2
+
+
+_IDENTITY = (np.ones(3, np.float32), np.zeros(3, np.float32))
 
 
 def emit_tiles(
@@ -318,7 +312,19 @@ def emit_tiles(
     uint8 tiles get the bytes; float32 tiles get ``value * scale[c] - shift[c]`` (float32 [3] each).
     """
     if tiles.dtype == np.uint8:
-        zero = np.zeros(3, np.float32)
-        _emit(_as32(pixels), tiles, cols, offset[0], offset[1], zero, zero, _as_uint8)
-    else:
-        _emit(_as32(pixels), tiles, cols, offset[0], offset[1], scale, shift, _as_normalized)
+        scale, shift = _IDENTITY
+    elif tiles.dtype != np.float32 or scale is None or shift is None:
+        raise ValueError(f"tiles: expected uint8, or float32 with scale and shift, found {tiles.dtype}")
+    _emit(_as32(pixels), tiles, cols, offset[0], offset[1], scale, shift)
+
+
+def warm_up() -> None:
+    """Compile every kernel now (or load it from numba's on-disk cache), so that a worker's first image,
+    video or multi-image item does not pay for it: both pass orders, one-sided resizes, uint8 and float32
+    tiles."""
+    pixels = np.zeros((6, 5, 4), np.uint8)
+    for size in ((4, 9), (2, 4), (6, 3), (3, 5)):  # horizontal first, vertical first, one side each
+        resize_rgbx(pixels, size)
+    scale = np.ones(3, np.float32)
+    for dtype in (np.uint8, np.float32):
+        emit_tiles(pixels, np.empty((1, 3, 8, 8), dtype), 1, (1, 1), scale, scale)

@@ -261,6 +261,11 @@ class TileMedia(Stage):
 
     name = "tile"
 
+    def setup(self) -> None:
+        from components.resample import warm_up
+
+        warm_up()
+
     def process_row(self, row: dict) -> dict:
         spec = self.config.model
         normalize = self.config.pixel_dtype == "float32"

@@ -82,7 +82,9 @@ class LlavaModel:
         import torch
 
         from components.model import load_model, prompt_settings
+        from components.resample import warm_up
 
+        warm_up()  # tiling kernels compiled before the first request, not during it
         self.config = ServeConfig.from_dict(config)
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
         self.model, self.tokenizer = load_model(self.config.checkpoint)
