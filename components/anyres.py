@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from components.resample import emit_tiles, resize_rgbx, rgb_to_rgbx, rgbx_pixels
+from components.resample import resize_into_tiles, rgb_to_rgbx, rgbx_pixels
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,7 +156,7 @@ def _draft(image: Image.Image, config: AnyResConfig, width: int, height: int) ->
 def _to_tile(pixels: np.ndarray, tiles: np.ndarray, config: AnyResConfig) -> None:
     """RGBX pixels resized to T x T into tiles [1, 3, T, T]: uint8 bytes, or float32 normalized."""
     t = config.tile_size
-    emit_tiles(resize_rgbx(pixels, (t, t)), tiles, 1, (0, 0), *_scale_shift(config))
+    resize_into_tiles(pixels, (t, t), tiles, 1, (0, 0), *_scale_shift(config))
 
 
 def _tiles(image: Image.Image, config: AnyResConfig, dtype: type) -> tuple[np.ndarray, Size, Size]:
@@ -172,7 +172,7 @@ def _tiles(image: Image.Image, config: AnyResConfig, dtype: type) -> tuple[np.nd
     tiles = np.empty((1 + rows * cols, 3, t, t), dtype)
     _to_tile(pixels, tiles[:1], config)
     offset = ((best_h - new_h) // 2, (best_w - new_w) // 2)
-    emit_tiles(resize_rgbx(pixels, (new_h, new_w)), tiles[1:], cols, offset, *_scale_shift(config))
+    resize_into_tiles(pixels, (new_h, new_w), tiles[1:], cols, offset, *_scale_shift(config))
     return tiles, image_size, (rows, cols)
 
 

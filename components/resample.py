@@ -95,36 +95,42 @@ def _clip8(acc: int) -> int:
     return 0 if v < 0 else (255 if v > 255 else v)
 
 
+@njit(cache=True, inline="always")
+def _vertical_row(src: np.ndarray, bounds: np.ndarray, weights: np.ndarray, yo: int, acc: np.ndarray) -> None:
+    """acc = the fixed-point sums of output row yo (before the shift and clip): rows of uint8 lanes."""
+    lanes = src.shape[1]
+    y = bounds[yo, 0]
+    taps = bounds[yo, 1]
+    acc[:] = _HALF
+    t = 0
+    while t + 4 <= taps:  # four taps per pass over the accumulator
+        k0, k1, k2, k3 = weights[yo, t], weights[yo, t + 1], weights[yo, t + 2], weights[yo, t + 3]
+        s0, s1, s2, s3 = src[y + t], src[y + t + 1], src[y + t + 2], src[y + t + 3]
+        for i in range(lanes):
+            acc[i] = np.int32(
+                acc[i]
+                + np.int32(s0[i]) * k0
+                + np.int32(s1[i]) * k1
+                + np.int32(s2[i]) * k2
+                + np.int32(s3[i]) * k3
+            )
+        t += 4
+    while t < taps:
+        k0 = weights[yo, t]
+        s0 = src[y + t]
+        for i in range(lanes):
+            acc[i] = np.int32(acc[i] + np.int32(s0[i]) * k0)
+        t += 1
+
+
 @njit(cache=True)
 def _vertical(src: np.ndarray, bounds: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
     """out[yo] = clip(sum_t src[y0 + t] * w[yo, t]) over whole rows of lanes: uint8 [rows, L] each."""
-    lanes = src.shape[1]
-    acc = np.empty(lanes, np.int32)
+    acc = np.empty(src.shape[1], np.int32)
     for yo in range(out.shape[0]):
-        y = bounds[yo, 0]
-        taps = bounds[yo, 1]
-        acc[:] = _HALF
-        t = 0
-        while t + 4 <= taps:  # four taps per pass over the accumulator
-            k0, k1, k2, k3 = weights[yo, t], weights[yo, t + 1], weights[yo, t + 2], weights[yo, t + 3]
-            s0, s1, s2, s3 = src[y + t], src[y + t + 1], src[y + t + 2], src[y + t + 3]
-            for i in range(lanes):
-                acc[i] = np.int32(
-                    acc[i]
-                    + np.int32(s0[i]) * k0
-                    + np.int32(s1[i]) * k1
-                    + np.int32(s2[i]) * k2
-                    + np.int32(s3[i]) * k3
-                )
-            t += 4
-        while t < taps:
-            k0 = weights[yo, t]
-            s0 = src[y + t]
-            for i in range(lanes):
-                acc[i] = np.int32(acc[i] + np.int32(s0[i]) * k0)
-            t += 1
+        _vertical_row(src, bounds, weights, yo, acc)
         row = out[yo]
-        for i in range(lanes):
+        for i in range(acc.shape[0]):
             row[i] = _clip8(acc[i])
 
 
@@ -211,28 +217,41 @@ def vertical_first(in_size: Size, out_size: Size) -> bool:
     return in_h > out_h and (in_h - out_h) > 2 * (in_w - out_w)
 
 
-def resize_rgbx(pixels: np.ndarray, size: Size) -> np.ndarray:
-    """uint8 [H, W, 4] RGBX -> [h, w, 4], equal to ``Image.resize((w, h), Image.BICUBIC)`` byte for byte."""
-    in_h, in_w = pixels.shape[:2]
-    out_h, out_w = size
+def _checked(pixels: np.ndarray, size: Size) -> np.ndarray:
     if pixels.ndim != 3 or pixels.shape[2] != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"pixels: expected uint8 [H, W, 4] RGBX, found {pixels.dtype} {tuple(pixels.shape)}")
-    if min(in_h, in_w, out_h, out_w) < 1:
-        raise ValueError(f"size: expected positive sizes, found {(in_h, in_w)} -> {(out_h, out_w)}")
-    pixels = np.ascontiguousarray(pixels)
-    if (out_h, out_w) == (in_h, in_w):
-        return pixels.copy()
-    if out_w == in_w:
-        return _resize_vertical(pixels, *bicubic_coefficients(in_h, out_h))
-    if out_h == in_h:
-        return _resize_horizontal(pixels, out_w)
+    if min(*pixels.shape[:2], *size) < 1:
+        raise ValueError(f"size: expected positive sizes, found {tuple(pixels.shape[:2])} -> {tuple(size)}")
+    return np.ascontiguousarray(pixels)
+
+
+def _before_vertical(pixels: np.ndarray, size: Size) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """When Pillow's last pass for this resize is the vertical one: (what it reads, uint8 rows [r, w, 4];
+    its bounds; its weights), having run the horizontal pass first if there is one. None otherwise."""
+    (in_h, in_w), (out_h, out_w) = pixels.shape[:2], size
+    if out_h == in_h or (out_w != in_w and vertical_first((in_h, in_w), (out_h, out_w))):
+        return None
     bounds, weights = bicubic_coefficients(in_h, out_h)
-    if vertical_first((in_h, in_w), (out_h, out_w)):
-        return _resize_horizontal(_resize_vertical(pixels, bounds, weights), out_w)
+    if out_w == in_w:
+        return pixels, bounds, weights
     y0, y1 = int(bounds[0, 0]), int(bounds[-1, 0] + bounds[-1, 1])  # the input rows the vertical pass reads
     shifted = bounds.copy()
     shifted[:, 0] -= y0
-    return _resize_vertical(_resize_horizontal(pixels, out_w, y0, y1), shifted, weights)
+    return _resize_horizontal(pixels, out_w, y0, y1), shifted, weights
+
+
+def resize_rgbx(pixels: np.ndarray, size: Size) -> np.ndarray:
+    """uint8 [H, W, 4] RGBX -> [h, w, 4], equal to ``Image.resize((w, h), Image.BICUBIC)`` byte for byte."""
+    pixels = _checked(pixels, size)
+    (in_h, in_w), (out_h, out_w) = pixels.shape[:2], size
+    if (out_h, out_w) == (in_h, in_w):
+        return pixels.copy()
+    staged = _before_vertical(pixels, size)
+    if staged is not None:
+        return _resize_vertical(*staged)
+    if out_h == in_h:
+        return _resize_horizontal(pixels, out_w)
+    return _resize_horizontal(_resize_vertical(pixels, *bicubic_coefficients(in_h, out_h)), out_w)
 
 
 def rgbx_pixels(image: Image.Image) -> np.ndarray:
@@ -261,42 +280,73 @@ def rgb_to_rgbx(frames: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
-def _emit(pixels32, tiles, cols, top, left, scale, shift):
-    """Write RGBX pixels (uint32 [h, w]) into planar tiles [rows*cols, 3, T, T] of a canvas whose image
-    sits at (top, left) as ``value * scale[c] - shift[c]`` in float32 (exact bytes for uint8 tiles with
-    scale 1 and shift 0); the rest of the canvas gets the value of 0."""
+@njit(cache=True, inline="always")
+def _emit_row(src32, tiles, cols, y_canvas, left, scale, shift):
+    """Canvas row y_canvas of every tile column: RGBX pixels src32 (uint32 [w]; empty for a padding row)
+    placed at column ``left``, each value as ``value * scale[c] - shift[c]``; the rest gets the value of 0."""
     side = tiles.shape[2]
-    height, width = pixels32.shape
-    canvas_h = (tiles.shape[0] // cols) * side
+    width = src32.shape[0]
+    tr, ry = y_canvas // side, y_canvas % side
     s0, s1, s2 = scale[0], scale[1], scale[2]
     f0, f1, f2 = shift[0], shift[1], shift[2]
-    p0, p1, p2 = -f0, -f1, -f2
-    for y_canvas in range(canvas_h):
-        tr, ry = y_canvas // side, y_canvas % side
+    for tc in range(cols):
+        tile = tiles[tr * cols + tc]
+        d0, d1, d2 = tile[0, ry], tile[1, ry], tile[2, ry]
+        x_start = tc * side - left  # image column of this tile row's first pixel
+        lo = min(side, max(0, -x_start))
+        hi = max(lo, min(side, width - x_start))
+        for rx in range(lo):
+            d0[rx], d1[rx], d2[rx] = -f0, -f1, -f2
+        segment = src32[x_start + lo : x_start + hi]  # indexed from range: stays vectorized
+        for i in range(hi - lo):
+            v = segment[i]
+            d0[lo + i] = np.float32(v & 0xFF) * s0 - f0
+            d1[lo + i] = np.float32((v >> 8) & 0xFF) * s1 - f1
+            d2[lo + i] = np.float32((v >> 16) & 0xFF) * s2 - f2
+        for rx in range(hi, side):
+            d0[rx], d1[rx], d2[rx] = -f0, -f1, -f2
+
+
+@njit(cache=True)
+def _emit(pixels32, tiles, cols, top, left, scale, shift):
+    """RGBX pixels (uint32 [h, w]) placed at (top, left) of a padded canvas, cut into planar tiles
+    [rows*cols, 3, T, T] as ``value * scale[c] - shift[c]`` in float32 (the exact bytes for uint8 tiles
+    with scale 1 and shift 0)."""
+    height = pixels32.shape[0]
+    empty = pixels32[0, :0]
+    for y_canvas in range((tiles.shape[0] // cols) * tiles.shape[2]):
         y = y_canvas - top
-        for tc in range(cols):
-            tile = tiles[tr * cols + tc]
-            d0, d1, d2 = tile[0, ry], tile[1, ry], tile[2, ry]
-            x_start = tc * side - left  # image column of this tile row's first pixel
-            lo = max(0, -x_start)
-            hi = min(side, width - x_start) if 0 <= y < height else lo
-            if hi < lo:
-                hi = lo
-            for rx in range(lo):
-                d0[rx], d1[rx], d2[rx] = p0, p1, p2
-            if hi > lo:
-                src = pixels32[y, x_start + lo : x_start + hi]
-                for i in range(hi - lo):
-                    v = src[i]
-                    d0[lo + i] = np.float32(v & 0xFF) * s0 - f0
-                    d1[lo + i] = np.float32((v >> 8) & 0xFF) * s1 - f1
-                    d2[lo + i] = np.float32((v >> 16) & 0xFF) * s2 - f2
-            for rx in range(hi, side):
-                d0[rx], d1[rx], d2[rx] = p0, p1, p2
+        _emit_row(pixels32[y] if 0 <= y < height else empty, tiles, cols, y_canvas, left, scale, shift)
+
+
+@njit(cache=True)
+def _vertical_emit(src, bounds, weights, tiles, cols, top, left, scale, shift):
+    """The vertical pass and ``_emit`` in one: each output row goes from the accumulator to the tiles
+    while it is in L1, and the resized image never exists in memory."""
+    acc = np.empty(src.shape[1], np.int32)
+    row = np.empty(src.shape[1], np.uint8)
+    row32 = row.view(np.uint32)
+    height = bounds.shape[0]
+    for y_canvas in range((tiles.shape[0] // cols) * tiles.shape[2]):
+        y = y_canvas - top
+        if 0 <= y < height:
+            _vertical_row(src, bounds, weights, y, acc)
+            for i in range(acc.shape[0]):
+                row[i] = _clip8(acc[i])
+            _emit_row(row32, tiles, cols, y_canvas, left, scale, shift)
+        else:
+            _emit_row(row32[:0], tiles, cols, y_canvas, left, scale, shift)
 
 
 _IDENTITY = (np.ones(3, np.float32), np.zeros(3, np.float32))
+
+
+def _conversion(tiles: np.ndarray, scale, shift) -> tuple[np.ndarray, np.ndarray]:
+    if tiles.dtype == np.uint8:
+        return _IDENTITY
+    if tiles.dtype != np.float32 or scale is None or shift is None:
+        raise ValueError(f"tiles: expected uint8, or float32 with scale and shift, found {tiles.dtype}")
+    return scale, shift
 
 
 def emit_tiles(
@@ -311,11 +361,32 @@ def emit_tiles(
 
     uint8 tiles get the bytes; float32 tiles get ``value * scale[c] - shift[c]`` (float32 [3] each).
     """
-    if tiles.dtype == np.uint8:
-        scale, shift = _IDENTITY
-    elif tiles.dtype != np.float32 or scale is None or shift is None:
-        raise ValueError(f"tiles: expected uint8, or float32 with scale and shift, found {tiles.dtype}")
+    scale, shift = _conversion(tiles, scale, shift)
     _emit(_as32(pixels), tiles, cols, offset[0], offset[1], scale, shift)
+
+
+def resize_into_tiles(
+    pixels: np.ndarray,
+    size: Size,
+    tiles: np.ndarray,
+    cols: int,
+    offset: Size,
+    scale: np.ndarray | None = None,
+    shift: np.ndarray | None = None,
+) -> None:
+    """``emit_tiles(resize_rgbx(pixels, size), ...)``, the same bytes, without the resized image in memory
+    when Pillow's last pass is the vertical one (the usual case for AnyRes): that pass writes the tiles."""
+    pixels = _checked(pixels, size)
+    scale, shift = _conversion(tiles, scale, shift)
+    staged = _before_vertical(pixels, size)
+    if staged is None:
+        resized = pixels if tuple(size) == pixels.shape[:2] else resize_rgbx(pixels, size)
+        _emit(_as32(resized), tiles, cols, offset[0], offset[1], scale, shift)
+        return
+    rows, bounds, weights = staged
+    _vertical_emit(
+        rows.reshape(rows.shape[0], -1), bounds, weights, tiles, cols, offset[0], offset[1], scale, shift
+    )
 
 
 def warm_up() -> None:
@@ -327,4 +398,6 @@ def warm_up() -> None:
         resize_rgbx(pixels, size)
     scale = np.ones(3, np.float32)
     for dtype in (np.uint8, np.float32):
-        emit_tiles(pixels, np.empty((1, 3, 8, 8), dtype), 1, (1, 1), scale, scale)
+        tiles = np.empty((1, 3, 8, 8), dtype)
+        emit_tiles(pixels, tiles, 1, (1, 1), scale, scale)
+        resize_into_tiles(pixels, (4, 9), tiles, 1, (1, 0), scale, scale)

@@ -36,6 +36,10 @@ from pipelines.stages import (
 log = logging.getLogger(__name__)
 
 
+MAX_INPUT_BLOCKS = 8192
+"""The most input blocks one run is cut into (each is an object in the store and a task)."""
+
+
 @dataclass
 class PreprocessConfig:
     """One preprocessing run: what to read, how to process it, and the Ray resources for it."""
@@ -54,7 +58,9 @@ class PreprocessConfig:
     batch_size: int = 8
     fuse: bool = True
     """Run all stages in one actor (rows cross the object store once) or one actor pool per stage."""
-    blocks_per_worker: int = 4
+    rows_per_block: int | None = None
+    """Rows per input block, the unit of work a worker takes at a time (None: three batches). See
+    ``input_blocks``: blocks are interleaved and come in a multiple of ``max_workers``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, dict):
@@ -82,6 +88,20 @@ def work_table(entries: list[Entry]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
+def input_blocks(rows: int, config: PreprocessConfig) -> int:
+    """How many input blocks (worker tasks) the rows are dealt into: block j takes rows j, j+n, j+2n, ...
+
+    A mixture lists its datasets one after the other, and their rows' costs differ tenfold (large AnyRes
+    images against text): contiguous blocks would differ as much, and one worker would idle while another
+    finished an expensive one. Interleaved blocks all get the same mix, so equal counts are equal work:
+    the count is a multiple of ``max_workers``, each block about ``rows_per_block`` rows (three batches:
+    larger tasks pay the per-task cost less often), at most MAX_INPUT_BLOCKS.
+    """
+    per_block = config.rows_per_block or 3 * config.batch_size
+    n = config.max_workers * -(-rows // (config.max_workers * per_block))
+    return max(1, min(n, rows, MAX_INPUT_BLOCKS))
+
+
 def build_dataset(
     config: PreprocessConfig, rejects_uri: str, entries: list[Entry] | None = None
 ) -> ray.data.Dataset:
@@ -91,9 +111,8 @@ def build_dataset(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same seed, same order
     table = work_table(entries)
-    n_blocks = max(1, min(len(entries), config.max_workers * config.blocks_per_worker))
-    step = -(-len(entries) // n_blocks) if entries else 1
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, len(entries)), step)])
+    n_blocks = input_blocks(len(entries), config)
+    ds = ray.data.from_arrow([table.take(list(range(j, len(entries), n_blocks))) for j in range(n_blocks)])
     pool = ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
     common = {"batch_format": "pyarrow", "batch_size": config.batch_size, "compute": pool}
     if config.fuse:

@@ -157,19 +157,27 @@ class Stage:
     def process_row(self, row: dict) -> dict:
         raise NotImplementedError
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def ready(self) -> None:
+        """Run ``setup`` once (at the first batch, or earlier when the worker starts)."""
         if not self._ready:
             self.setup()
             self._ready = True
+
+    def process_rows(self, rows: list[dict]) -> list[dict]:
+        """Work rows through this stage; a failure becomes the row's recorded reject, never a crash."""
+        self.ready()
         out = []
-        for row in batch.to_pylist():
+        for row in rows:
             if not row.get("reject"):
                 try:
                     row = self.process_row(row)
                 except Exception as exc:  # every failure becomes a recorded reject, never a crash
                     row["reject"] = _reject(self.name, _classify(exc), str(exc)[:1000])
             out.append(row)
-        return pa.Table.from_pylist(out, schema=WORK_SCHEMA)
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.process_rows(work_rows(batch)), schema=WORK_SCHEMA)
 
 
 def _extension(path: str) -> str:
@@ -352,8 +360,11 @@ class Emit:
         self.rejects_uri = rejects_uri
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.emit_rows(batch.to_pylist())
+
+    def emit_rows(self, rows: list[dict]) -> pa.Table:
         good, bad = [], []
-        for row in batch.to_pylist():
+        for row in rows:
             if row.get("reject"):
                 info = json.loads(row["reject"])
                 bad.append(
@@ -393,16 +404,27 @@ def output_row(row: dict) -> dict:
 
 
 class Chain:
-    """Several stages fused into one actor: rows cross the object store once, not once per stage."""
+    """Several stages fused into one actor: rows cross the object store once, not once per stage, and
+    pass from stage to stage as Python rows (one Arrow conversion in, one out: a row's tiles are
+    megabytes, and each conversion copies them)."""
 
     def __init__(self, stages: list, emit: Emit):
         self.stages = stages
         self.emit = emit
+        for stage in stages:  # constructed on the worker: heavy setup now, before its first batch
+            stage.ready()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = work_rows(batch)
         for stage in self.stages:
-            batch = stage(batch)
-        return self.emit(batch)
+            rows = stage.process_rows(rows)
+        return self.emit.emit_rows(rows)
+
+
+def work_rows(batch: pa.Table) -> list[dict]:
+    """A batch as work rows: every field of WORK_SCHEMA present (None until a stage sets it)."""
+    empty = dict.fromkeys(WORK_SCHEMA.names)
+    return [{**empty, **row} for row in batch.to_pylist()]
 
 
 STAGES = (LoadMedia, DecodeVideo, TileMedia, Tokenize)

@@ -8,6 +8,7 @@ from components.anyres import AnyResConfig, normalize_tiles, tile_image, tile_im
 from components.resample import (
     bicubic_coefficients,
     emit_tiles,
+    resize_into_tiles,
     resize_rgbx,
     rgb_to_rgbx,
     rgbx_pixels,
@@ -116,6 +117,25 @@ def test_emit_pads_cuts_and_normalizes():
     shift = (np.asarray(config.mean) / np.asarray(config.std)).astype(np.float32)
     emit_tiles(pixels, floats, 2, (3, 1), scale, shift)
     assert np.array_equal(floats, normalize_tiles(tiles, config))  # bit for bit, padding included
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_fused_resize_into_tiles_equals_resize_then_emit(dtype):
+    """The vertical pass writing tiles directly gives the bytes of resize + emit, for every pass order."""
+    rng = np.random.default_rng(6)
+    scale, shift = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
+    cases = [((40, 30), (48, 36)), ((40, 30), (17, 33)), ((40, 30), (40, 19)), ((40, 30), (11, 30)),
+             ((40, 30), (40, 30)), ((90, 12), (20, 13)), ((7, 50), (23, 45))]  # fmt: skip
+    for in_size, out_size in cases:
+        pixels = rgb_to_rgbx(rng.integers(0, 256, (*in_size, 3), dtype=np.uint8))
+        side, cols = 16, 4
+        rows = -(-(out_size[0] + 5) // side)
+        offset = (3, 2) if out_size[1] + 2 <= side * cols else (3, 0)
+        expected = np.empty((rows * cols, 3, side, side), dtype)
+        fused = np.empty_like(expected)
+        emit_tiles(resize_rgbx(pixels, out_size), expected, cols, offset, scale, shift)
+        resize_into_tiles(pixels, out_size, fused, cols, offset, scale, shift)
+        assert np.array_equal(fused, expected), (in_size, out_size)
 
 
 def test_float_tiles_equal_normalized_uint8_tiles_bit_for_bit():
