@@ -96,16 +96,18 @@ def _clip8(acc: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _vertical_row(src: np.ndarray, bounds: np.ndarray, weights: np.ndarray, yo: int, acc: np.ndarray) -> None:
-    """acc = the fixed-point sums of output row yo (before the shift and clip): rows of uint8 lanes."""
-    lanes = src.shape[1]
-    y = bounds[yo, 0]
-    taps = bounds[yo, 1]
+def _sums(
+    acc: np.ndarray, rows: np.ndarray, first: int, bounds: np.ndarray, weights: np.ndarray, o: int
+) -> None:
+    """acc = the fixed-point sums of output o (before the shift and clip): the half plus its taps
+    rows[first + t] (uint8 lane vectors) times weights[o, t], four taps per pass over acc."""
+    lanes = acc.shape[0]
+    taps = bounds[o, 1]
     acc[:] = _HALF
     t = 0
-    while t + 4 <= taps:  # four taps per pass over the accumulator
-        k0, k1, k2, k3 = weights[yo, t], weights[yo, t + 1], weights[yo, t + 2], weights[yo, t + 3]
-        s0, s1, s2, s3 = src[y + t], src[y + t + 1], src[y + t + 2], src[y + t + 3]
+    while t + 4 <= taps:
+        k0, k1, k2, k3 = weights[o, t], weights[o, t + 1], weights[o, t + 2], weights[o, t + 3]
+        s0, s1, s2, s3 = rows[first + t], rows[first + t + 1], rows[first + t + 2], rows[first + t + 3]
         for i in range(lanes):
             acc[i] = np.int32(
                 acc[i]
@@ -116,11 +118,17 @@ def _vertical_row(src: np.ndarray, bounds: np.ndarray, weights: np.ndarray, yo: 
             )
         t += 4
     while t < taps:
-        k0 = weights[yo, t]
-        s0 = src[y + t]
+        k0 = weights[o, t]
+        s0 = rows[first + t]
         for i in range(lanes):
             acc[i] = np.int32(acc[i] + np.int32(s0[i]) * k0)
         t += 1
+
+
+@njit(cache=True, inline="always")
+def _vertical_row(src: np.ndarray, bounds: np.ndarray, weights: np.ndarray, yo: int, acc: np.ndarray) -> None:
+    """acc = the fixed-point sums of output row yo: its taps are whole input rows of uint8 lanes."""
+    _sums(acc, src, bounds[yo, 0], bounds, weights, yo)
 
 
 @njit(cache=True)
@@ -156,33 +164,7 @@ def _horizontal(
             for r in range(rows):
                 block[x, r] = src32[y0 + r0 + r, x]
         for xo in range(out_width):
-            x = bounds[xo, 0]
-            taps = bounds[xo, 1]
-            acc[:] = _HALF
-            t = 0
-            while t + 4 <= taps:
-                k0, k1, k2, k3 = weights[xo, t], weights[xo, t + 1], weights[xo, t + 2], weights[xo, t + 3]
-                s0, s1, s2, s3 = (
-                    lanes_in[x + t],
-                    lanes_in[x + t + 1],
-                    lanes_in[x + t + 2],
-                    lanes_in[x + t + 3],
-                )
-                for i in range(_BLOCK * 4):
-                    acc[i] = np.int32(
-                        acc[i]
-                        + np.int32(s0[i]) * k0
-                        + np.int32(s1[i]) * k1
-                        + np.int32(s2[i]) * k2
-                        + np.int32(s3[i]) * k3
-                    )
-                t += 4
-            while t < taps:
-                k0 = weights[xo, t]
-                s0 = lanes_in[x + t]
-                for i in range(_BLOCK * 4):
-                    acc[i] = np.int32(acc[i] + np.int32(s0[i]) * k0)
-                t += 1
+            _sums(acc, lanes_in, bounds[xo, 0], bounds, weights, xo)
             row = lanes_out[xo]
             for i in range(_BLOCK * 4):
                 row[i] = _clip8(acc[i])
@@ -350,19 +332,11 @@ def _conversion(tiles: np.ndarray, scale, shift) -> tuple[np.ndarray, np.ndarray
 
 
 def emit_tiles(
-    pixels: np.ndarray,
-    tiles: np.ndarray,
-    cols: int,
-    offset: Size,
-    scale: np.ndarray | None = None,
-    shift: np.ndarray | None = None,
+    pixels: np.ndarray, tiles: np.ndarray, cols: int, offset: Size, scale=None, shift=None
 ) -> None:
-    """Cut RGBX pixels placed at ``offset`` (top, left) of a padded canvas into planar tiles, in place.
-
-    uint8 tiles get the bytes; float32 tiles get ``value * scale[c] - shift[c]`` (float32 [3] each).
-    """
-    scale, shift = _conversion(tiles, scale, shift)
-    _emit(_as32(pixels), tiles, cols, offset[0], offset[1], scale, shift)
+    """Cut RGBX pixels placed at ``offset`` (top, left) of a padded canvas into planar tiles, in place:
+    uint8 tiles get the bytes; float32 tiles get ``value * scale[c] - shift[c]`` (float32 [3] each)."""
+    resize_into_tiles(pixels, pixels.shape[:2], tiles, cols, offset, scale, shift)
 
 
 def resize_into_tiles(
@@ -375,7 +349,8 @@ def resize_into_tiles(
     shift: np.ndarray | None = None,
 ) -> None:
     """``emit_tiles(resize_rgbx(pixels, size), ...)``, the same bytes, without the resized image in memory
-    when Pillow's last pass is the vertical one (the usual case for AnyRes): that pass writes the tiles."""
+    when Pillow's last pass is the vertical one (the usual case for AnyRes): that pass writes the tiles.
+    uint8 tiles get the bytes; float32 tiles get ``value * scale[c] - shift[c]`` (float32 [3] each)."""
     pixels = _checked(pixels, size)
     scale, shift = _conversion(tiles, scale, shift)
     staged = _before_vertical(pixels, size)
