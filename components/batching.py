@@ -74,6 +74,17 @@ def collate(
     return out
 
 
+def to_device(batch: dict, device, dtype: torch.dtype | None = None) -> dict:
+    """A collated batch on the model's device: integer tensors (ids, labels, masks, sizes) keep their
+    dtype; floating ones (pixels) take the model's ``dtype`` (bf16 on GPU), as its weights have."""
+    return {
+        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in batch.items()
+    }
+
+
 def _group_key(row: dict) -> tuple:
     shape = row.get("pixel_shape")
     if shape is None and row.get("pixel_values") is not None and not isinstance(row["pixel_values"], bytes):

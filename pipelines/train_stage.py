@@ -155,6 +155,24 @@ def _build(plan: StagePlan):
     return spec, model, tokenizer
 
 
+def model_dtype(plan: StagePlan):
+    """The dtype DeepSpeed trains in: bf16 on GPU, fp32 on CPU (``deepspeed_config``)."""
+    import torch
+
+    return torch.bfloat16 if plan.use_gpu else torch.float32
+
+
+def _batch_maker(filler, tokenizer, spec: ModelSpec, plan: StagePlan, device) -> Callable[[list[dict]], dict]:
+    """Rows of one micro-batch -> the model's inputs: media filled in, collated, and on the engine's
+    device in the training dtype (Ray Train picked the worker's GPU; DeepSpeed moved the weights there)."""
+    from components.batching import collate, to_device
+
+    dtype = model_dtype(plan)
+    return lambda micro: to_device(
+        collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres), device, dtype
+    )
+
+
 def _apply_lora(model, lora: dict):
     from peft import LoraConfig, get_peft_model
 
@@ -235,6 +253,7 @@ def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
     import torch
     from safetensors.torch import save as save_tensors
 
+    from components.batching import to_device
     from components.generation import probe_batch
     from components.model import save_model
 
@@ -242,14 +261,14 @@ def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
     probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
     model.eval()
     with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
-        logits = model(**probe).logits.float()
+        logits = model(**to_device(probe, engine.device, model_dtype(plan))).logits.float().cpu()
     if rank == 0 and plan.history_uri:
         probe_uri = storage.join(plan.history_uri.rsplit("/", 1)[0], "probe_logits.safetensors")
         storage.write_bytes(probe_uri, save_tensors({"logits": logits.contiguous()}))
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=plan.stage["zero_stage"] == 3):
         if rank == 0:
-            state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+            state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
     if rank == 0:
         export, _ = _build(plan)[1:]
         if plan.stage.get("lora"):
@@ -268,7 +287,6 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from components.batching import collate
     from components.generation import MediaFiller
     from components.model import group_of, param_groups, set_trainable
     from components.tracking import make_tracker
@@ -314,9 +332,12 @@ def train_loop(config: dict) -> None:
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     attempt = _Attempt(
         engine,
-        lambda micro: collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres),
-        world, main_group, vision_group, start_step=step,
-    )  # fmt: skip
+        _batch_maker(filler, tokenizer, spec, plan, engine.device),
+        world,
+        main_group,
+        vision_group,
+        start_step=step,
+    )
     shard = None if plan.keep_shard else ray.train.get_dataset_shard("train")
     history = []
     kept: list[dict] = []  # small data: this rank's rows for every epoch
