@@ -12,7 +12,7 @@ from PIL import Image
 
 from components import storage
 from components.anyres import AnyResConfig
-from components.batching import collate
+from components.batching import collate, to_device
 from components.conversation import IGNORE_INDEX, Sample, Turn, get_template, tokenize
 from components.processing import MediaInputs, process_images, process_video
 from components.video import read_frames
@@ -86,6 +86,7 @@ def generate(
     """Continue each row; returns [{text, prompt_tokens, completion_tokens, finish_reason}] in order."""
     batch = collate(rows, tokenizer.pad_token_id, arch, left_pad=True)
     batch.pop("labels")
+    batch = to_device(batch, model.device, model.dtype)  # a GPU replica's model: its device, bf16 pixels
     if seed is not None:
         torch.manual_seed(seed)
     sampling = temperature > 0

@@ -50,6 +50,8 @@ class ServeConfig:
     max_ongoing_requests: int = 32
     request_timeout_s: float = 120.0
     replica_cpus: float = 0.5
+    replica_gpus: float = 0.0
+    """GPUs per replica (Ray's ``num_gpus``); above 0 the replica loads the model on its GPU in bf16."""
     api_key_env: str = "LLAVA_RAY_API_KEY"
     """When this environment variable is set, requests need ``Authorization: Bearer <its value>``."""
     limits: Limits = field(default_factory=Limits)
@@ -88,6 +90,8 @@ class LlavaModel:
         self.config = ServeConfig.from_dict(config)
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
         self.model, self.tokenizer = load_model(self.config.checkpoint)
+        if self.config.replica_gpus > 0:  # Ray set CUDA_VISIBLE_DEVICES to this replica's GPU
+            self.model.to("cuda", torch.bfloat16)
         self.model.eval()
         settings = prompt_settings(self.model)
         self.template, self.anyres, self.arch = settings.template, settings.anyres, settings.arch
@@ -339,7 +343,7 @@ def build_app(config: ServeConfig):
             "look_back_period_s": 2.0,
         },
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.replica_cpus},
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
     ).bind(asdict(config))
     # the ingress only parses and awaits: it must admit every request the model replicas can hold (Serve's
     # default of 5 would cap the batches at 5 whatever max_batch_size says)

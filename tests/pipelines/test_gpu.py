@@ -109,3 +109,33 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     assert torch.allclose(logits[real], trained[real], atol=1e-2, rtol=1e-2), (
         (logits[real] - trained[real]).abs().max()
     )
+
+
+def test_greedy_generation_on_gpu():
+    """Serving's and evaluation's generate on a GPU: the batch follows the model to its device (and bf16
+    pixels for a bf16 replica); greedy output on the GPU in fp32 equals the CPU's."""
+    from PIL import Image, ImageDraw
+
+    from components.conversation import Turn
+    from components.generation import Prompt, generate, prompt_row
+    from components.model import build_model
+    from pipelines.recipes import load_recipe
+
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir="unused")
+    spec = recipe.model
+    torch.manual_seed(0)
+    model, tokenizer = build_model(spec)
+    model.eval()
+    image = Image.new("RGB", (120, 90), (240, 240, 240))
+    ImageDraw.Draw(image).rectangle((20, 20, 80, 70), fill=(30, 30, 200))
+    rows = [
+        prompt_row(Prompt([Turn("user", "<image>\nWhat shape is it?")], [image]), tokenizer, spec.template,
+                   spec.arch, spec.anyres),
+        prompt_row(Prompt([Turn("user", "Name a color.")]), tokenizer, spec.template, spec.arch, spec.anyres),
+    ]  # fmt: skip
+    cpu = generate(model, tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
+    gpu = generate(model.to("cuda"), tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
+    assert [r["text"] for r in gpu] == [r["text"] for r in cpu]
+    half = generate(model.to(torch.bfloat16), tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
+    assert [r["prompt_tokens"] for r in half] == [r["prompt_tokens"] for r in cpu]
+    assert all(r["completion_tokens"] <= 8 and r["finish_reason"] in ("stop", "length") for r in half)
