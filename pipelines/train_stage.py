@@ -155,19 +155,13 @@ def _build(plan: StagePlan):
     return spec, model, tokenizer
 
 
-def model_dtype(plan: StagePlan):
-    """The dtype DeepSpeed trains in: bf16 on GPU, fp32 on CPU (``deepspeed_config``)."""
-    import torch
-
-    return torch.bfloat16 if plan.use_gpu else torch.float32
-
-
-def _batch_maker(filler, tokenizer, spec: ModelSpec, plan: StagePlan, device) -> Callable[[list[dict]], dict]:
+def _batch_maker(filler, tokenizer, spec: ModelSpec, engine) -> Callable[[list[dict]], dict]:
     """Rows of one micro-batch -> the model's inputs: media filled in, collated, and on the engine's
-    device in the training dtype (Ray Train picked the worker's GPU; DeepSpeed moved the weights there)."""
+    device in the dtype it trains in (DeepSpeed's: bf16 on GPU, fp32 on CPU; Ray Train picked the
+    worker's GPU and DeepSpeed moved the weights there)."""
     from components.batching import collate, to_device
 
-    dtype = model_dtype(plan)
+    device, dtype = engine.device, engine.get_data_types()[0]
     return lambda micro: to_device(
         collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres), device, dtype
     )
@@ -261,7 +255,7 @@ def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
     probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
     model.eval()
     with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
-        logits = model(**to_device(probe, engine.device, model_dtype(plan))).logits.float().cpu()
+        logits = model(**to_device(probe, engine.device, engine.get_data_types()[0])).logits.float().cpu()
     if rank == 0 and plan.history_uri:
         probe_uri = storage.join(plan.history_uri.rsplit("/", 1)[0], "probe_logits.safetensors")
         storage.write_bytes(probe_uri, save_tensors({"logits": logits.contiguous()}))
@@ -332,7 +326,7 @@ def train_loop(config: dict) -> None:
     filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
     attempt = _Attempt(
         engine,
-        _batch_maker(filler, tokenizer, spec, plan, engine.device),
+        _batch_maker(filler, tokenizer, spec, engine),
         world,
         main_group,
         vision_group,

@@ -81,7 +81,7 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     # the train loop's batch maker: media filled in, collated, on the GPU, pixels in bf16, ids as int64
     probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
     filler = MediaFiller(tokenizer, stage.template, spec.arch, spec.anyres, with_video=False)
-    made = _batch_maker(filler, tokenizer, spec, plan, engine.device)
+    made = _batch_maker(filler, tokenizer, spec, engine)
     rows = [{"input_ids": [int(t) for t in ids if t != tokenizer.pad_token_id], "modality": "text"}
             for ids in probe["input_ids"].tolist()]  # fmt: skip
     text_batch = made([{**r, "labels": r["input_ids"]} for r in rows[1:]])
