@@ -78,8 +78,8 @@ def main() -> None:
     from tests.conftest import free_port
 
     checkpoint = os.path.join(scratch("llava-ray-serve-bench-"), "hf")
-    model, tokenizer = build_model(ModelSpec())
-    save_model(model, tokenizer, checkpoint)
+    model, processor = build_model(ModelSpec())
+    save_model(model, processor, checkpoint)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

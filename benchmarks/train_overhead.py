@@ -28,7 +28,6 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
     same padding), AdamW, 1 thread, over the stage's epochs. Returns (tokens/s, steps, rows)."""
     import torch
 
-    from components.batching import collate
     from components.generation import MediaFiller
     from components.model import build_model, param_groups, set_trainable
     from pipelines.preprocess import read_output
@@ -39,10 +38,11 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
     plan: StagePlan = plan_stage(
         dataclasses.replace(recipe, workers=1), stage, len(rows), init_from=None, export_uri="-"
     )
-    model, tokenizer = build_model(recipe.model)
+    model, processor = build_model(recipe.model)
+    processor = processor.replace(template=stage.template)
     set_trainable(model, stage.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, vision_lr=stage.vision_lr))
-    filler = MediaFiller(tokenizer, stage.template, recipe.model.arch, recipe.model.anyres, with_video=False)
+    filler = MediaFiller(processor, with_video=False)
     tokens_done, seconds = [], []
     all_steps = [
         s
@@ -55,9 +55,7 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
         start, tokens = time.perf_counter(), 0
         for micro in micro_batches:
             tokens += sum(len(r["input_ids"]) for r in micro)
-            loss = model(
-                **collate(filler(micro), tokenizer.pad_token_id, recipe.model.arch, recipe.model.anyres)
-            ).loss
+            loss = model(**processor.collate(filler(micro))).loss
             (loss / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -44,6 +44,12 @@ class AnyResConfig:
     """Grids go from 1x1 up to max_grid x max_grid tiles (OneVision: 6)."""
     max_tiles: int = 9
     """Features of the unpadded grid are bilinear-reduced to about this many tiles' worth (anyres_max_9)."""
+    grids: tuple[tuple[int, int], ...] | None = None
+    """The (rows, cols) grids to choose from; None: every grid from 1x1 to max_grid x max_grid (OneVision).
+    LLaVA-NeXT: ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))."""
+    base_only: bool = False
+    """A lone image gets its base tile only, as each item of a multi-image sample does (OneVision's
+    Stage-1: (tile/patch)^2 visual tokens, 729 at 384 px, plus the newline HF's model appends)."""
     multi_image_mode: str = "pad"
     """Multi-image items and video frames' base tile: "pad" (pad to a square with the mean colour, then
     resize; what transformers does for multi-image samples) or "resize" (squash to the tile)."""
@@ -68,6 +74,18 @@ class AnyResConfig:
             raise ValueError(
                 f"AnyResConfig.multi_image_mode: expected 'pad' or 'resize', found {self.multi_image_mode!r}"
             )
+        if self.grids is not None:
+            grids = tuple(tuple(g) for g in self.grids)
+            if not grids or not all(
+                len(g) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in g)
+                for g in grids
+            ):
+                raise ValueError(
+                    f"AnyResConfig.grids: expected (rows, cols) pairs of positive ints, found {self.grids!r}"
+                )
+            object.__setattr__(self, "grids", grids)
+        if not isinstance(self.base_only, bool):
+            raise ValueError(f"AnyResConfig.base_only: expected true or false, found {self.base_only!r}")
         if not isinstance(self.jpeg_draft, bool):
             raise ValueError(f"AnyResConfig.jpeg_draft: expected true or false, found {self.jpeg_draft!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -91,8 +109,11 @@ class TiledImage:
 
 
 def grid_pinpoints(config: AnyResConfig) -> list[Size]:
-    """Every candidate resolution, (rows*T, cols*T) for rows, cols in 1..max_grid, in transformers' order."""
+    """Every candidate resolution (rows*T, cols*T): the configured grids, or rows, cols in 1..max_grid in
+    transformers' order."""
     t = config.tile_size
+    if config.grids is not None:
+        return [(r * t, c * t) for r, c in config.grids]
     return [(r * t, c * t) for r in range(1, config.max_grid + 1) for c in range(1, config.max_grid + 1)]
 
 
@@ -250,8 +271,9 @@ def video_tiles(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
 # ---- token counts ---------------------------------------------------------------------------
 
 
-def _unpadded_features(image_size: Size, grid: Size, config: AnyResConfig) -> tuple[int, int]:
-    """(features, newlines) of the unpadded grid, reduced to about max_tiles tiles' worth when larger."""
+def _unpadded_features(image_size: Size, grid: Size, config: AnyResConfig, reduce: bool) -> tuple[int, int]:
+    """(features, newlines) of the unpadded grid, reduced to about max_tiles tiles' worth when larger
+    (``reduce``: OneVision's anyres_max_N; LLaVA-NeXT keeps them all)."""
     height, width = image_size
     side = config.tokens_per_side
     cur_h, cur_w = side * grid[0], side * grid[1]
@@ -262,18 +284,19 @@ def _unpadded_features(image_size: Size, grid: Size, config: AnyResConfig) -> tu
         new_w = int(round(width * (cur_h / height), 7))
         cur_w -= ((cur_w - new_w) // 2) * 2
     ratio = math.sqrt(cur_h * cur_w / (config.max_tiles * side**2))
-    if ratio > 1.1:
+    if reduce and ratio > 1.1:
         return int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
     return cur_h * cur_w, cur_h
 
 
-def num_image_tokens(image_size: Size, config: AnyResConfig) -> int:
-    """Tokens of one AnyRes image: base tile + unpadded grid features + one newline per feature row."""
+def num_image_tokens(image_size: Size, config: AnyResConfig, *, reduce: bool = True) -> int:
+    """Tokens of one AnyRes image: base tile + unpadded grid features + one newline per feature row
+    (``reduce``: the grid features bilinear-reduced to about max_tiles tiles' worth, as OneVision does)."""
     if image_size[0] < 1 or image_size[1] < 1:
         raise ImageTooSmallError(f"image_size: expected positive (height, width), found {image_size}")
     best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
     grid = (best_h // config.tile_size, best_w // config.tile_size)
-    features, newlines = _unpadded_features(image_size, grid, config)
+    features, newlines = _unpadded_features(image_size, grid, config, reduce)
     return config.tokens_per_side**2 + features + newlines
 
 

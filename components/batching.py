@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from components.anyres import AnyResConfig, normalize_tiles
+from components.architectures import Architecture
 from components.conversation import IGNORE_INDEX
 
 
@@ -25,17 +26,17 @@ def row_pixels(row: dict, anyres: AnyResConfig | None) -> np.ndarray:
 def collate(
     rows: list[dict],
     pad_token_id: int,
-    arch: str = "llava_onevision",
+    arch: Architecture,
     anyres: AnyResConfig | None = None,
     *,
     left_pad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / labels / attention_mask plus the media tensors HF's LLaVA classes take.
 
-    A row has input_ids, labels, modality, and for media: pixel_values [tiles, 3, T, T],
-    image_sizes [[h, w], ...] and tiles_per_image. Images of all rows are concatenated (4-D
-    pixel_values with batch_num_images); videos are stacked [videos, frames, 3, T, T] and must
-    have equal frame counts (grouping guarantees it).
+    A row has input_ids, labels, modality, and for media: pixel_values [tiles, 3, T, T] and
+    image_sizes [[h, w], ...]. The image rows' tiles become the architecture's image inputs
+    (``Architecture.image_inputs``); videos are stacked [videos, frames, 3, T, T] and must have equal
+    frame counts (grouping guarantees it). Use ``LlavaProcessor.collate``, which knows its arch.
     """
     if not rows:
         raise ValueError("collate: expected at least one row, found none")
@@ -54,14 +55,7 @@ def collate(
 
     image_rows = [r for r in rows if r["modality"] in ("image", "multi_image")]
     if image_rows:
-        out["pixel_values"] = torch.as_tensor(np.concatenate([row_pixels(r, anyres) for r in image_rows]))
-        if arch == "llava_onevision":  # LLaVA / 1.5 take base tiles only, no sizes
-            out["image_sizes"] = torch.as_tensor(
-                [list(s) for r in image_rows for s in r["image_sizes"]], dtype=torch.long
-            )
-            out["batch_num_images"] = torch.as_tensor(
-                [len(r["image_sizes"]) for r in image_rows], dtype=torch.long
-            )
+        out.update(arch.image_inputs([row_pixels(r, anyres) for r in image_rows], image_rows, anyres))
     video_rows = [r for r in rows if r["modality"] == "video"]
     if video_rows:
         videos = [row_pixels(r, anyres) for r in video_rows]

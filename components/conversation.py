@@ -18,6 +18,18 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDER_RE = re.compile(r"<image>|<video>")
+SPECIAL_TOKENS = {
+    "pad": "<pad>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "unk": "<unk>",
+    "image": IMAGE_PLACEHOLDER,
+    "video": VIDEO_PLACEHOLDER,
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+}
+"""The tokens every tokenizer of ours has (the tiny BPE is built with them; pretrained ones get the
+missing media and ChatML tokens added)."""
 
 ROLE_ALIASES = {
     "human": "user",
@@ -143,6 +155,13 @@ def parse_sample(record: dict, source: str = "") -> Sample:
     if rest[-1].role != "assistant":
         raise SampleError(sample_id, field_name, "the last turn from the assistant", "a user turn")
 
+    if video is not None:  # LLaVA-NeXT's own video data marks the video with <image>: the same placeholder
+        turns = [Turn(t.role, t.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for t in turns]
+    elif any(VIDEO_PLACEHOLDER in t.text for t in turns):
+        raise SampleError(
+            sample_id, field_name, "<image> placeholders (the sample has no video)", "a <video> placeholder",
+            "placeholder_mismatch",
+        )  # fmt: skip
     placeholders = sum(len(_PLACEHOLDER_RE.findall(t.text)) for t in turns)
     num_media = len(images) + (1 if video is not None else 0)
     if placeholders != num_media:
@@ -171,7 +190,9 @@ class Template:
     name: str
     system: str
     user_format: str
-    """The user segment; {text} is the message. It ends with the assistant's prompt."""
+    """The user segment; {text} is the message."""
+    assistant_prompt: str
+    """What opens the assistant's turn (the chat template's generation prompt); always after a user turn."""
     assistant_format: str
     """The labelled assistant segment; {text} is the answer and it ends with the stop."""
     prefix_format: str = "{system}"
@@ -205,6 +226,7 @@ TEMPLATES: dict[str, Template] = {
         name="plain",
         system="",
         user_format="{text}",
+        assistant_prompt="",
         assistant_format="{text}\n",
         stop="\n",
         text_in_user=False,
@@ -214,7 +236,8 @@ TEMPLATES: dict[str, Template] = {
         name="vicuna_v0",
         system=VICUNA_V0_SYSTEM,
         prefix_format="{system}###",
-        user_format="Human: {text}###Assistant:",
+        user_format="Human: {text}###",
+        assistant_prompt="Assistant:",
         assistant_format=" {text}###",
         stop="###",
         add_bos=True,
@@ -224,7 +247,8 @@ TEMPLATES: dict[str, Template] = {
         name="vicuna_v1",
         system=VICUNA_V1_SYSTEM,
         prefix_format="{system} ",
-        user_format="USER: {text} ASSISTANT:",
+        user_format="USER: {text} ",
+        assistant_prompt="ASSISTANT:",
         assistant_format=" {text}</s>",
         stop="</s>",
         add_bos=True,
@@ -234,7 +258,8 @@ TEMPLATES: dict[str, Template] = {
         name="chatml",
         system="You are a helpful assistant.",
         prefix_format="<|im_start|>system\n{system}<|im_end|>\n",
-        user_format="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        user_format="<|im_start|>user\n{text}<|im_end|>\n",
+        assistant_prompt="<|im_start|>assistant\n",
         assistant_format="{text}<|im_end|>",
         after_assistant="\n",
         stop="<|im_end|>",
@@ -314,6 +339,7 @@ def tokenize(
 
     def add_user(text: str) -> None:
         formatted = template.user_format.format(text=text if template.text_in_user else _only_media(text))
+        formatted += template.assistant_prompt  # one piece with the user turn: as a whole string tokenizes
         pos = 0
         for m in _PLACEHOLDER_RE.finditer(formatted):
             add(formatted[pos : m.start()], False)

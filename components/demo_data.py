@@ -213,11 +213,11 @@ def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: Demo
             os.path.join(w.out_dir, rel), motion_frames(rng, color, shape, direction, cfg), cfg.video_fps
         )
         if i % 2 == 0:
-            turn = (f"<image>\nWhich direction does the {shape} move?\n{SHORT}", direction)
+            turn = (f"<video>\nWhich direction does the {shape} move?\n{SHORT}", direction)
             task = "direction"
         else:
             options, letter = _options(rng, shape, SHAPES)
-            turn = (f"<image>\nWhich shape appears in the video?\n{options}\n{MULTIPLE_CHOICE}", letter)
+            turn = (f"<video>\nWhich shape appears in the video?\n{options}\n{MULTIPLE_CHOICE}", letter)
             task = "video_shape_mc"
         w.add(
             split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": turn[1]}

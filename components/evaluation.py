@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from components.conversation import Turn, parse_sample
-from components.generation import Prompt, generate, load_media, prompt_row
+from components.generation import generate, load_media
+from components.processor import LlavaProcessor, Prompt
 
 
 @dataclass(frozen=True)
@@ -66,37 +67,33 @@ def chance(scorer: str, prompt: str, answers: list[str]) -> float:
 
 def evaluate(
     model,
-    tokenizer,
+    processor: LlavaProcessor,
     records: list[dict],
     media_root: str,
     *,
-    template: str,
-    arch: str,
-    anyres,
     tasks=DEMO_TASKS,
     max_new_tokens: int = 8,
     batch_size: int = 8,
-    video_fps: float = 1.0,
-    max_frames: int = 32,
 ) -> dict:
-    """Accuracy per task, per modality, and over single-image questions, with chance beside each."""
+    """Accuracy per task, per modality, and over single-image questions, with chance beside each. Only
+    what the architecture takes is asked (LLaVA and LLaVA-1.5 get no video); the rest is reported as
+    skipped, with the reason."""
     model.eval()
     by_task = {t.record_task: t for t in tasks}
-    items = []
+    items, skipped = [], defaultdict(int)
     for record in records:
         task = by_task.get(record.get("task"))
         if task is None:
             continue
+        if task.modality == "video" and not processor.arch.takes_video:
+            skipped[task.name] += 1
+            continue
         sample = parse_sample(record)
         first_user = next(t for t in sample.turns if t.role == "user")
         answer = record.get("answer") or next(t.text for t in sample.turns if t.role == "assistant")
-        images, frames = load_media(
-            sample.images, sample.video, media_root, fps=video_fps, max_frames=max_frames
-        )
+        images, frames = load_media(processor, sample.images, sample.video, media_root)
         prompt = Prompt([Turn("user", first_user.text)], images, frames, sample.id)
-        items.append(
-            (task, sample.id, first_user.text, answer, prompt_row(prompt, tokenizer, template, arch, anyres))
-        )
+        items.append((task, sample.id, first_user.text, answer, processor.prompt_row(prompt)))
     answers_by_task = defaultdict(list)
     for task, _, _, answer, _ in items:
         answers_by_task[task.name].append(answer)
@@ -106,16 +103,19 @@ def evaluate(
         group = [it for it in items if it[4]["modality"] == modality]
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            outs = generate(
-                model, tokenizer, [it[4] for it in chunk], template, arch, max_new_tokens=max_new_tokens
-            )
+            outs = generate(model, processor, [it[4] for it in chunk], max_new_tokens=max_new_tokens)
             for (task, sid, prompt_text, answer, _), out in zip(chunk, outs, strict=True):
                 results.append({
                     "id": sid, "task": task.name, "modality": task.modality, "prediction": out["text"],
                     "answer": answer, "correct": score(task.scorer, out["text"], answer),
                     "chance": chance(task.scorer, prompt_text, answers_by_task[task.name]),
                 })  # fmt: skip
-    return report(results)
+    out = report(results)
+    out["skipped"] = {
+        name: {"n": n, "reason": f"{processor.arch.name} takes no video"}
+        for name, n in sorted(skipped.items())
+    }
+    return out
 
 
 def report(results: list[dict]) -> dict:
@@ -141,6 +141,8 @@ def format_report(rep: dict) -> str:
     lines = [f"{'task':18s} {'n':>4s} {'accuracy':>9s} {'chance':>7s}"]
     for name, s in {**rep["tasks"], "ALL": rep["overall"]}.items():
         lines.append(f"{name:18s} {s['n']:4d} {s['accuracy']:9.3f} {s['chance']:7.3f}")
+    for name, s in rep.get("skipped", {}).items():
+        lines.append(f"{name:18s} {s['n']:4d}   skipped: {s['reason']}")
     return "\n".join(lines)
 
 

@@ -1,81 +1,26 @@
-"""Prompting and greedy/sampled generation: the path evaluation and serving share."""
+"""Generation, and the filler rows that keep ZeRO ranks in step: the paths evaluation, serving and training
+share. Every function takes the checkpoint's ``LlavaProcessor`` (components/processor.py)."""
 
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from components import storage
-from components.anyres import AnyResConfig
-from components.batching import collate, to_device
-from components.conversation import IGNORE_INDEX, Sample, Turn, get_template, tokenize
-from components.processing import MediaInputs, process_images, process_video
-from components.video import read_frames
-
-
-@dataclass
-class Prompt:
-    """One conversation to continue: turns ending with a user turn, and its media."""
-
-    turns: list[Turn]
-    images: list[Image.Image] = field(default_factory=list)
-    video_frames: np.ndarray | None = None
-    id: str = "request"
-
-
-def prompt_row(
-    prompt: Prompt, tokenizer, template: str, arch: str, anyres: AnyResConfig, max_length: int | None = None
-) -> dict:
-    """The collate row of a prompt: media processed as in training, ids ending at the assistant's prompt."""
-    if prompt.video_frames is not None:
-        media = process_video(prompt.video_frames, arch, anyres)
-    else:
-        media = process_images(prompt.images, arch, anyres)
-    sample = Sample(
-        id=prompt.id,
-        turns=prompt.turns,
-        images=[f"image-{i}" for i in range(len(prompt.images))],
-        video="video" if prompt.video_frames is not None else None,
-    )
-    ids = tokenize(sample, tokenizer, template, media.token_counts, max_length=max_length)
-    return _row(ids.input_ids, media)
-
-
-def _row(input_ids: np.ndarray, media: MediaInputs) -> dict:
-    return {
-        "input_ids": input_ids,
-        "labels": np.full(len(input_ids), IGNORE_INDEX, dtype=np.int32),
-        "modality": media.modality,
-        "pixel_values": media.pixel_values,
-        "image_sizes": media.image_sizes,
-    }
-
-
-def stop_ids(tokenizer, template: str) -> list[int]:
-    """Token ids that end generation: the template's stop when it is one token, and eos."""
-    stop = get_template(template).stop
-    ids = []
-    if stop:
-        encoded = tokenizer.encode(stop, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
+from components.batching import to_device
+from components.conversation import Turn
+from components.processor import LlavaProcessor, Prompt
 
 
 @torch.no_grad()
 def generate(
     model,
-    tokenizer,
+    processor: LlavaProcessor,
     rows: list[dict],
-    template: str,
-    arch: str,
     *,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -84,7 +29,7 @@ def generate(
     seed: int | None = None,
 ) -> list[dict]:
     """Continue each row; returns [{text, prompt_tokens, completion_tokens, finish_reason}] in order."""
-    batch = collate(rows, tokenizer.pad_token_id, arch, left_pad=True)
+    batch = processor.collate(rows, left_pad=True)
     batch.pop("labels")
     batch = to_device(batch, model.device, model.dtype)  # a GPU replica's model: its device, bf16 pixels
     if seed is not None:
@@ -93,20 +38,15 @@ def generate(
     kwargs = {"do_sample": sampling}
     if sampling:
         kwargs.update(temperature=temperature, top_p=top_p)
-    eos = stop_ids(tokenizer, template)
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
+    eos = processor.stop_ids
+    tokenizer = processor.tokenizer
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=processor.pad_token_id,
+                         **kwargs)  # fmt: skip
     new = out[:, batch["input_ids"].shape[1] :]
-    template_stop = get_template(template).stop
-    stops = [s for s in [template_stop, *(stop or [])] if s]
+    stops = [s for s in [processor.template.stop, *(stop or [])] if s]
     results = []
     for i, row in enumerate(rows):
-        tokens = [t for t in new[i].tolist() if t != tokenizer.pad_token_id]
+        tokens = [t for t in new[i].tolist() if t != processor.pad_token_id]
         finish = "length"
         if tokens and tokens[-1] in eos:
             tokens, finish = tokens[:-1], "stop"
@@ -119,39 +59,20 @@ def generate(
     return results
 
 
-def load_media(record_images: list[str], video: str | None, media_root: str, *, fps: float, max_frames: int):
-    """Images (PIL) and video frames of a manifest record, through the storage layer."""
-    images = []
-    for path in record_images:
+def load_media(processor: LlavaProcessor, images: list[str], video: str | None, media_root: str):
+    """Images (PIL) and video frames of a manifest record, through the storage layer; video frames sampled
+    as the checkpoint was trained (its processor's VideoSampling)."""
+    loaded = []
+    for path in images:
         uri = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(media_root, path)
         image = Image.open(io.BytesIO(storage.read_bytes(uri)))
         image.load()
-        images.append(image)
+        loaded.append(image)
     frames = None
     if video:
         uri = video if storage.is_s3(video) or os.path.isabs(video) else storage.join(media_root, video)
-        frames = read_frames(storage.read_bytes(uri), fps=fps, max_frames=max_frames).frames
-    return images, frames
-
-
-def probe_batch(tokenizer, template: str, arch: str, anyres: AnyResConfig) -> dict:
-    """A fixed batch (an image question and a text question) that every rank can build identically:
-    used to check that an export gives the same logits as the model that trained it."""
-    from PIL import ImageDraw
-
-    image = Image.new("RGB", (150, 100), (245, 245, 245))
-    ImageDraw.Draw(image).ellipse((30, 10, 110, 90), fill=(220, 30, 30))
-    rows = [
-        prompt_row(
-            Prompt([Turn("user", "<image>\nWhat color is the circle?")], [image]),
-            tokenizer,
-            template,
-            arch,
-            anyres,
-        ),
-        prompt_row(Prompt([Turn("user", "What is two plus three?")]), tokenizer, template, arch, anyres),
-    ]
-    return collate(rows, tokenizer.pad_token_id, arch)
+        frames = processor.sample_video(storage.read_bytes(uri)).frames
+    return loaded, frames
 
 
 class MediaFiller:
@@ -165,19 +86,20 @@ class MediaFiller:
     the gradients are those of the real rows.
     """
 
-    def __init__(self, tokenizer, template: str, arch: str, anyres: AnyResConfig, with_video: bool):
-        self.args = (tokenizer, template, arch, anyres)
-        self.with_video = with_video and arch == "llava_onevision"
-        blank = Image.new("RGB", (anyres.tile_size, anyres.tile_size), (0, 0, 0))
-        self.image = prompt_row(Prompt([Turn("user", "<image>")], [blank], id="filler-image"), *self.args)
+    def __init__(self, processor: LlavaProcessor, with_video: bool):
+        self.processor = processor
+        self.with_video = with_video and processor.arch.takes_video
+        t = processor.anyres.tile_size
+        blank = Image.new("RGB", (t, t), (0, 0, 0))
+        self.image = processor.prompt_row(Prompt([Turn("user", "<image>")], [blank], id="filler-image"))
         self.videos: dict[int, dict] = {}
 
     def video(self, frames: int) -> dict:
         if frames not in self.videos:
-            t = self.args[3].tile_size
+            t = self.processor.anyres.tile_size
             clip = np.zeros((frames, t, t, 3), dtype=np.uint8)
-            self.videos[frames] = prompt_row(
-                Prompt([Turn("user", "<video>")], video_frames=clip, id="filler-video"), *self.args
+            self.videos[frames] = self.processor.prompt_row(
+                Prompt([Turn("user", "<video>")], video_frames=clip, id="filler-video")
             )
         return self.videos[frames]
 

@@ -1,41 +1,38 @@
-"""The one place that builds a LLaVA model and its tokenizer, for training and for serving alike.
+"""The one place that builds a LLaVA model and its processor, for training and for serving alike.
 
-A ``ModelSpec`` names the vision tower, the LLM and the projector. Each of vision and llm is an
-HF id, a local or s3:// path, or a dict (a tiny config, randomly initialised). OneVision and
-Interleave build ``LlavaOnevisionForConditionalGeneration``; LLaVA and LLaVA-1.5 build
-``LlavaForConditionalGeneration``. The exports are standard HF checkpoints (safetensors), except
-LLaVA (1.0)'s linear projector, which HF has no class for: its export records
-``projector_type: linear`` and loads through ``load_model`` here.
+    model, processor = build_model(ModelSpec(arch="llava_onevision"))    # tiny, random, from configs
+    model, processor = load_model("runs/demo/stage2_ov/hf")              # an export (path or s3://)
+
+A ``ModelSpec`` names the architecture, the vision tower, the LLM and the projector. Each of vision and
+llm is an HF id, a local or s3:// path, or a dict (a tiny config, randomly initialised); ``checkpoint``
+is a whole LLaVA checkpoint (ours, or an llava-hf release). The architecture (components/architectures.py)
+picks the transformers classes: LLaVA and LLaVA-1.5 build ``LlavaForConditionalGeneration``, LLaVA-1.5-HD
+``LlavaNextForConditionalGeneration``, OneVision and Interleave ``LlavaOnevisionForConditionalGeneration``.
+Every export is a plain HF checkpoint (safetensors, the processor files, generation_config.json with the
+template's stop). LLaVA (1.0)'s single linear projector trains as one layer and is written in HF's
+two-layer form, exactly: the linear layer, an identity activation, and an identity second layer.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from components import storage
-from components.anyres import AnyResConfig, grid_pinpoints
-from components.conversation import IMAGE_PLACEHOLDER, TEMPLATES, VIDEO_PLACEHOLDER
+from components.anyres import AnyResConfig
+from components.architectures import MODEL_TYPES, architecture
+from components.conversation import SPECIAL_TOKENS, TEMPLATES
+from components.processor import LlavaProcessor, ProcessorConfig, ensure_media_tokens, local_dir
 
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
-SPECIAL_TOKENS = {
-    "pad": "<pad>",
-    "bos": "<s>",
-    "eos": "</s>",
-    "unk": "<unk>",
-    "image": IMAGE_PLACEHOLDER,
-    "video": VIDEO_PLACEHOLDER,
-    "im_start": "<|im_start|>",
-    "im_end": "<|im_end|>",
-}
 
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY_LLM = {
@@ -53,7 +50,7 @@ class ModelSpec:
     """What to build. A stage after Stage-1 sets ``checkpoint`` to the previous stage's HF export."""
 
     arch: str = "llava_onevision"
-    """llava_onevision (OneVision, Interleave) or llava (LLaVA, LLaVA-1.5)."""
+    """llava (LLaVA, LLaVA-1.5), llava_next (LLaVA-1.5-HD) or llava_onevision (OneVision, Interleave)."""
     vision: str | dict = field(default_factory=lambda: dict(TINY_VISION))
     """HF id or path of a vision tower (SigLIP for OneVision, CLIP for LLaVA), or a tiny config dict."""
     llm: str | dict = field(default_factory=lambda: dict(TINY_LLM))
@@ -61,29 +58,43 @@ class ModelSpec:
     projector: str = "mlp2x_gelu"
     """mlp2x_gelu (LLaVA-1.5 and later) or linear (LLaVA)."""
     vision_feature_layer: int = -1
-    """-1 for OneVision (HF's config); -2 for LLaVA and LLaVA-1.5 (the layer before the last)."""
+    """The vision tower's hidden state the projector reads: -2 (the layer before the last) for LLaVA and
+    LLaVA-1.5; -1 for OneVision, whose tower keeps only the first 26 of SigLIP's 27 layers."""
+    vision_layers: int | None = None
+    """Keep only the first N layers of a pretrained vision tower (OneVision: 26, as the release and the
+    llava-hf conversions do); None: all of them."""
     anyres: AnyResConfig = field(default_factory=lambda: AnyResConfig(tile_size=56))
     template: str = "chatml"
+    """The conversational template (a stage may train with another, e.g. Stage-1's plain)."""
     checkpoint: str | None = None
-    """A full LLaVA checkpoint (an HF export of ours, or a pretrained one); overrides vision/llm."""
+    """A full LLaVA checkpoint (an HF export of ours, or an llava-hf release); overrides vision/llm."""
     tokenizer_corpus: list[str] | None = None
     """Text to train the tiny tokenizer on (tiny llm only); the demo corpus by default."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.anyres, dict):
-            self.anyres = AnyResConfig(**self.anyres)
-        if self.arch not in ("llava_onevision", "llava"):
-            raise ValueError(f"ModelSpec.arch: expected 'llava_onevision' or 'llava', found {self.arch!r}")
+            from components.processor import anyres_from_dict
+
+            self.anyres = anyres_from_dict(self.anyres)
+        architecture(self.arch)
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(
                 f"ModelSpec.projector: expected 'mlp2x_gelu' or 'linear', found {self.projector!r}"
             )
         if self.projector == "linear" and self.arch != "llava":
-            raise ValueError("ModelSpec.projector: 'linear' is LLaVA (1.0)'s projector; use arch 'llava'")
+            raise ValueError(
+                f"ModelSpec.projector: expected 'linear' only with arch 'llava' (LLaVA 1.0), found arch {self.arch!r}"
+            )
         if self.template not in TEMPLATES:
             raise ValueError(
                 f"ModelSpec.template: expected one of {sorted(TEMPLATES)}, found {self.template!r}"
+            )
+        if self.vision_layers is not None and (
+            not isinstance(self.vision_layers, int) or self.vision_layers < 1
+        ):
+            raise ValueError(
+                f"ModelSpec.vision_layers: expected a positive int or None, found {self.vision_layers!r}"
             )
 
 
@@ -122,22 +133,6 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024):
     )
 
 
-def _ensure_media_tokens(tokenizer) -> None:
-    """Pretrained tokenizers get <image>/<video> (and the template's specials) added when missing."""
-    missing = [
-        t
-        for t in SPECIAL_TOKENS.values()
-        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
-    ]
-    missing = [t for t in missing if t not in ("<unk>", "<pad>", "<s>", "</s>")]
-    if missing:
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
 # ---- model -----------------------------------------------------------------------------------
 
 
@@ -152,19 +147,10 @@ class LinearProjector(nn.Module):
         return self.linear(features)
 
 
-def _local(uri: str, tmp: str) -> str:
-    """A local directory for a path or an s3:// URI (downloaded); an HF id is returned unchanged."""
-    if storage.is_s3(uri):
-        return storage.download_dir(uri, tmp)
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    return uri
-
-
 def _vision_config(spec: ModelSpec):
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    import transformers
 
-    cls = SiglipVisionConfig if spec.arch == "llava_onevision" else CLIPVisionConfig
+    cls = getattr(transformers, architecture(spec.arch).vision_config_class)
     kwargs = dict(spec.vision)
     kwargs.setdefault("image_size", spec.anyres.tile_size)
     kwargs.setdefault("patch_size", spec.anyres.patch_size)
@@ -172,52 +158,10 @@ def _vision_config(spec: ModelSpec):
 
 
 def _llm_config(spec: ModelSpec, vocab_size: int):
-    from transformers import LlamaConfig, Qwen2Config
+    import transformers
 
-    cls = Qwen2Config if spec.arch == "llava_onevision" else LlamaConfig
+    cls = getattr(transformers, architecture(spec.arch).llm_config_class)
     return cls(vocab_size=vocab_size, tie_word_embeddings=False, **spec.llm)
-
-
-def _compose_config(spec: ModelSpec, vision_config, text_config, tokenizer):
-    from transformers import LlavaConfig, LlavaOnevisionConfig
-
-    common = dict(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        vision_feature_layer=spec.vision_feature_layer,
-    )
-    if spec.arch == "llava_onevision":
-        config = LlavaOnevisionConfig(
-            **common,
-            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER),
-            vision_feature_select_strategy="full",
-            image_grid_pinpoints=[list(p) for p in grid_pinpoints(spec.anyres)],
-            vision_aspect_ratio=f"anyres_max_{spec.anyres.max_tiles}",
-        )
-    else:
-        config = LlavaConfig(**common, vision_feature_select_strategy="default")
-    config.llava_ray = {
-        "projector_type": spec.projector,
-        "template": spec.template,
-        "anyres": asdict(spec.anyres),
-    }
-    return config
-
-
-def _model_class(arch: str):
-    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
-    return (
-        LlavaOnevisionForConditionalGeneration if arch == "llava_onevision" else LlavaForConditionalGeneration
-    )
-
-
-def _use_linear_projector(model) -> None:
-    inner = model.model
-    inner.multi_modal_projector = LinearProjector(
-        model.config.vision_config.hidden_size, model.config.text_config.hidden_size
-    )
 
 
 def build_tokenizer(spec: ModelSpec):
@@ -226,43 +170,59 @@ def build_tokenizer(spec: ModelSpec):
 
     if spec.checkpoint or not isinstance(spec.llm, dict):
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = AutoTokenizer.from_pretrained(_local(spec.checkpoint or spec.llm, tmp))
-        _ensure_media_tokens(tokenizer)
-    else:
-        from components.demo_data import tokenizer_corpus
+            tokenizer = AutoTokenizer.from_pretrained(local_dir(spec.checkpoint or spec.llm, tmp))
+        ensure_media_tokens(tokenizer)
+        return tokenizer
+    from components.demo_data import tokenizer_corpus
 
-        tokenizer = build_tiny_tokenizer(spec.tokenizer_corpus or tokenizer_corpus())
-    tokenizer.chat_template = chat_template(spec.template)
-    return tokenizer
+    return build_tiny_tokenizer(spec.tokenizer_corpus or tokenizer_corpus())
+
+
+def build_processor(spec: ModelSpec) -> LlavaProcessor:
+    """The processor a spec's model is prompted with: its tokenizer, conversational template and AnyRes
+    (a stage replaces what it trains with: template, grid, video sampling)."""
+    if spec.checkpoint:
+        return LlavaProcessor.from_pretrained(spec.checkpoint, default_template=spec.template)
+    config = ProcessorConfig(arch=spec.arch, template=spec.template, anyres=spec.anyres)
+    return LlavaProcessor(config, build_tokenizer(spec))
 
 
 def build_model(spec: ModelSpec):
-    """(model, tokenizer) for a spec: from a full checkpoint, or composed from vision + llm."""
+    """(model, processor) for a spec: from a full checkpoint, or composed from vision + llm."""
     if spec.checkpoint:
-        model, tokenizer = load_model(spec.checkpoint)
-        tokenizer.chat_template = chat_template(spec.template)
-        return model, tokenizer
+        return load_model(spec.checkpoint, default_template=spec.template)
     from transformers import AutoModel, AutoModelForCausalLM
 
+    arch = architecture(spec.arch)
     torch.manual_seed(spec.seed)
-    tokenizer = build_tokenizer(spec)
+    processor = build_processor(spec)
+    tokenizer = processor.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(spec.llm, dict):
             llm, text_config = None, _llm_config(spec, len(tokenizer))
         else:
             llm = AutoModelForCausalLM.from_pretrained(
-                _local(spec.llm, os.path.join(tmp, "llm")), use_safetensors=True
+                local_dir(spec.llm, os.path.join(tmp, "llm")), use_safetensors=True
             )
             text_config = llm.config
         if isinstance(spec.vision, dict):
             vision, vision_config = None, _vision_config(spec)
         else:
             vision = AutoModel.from_pretrained(
-                _local(spec.vision, os.path.join(tmp, "vision")), use_safetensors=True
+                local_dir(spec.vision, os.path.join(tmp, "vision")), use_safetensors=True
             )
             vision_config = getattr(vision.config, "vision_config", vision.config)
-        config = _compose_config(spec, vision_config, text_config, tokenizer)
-        model = _model_class(spec.arch)(config)
+            if spec.vision_layers is not None:
+                vision_config = vision_config.__class__(
+                    **{**vision_config.to_dict(), "num_hidden_layers": spec.vision_layers}
+                )
+        config = arch.compose_config(
+            vision_config, text_config, processor.image_token_id, processor.video_token_id, spec
+        )
+        config.llava_ray = {"projector_type": spec.projector}
+        if spec.projector == "linear":
+            config.projector_hidden_act = "linear"  # HF's form of the linear projector: see save_model
+        model = _model_class(arch.name)(config)
         if spec.projector == "linear":
             _use_linear_projector(model)
         if llm is not None:
@@ -272,11 +232,25 @@ def build_model(spec: ModelSpec):
             model.config.text_config.vocab_size = len(tokenizer)
         if vision is not None:
             _load_vision(model.model.vision_tower, vision)
-    return model, tokenizer
+    _set_generation_config(model, processor)
+    return model, processor
+
+
+def _model_class(arch: str):
+    import transformers
+
+    return getattr(transformers, architecture(arch).model_class)
+
+
+def _use_linear_projector(model) -> None:
+    model.model.multi_modal_projector = LinearProjector(
+        model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    )
 
 
 def _load_vision(tower: nn.Module, pretrained: nn.Module) -> None:
-    """Copy a pretrained vision model (tower alone, or a full CLIP/SigLIP whose text half is ignored)."""
+    """Copy a pretrained vision model (tower alone, or a full CLIP/SigLIP whose text half is ignored; layers
+    past the tower's own, as OneVision drops SigLIP's last, are left out)."""
     wanted = tower.state_dict()
     state = {k: v for k, v in pretrained.state_dict().items() if k in wanted}
     missing = sorted(set(wanted) - set(state))
@@ -287,53 +261,48 @@ def _load_vision(tower: nn.Module, pretrained: nn.Module) -> None:
     tower.load_state_dict(state, strict=True)
 
 
-def _load_linear_projector(model, path: str) -> None:
-    """HF has no linear-projector class: its two weights are read from the safetensors by name."""
-    from safetensors import safe_open
+def _set_generation_config(model, processor: LlavaProcessor) -> None:
+    """generation_config.json: the template's stop as eos and a pad id, so HF's plain generate stops."""
+    for key, value in processor.generation_config().items():
+        setattr(model.generation_config, key, value)
 
-    found = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                for key in f.keys():
-                    if "multi_modal_projector.linear." in key:
-                        found[key.rsplit(".", 1)[-1]] = f.get_tensor(key)
-    if set(found) != {"weight", "bias"}:
+
+@contextlib.contextmanager
+def _hf_projector(model):
+    """While saving: LLaVA (1.0)'s linear projector in HF's two-layer form (linear_1 = ours, an identity
+    activation, linear_2 = identity), so that LlavaForConditionalGeneration loads it with no missing or
+    unexpected keys and computes exactly the same features."""
+    inner = model.model
+    linear = inner.multi_modal_projector
+    if not isinstance(linear, LinearProjector):
+        yield
+        return
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    hf = LlavaMultiModalProjector(model.config).to(linear.linear.weight.dtype)
+    with torch.no_grad():
+        hf.linear_1.load_state_dict(linear.linear.state_dict())
+        hf.linear_2.weight.copy_(torch.eye(hf.linear_2.weight.shape[0], dtype=hf.linear_2.weight.dtype))
+        hf.linear_2.bias.zero_()
+    inner.multi_modal_projector = hf
+    try:
+        yield
+    finally:
+        inner.multi_modal_projector = linear
+
+
+def _from_hf_projector(model) -> None:
+    """A loaded LLaVA (1.0) export back to its one trainable linear layer (its second layer must be the
+    identity that ``_hf_projector`` wrote)."""
+    hf = model.model.multi_modal_projector
+    eye = torch.eye(hf.linear_2.weight.shape[0], dtype=hf.linear_2.weight.dtype)
+    if not (torch.equal(hf.linear_2.weight, eye) and not hf.linear_2.bias.any()):
         raise ValueError(
-            f"{path}: expected multi_modal_projector.linear weight and bias, found {sorted(found)}"
+            "multi_modal_projector.linear_2: expected the identity of a linear projector, found other weights"
         )
-    model.model.multi_modal_projector.linear.load_state_dict(found)
-
-
-def chat_template(name: str) -> str:
-    """A Jinja chat template equal to our Template, so HF users' apply_chat_template matches training."""
-    t = TEMPLATES[name]
-
-    def q(s: str) -> str:
-        return json.dumps(s)
-
-    user_pre, user_post = t.user_format.split("{text}")
-    asst_pre, asst_post = t.assistant_format.split("{text}")
-    prefix_pre, prefix_post = t.prefix_format.split("{system}")
-    return (
-        "{% set sys = namespace(text=" + q(t.system) + ") %}"
-        "{% for m in messages %}{% if m['role'] == 'system' %}{% set sys.text = m['content'] %}{% endif %}{% endfor %}"
-        + ("{{ bos_token }}" if t.add_bos else "")
-        + "{{ "
-        + q(prefix_pre)
-        + " + sys.text + "
-        + q(prefix_post)
-        + " }}"
-        "{% for m in messages %}"
-        "{% if m['role'] == 'user' %}{{ " + q(user_pre) + " + m['content'] + " + q(user_post) + " }}"
-        "{% elif m['role'] == 'assistant' %}{{ "
-        + q(asst_pre)
-        + " + m['content'] + "
-        + q(asst_post)
-        + " + "
-        + q(t.after_assistant)
-        + " }}{% endif %}{% endfor %}"
-    )
+    _use_linear_projector(model)
+    model.model.multi_modal_projector.to(hf.linear_1.weight.dtype)
+    model.model.multi_modal_projector.linear.load_state_dict(hf.linear_1.state_dict())
 
 
 def set_trainable(model, parts: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -413,50 +382,36 @@ def group_of(groups: list[dict], part: str) -> dict | None:
 # ---- save / load -----------------------------------------------------------------------------
 
 
-def save_model(model, tokenizer, uri: str) -> dict:
-    """Save an HF checkpoint (safetensors, tokenizer, chat template) to a path or s3:// URI, manifest last."""
-    with tempfile.TemporaryDirectory() as tmp:
+def save_model(model, processor: LlavaProcessor, uri: str) -> dict:
+    """An HF checkpoint (safetensors, processor files, generation config) at a path or s3:// URI,
+    manifest last."""
+    _set_generation_config(model, processor)
+    with tempfile.TemporaryDirectory() as tmp, _hf_projector(model):
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         return storage.upload_dir(tmp, uri)
 
 
-def load_model(uri: str, *, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from an HF checkpoint at a path, s3:// URI or HF id; weights via safetensors only."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_model(uri: str, *, dtype: torch.dtype | None = None, default_template: str | None = None):
+    """(model, processor) from an HF checkpoint at a path, s3:// URI or HF id; weights via safetensors only.
+    ``default_template`` is used only for a checkpoint without our processor file (an llava-hf release)."""
+    from transformers import AutoConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = _local(uri, tmp)
+        path = local_dir(uri, tmp)
         config = AutoConfig.from_pretrained(path)
-        extra = getattr(config, "llava_ray", None) or {}
-        arch = "llava_onevision" if config.model_type == "llava_onevision" else "llava"
-        cls = _model_class(arch)
-        model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype)
-        if extra.get("projector_type") == "linear":
-            _use_linear_projector(model)
-            _load_linear_projector(model, path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        _ensure_media_tokens(tokenizer)
-    return model, tokenizer
+        if config.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"{uri}: model_type: expected one of {sorted(MODEL_TYPES)}, found {config.model_type!r}"
+            )
+        model = _model_class(MODEL_TYPES[config.model_type]).from_pretrained(
+            path, use_safetensors=True, dtype=dtype
+        )
+        if (getattr(config, "llava_ray", None) or {}).get("projector_type") == "linear":
+            _from_hf_projector(model)
+        processor = LlavaProcessor.from_pretrained(path, default_template=default_template)
+    return model, processor
 
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    """How a checkpoint is prompted: recorded in its config when it was built, read back by eval and serving."""
-
-    arch: str
-    template: str
-    anyres: AnyResConfig
-
-
-def prompt_settings(model) -> PromptSettings:
-    extra = getattr(model.config, "llava_ray", None) or {}
-    anyres = AnyResConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.get("anyres", {}).items()}
-    )
-    arch = "llava_onevision" if model.config.model_type == "llava_onevision" else "llava"
-    return PromptSettings(arch=arch, template=extra.get("template", "chatml"), anyres=anyres)

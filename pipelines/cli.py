@@ -44,7 +44,11 @@ def _preprocess(args: argparse.Namespace) -> int:
             manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
         )
     elif args.manifest:
-        config = PreprocessConfig(manifest=args.manifest, stage=StageConfig(template=args.template))
+        from components.model import ModelSpec
+
+        config = PreprocessConfig(
+            manifest=args.manifest, stage=StageConfig(model=ModelSpec(template=args.template))
+        )
     else:
         raise SystemExit("preprocess: give --recipe and --stage, or --manifest")
     config.max_workers = args.workers
@@ -126,14 +130,13 @@ def _eval(args: argparse.Namespace) -> int:
     from components import storage
     from components.evaluation import evaluate, format_report
     from components.manifest import parent_uri
-    from components.model import load_model, prompt_settings
+    from components.model import load_model
 
-    model, tokenizer = load_model(args.checkpoint)
-    settings = prompt_settings(model)
+    model, processor = load_model(args.checkpoint)  # its template, grid and video sampling come with it
     records = [json.loads(line) for line in storage.read_text(args.manifest).splitlines() if line.strip()]
-    report = evaluate(model, tokenizer, records, parent_uri(args.manifest), template=settings.template,
-                      arch=settings.arch, anyres=settings.anyres, max_new_tokens=args.max_new_tokens,
-                      video_fps=args.video_fps, max_frames=args.max_frames)  # fmt: skip
+    report = evaluate(
+        model, processor, records, parent_uri(args.manifest), max_new_tokens=args.max_new_tokens
+    )
     print(format_report(report))
     return 0
 
@@ -245,8 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="an HF export (path or s3://)")
     p.add_argument("--manifest", required=True, help="a JSONL with task and answer fields")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens per answer")
-    p.add_argument("--video-fps", type=float, default=4.0, help="video sampling rate")
-    p.add_argument("--max-frames", type=int, default=8, help="most video frames")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(

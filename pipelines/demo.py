@@ -58,7 +58,7 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     answers = []
     for record, part in ((image_q, {"type": "image_url", "image_url": {"url": _data_url(os.path.join(data, record_path(image_q)), "image/png")}}),
                          (video_q, {"type": "video_url", "video_url": {"url": _data_url(os.path.join(data, video_q["video"]), "video/mp4")}})):  # fmt: skip
-        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        question = record["conversations"][0]["value"].replace("<image>\n", "").replace("<video>\n", "")
         reply = client.chat.completions.create(
             model="llava-ray",
             messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],

@@ -15,6 +15,7 @@ import yaml
 
 from components.anyres import AnyResConfig
 from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec
+from components.processor import ProcessorConfig, VideoSampling
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
@@ -82,6 +83,16 @@ class StageSpec:
     def anyres_config(self, base: AnyResConfig) -> AnyResConfig:
         return AnyResConfig(**{**base.__dict__, **self.anyres})
 
+    def processor_config(self, model: ModelSpec) -> ProcessorConfig:
+        """The processor this stage trains with: its template, its AnyRes grid and its video sampling. The
+        stage's export records the same, with the model's conversational template."""
+        return ProcessorConfig(
+            arch=model.arch,
+            template=self.template,
+            anyres=self.anyres_config(model.anyres),
+            video=VideoSampling(fps=self.video_fps, max_frames=self.max_frames),
+        )
+
 
 @dataclass
 class Recipe:
@@ -107,18 +118,14 @@ class Recipe:
 
 
 def stage_config(recipe: Recipe, stage: StageSpec):
-    """What preprocessing needs for one stage of a recipe: the model spec at this stage's AnyRes, the template."""
+    """What preprocessing needs for one stage of a recipe: the stage's processor, its token budget and mix."""
     from pipelines.stages import StageConfig
 
-    model = copy.deepcopy(recipe.model)
-    model.anyres = stage.anyres_config(recipe.model.anyres)
     return StageConfig(
-        model=model,
-        template=stage.template,
+        processor=stage.processor_config(recipe.model),
+        model=recipe.model,
         max_length=stage.max_length,
         front_fraction=stage.front_fraction,
-        video_fps=stage.video_fps,
-        max_frames=stage.max_frames,
         seed=stage.seed,
     )
 

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from components import storage
-from components.conversation import SampleError, parse_sample, tokenize
+from components.conversation import SampleError, parse_sample
 from components.model import ModelSpec, build_tokenizer
-from components.processing import process_images, process_video
+from components.processor import LlavaProcessor, ProcessorConfig, media_inputs
 from components.video import VideoDecodeError, read_frames
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -107,14 +107,13 @@ class MediaError(ValueError):
 class StageConfig:
     """What the stages need; resolved once on the driver and shipped to every worker."""
 
+    processor: ProcessorConfig | None = None
+    """The stage's processor: architecture, template, AnyRes grid and video sampling (None: the model's)."""
     model: ModelSpec = field(default_factory=ModelSpec)
-    template: str = "chatml"
+    """Where the processor's tokenizer comes from (the checkpoint's, the LLM's, or the tiny BPE)."""
     max_length: int = 4096
     front_fraction: float = 0.0
     """Share of media samples in the "in-the-front" layout (Interleave's format mix); the rest interleaved."""
-    video_fps: float = 1.0
-    max_frames: int = 32
-    force_uniform_frames: bool = False
     pixel_dtype: str = "uint8"
     """uint8 (4x smaller rows; normalized at collate) or float32."""
     seed: int = 0
@@ -122,6 +121,12 @@ class StageConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelSpec(**self.model)
+        if isinstance(self.processor, dict):
+            self.processor = ProcessorConfig(**self.processor)
+        if self.processor is None:
+            self.processor = ProcessorConfig(
+                arch=self.model.arch, template=self.model.template, anyres=self.model.anyres
+            )
         if self.pixel_dtype not in ("uint8", "float32"):
             raise ValueError(f"pixel_dtype: expected uint8 or float32, found {self.pixel_dtype!r}")
         if not 0.0 <= self.front_fraction <= 1.0:
@@ -245,12 +250,10 @@ class DecodeVideo(Stage):
     def process_row(self, row: dict) -> dict:
         if row.get("video_data") is None:
             return row
+        video = self.config.processor.video  # the sampling the checkpoint records and serving repeats
         try:
             clip = read_frames(
-                row["video_data"],
-                fps=self.config.video_fps,
-                max_frames=self.config.max_frames,
-                force_uniform=self.config.force_uniform_frames,
+                row["video_data"], fps=video.fps, max_frames=video.max_frames, force_uniform=video.uniform
             )
         except VideoDecodeError as e:
             video = json.loads(row["record"]).get("video")
@@ -275,19 +278,19 @@ class TileMedia(Stage):
         warm_up()
 
     def process_row(self, row: dict) -> dict:
-        spec = self.config.model
+        config = self.config.processor
         normalize = self.config.pixel_dtype == "float32"
         if row.get("frames") is not None:
             frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
-            media = process_video(frames, spec.arch, spec.anyres, normalize=normalize)
+            media = media_inputs(config, None, frames, normalize=normalize)
             row["frames"] = None
         else:
             images = [
-                self._open(row, i, data, spec.anyres.jpeg_draft)
+                self._open(row, i, data, config.anyres.jpeg_draft)
                 for i, data in enumerate(row.get("image_data") or [])
             ]
             try:  # under jpeg_draft a JPEG is decoded here, at the reduced scale tiling asks for
-                media = process_images(images, spec.arch, spec.anyres, normalize=normalize)
+                media = media_inputs(config, images, None, normalize=normalize)
             except (OSError, SyntaxError) as e:
                 for i, data in enumerate(row["image_data"]):  # which one: decode each in full
                     self._open(row, i, data)
@@ -326,7 +329,7 @@ class Tokenize(Stage):
     name = "tokenize"
 
     def setup(self) -> None:
-        self.tokenizer = build_tokenizer(self.config.model)
+        self.processor = LlavaProcessor(self.config.processor, build_tokenizer(self.config.model))
 
     def layout_for(self, sample_id: str, has_media: bool) -> str:
         if not has_media or self.config.front_fraction <= 0:
@@ -337,13 +340,8 @@ class Tokenize(Stage):
     def process_row(self, row: dict) -> dict:
         sample = parse_sample(json.loads(row["record"]), source=row["source"])
         layout = self.layout_for(sample.id, sample.num_media > 0)
-        ids = tokenize(
-            sample,
-            self.tokenizer,
-            self.config.template,
-            list(row.get("media_tokens") or []),
-            layout=layout,
-            max_length=self.config.max_length,
+        ids = self.processor.tokenize(
+            sample, list(row.get("media_tokens") or []), layout=layout, max_length=self.config.max_length
         )
         row["input_ids"] = ids.input_ids.tolist()
         row["labels"] = ids.labels.tolist()

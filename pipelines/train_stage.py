@@ -40,6 +40,8 @@ class StagePlan:
 
     stage: dict
     model: dict
+    processor: dict
+    """The stage's ProcessorConfig: template, AnyRes grid, video sampling (the export records it)."""
     init_from: str | None
     """The previous stage's HF export; None: build the base models (Stage-1)."""
     export_uri: str
@@ -91,8 +93,9 @@ def plan_stage(
     model = asdict(recipe.model)
     model["anyres"] = asdict(stage.anyres_config(recipe.model.anyres))
     model.pop("tokenizer_corpus", None)
+    processor = stage.processor_config(recipe.model).to_dict()
     return StagePlan(
-        stage=asdict(stage), model=model, init_from=init_from, export_uri=export_uri, workers=workers,
+        stage=asdict(stage), model=model, processor=processor, init_from=init_from, export_uri=export_uri, workers=workers,
         micro_batch=micro, grad_accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total,
         use_gpu=recipe.use_gpu, torch_threads=max(1, int(recipe.cpus_per_worker)),
     )  # fmt: skip
@@ -135,36 +138,33 @@ def cosine_with_warmup(step: int, total: int, warmup_ratio: float) -> float:
 
 
 def _build(plan: StagePlan):
+    """(spec, model, processor) of the stage: the previous stage's export (or the base models), prompted
+    with this stage's processor (template, AnyRes grid, video sampling)."""
     from components.model import build_model, load_model
+    from components.processor import LlavaProcessor, ProcessorConfig
 
     spec = ModelSpec(**plan.model)
-    if plan.init_from:
-        model, tokenizer = load_model(plan.init_from)
-    else:
-        model, tokenizer = build_model(spec)
-    # this stage's AnyRes grid (Stage-1.5: up to 729 x 5, Stage-2: 729 x 10) lives in the config
-    if spec.arch == "llava_onevision":
-        from components.anyres import grid_pinpoints
-
-        model.config.image_grid_pinpoints = [list(p) for p in grid_pinpoints(spec.anyres)]
-        model.config.vision_aspect_ratio = f"anyres_max_{spec.anyres.max_tiles}"
-        model.config.llava_ray = {
-            **(getattr(model.config, "llava_ray", None) or {}),
-            "anyres": asdict(spec.anyres),
-        }
-    return spec, model, tokenizer
+    model, processor = load_model(plan.init_from) if plan.init_from else build_model(spec)
+    stage_config = ProcessorConfig(**plan.processor)
+    if processor.config.arch != stage_config.arch:
+        source = plan.init_from or spec.checkpoint
+        raise ValueError(
+            f"{source}: expected a {stage_config.arch} checkpoint (the recipe's arch), found {processor.config.arch}"
+        )
+    processor = LlavaProcessor(stage_config, processor.tokenizer)
+    # this stage's AnyRes grid (Stage-1.5: up to 729 x 5, Stage-2: 729 x 10) lives in the model's config
+    processor.arch.set_stage_config(model.config, processor.anyres)
+    return spec, model, processor
 
 
-def _batch_maker(filler, tokenizer, spec: ModelSpec, engine) -> Callable[[list[dict]], dict]:
+def _batch_maker(filler, processor, engine) -> Callable[[list[dict]], dict]:
     """Rows of one micro-batch -> the model's inputs: media filled in, collated, and on the engine's
     device in the dtype it trains in (DeepSpeed's: bf16 on GPU, fp32 on CPU; Ray Train picked the
     worker's GPU and DeepSpeed moved the weights there)."""
-    from components.batching import collate, to_device
+    from components.batching import to_device
 
     device, dtype = engine.device, engine.get_data_types()[0]
-    return lambda micro: to_device(
-        collate(filler(micro), tokenizer.pad_token_id, spec.arch, spec.anyres), device, dtype
-    )
+    return lambda micro: to_device(processor.collate(filler(micro)), device, dtype)
 
 
 def _apply_lora(model, lora: dict):
@@ -241,18 +241,18 @@ def epoch_windows(rows: list[dict], plan: StagePlan, epoch: int, rank: int) -> l
     return [rows[i : i + plan.window] for i in range(0, len(rows), plan.window)]
 
 
-def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
+def _export(engine, model, processor, plan: StagePlan, rank: int) -> None:
     """Gather full weights (ZeRO-3 shards them), merge LoRA, and save an HF checkpoint from rank 0."""
     import deepspeed
     import torch
     from safetensors.torch import save as save_tensors
 
     from components.batching import to_device
-    from components.generation import probe_batch
     from components.model import save_model
 
     spec = ModelSpec(**plan.model)
-    probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
+    processor = processor.replace(template=spec.template)  # the export is prompted conversationally
+    probe = processor.probe_batch()
     model.eval()
     with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
         logits = model(**to_device(probe, engine.device, engine.get_data_types()[0])).logits.float().cpu()
@@ -264,14 +264,14 @@ def _export(engine, model, tokenizer, plan: StagePlan, rank: int) -> None:
         if rank == 0:
             state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
     if rank == 0:
-        export, _ = _build(plan)[1:]
+        export = _build(plan)[1]
         if plan.stage.get("lora"):
             _apply_lora(export, plan.stage["lora"])
         export.load_state_dict(state, strict=True)
         if plan.stage.get("lora"):
             export.model.language_model = export.model.language_model.merge_and_unload()
         export.to(torch.float32)
-        save_model(export, tokenizer, plan.export_uri)
+        save_model(export, processor, plan.export_uri)
     torch.distributed.barrier()
 
 
@@ -291,7 +291,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(stage["seed"] + rank)
-    spec, model, tokenizer = _build(plan)
+    spec, model, processor = _build(plan)
     if stage.get("lora"):
         _apply_lora(model, stage["lora"])
     set_trainable(model, stage["trainable"])
@@ -323,10 +323,10 @@ def train_loop(config: dict) -> None:
     tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
                            run_id=plan.mlflow_run_id)  # fmt: skip
     fault = (plan.fault or "").split(":")
-    filler = MediaFiller(tokenizer, stage["template"], spec.arch, spec.anyres, with_video=plan.has_video)
+    filler = MediaFiller(processor, with_video=plan.has_video)
     attempt = _Attempt(
         engine,
-        _batch_maker(filler, tokenizer, spec, engine),
+        _batch_maker(filler, processor, engine),
         world,
         main_group,
         vision_group,
@@ -386,7 +386,7 @@ def train_loop(config: dict) -> None:
             if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
                 break
             wait_start = time.perf_counter()
-    _export(engine, engine.module, tokenizer, plan, rank)
+    _export(engine, engine.module, processor, plan, rank)
 
 
 @dataclass
@@ -457,7 +457,7 @@ def read_history(history_uri: str) -> list[dict]:
     return [steps[k] for k in sorted(steps)]
 
 
-def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | None:
+def evaluate_export(recipe: Recipe, hf_uri: str) -> dict | None:
     """Greedy generation on the held-out split, per task and modality (None when the recipe has none)."""
     from components.evaluation import evaluate
     from components.manifest import parent_uri
@@ -467,13 +467,9 @@ def evaluate_export(recipe: Recipe, stage: StageSpec, hf_uri: str) -> dict | Non
     if not manifest:
         return None
     records = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
-    model, tokenizer = load_model(hf_uri)
-    spec = recipe.model
-    return evaluate(
-        model, tokenizer, records, parent_uri(manifest), template=stage.template if stage.template != "plain" else spec.template,
-        arch=spec.arch, anyres=stage.anyres_config(spec.anyres), max_new_tokens=int(recipe.eval.get("max_new_tokens", 8)),
-        video_fps=stage.video_fps, max_frames=stage.max_frames,
-    )  # fmt: skip
+    model, processor = load_model(hf_uri)  # prompted as the export says: its template, grid, video sampling
+    max_new_tokens = int(recipe.eval.get("max_new_tokens", 8))
+    return evaluate(model, processor, records, parent_uri(manifest), max_new_tokens=max_new_tokens)
 
 
 SMALL_DATA_SHARE = 0.1
@@ -582,7 +578,7 @@ def train_stage(
         "trainable": stage.trainable,
         "streamed": not plan.keep_shard,
     }
-    report = evaluate_export(recipe, stage, hf_uri)
+    report = evaluate_export(recipe, hf_uri)
     if report:
         print(f"stage {stage.name} evaluation:\n{format_report(report)}")
         record["eval"] = {

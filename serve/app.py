@@ -83,18 +83,18 @@ class LlavaModel:
     def __init__(self, config: dict):
         import torch
 
-        from components.model import load_model, prompt_settings
+        from components.model import load_model
         from components.resample import warm_up
 
         warm_up()  # tiling kernels compiled before the first request, not during it
         self.config = ServeConfig.from_dict(config)
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
-        self.model, self.tokenizer = load_model(self.config.checkpoint)
+        # the checkpoint's processor: the template, tiling and video sampling it was trained with
+        self.model, self.processor = load_model(self.config.checkpoint)
+        self.tokenizer = self.processor.tokenizer
         if self.config.replica_gpus > 0:  # Ray set CUDA_VISIBLE_DEVICES to this replica's GPU
             self.model.to("cuda", torch.bfloat16)
         self.model.eval()
-        settings = prompt_settings(self.model)
-        self.template, self.anyres, self.arch = settings.template, settings.anyres, settings.arch
         self.generate_batched.set_max_batch_size(self.config.max_batch_size)
         self.lock = threading.Lock()
         self.ongoing = 0
@@ -117,11 +117,8 @@ class LlavaModel:
                 "batch_seconds": self.batch_seconds}  # fmt: skip
 
     def _row(self, request: ChatRequest) -> dict:
-        from components.generation import prompt_row
-
         try:
-            return prompt_row(request.prompt, self.tokenizer, self.template, self.arch, self.anyres,
-                              max_length=self.config.limits.max_prompt_tokens)  # fmt: skip
+            return self.processor.prompt_row(request.prompt, max_length=self.config.limits.max_prompt_tokens)
         except SampleTooLongError as e:
             raise RequestError(
                 f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
@@ -150,7 +147,7 @@ class LlavaModel:
         for (temperature, top_p, seed, _, stop), members in groups.items():
             with self.lock:
                 results = generate(
-                    self.model, self.tokenizer, [rows[i] for i in members], self.template, self.arch,
+                    self.model, self.processor, [rows[i] for i in members],
                     max_new_tokens=max(requests[i].max_tokens for i in members), temperature=temperature,
                     top_p=top_p, stop=list(stop), seed=seed,
                 )  # fmt: skip
@@ -192,19 +189,19 @@ class LlavaModel:
         """Text deltas as the model produces them (HF's TextIteratorStreamer in a worker thread)."""
         from transformers import TextIteratorStreamer
 
-        from components.batching import collate
-        from components.generation import stop_ids
-
         try:
             row = self._row(request)
         except RequestError as e:
             yield json.dumps({"error": e.body(), "status": e.status})
             return
-        batch = collate([row], self.tokenizer.pad_token_id, self.arch, left_pad=True)
+        from components.batching import to_device
+
+        batch = self.processor.collate([row], left_pad=True)
         batch.pop("labels")
+        batch = to_device(batch, self.model.device, self.model.dtype)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**batch, max_new_tokens=request.max_tokens, streamer=streamer,
-                      eos_token_id=stop_ids(self.tokenizer, self.template), pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.processor.stop_ids, pad_token_id=self.processor.pad_token_id,
                       do_sample=request.temperature > 0)  # fmt: skip
         if request.temperature > 0:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
@@ -243,9 +240,13 @@ class Ingress:
     """HTTP in front: auth, parsing and limits (4xx, never 5xx, for bad input), the OpenAI schema out."""
 
     def __init__(self, model, config: dict):
+        from components.processor import LlavaProcessor
+
         self.model = model
         self.config = ServeConfig.from_dict(config)
         self.api_key = os.environ.get(self.config.api_key_env) or None
+        # the checkpoint's processor (no weights): its video sampling decodes the frames training saw
+        self.processor = LlavaProcessor.from_pretrained(self.config.checkpoint)
 
     def _check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -278,7 +279,12 @@ class Ingress:
                 raise RequestError(f"body: expected JSON, found unparsable text ({e})", "body") from e
             loop = asyncio.get_running_loop()
             parsed = await loop.run_in_executor(
-                None, parse_chat_request, body, [self.config.model_name], self.config.limits
+                None,
+                parse_chat_request,
+                body,
+                [self.config.model_name],
+                self.config.limits,
+                self.processor.video,
             )
         except RequestError as e:
             return _error(e)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components import storage
 from components.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
-from components.generation import Prompt
+from components.processor import Prompt, VideoSampling
 from components.video import VideoDecodeError, read_frames
 
 
@@ -45,14 +45,12 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_images: int = 12
     max_video_bytes: int = 64 * 1024 * 1024
-    max_frames: int = 32
     max_prompt_tokens: int = 8192
     max_tokens: int = 512
     max_stop: int = 4
     allowed_media_prefixes: list[str] = field(default_factory=list)
     """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always allowed."""
     fetch_timeout_s: float = 10.0
-    video_fps: float = 1.0
 
 
 @dataclass
@@ -146,8 +144,12 @@ def _url_of(part: dict, key: str, param: str) -> str:
     return url
 
 
-def parse_chat_request(body, served_models: list[str], limits: Limits, count_tokens=None) -> ChatRequest:
-    """Validate an OpenAI chat-completions body and load its media; raises RequestError."""
+def parse_chat_request(
+    body, served_models: list[str], limits: Limits, video: VideoSampling | None = None
+) -> ChatRequest:
+    """Validate an OpenAI chat-completions body and load its media; raises RequestError. Video frames are
+    sampled as the checkpoint was trained (``video``: its processor's VideoSampling)."""
+    video_sampling = video or VideoSampling()
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, found {type(body).__name__}")
     model = body.get("model")
@@ -210,7 +212,8 @@ def parse_chat_request(body, served_models: list[str], limits: Limits, count_tok
                     raise RequestError(f"{pparam}: expected at most one video, found a second", pparam)
                 data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
                 try:
-                    video = read_frames(data, fps=limits.video_fps, max_frames=limits.max_frames).frames
+                    video = read_frames(data, fps=video_sampling.fps, max_frames=video_sampling.max_frames,
+                                        force_uniform=video_sampling.uniform).frames  # fmt: skip
                 except VideoDecodeError as e:
                     raise RequestError(
                         f"{pparam}: expected a decodable video, found {e.reason}", pparam

@@ -24,8 +24,8 @@ def tiny_model():
     from components.model import ModelSpec, build_model
 
     spec = ModelSpec()
-    model, tokenizer = build_model(spec)
-    return spec, model, tokenizer
+    model, processor = build_model(spec)
+    return spec, model, processor
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components.batching import collate
-from components.conversation import parse_sample, tokenize
+from components.conversation import parse_sample
 from components.model import (
     ModelSpec,
     build_model,
@@ -19,11 +18,9 @@ from components.model import (
     save_model,
     set_trainable,
 )
-from components.processing import process_images, process_video
-from components.video import read_frames
 
 
-def rows_for(demo_dir, spec, tokenizer, splits=("single_image", "multi_image", "video", "text"), n=2):
+def rows_for(demo_dir, processor, splits=("single_image", "multi_image", "video", "text"), n=2):
     root, manifests = demo_dir
     rows = []
     for split in splits:
@@ -32,17 +29,18 @@ def rows_for(demo_dir, spec, tokenizer, splits=("single_image", "multi_image", "
         for record in records:
             sample = parse_sample(record)
             if sample.video:
-                media = process_video(read_frames(root / sample.video).frames, spec.arch, spec.anyres)
+                media = processor.media(frames=processor.sample_video(root / sample.video).frames)
             else:
-                media = process_images([Image.open(root / p) for p in sample.images], spec.arch, spec.anyres)
-            ids = tokenize(sample, tokenizer, spec.template, media.token_counts)
+                media = processor.media([Image.open(root / p) for p in sample.images])
+            ids = processor.tokenize(sample, media.token_counts)
             rows.append({"input_ids": ids.input_ids, "labels": ids.labels, "modality": media.modality,
                          "pixel_values": media.pixel_values, "image_sizes": media.image_sizes})  # fmt: skip
     return rows
 
 
 def test_tiny_model_size_and_names(tiny_model):
-    _, model, tokenizer = tiny_model
+    _, model, processor = tiny_model
+    tokenizer = processor.tokenizer
     assert 1_000_000 <= count_parameters(model) <= 5_000_000
     names = {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("model.")}
     assert {"vision_tower", "multi_modal_projector", "language_model", "image_newline"} <= names
@@ -52,8 +50,8 @@ def test_tiny_model_size_and_names(tiny_model):
 
 @pytest.mark.parametrize("split", ["single_image", "multi_image", "video", "text"])
 def test_forward_backward_per_modality_never_mismatches(demo_dir, tiny_model, split):
-    spec, model, tokenizer = tiny_model
-    batch = collate(rows_for(demo_dir, spec, tokenizer, (split,), n=2), tokenizer.pad_token_id)
+    spec, model, processor = tiny_model
+    batch = processor.collate(rows_for(demo_dir, processor, (split,), n=2))
     model.zero_grad()
     out = model(**batch)
     assert torch.isfinite(out.loss)
@@ -61,10 +59,21 @@ def test_forward_backward_per_modality_never_mismatches(demo_dir, tiny_model, sp
     assert model.lm_head.weight.grad is not None
 
 
-def test_mixed_batch_of_every_modality(demo_dir, tiny_model):
-    spec, model, tokenizer = tiny_model
-    out = model(**collate(rows_for(demo_dir, spec, tokenizer, n=1), tokenizer.pad_token_id))
-    assert torch.isfinite(out.loss)
+def test_mixed_batch_of_every_modality_equals_its_rows_alone(demo_dir, tiny_model):
+    """A batch of an image, a multi-image, a video and a text row gives each row the loss it has alone:
+    every row's media reach that row's placeholders (swapped or misplaced features change the losses)."""
+    spec, model, processor = tiny_model
+    rows = rows_for(demo_dir, processor, n=1)
+    model.eval()
+    with torch.no_grad():
+        mixed = model(**processor.collate(rows)).loss
+        sums, counts = 0.0, 0
+        for row in rows:
+            n = int((torch.as_tensor(row["labels"])[1:] != -100).sum())  # labels shift by one
+            sums += float(model(**processor.collate([row])).loss) * n
+            counts += n
+    assert {r["modality"] for r in rows} == {"image", "multi_image", "video", "text"}
+    assert float(mixed) == pytest.approx(sums / counts, rel=1e-5)
 
 
 def test_set_trainable_and_param_groups(tiny_model):
@@ -96,9 +105,9 @@ def test_set_trainable_and_param_groups(tiny_model):
 
 
 def test_save_and_load_roundtrip_gives_same_logits(demo_dir, tiny_model, tmp_path):
-    spec, model, tokenizer = tiny_model
-    batch = collate(rows_for(demo_dir, spec, tokenizer, ("single_image",), n=1), tokenizer.pad_token_id)
-    save_model(model, tokenizer, str(tmp_path / "ckpt"))
+    spec, model, processor = tiny_model
+    batch = processor.collate(rows_for(demo_dir, processor, ("single_image",), n=1))
+    save_model(model, processor, str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "model.safetensors").exists() and (
         tmp_path / "ckpt" / "MANIFEST.json"
     ).exists()
@@ -106,13 +115,14 @@ def test_save_and_load_roundtrip_gives_same_logits(demo_dir, tiny_model, tmp_pat
     from transformers import LlavaOnevisionForConditionalGeneration
 
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
-    loaded, tok2 = load_model(f"file://{tmp_path / 'ckpt'}")
+    loaded, proc2 = load_model(f"file://{tmp_path / 'ckpt'}")
     model.eval()
     with torch.no_grad():
         ref = model(**batch).logits
         assert torch.equal(hf(**batch).logits, ref)
         assert torch.equal(loaded.eval()(**batch).logits, ref)
-    assert tok2.encode("a red circle") == tokenizer.encode("a red circle")
+    assert proc2.tokenizer.encode("a red circle") == processor.tokenizer.encode("a red circle")
+    assert proc2.config == processor.config
 
 
 def test_real_path_from_separately_saved_vision_and_llm(tmp_path):
@@ -128,7 +138,8 @@ def test_real_path_from_separately_saved_vision_and_llm(tmp_path):
     tok.save_pretrained(tmp_path / "llm")
     vision = SiglipVisionModel(SiglipVisionConfig(image_size=56, patch_size=14, **TINY_VISION))
     vision.save_pretrained(tmp_path / "vision")
-    model, tokenizer = build_model(ModelSpec(vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm")))
+    model, processor = build_model(ModelSpec(vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm")))
+    tokenizer = processor.tokenizer
     assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
     ref = vision.state_dict()
     for name, p in model.model.vision_tower.state_dict().items():
@@ -142,14 +153,13 @@ def test_llava_arch_for_v1_and_v1_5(demo_dir, tmp_path, projector):
 
     spec = ModelSpec(arch="llava", projector=projector, vision_feature_layer=-2, template="vicuna_v1",
                      anyres=AnyResConfig(tile_size=56))  # fmt: skip
-    model, tokenizer = build_model(spec)
+    model, processor = build_model(spec)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
-    batch = collate(rows_for(demo_dir, spec, tokenizer, ("single_image", "multi_image", "text"), n=1),
-                    tokenizer.pad_token_id, arch="llava")  # fmt: skip
+    batch = processor.collate(rows_for(demo_dir, processor, ("single_image", "multi_image", "text"), n=1))
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
-    save_model(model, tokenizer, str(tmp_path / "m"))
+    save_model(model, processor, str(tmp_path / "m"))
     loaded, _ = load_model(str(tmp_path / "m"))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**batch).logits, logits)

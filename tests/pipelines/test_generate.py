@@ -138,8 +138,8 @@ def test_plumbing_against_the_project_serve_app(demo_dir, ray_local, tmp_path):
     from components.model import ModelSpec, build_model, save_model
     from serve.app import ServeConfig, build_app
 
-    model, tokenizer = build_model(ModelSpec())
-    save_model(model, tokenizer, str(tmp_path / "hf"))
+    model, processor = build_model(ModelSpec())
+    save_model(model, processor, str(tmp_path / "hf"))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeConfig(checkpoint=str(tmp_path / "hf"), replica_cpus=0.25,

@@ -46,7 +46,7 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from components.batching import to_device
-    from components.generation import MediaFiller, probe_batch
+    from components.generation import MediaFiller
     from components.model import param_groups, set_trainable
     from pipelines.recipes import load_recipe
     from pipelines.train_stage import (
@@ -69,7 +69,8 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     config = deepspeed_config(plan)
     assert config["bf16"] == {"enabled": True} and "contiguous_gradients" not in config["zero_optimization"]
 
-    spec, model, tokenizer = _build(plan)
+    spec, model, processor = _build(plan)
+    tokenizer = processor.tokenizer
     set_trainable(model, stage.trainable)
     groups = param_groups(model, stage.lr, vision_lr=stage.vision_lr, projector_lr=stage.projector_lr)
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -79,9 +80,9 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
 
     # the train loop's batch maker: media filled in, collated, on the GPU, pixels in bf16, ids as int64
-    probe = probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)
-    filler = MediaFiller(tokenizer, stage.template, spec.arch, spec.anyres, with_video=False)
-    made = _batch_maker(filler, tokenizer, spec, engine)
+    probe = processor.probe_batch()
+    filler = MediaFiller(processor, with_video=False)
+    made = _batch_maker(filler, processor, engine)
     rows = [{"input_ids": [int(t) for t in ids if t != tokenizer.pad_token_id], "modality": "text"}
             for ids in probe["input_ids"].tolist()]  # fmt: skip
     text_batch = made([{**r, "labels": r["input_ids"]} for r in rows[1:]])
@@ -98,7 +99,7 @@ def test_bf16_steps_and_export_on_gpu(zero, nccl_group, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
     assert metrics["grad_norm"] > 0
 
-    _export(engine, engine.module, tokenizer, plan, rank=0)
+    _export(engine, engine.module, processor, plan, rank=0)
     trained = load_tensors((tmp_path / "probe_logits.safetensors").read_bytes())["logits"]
     export = LlavaOnevisionForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
     assert {p.dtype for p in export.parameters()} == {torch.float32}  # exported in fp32
@@ -117,25 +118,25 @@ def test_greedy_generation_on_gpu():
     from PIL import Image, ImageDraw
 
     from components.conversation import Turn
-    from components.generation import Prompt, generate, prompt_row
+    from components.generation import generate
     from components.model import build_model
+    from components.processor import Prompt
     from pipelines.recipes import load_recipe
 
     recipe = load_recipe("llava_onevision", "tiny", demo_dir="unused")
     spec = recipe.model
     torch.manual_seed(0)
-    model, tokenizer = build_model(spec)
+    model, processor = build_model(spec)
     model.eval()
     image = Image.new("RGB", (120, 90), (240, 240, 240))
     ImageDraw.Draw(image).rectangle((20, 20, 80, 70), fill=(30, 30, 200))
     rows = [
-        prompt_row(Prompt([Turn("user", "<image>\nWhat shape is it?")], [image]), tokenizer, spec.template,
-                   spec.arch, spec.anyres),
-        prompt_row(Prompt([Turn("user", "Name a color.")]), tokenizer, spec.template, spec.arch, spec.anyres),
-    ]  # fmt: skip
-    cpu = generate(model, tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
-    gpu = generate(model.to("cuda"), tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
+        processor.prompt_row(Prompt([Turn("user", "<image>\nWhat shape is it?")], [image])),
+        processor.prompt_row(Prompt([Turn("user", "Name a color.")])),
+    ]
+    cpu = generate(model, processor, rows, max_new_tokens=8)
+    gpu = generate(model.to("cuda"), processor, rows, max_new_tokens=8)
     assert [r["text"] for r in gpu] == [r["text"] for r in cpu]
-    half = generate(model.to(torch.bfloat16), tokenizer, rows, spec.template, spec.arch, max_new_tokens=8)
+    half = generate(model.to(torch.bfloat16), processor, rows, max_new_tokens=8)
     assert [r["prompt_tokens"] for r in half] == [r["prompt_tokens"] for r in cpu]
     assert all(r["completion_tokens"] <= 8 and r["finish_reason"] in ("stop", "length") for r in half)

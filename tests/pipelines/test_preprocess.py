@@ -9,11 +9,10 @@ from PIL import Image
 
 from components import storage
 from components.anyres import normalize_tiles
-from components.conversation import parse_sample, tokenize
+from components.conversation import parse_sample
 from components.manifest import load_mixture
 from components.model import build_tokenizer
-from components.processing import process_images, process_video
-from components.video import read_frames
+from components.processor import LlavaProcessor
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.stages import StageConfig, read_rejects
 from tests.conftest import upload_tree
@@ -30,13 +29,13 @@ def _mixture(root, extra=""):
     return path
 
 
-def _expected(root, record, spec, tok, template):
+def _expected(root, record, processor):
     sample = parse_sample(record)
     if sample.video:
-        media = process_video(read_frames(root / sample.video).frames, spec.arch, spec.anyres)
+        media = processor.media(frames=processor.sample_video(root / sample.video).frames)
     else:
-        media = process_images([Image.open(root / p) for p in sample.images], spec.arch, spec.anyres)
-    return media, tokenize(sample, tok, template, media.token_counts)
+        media = processor.media([Image.open(root / p) for p in sample.images])
+    return media, processor.tokenize(sample, media.token_counts)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "stage-per-pool"])
@@ -48,7 +47,7 @@ def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path,
     assert summary["read"] == len(entries) == summary["accepted"] and summary["rejected"] == 0
     rows = read_output(str(tmp_path / "out"))
     assert {r["modality"] for r in rows} == {"image", "multi_image", "video", "text"}
-    spec, tok = config.stage.model, build_tokenizer(config.stage.model)
+    processor = LlavaProcessor(config.stage.processor, build_tokenizer(config.stage.model))
     by_key = {(e.dataset, e.index): e for e in entries}
     checked = set()
     for row in rows:
@@ -58,11 +57,11 @@ def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path,
         record = json.loads(entry.record)
         if entry.embedded_images:  # the Parquet form: compare against the embedded bytes' file
             record["image"] = f"images/{record['id']}.png"
-        media, ids = _expected(root, record, spec, tok, config.stage.template)
+        media, ids = _expected(root, record, processor)
         assert row["input_ids"] == ids.input_ids.tolist() and row["labels"] == ids.labels.tolist()
         if media.pixel_values is not None:
             pixels = np.frombuffer(row["pixel_values"], np.uint8).reshape(row["pixel_shape"])
-            assert np.array_equal(normalize_tiles(pixels, spec.anyres), media.pixel_values)
+            assert np.array_equal(normalize_tiles(pixels, processor.anyres), media.pixel_values)
         checked.add((row["modality"], row["source"]))
     assert {m for m, _ in checked} == {"image", "multi_image", "video", "text"}
     assert ("image", "single_image_4") in checked  # the Parquet form with embedded bytes

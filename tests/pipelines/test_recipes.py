@@ -13,10 +13,10 @@ from pipelines.recipes import list_recipes, load_recipe, stage_config
 def test_every_recipe_and_profile_loads(name, profile, demo_dir):
     root, _ = demo_dir
     recipe = load_recipe(name, profile, demo_dir=str(root))
-    assert recipe.stages and recipe.model.arch in ("llava_onevision", "llava")
+    assert recipe.stages and recipe.model.arch in ("llava_onevision", "llava_next", "llava")
     for stage in recipe.stages:
         config = stage_config(recipe, stage)
-        assert config.template == stage.template
+        assert config.processor.template == stage.template
         if profile == "tiny":
             assert stage.max_steps is not None or stage.epochs <= 4  # tiny stays small: minutes on 2 CPUs
             entries = resolve_mixture(stage.data, recipe.data_root)
@@ -32,34 +32,78 @@ def test_every_yaml_opens_with_the_command_that_runs_it():
             assert f.readline().startswith(f"# llava-ray run --recipe {name}")
 
 
-def test_onevision_full_profile_matches_table_1():
-    r = load_recipe("llava_onevision", "full")
-    s1, s15, s2, ov = r.stages
-    assert (s1.trainable, s1.lr, s1.global_batch, s1.template) == (
-        ["multi_modal_projector"],
-        1e-3,
-        512,
-        "plain",
-    )
-    for s in (s15, s2, ov):
-        assert set(s.trainable) == {"vision_tower", "multi_modal_projector", "language_model"}
-        assert (
-            s.lr == 1e-5 and s.vision_lr == 2e-6 and s.lr / s.vision_lr == pytest.approx(5) and s.epochs == 1
-        )
-        assert s.warmup_ratio == 0.03 and s.weight_decay == 0.0
-    assert s2.anyres_config(r.model.anyres).max_tiles == 9 and ov.max_frames == 32
-    assert r.model.anyres.tile_size == 384 and r.model.vision_feature_layer == -1
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+SIGLIP = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+ALL = {"vision_tower", "multi_modal_projector", "language_model"}
+PROJ, PROJ_LLM = {"multi_modal_projector"}, {"multi_modal_projector", "language_model"}
+
+# The papers' values, written here (LLaVA: Liu et al. 2023, Sec. 4; LLaVA-1.5: Liu et al. 2023, Table 9 and
+# the released scripts; LLaVA-NeXT-Interleave: Li et al. 2024; OneVision: Li et al. 2024, Table 1; the
+# llava-hf conversions for the vision layer and normalization).
+PAPERS = {
+    "llava_v1": {
+        "model": dict(arch="llava", vision="openai/clip-vit-large-patch14", projector="linear", vision_feature_layer=-2,
+                      vision_layers=None, template="vicuna_v0"),
+        "anyres": dict(tile_size=224, patch_size=14, multi_image_mode="pad", norm=CLIP),
+        "stages": [dict(name="pretrain", template="vicuna_v0", trainable=PROJ, lr=2e-3, global_batch=128, epochs=1),
+                   dict(name="finetune", template="vicuna_v0", trainable=PROJ_LLM, lr=2e-5, global_batch=32, epochs=3)],
+    },
+    "llava_v1_5": {
+        "model": dict(arch="llava", vision="openai/clip-vit-large-patch14-336", projector="mlp2x_gelu",
+                      vision_feature_layer=-2, vision_layers=None, template="vicuna_v1"),
+        "anyres": dict(tile_size=336, patch_size=14, multi_image_mode="pad", norm=CLIP),
+        "stages": [dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256, zero_stage=2),
+                   dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128,
+                        zero_stage=3)],
+    },
+    "llava_next_interleave": {
+        "model": dict(arch="llava_onevision", vision="google/siglip-so400m-patch14-384", projector="mlp2x_gelu",
+                      vision_feature_layer=-1, vision_layers=26, template="chatml"),
+        "anyres": dict(tile_size=384, patch_size=14, norm=SIGLIP),
+        "stages": [dict(name="stage1", template="plain", trainable=PROJ, lr=1e-3, base_only=True),
+                   dict(name="single_image", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6),
+                   dict(name="interleave_m4", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6,
+                        front_fraction=0.5)],
+    },
+    "llava_onevision": {
+        "model": dict(arch="llava_onevision", vision="google/siglip-so400m-patch14-384", projector="mlp2x_gelu",
+                      vision_feature_layer=-1, vision_layers=26, template="chatml"),
+        "anyres": dict(tile_size=384, patch_size=14, max_grid=6, max_tiles=9, norm=SIGLIP),
+        "stages": [
+            dict(name="stage1", template="plain", trainable=PROJ, lr=1e-3, global_batch=512, base_only=True, epochs=1),
+            dict(name="stage1_5", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, epochs=1,
+                 warmup_ratio=0.03, weight_decay=0.0),
+            dict(name="stage2_si", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, max_tiles=9, epochs=1),
+            dict(name="stage2_ov", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, max_tiles=9,
+                 max_frames=32, video_fps=1.0, epochs=1),
+        ],
+    },
+}  # fmt: skip
 
 
-def test_llava_1_5_and_1_0_numbers():
-    r = load_recipe("llava_v1_5", "full")
-    pre, ft = r.stages
-    assert (pre.zero_stage, pre.lr, pre.global_batch) == (2, 1e-3, 256)
-    assert (ft.zero_stage, ft.lr, ft.global_batch) == (3, 2e-5, 128)
-    assert r.model.projector == "mlp2x_gelu" and r.model.vision_feature_layer == -2
-    v1 = load_recipe("llava_v1", "full")
-    assert v1.model.projector == "linear" and v1.model.template == "vicuna_v0"
-    assert all("vision_tower" not in s.trainable for s in v1.stages)
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_full_profiles_carry_the_papers_values(name):
+    """Every recipe's full profile against the table above: architecture, encoders, projector, the vision
+    layer, normalization, tiling, templates, trainable parts, LRs and batches per stage."""
+    paper, recipe = PAPERS[name], load_recipe(name, "full")
+    for key, value in paper["model"].items():
+        assert getattr(recipe.model, key) == value, (name, key)
+    anyres = recipe.model.anyres
+    for key, value in paper["anyres"].items():
+        found = (tuple(anyres.mean), tuple(anyres.std)) if key == "norm" else getattr(anyres, key)
+        assert found == value, (name, key, found)
+    assert [s.name for s in recipe.stages] == [s["name"] for s in paper["stages"]]
+    for stage, expected in zip(recipe.stages, paper["stages"], strict=True):
+        config = stage.processor_config(recipe.model)
+        for key, value in expected.items():
+            if key in ("base_only", "max_tiles"):
+                found = getattr(config.anyres, key)
+            elif key == "trainable":
+                found = set(stage.trainable)
+            else:
+                found = getattr(stage, key)
+            assert found == value, (name, stage.name, key, found)
+        assert config.anyres.mean == anyres.mean  # every stage normalizes as its encoder expects
 
 
 def test_interleave_mixes_formats():

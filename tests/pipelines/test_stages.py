@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from components.anyres import normalize_tiles
-from components.conversation import parse_sample, tokenize
+from components.conversation import parse_sample
 from components.manifest import read_records
 from components.model import build_tokenizer
-from components.processing import process_images, process_video
+from components.processor import LlavaProcessor
 from components.video import read_frames
 from pipelines.preprocess import work_table
 from pipelines.stages import (
@@ -67,22 +67,21 @@ def test_rows_equal_components_called_directly(work, demo_dir):
     root, _ = demo_dir
     entries, table = work
     config = StageConfig()
-    spec = config.model
-    tok = build_tokenizer(spec)
+    processor = LlavaProcessor(config.processor, build_tokenizer(config.model))
     rows = [r for r in Emit("/nonexistent")(run_direct(table, config)).to_pylist()]
     assert len(rows) == len(entries)
     for entry, row in zip(entries, rows, strict=True):
         sample = parse_sample(json.loads(entry.record))
         if sample.video:
-            media = process_video(read_frames(root / sample.video).frames, spec.arch, spec.anyres)
+            media = processor.media(frames=processor.sample_video(root / sample.video).frames)
         else:
-            media = process_images([Image.open(root / p) for p in sample.images], spec.arch, spec.anyres)
-        ids = tokenize(sample, tok, config.template, media.token_counts)
+            media = processor.media([Image.open(root / p) for p in sample.images])
+        ids = processor.tokenize(sample, media.token_counts)
         assert row["input_ids"] == ids.input_ids.tolist() and row["labels"] == ids.labels.tolist()
         assert row["modality"] == media.modality and row["media_tokens"] == media.token_counts
         if media.pixel_values is not None:
             pixels = np.frombuffer(row["pixel_values"], np.uint8).reshape(row["pixel_shape"])
-            assert np.array_equal(normalize_tiles(pixels, spec.anyres), media.pixel_values)
+            assert np.array_equal(normalize_tiles(pixels, processor.anyres), media.pixel_values)
 
 
 def test_stages_inside_map_batches_equal_direct(work, ray_local, tmp_path):

@@ -4,13 +4,15 @@ fault injection and resume, checkpoints on S3 (moto) and locally, and MLflow on 
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load as load_tensors
 
 from components import storage
-from components.generation import probe_batch
 from components.model import ModelSpec, build_model
+from components.processor import LlavaProcessor
 from components.tracking import TrackingConfig
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, stage_config
@@ -114,15 +116,13 @@ def test_stage1_zero2_local_changes_only_the_projector(demo_dir, ray_local, tmp_
     for frozen in ("model.vision_tower.", "model.language_model.", "lm_head."):
         assert not _changed(before, after, frozen), f"{frozen} changed in Stage-1"
     assert _changed(before, after, "model.multi_modal_projector.")
-    # the export gives the logits the training model gave on a fixed batch
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(record["hf_uri"])
-    spec = ModelSpec(
-        **{**dataclasses.asdict(recipe.model), "anyres": stage.anyres_config(recipe.model.anyres)}
+    # the export gives the logits the training model gave on a fixed batch, prompted by its own processor
+    processor = LlavaProcessor.from_pretrained(record["hf_uri"])
+    assert processor.config == stage.processor_config(recipe.model).__class__(
+        **{**stage.processor_config(recipe.model).to_dict(), "template": recipe.model.template}
     )
     with torch.no_grad():
-        logits = export(**probe_batch(tokenizer, spec.template, spec.arch, spec.anyres)).logits
+        logits = export(**processor.probe_batch()).logits
     trained = load_tensors(storage.read_bytes(str(tmp_path / "run" / "stage1" / "probe_logits.safetensors")))[
         "logits"
     ]
@@ -153,9 +153,9 @@ def test_zero3_s3_text_only_ranks_fault_and_resume_with_mlflow(
     init = str(tmp_path / "init")
     from components.model import save_model
 
-    model, tokenizer = build_model(recipe.model)
+    model, processor = build_model(recipe.model)
     before = _weights(model)
-    save_model(model, tokenizer, init)
+    save_model(model, processor, init)
     monkeypatch.setenv(FAULT_ENV, f"3:1:{tmp_path / 'fault-marker'}")
     tracking = TrackingConfig(uri=mlflow_server, experiment="test-train")
     record = train_stage(recipe, stage, storage_uri=run, run_id="z3", data_uri=data, init_from=init,
@@ -238,3 +238,135 @@ def test_every_onevision_stage_under_zero(zero, where, onevision_data, s3_bucket
         if "vision_tower" in stage.trainable:
             assert all(m["lr_vision"] == pytest.approx(m["lr"] * stage.vision_lr / stage.lr) for m in history)
         before, init = after, record["hf_uri"]
+
+
+def _tiny_parts():
+    from components.demo_data import tokenizer_corpus
+    from components.model import TINY_LLM, TINY_VISION, build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tokenizer_corpus()), TINY_VISION, TINY_LLM
+
+
+def _release(path):
+    """A tiny OneVision checkpoint laid out as the llava-hf releases are, written by transformers alone:
+    config, safetensors, tokenizer, image processor; none of our files."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok, vision, llm = _tiny_parts()
+    pinpoints = [[56 * r, 56 * c] for r in range(1, 7) for c in range(1, 7)]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=56, patch_size=14, **vision),
+        text_config=Qwen2Config(vocab_size=len(tok), **llm), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    torch.manual_seed(1)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints, size={"height": 56, "width": 56},
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)  # fmt: skip
+
+
+def test_a_stage_starts_from_an_hf_release_on_s3(demo_dir, ray_local, s3_bucket, tmp_path):
+    """An llava-hf-style release on s3:// (transformers' own save_pretrained, none of our files): before
+    any step our model gives transformers' logits and our processor its tiles; then a tiny stage trains
+    from it and exports an HF checkpoint whose weights moved."""
+    from transformers import AutoImageProcessor, LlavaOnevisionForConditionalGeneration
+
+    from components.anyres import AnyResConfig
+    from components.model import load_model
+    from tests.conftest import random_image, upload_tree
+
+    root, _ = demo_dir
+    _release(tmp_path / "release")
+    uri = f"{s3_bucket}/releases/tiny-ov"
+    upload_tree(tmp_path / "release", uri)
+    model, processor = load_model(uri, default_template="chatml")
+    assert processor.anyres.mean == (0.5, 0.5, 0.5) and processor.anyres.tile_size == 56
+    reference = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "release").eval()
+    image = random_image(np.random.default_rng(0), 90, 150)
+    hf_pixels = AutoImageProcessor.from_pretrained(tmp_path / "release")(image, return_tensors="np")[
+        "pixel_values"
+    ][0]
+    assert np.abs(processor.media([image]).pixel_values - hf_pixels).max() <= 1e-5
+    batch = processor.probe_batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, reference(**batch).logits)
+
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    anyres = AnyResConfig(tile_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
+    recipe = dataclasses.replace(recipe, model=ModelSpec(checkpoint=uri, anyres=anyres), eval={})
+    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=2, micro_batch=2, global_batch=4,
+                                checkpoint_every=2, epochs=1)  # fmt: skip
+    stage = dataclasses.replace(
+        stage, data={"datasets": [{**stage.data["datasets"][0], "sampling_strategy": "first:8"}]}
+    )
+    data = _prepare(recipe, stage, str(tmp_path / "run" / stage.name))
+    record = train_stage(
+        recipe, stage, storage_uri=str(tmp_path), run_id="run", data_uri=data, init_from=None
+    )
+    assert record["steps"] == 2 and storage.is_complete(record["hf_uri"])
+    export = LlavaOnevisionForConditionalGeneration.from_pretrained(record["hf_uri"])
+    before, after = _weights(reference), _weights(export)
+    for part in ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model."):
+        assert _changed(before, after, part), part
+
+
+def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, ray_local, tmp_path):
+    """Stage-1 from a SigLIP vision model and a Qwen-2 LLM directory, each saved by transformers: the
+    composed model keeps SigLIP's first layers only (vision_layers, as OneVision drops the last) and gives
+    before any step the vision features and text logits of the parts themselves; then Stage-1 trains the
+    projector alone and exports."""
+    from transformers import (
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from components.anyres import AnyResConfig
+
+    root, _ = demo_dir
+    tok, vision_cfg, llm_cfg = _tiny_parts()
+    torch.manual_seed(2)
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(image_size=56, patch_size=14, **{**vision_cfg, "num_hidden_layers": 3})
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), **llm_cfg))
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    anyres = AnyResConfig(tile_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = ModelSpec(
+        vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm"), vision_layers=2, anyres=anyres
+    )
+    model, processor = build_model(spec)
+    assert len(model.model.vision_tower.encoder.layers) == 2
+    pixels = torch.as_tensor(processor.media([Image.new("RGB", (56, 56), (9, 99, 199))]).pixel_values[:1])
+    ids = torch.as_tensor([tok.encode("What is two plus three?")])
+    with torch.no_grad():
+        ours = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(ours, vision(pixels, output_hidden_states=True).hidden_states[2])
+        assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)
+
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
+    recipe = dataclasses.replace(recipe, model=spec, eval={})
+    stage = dataclasses.replace(
+        recipe.stage("stage1"), max_steps=2, micro_batch=2, global_batch=4, checkpoint_every=2
+    )
+    data = _prepare(recipe, stage, str(tmp_path / "run" / stage.name))
+    record = train_stage(
+        recipe, stage, storage_uri=str(tmp_path), run_id="run", data_uri=data, init_from=None
+    )
+    export = LlavaOnevisionForConditionalGeneration.from_pretrained(record["hf_uri"])
+    before, after = _weights(model), _weights(export)
+    assert _changed(before, after, "model.multi_modal_projector.")
+    for frozen in ("model.vision_tower.", "model.language_model.", "lm_head."):
+        assert not _changed(before, after, frozen), frozen

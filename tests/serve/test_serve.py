@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from components.model import ModelSpec, build_model, save_model
+from components.model import build_model, save_model
 from tests.conftest import TEST_API_KEY, free_port
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,18 @@ def png_url(color=(220, 30, 30), size=(120, 80)) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """The tiny OneVision model as its OneVision stage would export it, with the recipe's video sampling
+    changed to 2 fps and at most 5 frames (Serve's old defaults were 1 fps and 32)."""
+    import dataclasses
+
+    from pipelines.recipes import load_recipe
+
+    recipe = load_recipe("llava_onevision", "tiny", demo_dir="unused")
+    stage = dataclasses.replace(recipe.stage("stage2_ov"), video_fps=2.0, max_frames=5)
     path = tmp_path_factory.mktemp("ckpt") / "hf"
-    model, tokenizer = build_model(ModelSpec())
-    save_model(model, tokenizer, str(path))
+    model, processor = build_model(recipe.model)
+    config = stage.processor_config(recipe.model)
+    save_model(model, processor.replace(anyres=config.anyres, video=config.video), str(path))
     return str(path)
 
 
@@ -84,13 +93,33 @@ def test_multi_image_and_text_only(client):
     assert text.usage.prompt_tokens < out.usage.prompt_tokens
 
 
-def test_video_question(client, h264):
+def test_video_is_sampled_as_the_checkpoint_was_trained(client, checkpoint, h264):
+    """The export records its stage's video sampling (2 fps, at most 5 frames): the endpoint decodes the
+    frames that training's DecodeVideo stage decoded for the same clip, and the prompt holds their tokens."""
+    import json
+
+    from components.conversation import Turn
+    from components.processor import LlavaProcessor, Prompt, VideoSampling
+    from pipelines.stages import DecodeVideo, StageConfig
+
+    processor = LlavaProcessor.from_pretrained(checkpoint)
+    assert processor.video == VideoSampling(fps=2.0, max_frames=5)
+    trained = DecodeVideo(StageConfig(processor=processor.config)).process_row(
+        {"sample_id": "clip", "record": json.dumps({"video": "clip.mp4"}), "video_data": h264.read_bytes()}
+    )
+    clip = processor.sample_video(h264)
+    assert trained["frame_indices"] == clip.indices == [0, 7, 14, 21, 29]  # 30 frames at 10 fps
+    prompt = Prompt([Turn("user", "<video>\nWhere does it move?")], video_frames=clip.frames)
     url = "data:video/mp4;base64," + base64.b64encode(h264.read_bytes()).decode()
     out = ask(
         client,
         [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Where does it move?"}],
     )
-    assert out.usage.prompt_tokens > 3 * 4  # 3 frames x 4 pooled tokens, plus the text
+    assert out.usage.prompt_tokens == len(processor.prompt_row(prompt)["input_ids"])
+    default = processor.replace(video=VideoSampling()).sample_video(h264)  # 1 fps: 3 frames, fewer tokens
+    assert len(default.indices) == 3 and out.usage.prompt_tokens > len(
+        processor.prompt_row(Prompt(prompt.turns, video_frames=default.frames))["input_ids"]
+    )
 
 
 def test_greedy_is_deterministic_and_batching_keeps_answers(client):
