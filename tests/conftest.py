@@ -96,6 +96,52 @@ def s3_bucket(s3_endpoint):
     return "s3://llava"
 
 
+def _ray_state() -> dict:
+    """What a test can leave behind in the shared local Ray: placement groups and Serve apps."""
+    import ray
+    from ray.util import placement_group_table
+
+    groups = {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+    actors = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    apps = set()
+    if any(ns == "serve" for ns, _ in actors):
+        from ray import serve
+
+        apps = set(serve.status().applications)
+    return {"groups": groups, "actors": actors, "apps": apps}
+
+
+@pytest.fixture(autouse=True)
+def ray_leftovers():
+    """After each test that ran on the shared local Ray: what it created and left (a killed Ray Train run's
+    placement group, a Serve app) is removed, so the next test gets its CPUs instead of waiting for ever.
+    What module and session fixtures set up before the test is kept. (Ray Train's controller is an unnamed
+    actor owned by the test's process: it goes when the failed fit's references do.)"""
+    import ray
+
+    if not ray.is_initialized():
+        yield
+        return
+    before = _ray_state()
+    yield
+    if not ray.is_initialized():
+        return
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    after = _ray_state()
+    serving = any(ns == "serve" for ns, _ in before["actors"])
+    if after["apps"] - before["apps"]:
+        from ray import serve
+
+        if not serving:  # the test started Serve: stop it (the next one may start it on another port)
+            serve.shutdown()
+        for app in after["apps"] - before["apps"] if serving else ():
+            serve.delete(app)
+    for group in after["groups"] - before["groups"]:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
     """A local Ray cluster with 2 CPUs, started once; workers inherit the S3 endpoint settings."""
