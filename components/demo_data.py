@@ -1,9 +1,13 @@
-"""The deterministic demo world: coloured shapes, with answers a tiny model can learn.
+"""The deterministic demo world: coloured shapes, with answers a tiny model can learn, each needing its
+modality's plumbing.
 
 Every kind of LLaVA data, small: Stage-1 captions, Stage-1.5 detailed descriptions, single-image QA
-with LLaVA-1.5's response-format prompts, multi-image QA, video QA on real H.264 clips, text-only
-QA, and a held-out eval split. Image sizes are spread over every AnyRes grid of the tile size.
-The same seed gives the same bytes.
+with LLaVA-1.5's response-format prompts, multi-image QA whose answer depends on which image is which,
+multi-view scenes whose question needs more than one view, video QA on real H.264 clips whose answer
+depends on the order of the frames, text-only facts, and a held-out eval split. Multi-image and video
+records carry ``probe_answer``: the answer once the images (or frames) are given in reverse order, so
+that evaluation can tell a model that uses the order from one that guesses. Image sizes are spread over
+every AnyRes grid of the tile size. The same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ COLORS = {
     "purple": (140, 40, 170),
     "orange": (245, 130, 20),
 }
+GRAY = (128, 128, 128)
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 SHORT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 CAPTION_PROMPTS = (
@@ -39,14 +45,22 @@ DETAIL_PROMPTS = (
     "Describe the following image in detail.",
     "What do you see in this image? Explain in detail.",
 )
-MIXES = {
-    ("red", "blue"): "purple",
-    ("red", "yellow"): "orange",
-    ("blue", "yellow"): "green",
-    ("red", "white"): "pink",
-    ("black", "white"): "gray",
-}
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+FACTS = (
+    ("What color do you get by mixing red and blue?", "purple"),
+    ("What color do you get by mixing red and yellow?", "orange"),
+    ("What color do you get by mixing blue and yellow?", "green"),
+    ("What color do you get by mixing red and white?", "pink"),
+    ("What color do you get by mixing black and white?", "gray"),
+    ("What is the opposite of up?", "down"),
+    ("What is the opposite of down?", "up"),
+    ("What is the opposite of left?", "right"),
+    ("What is the opposite of right?", "left"),
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("What color is fresh snow?", "white"),
+)
+"""Text-only facts: the LLM learns them from the text rows; the eval split asks the same facts."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,12 @@ class DemoConfig:
     captions: int = 96
     details: int = 48
     single_image: int = 240
-    multi_image: int = 32
-    videos: int = 24
-    text: int = 32
+    multi_image: int = 144
+    multi_view: int = 72
+    videos: int = 144
+    text: int = 48
+    images_per_sample: int = 3
+    """Images of a multi-image sample (Image 1..N) and views of a multi-view scene (at most 3)."""
     eval_per_kind: int = 24
     video_frames: int = 16
     video_fps: int = 8
@@ -84,15 +101,19 @@ def _image_size(rng: random.Random, tile: int) -> tuple[int, int]:
     return max(8, int(rows * tile * rng.uniform(0.7, 1.0))), max(8, int(cols * tile * rng.uniform(0.7, 1.0)))
 
 
-def shape_image(rng: random.Random, tile: int, color: str, shape: str, count: int = 1) -> Image.Image:
-    height, width = _image_size(rng, tile)
+def shape_image(
+    rng: random.Random, tile: int, color: str, shape: str, count: int = 1, *, square: bool = False
+) -> Image.Image:
+    """A light background with ``count`` shapes; sized over every AnyRes grid, or one tile when ``square``
+    (an item of a multi-image sample is seen at its base tile only)."""
+    height, width = (tile, tile) if square else _image_size(rng, tile)
     image = Image.new("RGB", (width, height), (245, 245, 245))
     draw = ImageDraw.Draw(image)
     side = max(4, int(min(height, width) * (0.7 if count == 1 else 0.35)))
     for _ in range(count):
         x = rng.randint(0, max(0, width - side))
         y = rng.randint(0, max(0, height - side))
-        _draw_shape(draw, shape, (x, y, x + side, y + side), COLORS[color])
+        _draw_shape(draw, shape, (x, y, x + side, y + side), COLORS.get(color, GRAY))
     return image
 
 
@@ -128,9 +149,11 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
 
 
 def motion_frames(rng: random.Random, color: str, shape: str, direction: str, cfg: DemoConfig) -> np.ndarray:
+    """A shape half the frame wide crossing it from one side to the other (the 2x2-pooled video tokens see
+    it change halves)."""
     size, n = cfg.video_size, cfg.video_frames
-    side = size // 4
-    start = rng.randint(side, size - 2 * side)
+    side = size // 2
+    start = (size - side) // 2 + rng.randint(-2, 2)
     frames = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
         t = i / max(1, n - 1)
@@ -176,64 +199,112 @@ def _single_image_records(rng: random.Random, w: _Writer, split: str, n: int, cf
         )
 
 
+def _ordinal_images(n: int, word: str = "Image") -> str:
+    return "".join(f"{word} {k + 1}: <image>\n" for k in range(n))
+
+
 def _multi_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    """The answer depends on which image is which: the colour of the shape in the first image, or in the
+    last. Reversing the images changes the answer to ``probe_answer``."""
+    count = cfg.images_per_sample
     for i in range(n):
         rid = f"{split}-mi-{i:04d}"
+        colors = rng.sample(list(COLORS), count)
+        shapes = [rng.choice(SHAPES) for _ in range(count)]
+        paths = [
+            w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, s, square=True))
+            for k, (c, s) in enumerate(zip(colors, shapes, strict=True))
+        ]
         if i % 2 == 0:
-            counts = rng.sample(range(1, 5), 2)
-            color = rng.choice(list(COLORS))
-            paths = [
-                w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, color, "circle", c))
-                for k, c in enumerate(counts)
-            ]
-            answer = f"Image {1 + counts.index(max(counts))}"
-            turn = (f"Image 1: <image>\nImage 2: <image>\nWhich image has more circles?\n{SHORT}", answer)
-            task = "more_circles"
+            question, answer, probe, task = (
+                "What color is the shape in the last image?",
+                colors[-1],
+                colors[0],
+                "last_color",
+            )
         else:
-            shape = rng.choice(SHAPES)
-            before, after = rng.sample(list(COLORS), 2)
-            paths = [
-                w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, shape))
-                for k, c in enumerate((before, after))
-            ]
-            answer = f"The {shape} changed from {before} to {after}."
-            turn = ("<image>\n<image>\nWhat changed between the two images?", answer)
-            task = "what_changed"
-        w.add(
-            split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer}
+            question, answer, probe, task = (
+                "What color is the shape in the first image?",
+                colors[0],
+                colors[-1],
+                "first_color",
+            )
+        turn = (f"{_ordinal_images(count)}{question}\n{SHORT}", answer)
+        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer,
+                      "probe_answer": probe})  # fmt: skip
+
+
+def _multi_view_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    """Two views of one scene (Interleave's multi-view data), each showing one of its two shapes: naming
+    the scene's colours needs both views (answered in alphabetical order, whatever the views' order)."""
+    for i in range(n):
+        rid = f"{split}-mv-{i:04d}"
+        colors = rng.sample(list(COLORS), 2)
+        paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, rng.choice(SHAPES), square=True))
+                 for k, c in enumerate(colors)]  # fmt: skip
+        answer = " and ".join(sorted(colors))
+        turn = (
+            f"{_ordinal_images(2, 'View')}These are two views of one scene. Which two colors does it have?\n{SHORT}",
+            answer,
         )
+        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": "multiview", "answer": answer,
+                      "probe_answer": answer})  # fmt: skip
+
+
+def color_change_frames(rng: random.Random, first: str, last: str, shape: str, cfg: DemoConfig) -> np.ndarray:
+    """A still shape that is ``first`` for the first half of the clip and ``last`` for the second."""
+    size, n = cfg.video_size, cfg.video_frames
+    side = size // 2
+    x, y = rng.randint(2, size - side - 2), rng.randint(2, size - side - 2)
+    frames = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        image = Image.new("RGB", (size, size), (245, 245, 245))
+        _draw_shape(
+            ImageDraw.Draw(image), shape, (x, y, x + side, y + side), COLORS[first if i < n // 2 else last]
+        )
+        frames[i] = np.asarray(image)
+    return frames
 
 
 def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
+    """The answer depends on the order of the frames: the direction of motion, or the colour at the start
+    of a clip whose shape changes colour halfway. Reversed frames give ``probe_answer``."""
     for i in range(n):
         rid = f"{split}-vid-{i:04d}"
-        color, shape, direction = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
+        shape = rng.choice(SHAPES)
         rel = f"videos/{rid}.mp4"
-        write_video(
-            os.path.join(w.out_dir, rel), motion_frames(rng, color, shape, direction, cfg), cfg.video_fps
-        )
         if i % 2 == 0:
-            turn = (f"<video>\nWhich direction does the {shape} move?\n{SHORT}", direction)
-            task = "direction"
+            color, direction = rng.choice(list(COLORS)), rng.choice(DIRECTIONS)
+            frames = motion_frames(rng, color, shape, direction, cfg)
+            question, answer, probe, task = (
+                f"Which direction does the {shape} move?",
+                direction,
+                OPPOSITE[direction],
+                "direction",
+            )
         else:
-            options, letter = _options(rng, shape, SHAPES)
-            turn = (f"<video>\nWhich shape appears in the video?\n{options}\n{MULTIPLE_CHOICE}", letter)
-            task = "video_shape_mc"
-        w.add(
-            split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": turn[1]}
-        )
+            first, last = rng.sample(list(COLORS), 2)
+            frames = color_change_frames(rng, first, last, shape, cfg)
+            question, answer, probe, task = (
+                f"What color is the {shape} at the start?",
+                first,
+                last,
+                "start_color",
+            )
+        write_video(os.path.join(w.out_dir, rel), frames, cfg.video_fps)
+        turn = (f"<video>\n{question}\n{SHORT}", answer)
+        w.add(split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": answer,
+                      "probe_answer": probe})  # fmt: skip
 
 
 def _text_records(rng: random.Random, w: _Writer, split: str, n: int) -> None:
     for i in range(n):
-        rid = f"{split}-txt-{i:04d}"
-        if i % 2 == 0:
-            (a, b), mix = rng.choice(list(MIXES.items()))
-            turn = (f"What color do you get by mixing {a} and {b}?\n{SHORT}", mix)
-        else:
-            x, y = rng.randint(0, 5), rng.randint(0, 5)
-            turn = (f"What is {NUMBER_WORDS[x]} plus {NUMBER_WORDS[y]}?\n{SHORT}", NUMBER_WORDS[x + y])
-        w.add(split, {"id": rid, "conversations": _turns(turn), "task": "text", "answer": turn[1]})
+        question, answer = FACTS[i % len(FACTS)] if split == "eval" else rng.choice(FACTS)
+        turn = (f"{question}\n{SHORT}", answer)
+        w.add(
+            split,
+            {"id": f"{split}-txt-{i:04d}", "conversations": _turns(turn), "task": "text", "answer": answer},
+        )
 
 
 def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str]:
@@ -268,13 +339,15 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
         )
     _single_image_records(rng, w, "single_image", cfg.single_image, cfg)
     _multi_image_records(rng, w, "multi_image", cfg.multi_image, cfg)
+    _multi_view_records(rng, w, "multi_view", cfg.multi_view, cfg)
     _video_records(rng, w, "video", cfg.videos, cfg)
     _text_records(rng, w, "text", cfg.text)
     eval_rng = random.Random(cfg.seed + 1_000_003)
     _single_image_records(eval_rng, w, "eval", cfg.eval_per_kind * 2, cfg)
-    _multi_image_records(eval_rng, w, "eval", cfg.eval_per_kind, cfg)
-    _video_records(eval_rng, w, "eval", max(4, cfg.eval_per_kind // 2), cfg)
-    _text_records(eval_rng, w, "eval", cfg.eval_per_kind)
+    _multi_image_records(eval_rng, w, "eval", cfg.eval_per_kind * 2, cfg)
+    _multi_view_records(eval_rng, w, "eval", max(4, cfg.eval_per_kind), cfg)
+    _video_records(eval_rng, w, "eval", cfg.eval_per_kind * 2, cfg)
+    _text_records(eval_rng, w, "eval", max(len(FACTS), cfg.eval_per_kind))
 
     manifests = {}
     for split, records in w.files.items():
@@ -315,18 +388,21 @@ def tokenizer_corpus() -> list[str]:
 
     lines = [t.system for t in TEMPLATES.values()]
     lines += [SHORT, MULTIPLE_CHOICE, *CAPTION_PROMPTS, *DETAIL_PROMPTS]
-    lines += ["USER: ASSISTANT: Human: Assistant: ### system user assistant", "\n".join(NUMBER_WORDS)]
+    lines += ["USER: ASSISTANT: Human: Assistant: ### system user assistant"]
+    lines += [f"{q} {a}" for q, a in FACTS]
     for color in list(COLORS) + ["pink", "gray", "white", "black"]:
         for shape in SHAPES:
             lines.append(
-                f"A {color} {shape} on a light gray background. What color is the {shape}? The {shape} changed from {color} to"
+                f"A {color} {shape} on a light gray background. What color is the {shape}? What color is the {shape} at the start?"
             )
     for direction in DIRECTIONS:
         lines.append(f"Which direction does the shape move? It moves {direction}.")
     lines += [
-        "Image 1: Image 2: Which image has more circles? What changed between the two images?",
+        "Image 1: Image 2: Image 3: View 1: View 2: What color is the shape in the last image?",
+        "What color is the shape in the first image? These are two views of one scene. Which two colors does it have?",
+        "blue and green and orange and purple and red and yellow",
         "Which shape is shown? Which shape appears in the video? A. B. C. D.",
         "The image is wide, tall, square, pixels wide and pixels tall. It shows one large on a plain light gray "
-        "background. There is nothing else in it. What do you get by mixing and plus 0 1 2 3 4 5 6 7 8 9",
+        "background. There is nothing else in it. 0 1 2 3 4 5 6 7 8 9",
     ]
     return lines * 4

@@ -12,6 +12,8 @@ import string
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
+
 from components.conversation import Turn, parse_sample
 from components.generation import generate, load_media
 from components.processor import LlavaProcessor, Prompt
@@ -31,10 +33,11 @@ class EvalTask:
 DEMO_TASKS = (
     EvalTask("si_color", "image", "exact_match", "color"),
     EvalTask("si_shape_mc", "image", "option_letter", "shape_mc"),
-    EvalTask("mi_more_circles", "multi_image", "exact_match", "more_circles"),
-    EvalTask("mi_what_changed", "multi_image", "exact_match", "what_changed"),
+    EvalTask("mi_last_color", "multi_image", "exact_match", "last_color"),
+    EvalTask("mi_first_color", "multi_image", "exact_match", "first_color"),
+    EvalTask("mv_color", "multi_image", "exact_match", "multiview"),
     EvalTask("video_direction", "video", "exact_match", "direction"),
-    EvalTask("video_shape_mc", "video", "option_letter", "video_shape_mc"),
+    EvalTask("video_start_color", "video", "exact_match", "start_color"),
     EvalTask("text_qa", "text", "exact_match", "text"),
 )
 
@@ -65,6 +68,18 @@ def chance(scorer: str, prompt: str, answers: list[str]) -> float:
     return 1.0 / max(1, len({normalize(a) for a in answers}))
 
 
+@dataclass
+class _Item:
+    task: EvalTask
+    id: str
+    question: str
+    answer: str
+    row: dict
+    probe: bool = False
+    """Asked again with the images (or frames) in reverse order; ``answer`` is then the record's
+    ``probe_answer``."""
+
+
 def evaluate(
     model,
     processor: LlavaProcessor,
@@ -75,9 +90,10 @@ def evaluate(
     max_new_tokens: int = 8,
     batch_size: int = 8,
 ) -> dict:
-    """Accuracy per task, per modality, and over single-image questions, with chance beside each. Only
-    what the architecture takes is asked (LLaVA and LLaVA-1.5 get no video); the rest is reported as
-    skipped, with the reason."""
+    """Accuracy per task and per modality, with chance beside each; then the plumbing probes: every record
+    with a ``probe_answer`` is asked again with its images or video frames reversed, and scored against
+    that answer (a model that reads the order gets them right; one that guesses does not). Only what the
+    architecture takes is asked (LLaVA and LLaVA-1.5 get no video); the rest is reported as skipped."""
     model.eval()
     by_task = {t.record_task: t for t in tasks}
     items, skipped = [], defaultdict(int)
@@ -89,28 +105,37 @@ def evaluate(
             skipped[task.name] += 1
             continue
         sample = parse_sample(record)
-        first_user = next(t for t in sample.turns if t.role == "user")
+        question = next(t for t in sample.turns if t.role == "user").text
         answer = record.get("answer") or next(t.text for t in sample.turns if t.role == "assistant")
         images, frames = load_media(processor, sample.images, sample.video, media_root)
-        prompt = Prompt([Turn("user", first_user.text)], images, frames, sample.id)
-        items.append((task, sample.id, first_user.text, answer, processor.prompt_row(prompt)))
+        prompt = Prompt([Turn("user", question)], images, frames, sample.id)
+        items.append(_Item(task, sample.id, question, answer, processor.prompt_row(prompt)))
+        if record.get("probe_answer") is not None:
+            reversed_frames = None if frames is None else np.ascontiguousarray(frames[::-1])
+            flipped = Prompt([Turn("user", question)], images[::-1], reversed_frames, sample.id)
+            items.append(
+                _Item(task, sample.id, question, record["probe_answer"], processor.prompt_row(flipped), True)
+            )
     answers_by_task = defaultdict(list)
-    for task, _, _, answer, _ in items:
-        answers_by_task[task.name].append(answer)
+    for item in items:
+        if not item.probe:
+            answers_by_task[item.task.name].append(item.answer)
     results = []
     # batch rows of one modality together (video frame counts must match inside a batch)
     for modality in ("image", "multi_image", "video", "text"):
-        group = [it for it in items if it[4]["modality"] == modality]
+        group = [it for it in items if it.row["modality"] == modality]
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            outs = generate(model, processor, [it[4] for it in chunk], max_new_tokens=max_new_tokens)
-            for (task, sid, prompt_text, answer, _), out in zip(chunk, outs, strict=True):
+            outs = generate(model, processor, [it.row for it in chunk], max_new_tokens=max_new_tokens)
+            for it, out in zip(chunk, outs, strict=True):
                 results.append({
-                    "id": sid, "task": task.name, "modality": task.modality, "prediction": out["text"],
-                    "answer": answer, "correct": score(task.scorer, out["text"], answer),
-                    "chance": chance(task.scorer, prompt_text, answers_by_task[task.name]),
+                    "id": it.id, "task": it.task.name, "modality": it.task.modality, "prediction": out["text"],
+                    "answer": it.answer, "correct": score(it.task.scorer, out["text"], it.answer), "probe": it.probe,
+                    "chance": chance(it.task.scorer, it.question, answers_by_task[it.task.name]),
                 })  # fmt: skip
-    out = report(results)
+    out = report([r for r in results if not r["probe"]])
+    out["probes"] = report([r for r in results if r["probe"]])["modalities"]
+    out["predictions"] = results
     out["skipped"] = {
         name: {"n": n, "reason": f"{processor.arch.name} takes no video"}
         for name, n in sorted(skipped.items())
@@ -138,9 +163,16 @@ def report(results: list[dict]) -> dict:
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"{'task':18s} {'n':>4s} {'accuracy':>9s} {'chance':>7s}"]
-    for name, s in {**rep["tasks"], "ALL": rep["overall"]}.items():
-        lines.append(f"{name:18s} {s['n']:4d} {s['accuracy']:9.3f} {s['chance']:7.3f}")
+    """Per modality, then per task: accuracy beside chance; the probes (media reversed); what was skipped."""
+    lines = [f"{'':18s} {'n':>4s} {'accuracy':>9s} {'chance':>7s} {'ratio':>6s}"]
+
+    def line(name: str, s: dict) -> str:
+        ratio = s["accuracy"] / s["chance"] if s["chance"] else 0.0
+        return f"{name:18s} {s['n']:4d} {s['accuracy']:9.3f} {s['chance']:7.3f} {ratio:5.1f}x"
+
+    lines += [line(name, s) for name, s in rep["modalities"].items()]
+    lines += [line(f"  {name}", s) for name, s in rep["tasks"].items()]
+    lines += [line(f"{name} reversed", s) for name, s in rep.get("probes", {}).items()]
     for name, s in rep.get("skipped", {}).items():
         lines.append(f"{name:18s} {s['n']:4d}   skipped: {s['reason']}")
     return "\n".join(lines)

@@ -67,6 +67,13 @@ def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSyst
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """A URI that means the same from any working directory: local paths made absolute (Ray's workers run
+    elsewhere), s3:// and file:// URIs unchanged."""
+    uri = os.fspath(uri)
+    return uri if is_s3(uri) or uri.startswith("file://") else os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     uri = os.fspath(uri)
     if is_s3(uri) or uri.startswith("file://"):

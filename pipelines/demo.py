@@ -74,13 +74,11 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
         f"llava-ray demo: OneVision curriculum (tiny) in {trained / 60:.1f} min, total {(time.monotonic() - start) / 60:.1f} min"
     )
     print(format_summary(summary))
-    final = summary["stages"][-1].get("eval") or {}
-    image = final.get("modalities", {}).get("image", {})
-    if image:
-        ratio = image["accuracy"] / image["chance"] if image["chance"] else 0.0
-        print(
-            f"\nheld-out single-image accuracy {image['accuracy']:.3f} vs chance {image['chance']:.3f} ({ratio:.1f}x)"
-        )
+    print(
+        "\nheld-out accuracy per modality, after each stage (reversed: the images or frames in reverse order,"
+    )
+    print("scored against the answers that order implies):")
+    print(modality_table(summary["stages"]))
     print("\nthrough the OpenAI-compatible endpoint:")
     for sid, question, expected, got in answers:
         print(f"  {sid}: {question!r} -> {got!r} (expected {expected!r})")
@@ -98,6 +96,22 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
         os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
     )
     return 0
+
+
+def modality_table(stages: list[dict]) -> str:
+    """accuracy / chance per modality (and per reversed probe) in each stage's evaluation."""
+    columns = ["image", "multi_image", "video", "text", "multi_image reversed", "video reversed"]
+    lines = [f"{'stage':12s} " + " ".join(f"{c:>21s}" for c in columns)]
+    for record in stages:
+        ev = record.get("eval") or {}
+        cells = []
+        for column in columns:
+            name, _, probe = column.partition(" ")
+            s = (ev.get("probes") if probe else ev.get("modalities", {})) or {}
+            s = s.get(name)
+            cells.append(f"{s['accuracy']:.3f} / {s['chance']:.3f}" if s else "-")
+        lines.append(f"{record['stage']:12s} " + " ".join(f"{c:>21s}" for c in cells))
+    return "\n".join(lines)
 
 
 def _port(preferred: int) -> int:

@@ -512,6 +512,8 @@ def train_stage(
     from pipelines.preprocess import modality_counts
 
     start = time.monotonic()
+    storage_uri, data_uri = storage.absolute(storage_uri), storage.absolute(data_uri)
+    init_from = storage.absolute(init_from) if init_from else None
     stage_uri = storage.join(storage_uri, run_id, stage.name)
     hf_uri = storage.join(stage_uri, "hf")
     shards_uri = storage.join(data_uri, "data")  # what preprocess wrote
@@ -581,15 +583,12 @@ def train_stage(
     report = evaluate_export(recipe, hf_uri)
     if report:
         print(f"stage {stage.name} evaluation:\n{format_report(report)}")
-        record["eval"] = {
-            "overall": report["overall"],
-            "modalities": report["modalities"],
-            "tasks": report["tasks"],
-        }
+        record["eval"] = {key: report[key] for key in ("overall", "modalities", "tasks", "probes", "skipped")}
         metrics = {f"eval/{k}/accuracy": v["accuracy"] for k, v in report["tasks"].items()}
         metrics.update(
             {f"eval/modality/{k}/accuracy": v["accuracy"] for k, v in report["modalities"].items()}
         )
+        metrics.update({f"eval/reversed/{k}/accuracy": v["accuracy"] for k, v in report["probes"].items()})
         tracker.log_metrics(metrics, step=record["steps"])
         tracker.log_dict(report, "eval.json")
     if history:

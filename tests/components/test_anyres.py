@@ -214,3 +214,67 @@ def test_jpeg_draft_leaves_other_images_identical():
     )
     with pytest.raises(ValueError, match="jpeg_draft: expected true or false, found 'yes'"):
         AnyResConfig(jpeg_draft="yes")
+
+
+# ---- LLaVA-NeXT (LLaVA-1.5-HD) against transformers' LlavaNext classes ---------------------------
+
+NEXT = AnyResConfig(tile_size=336, grids=((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)))
+"""transformers' LlavaNext defaults: CLIP-336 and the NeXT grid pinpoints."""
+HD = AnyResConfig(
+    tile_size=224,
+    grids=(
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (1, 3),
+        (3, 1),
+        (1, 4),
+        (4, 1),
+        (1, 5),
+        (5, 1),
+        (1, 6),
+        (6, 1),
+        (2, 2),
+        (2, 3),
+        (3, 2),
+    ),
+)
+"""The LLaVA-1.5 paper's HD grids (A.1) at CLIP-224."""
+
+
+def hf_next(config: AnyResConfig):
+    from transformers import LlavaNextImageProcessorPil
+
+    t = config.tile_size
+    return LlavaNextImageProcessorPil(
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints(config)], size={"shortest_edge": t},
+        crop_size={"height": t, "width": t}, image_mean=list(config.mean), image_std=list(config.std),
+    )  # fmt: skip
+
+
+def hf_next_tokens(config: AnyResConfig, image_size) -> int:
+    """What LlavaNextProcessor expands one image placeholder to (CLIP: the CLS dropped by "default")."""
+    from transformers import LlavaNextProcessor
+
+    proc = LlavaNextProcessor.__new__(LlavaNextProcessor)
+    proc.image_processor = hf_next(config)
+    proc.patch_size, proc.num_additional_image_tokens, proc.vision_feature_select_strategy = 14, 1, "default"
+    t = config.tile_size
+    return proc._get_number_of_features(image_size[0], image_size[1], t, t) - 1
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_llava_next_tiles_and_tokens_equal_transformers(shape):
+    from components.architectures import architecture
+
+    arch = architecture("llava_next")
+    mode = MODES[SHAPES.index(shape) % len(MODES)]
+    image = random_image(np.random.default_rng(sum(shape) + 1), *shape, mode=mode)
+    ref = hf_next(NEXT)(image, return_tensors="np")
+    ours = arch.images([image], NEXT)
+    assert ours.pixel_values.shape == ref["pixel_values"][0].shape
+    assert np.abs(ours.pixel_values - ref["pixel_values"][0]).max() <= 1e-5
+    assert tuple(ref["image_sizes"][0]) == ours.image_sizes[0] == shape
+    assert ours.token_counts == [hf_next_tokens(NEXT, shape)]
+    for config in (HD, dataclasses.replace(HD, tile_size=56), dataclasses.replace(NEXT, tile_size=56)):
+        assert arch.images([image], config).token_counts == [hf_next_tokens(config, shape)]

@@ -56,6 +56,15 @@ PAPERS = {
                    dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128,
                         zero_stage=3)],
     },
+    "llava_v1_5_hd": {
+        "model": dict(arch="llava_next", vision="openai/clip-vit-large-patch14", projector="mlp2x_gelu",
+                      vision_feature_layer=-2, vision_layers=None, template="vicuna_v1"),
+        "anyres": dict(tile_size=224, patch_size=14, norm=CLIP,
+                       grids=((1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (1, 5), (5, 1), (1, 6), (6, 1),
+                              (2, 2), (2, 3), (3, 2))),
+        "stages": [dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256),
+                   dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128)],
+    },
     "llava_next_interleave": {
         "model": dict(arch="llava_onevision", vision="google/siglip-so400m-patch14-384", projector="mlp2x_gelu",
                       vision_feature_layer=-1, vision_layers=26, template="chatml"),
