@@ -23,34 +23,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
-    """A plain loop: same model, same rows, same windows, grouping and collation as the train loop (so the
-    same padding), AdamW, 1 thread, over the stage's epochs. Returns (tokens/s, steps, rows)."""
+def baseline(recipe, stage, layout) -> tuple[float, int, int]:
+    """A plain loop: same model, same rows, same steps, grouping and collation as the train loop's in-memory
+    step source (so the same padding), AdamW, 1 thread, over the stage's epochs. Returns (tokens/s, steps,
+    rows)."""
     import torch
 
     from components.generation import MediaFiller
     from components.model import build_model, param_groups, set_trainable
-    from pipelines.preprocess import read_output
-    from pipelines.train_stage import StagePlan, _steps, epoch_windows, plan_stage
+    from pipelines.train_stage import InMemorySteps, data_stats, plan_stage
 
     torch.set_num_threads(1)
-    rows = read_output(data_uri)
-    plan: StagePlan = plan_stage(
-        dataclasses.replace(recipe, workers=1), stage, len(rows), init_from=None, export_uri="-"
-    )
+    recipe = dataclasses.replace(recipe, workers=1)
+    positions, _ = data_stats(layout)
+    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")
     model, processor = build_model(recipe.model)
     processor = processor.replace(template=stage.template)
     set_trainable(model, stage.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, stage.lr, vision_lr=stage.vision_lr))
     filler = MediaFiller(processor, with_video=False)
-    tokens_done, seconds = [], []
-    all_steps = [
-        s
-        for epoch in range(stage.epochs)
-        for w, window in enumerate(epoch_windows(rows, plan, epoch, rank=0))
-        for s in _steps(window, plan, epoch=epoch, w=w)
-    ]
+    source = InMemorySteps(plan, 0, 1)
+    all_steps = [s for epoch in range(stage.epochs) for s in source.epoch(epoch)]
     assert len(all_steps) == plan.total_steps, (len(all_steps), plan.total_steps)  # the train loop's steps
+    tokens_done, seconds = [], []
     for micro_batches in all_steps:
         start, tokens = time.perf_counter(), 0
         for micro in micro_batches:
@@ -62,17 +57,21 @@ def baseline(recipe, stage, data_uri: str) -> tuple[float, int, int]:
         optimizer.zero_grad()
         tokens_done.append(tokens)
         seconds.append(time.perf_counter() - start)
-    return sum(tokens_done[2:-1]) / sum(seconds[2:-1]), len(all_steps), len(rows)
+    return sum(tokens_done[2:-1]) / sum(seconds[2:-1]), len(all_steps), plan.rows_per_rank
 
 
-def ray_train(recipe, stage, workers: int, storage_uri: str, data_uri: str) -> tuple[float, dict]:
+def ray_train(recipe, stage, workers: int, layout) -> tuple[float, dict]:
+    import shutil
+
     from pipelines.train_stage import read_history, train_stage
 
-    recipe = dataclasses.replace(recipe, workers=workers, eval={})
-    record = train_stage(
-        recipe, stage, storage_uri=storage_uri, run_id=f"w{workers}", data_uri=data_uri, init_from=None
+    recipe = dataclasses.replace(
+        recipe, workers=workers, eval=dataclasses.replace(recipe.eval, manifest=None)
     )
-    history = read_history(os.path.join(storage_uri, f"w{workers}", stage.name, "history"))
+    record = train_stage(recipe, stage, layout, init_from=None, data_mode="memory")
+    history = read_history(layout.history)
+    for uri in (layout.history, layout.export, os.path.join(layout.checkpoints, "train")):
+        shutil.rmtree(uri, ignore_errors=True)  # the next run writes its own
     steady = history[2:-1]
     return sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady), record
 
@@ -90,6 +89,7 @@ def main() -> None:
     import ray
 
     from benchmarks._common import machine, scratch
+    from pipelines.layout import RunLayout
     from pipelines.preprocess import PreprocessConfig, preprocess
     from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
 
@@ -106,17 +106,17 @@ def main() -> None:
                                 global_batch=args.micro_batch * args.accum, epochs=epochs, zero_stage=args.zero)  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data = os.path.join(work, "data")
+    layout = RunLayout(work, "bench").stage(stage.name)
     preprocess(
         PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
-        data,
+        layout,
     )
-    before, steps, rows = baseline(recipe, stage, data)  # 1 worker's steps: the plan's for its epochs
+    before, steps, rows = baseline(recipe, stage, layout)  # 1 worker's steps: the plan's for its epochs
     # the same work per worker and step (micro-batch x accumulation): 2 workers take twice the global batch
-    one, _ = ray_train(recipe, stage, 1, os.path.join(work, "runs"), data)
+    one, _ = ray_train(recipe, stage, 1, layout)
     two_stage = dataclasses.replace(stage, global_batch=2 * stage.global_batch)
-    two, _ = ray_train(recipe, two_stage, 2, os.path.join(work, "runs"), data)
-    after = before if args.quick else baseline(recipe, stage, data)[0]
+    two, _ = ray_train(recipe, two_stage, 2, layout)
+    after = before if args.quick else baseline(recipe, stage, layout)[0]
     base = (before + after) / 2
     print(f"plain loop before the Ray runs {before:.0f}, after {after:.0f} tokens/s")
     overhead = 1 - one / base

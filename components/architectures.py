@@ -89,14 +89,24 @@ class Architecture:
         if not images:
             return MediaInputs(modality="text")
         modality = "image" if len(images) == 1 else "multi_image"
+        sizes = [(im.height, im.width) for im in images]
+        counts = self.image_token_counts(sizes, anyres)
         if len(images) == 1 and self.tiles_single_image(anyres):
             tiles, size, _ = tile_image_uint8(images[0], anyres)
-            count = num_image_tokens(size, anyres, reduce=self.reduces_grid)
-            return _finish(MediaInputs(modality, tiles, [size], [count], [len(tiles)]), anyres, normalize)
+            return _finish(MediaInputs(modality, tiles, [size], counts, [len(tiles)]), anyres, normalize)
         pixels = np.stack([base_tile_uint8(im, anyres) for im in images])
-        sizes = [(im.height, im.width) for im in images]
-        counts = [self.base_tile_tokens(anyres)] * len(images)
         return _finish(MediaInputs(modality, pixels, sizes, counts, [1] * len(images)), anyres, normalize)
+
+    def image_token_counts(self, sizes: list[tuple[int, int]], anyres: AnyResConfig) -> list[int]:
+        """Tokens of each image of a sample, from the images' (height, width) alone (no pixels needed)."""
+        if len(sizes) == 1 and self.tiles_single_image(anyres):
+            return [num_image_tokens(sizes[0], anyres, reduce=self.reduces_grid)]
+        return [self.base_tile_tokens(anyres)] * len(sizes)
+
+    def video_tokens(self, frames: int, anyres: AnyResConfig) -> int:
+        raise ValueError(
+            f"video: expected an architecture that takes video (llava_onevision), found {self.name!r}"
+        )
 
     def video(self, frames: np.ndarray, anyres: AnyResConfig, *, normalize: bool = True) -> MediaInputs:
         raise ValueError(
@@ -331,6 +341,9 @@ class LlavaOnevision(Architecture):
 
     def base_tile_tokens(self, anyres: AnyResConfig) -> int:
         return num_multi_image_tokens(anyres)
+
+    def video_tokens(self, frames: int, anyres: AnyResConfig) -> int:
+        return num_video_tokens(frames, anyres)
 
     def video(self, frames: np.ndarray, anyres: AnyResConfig, *, normalize: bool = True) -> MediaInputs:
         pixels = video_tiles_uint8(frames, anyres)

@@ -97,11 +97,15 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_sample(record: dict, source: str = "") -> Sample:
-    """Validate a LLaVA JSON record (``conversations`` with from/value, or role/content ``messages``)."""
+def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sample:
+    """Validate a LLaVA JSON record (``conversations`` with from/value, or role/content ``messages``).
+    ``default_id``: the sample's name when the record has no id (its place in its manifest)."""
     if not isinstance(record, dict):
-        raise SampleError("?", "<record>", "a JSON object", type(record).__name__)
-    sample_id = str(record.get("id", record.get("sample_id", "?")))
+        raise SampleError(default_id, "<record>", "a JSON object", type(record).__name__)
+    raw_id = record.get("id", record.get("sample_id"))
+    sample_id = default_id if raw_id is None or raw_id == "" else str(raw_id)
+    if "image" in record and "images" in record:
+        raise SampleError(sample_id, "image", "one of image or images", "both", "ambiguous_media")
     images = record.get("image", record.get("images"))
     if images is None:
         images = []

@@ -40,6 +40,7 @@ class Entry:
     """Relative media paths resolve against this URI."""
     embedded_images: list[bytes] = field(default_factory=list)
     read_error: str = ""
+    read_error_kind: str = "read_error"
 
     @property
     def content_hash(self) -> str:
@@ -97,36 +98,57 @@ def read_records(uri: str, dataset: str, media_root: str | None = None) -> list[
             raise ManifestError(f"{uri}: expected a JSON list of records, found unreadable JSON ({e})") from e
         if not isinstance(records, list):
             raise ManifestError(f"{uri}: expected a JSON list of records, found {type(records).__name__}")
-        return [_entry(dataset, i, r, root) for i, r in enumerate(records)]
+        return _mark_duplicates([_entry(dataset, i, r, root) for i, r in enumerate(records)])
     entries = []
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of the first record
+        data = data[3:]
     for i, line in enumerate(data.splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            entries.append(
-                _bad(dataset, i, root, f"line {i + 1}: expected UTF-8 text, found invalid byte at {e.start}")
-            )
+            entries.append(_bad(dataset, i, root, f"expected UTF-8 text, found invalid byte at {e.start}"))
             continue
         except json.JSONDecodeError as e:
-            entries.append(
-                _bad(dataset, i, root, f"line {i + 1}: expected a JSON object, found bad JSON ({e.msg})")
-            )
+            entries.append(_bad(dataset, i, root, f"expected a JSON object, found bad JSON ({e.msg})"))
             continue
         entries.append(_entry(dataset, i, record, root))
+    return _mark_duplicates(entries)
+
+
+def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
+    """A sample id seen before in the same dataset: that later record is rejected (``duplicate_id``), the
+    first kept; ids are what rejects, mixtures and evaluations name samples by."""
+    seen: dict[str, int] = {}
+    for e in entries:
+        if e.read_error:
+            continue
+        if e.sample_id in seen:
+            e.read_error_kind = "duplicate_id"
+            e.read_error = (f"sample {e.sample_id!r}, field 'id': expected an id unique in {e.dataset}, found it "
+                            f"again (first at line {seen[e.sample_id] + 1})")  # fmt: skip
+        else:
+            seen[e.sample_id] = e.index
     return entries
 
 
+def line_id(dataset: str, index: int) -> str:
+    """A record's name when it has no id: its dataset and line."""
+    return f"{dataset} line {index + 1}"
+
+
 def _entry(dataset: str, index: int, record, root: str, embedded: list[bytes] | None = None) -> Entry:
-    sample_id = (
-        str(record.get("id", f"{dataset}:{index}")) if isinstance(record, dict) else f"{dataset}:{index}"
-    )
+    raw = record.get("id") if isinstance(record, dict) else None
+    sample_id = line_id(dataset, index) if raw is None or raw == "" else str(raw)
     return Entry(dataset, index, sample_id, json.dumps(record, ensure_ascii=False), root, embedded or [])
 
 
 def _bad(dataset: str, index: int, root: str, message: str) -> Entry:
-    return Entry(dataset, index, f"{dataset}:{index}", "", root, read_error=message)
+    sample_id = line_id(dataset, index)
+    return Entry(
+        dataset, index, sample_id, "", root, read_error=f"sample {sample_id!r}, field '<line>': {message}"
+    )
 
 
 def _read_parquet(uri: str, dataset: str, root: str) -> list[Entry]:
@@ -149,7 +171,7 @@ def _read_parquet(uri: str, dataset: str, root: str) -> list[Entry]:
         if names:
             record["image"] = names if len(names) > 1 else names[0]
         entries.append(_entry(dataset, i, record, root, embedded))
-    return entries
+    return _mark_duplicates(entries)
 
 
 def sample_entries(entries: list[Entry], strategy: str, seed: int) -> list[Entry]:

@@ -33,6 +33,17 @@ from components.processor import LlavaProcessor, ProcessorConfig, ensure_media_t
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "auto")
+
+
+def attention(name: str) -> str:
+    """The attention implementation to build with: ``auto`` is flash_attention_2 where flash-attn imports."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
 
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY_LLM = {
@@ -70,6 +81,9 @@ class ModelSpec:
     """A full LLaVA checkpoint (an HF export of ours, or an llava-hf release); overrides vision/llm."""
     tokenizer_corpus: list[str] | None = None
     """Text to train the tiny tokenizer on (tiny llm only); the demo corpus by default."""
+    attn_implementation: str = "sdpa"
+    """sdpa, eager, flash_attention_2, or auto (flash_attention_2 when flash-attn is importable, else sdpa);
+    recorded in the export's config."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +92,10 @@ class ModelSpec:
 
             self.anyres = anyres_from_dict(self.anyres)
         architecture(self.arch)
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"ModelSpec.attn_implementation: expected one of {list(ATTENTION)}, found {self.attn_implementation!r}"
+            )
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(
                 f"ModelSpec.projector: expected 'mlp2x_gelu' or 'linear', found {self.projector!r}"
@@ -219,7 +237,8 @@ def build_model(spec: ModelSpec):
         config = arch.compose_config(
             vision_config, text_config, processor.image_token_id, processor.video_token_id, spec
         )
-        config.llava_ray = {"projector_type": spec.projector}
+        config.llava_ray = {"projector_type": spec.projector, "attn_implementation": spec.attn_implementation}
+        _set_attention(config, attention(spec.attn_implementation))
         if spec.projector == "linear":
             config.projector_hidden_act = "linear"  # HF's form of the linear projector: see save_model
         model = _model_class(arch.name)(config)
@@ -234,6 +253,35 @@ def build_model(spec: ModelSpec):
             _load_vision(model.model.vision_tower, vision)
     _set_generation_config(model, processor)
     return model, processor
+
+
+def _set_attention(config, name: str) -> None:
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = name
+
+
+def enable_activation_checkpointing(model, parts) -> None:
+    """Recompute the activations of ``parts`` (language_model, vision_tower) in the backward pass instead of
+    keeping them: each layer's inputs are kept, the rest recomputed. Non-reentrant, so a frozen part whose
+    inputs need no gradient still passes the trainable parts' gradients through (Stage-1's projector)."""
+    unknown = set(parts) - {"language_model", "vision_tower"}
+    if unknown:
+        raise ValueError(
+            f"activation_checkpointing: expected language_model and/or vision_tower, found {sorted(unknown)}"
+        )
+    for part in parts:
+        module = getattr(model.model, part)
+        module = getattr(module, "base_model", module) if hasattr(module, "peft_config") else module
+        module = getattr(module, "model", module) if hasattr(module, "peft_config") else module
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def model_from_config(config, *, linear_projector: bool = False):
+    """A randomly initialised model of a LLaVA config's class (the shape to load gathered weights into)."""
+    model = _model_class(MODEL_TYPES[config.model_type])(config)
+    if linear_projector:
+        _use_linear_projector(model)
+    return model
 
 
 def _model_class(arch: str):
@@ -404,13 +452,34 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None, default_template: 
             raise ValueError(
                 f"{uri}: model_type: expected one of {sorted(MODEL_TYPES)}, found {config.model_type!r}"
             )
+        extra = getattr(config, "llava_ray", None) or {}
         model = _model_class(MODEL_TYPES[config.model_type]).from_pretrained(
-            path, use_safetensors=True, dtype=dtype
+            path,
+            use_safetensors=True,
+            dtype=dtype,
+            attn_implementation=attention(extra.get("attn_implementation", "sdpa")),
         )
-        if (getattr(config, "llava_ray", None) or {}).get("projector_type") == "linear":
+        if extra.get("projector_type") == "linear":
             _from_hf_projector(model)
         processor = LlavaProcessor.from_pretrained(path, default_template=default_template)
     return model, processor
+
+
+def context_length(uri: str) -> int:
+    """The LLM's context (max_position_embeddings) of a checkpoint, from its config alone."""
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = local_dir(uri, tmp) if not storage.is_s3(uri) else _config_only(uri, tmp)
+        config = AutoConfig.from_pretrained(path)
+    return int(config.text_config.max_position_embeddings)
+
+
+def _config_only(uri: str, tmp: str) -> str:
+    storage.write_bytes(
+        os.path.join(tmp, "config.json"), storage.read_bytes(storage.join(uri, "config.json"))
+    )
+    return tmp
 
 
 def count_parameters(model) -> int:

@@ -223,6 +223,19 @@ class LlavaProcessor:
             "image_sizes": media.image_sizes,
         }
 
+    def count_tokens(self, prompt: Prompt) -> int:
+        """The prompt's length as ``prompt_row`` builds it, from the media's sizes alone (no tiling): what
+        serving checks against the context before a request joins a batch."""
+        if prompt.video_frames is not None:
+            counts = [self.arch.video_tokens(len(prompt.video_frames), self.anyres)]
+        else:
+            counts = self.arch.image_token_counts(
+                [(im.height, im.width) for im in prompt.images], self.anyres
+            )
+        sample = Sample(id=prompt.id, turns=prompt.turns, images=[f"image-{i}" for i in range(len(prompt.images))],
+                        video="video" if prompt.video_frames is not None else None)  # fmt: skip
+        return len(self.tokenize(sample, counts).input_ids)
+
     def collate(self, rows: list[dict], *, left_pad: bool = False) -> dict:
         """Padded ids, labels and attention mask plus the media tensors this architecture's HF model takes."""
         from components.batching import collate
@@ -256,12 +269,10 @@ class LlavaProcessor:
         out = {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": self.pad_token_id}
         if self.tokenizer.bos_token_id is not None:
             out["bos_token_id"] = self.tokenizer.bos_token_id
-        if self.template.stop and not self._stop_is_one_token():
-            out["stop_strings"] = [self.template.stop]  # generate(..., tokenizer=tokenizer) honours it
+        # a stop of several tokens (Vicuna-v0's "###" with a real tokenizer) cannot be an eos id; HF's
+        # stop_strings would make every plain generate() call demand the tokenizer, so it is left out:
+        # generate(..., stop_strings=["###"], tokenizer=tokenizer) stops there (README)
         return out
-
-    def _stop_is_one_token(self) -> bool:
-        return len(self.tokenizer.encode(self.template.stop, add_special_tokens=False)) == 1
 
     def save_pretrained(self, directory: str) -> None:
         """Tokenizer files, chat_template.jinja, the HF processor configs and ours, into a local directory."""

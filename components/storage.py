@@ -86,6 +86,13 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def file_size(uri: str) -> int | None:
+    """The size of a regular file at a URI; None when there is none (absent, or a directory)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
@@ -181,6 +188,14 @@ def is_complete(uri: str) -> bool:
         if info.type != pafs.FileType.File or info.size != meta["size"]:
             return False
     return True
+
+
+def parquet_dataset(uri: str):
+    """The Parquet files under a directory URI (local or s3://), as one pyarrow dataset."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet")
 
 
 def download_dir(uri: str, local_dir: str) -> str:

@@ -59,6 +59,8 @@ class NoopTracker:
     def log_dict(self, data: dict, name: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def end_run(self, status: str = "FINISHED") -> None: ...
+    def resume_run(self) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -78,13 +80,11 @@ class MlflowTracker(NoopTracker):
     enabled = True
 
     def __init__(self, config: TrackingConfig, run_id: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.config = config
         uri, artifacts = config.resolved()
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # no process-wide mlflow state
         experiment = self.client.get_experiment_by_name(config.experiment)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(config.experiment, artifact_location=artifacts)
@@ -126,15 +126,44 @@ class MlflowTracker(NoopTracker):
         if self.run_id:
             self.client.set_terminated(self.run_id, status)
 
-    def register_model(self, name: str, source_uri: str) -> str:
-        """Register ``source_uri`` (the HF export) as a new version of ``name``; returns the version."""
+    def resume_run(self) -> None:
+        """The bound run (an interrupted attempt's) is running again: its curve continues in it."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def fail(self, error: BaseException) -> None:
+        """The run ends FAILED, with the error as a tag."""
+        if self.run_id:
+            self.client.set_tag(
+                self.run_id, "llava_ray.error", f"{type(error).__name__}: {str(error)[:4000]}"
+            )
+            self.end_run("FAILED")
+
+    def register_model(self, name: str, record: dict) -> str:
+        """A logged model from the stage's export (its files, under the stage's run), registered as a new
+        version of ``name``: the registry links to the run and to the files. Returns the version."""
         from mlflow.exceptions import MlflowException
 
+        from components import storage
+
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=record["mlflow_run_id"],
+            tags={"llava_ray.export_uri": record["hf_uri"], "llava_ray.stage": record["stage"]},
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            self.client.log_model_artifacts(model.model_id, storage.download_dir(record["hf_uri"], tmp))
+        self.client.finalize_logged_model(model.model_id, "READY")
         try:
             self.client.create_registered_model(name)
         except MlflowException:
             pass  # already registered
-        version = self.client.create_model_version(name, source_uri, run_id=self.run_id)
+        # MLflow resolves a models:/ source through the process-wide tracking URI, not this client's: point
+        # it at ours for this one call (and back), so that two stores in one process stay apart
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(self.client.tracking_uri):
+            version = self.client.create_model_version(
+                name, f"models:/{model.model_id}", run_id=record["mlflow_run_id"], model_id=model.model_id
+            )
         return version.version
 
 

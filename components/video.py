@@ -17,12 +17,18 @@ VideoSource = str | os.PathLike | bytes | bytearray | BinaryIO
 
 
 class VideoDecodeError(ValueError):
-    """A video could not be decoded: corrupt, truncated, empty, or not a video at all."""
+    """A video could not be decoded: corrupt, truncated, empty, or not a video at all. ``reason`` is ours,
+    never the decoder's own log text (which carries timestamps and source paths)."""
 
     def __init__(self, source: str, reason: str):
         super().__init__(f"video {source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class VideoTooLargeError(VideoDecodeError):
+    """The sampled frames would hold more pixels than allowed (checked on the first frame, before the rest
+    are decoded)."""
 
 
 @dataclass
@@ -111,8 +117,10 @@ def read_frames(
     max_frames: int = 32,
     force_uniform: bool = False,
     num_threads: int = 1,
+    max_pixels: int | None = None,
 ) -> VideoClip:
-    """Decode only the sampled frames of ``source`` (a path, bytes, or a file-like object)."""
+    """Decode only the sampled frames of ``source`` (a path, bytes, or a file-like object). ``max_pixels``:
+    the most sampled-frames x height x width allowed; a larger clip is refused after its first frame."""
     import decord  # a native library: import where it is used
 
     name, data = _read_bytes(source)
@@ -122,7 +130,9 @@ def read_frames(
         total = len(reader)
         native_fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as e:
-        raise VideoDecodeError(name, f"the decoder cannot open it ({str(e).splitlines()[0][:200]})") from e
+        raise VideoDecodeError(
+            name, "a video stream the decoder can open, found none (corrupt, or no video track)"
+        ) from e
     if total < 1:
         raise VideoDecodeError(name, "expected at least one frame, found 0")
     if not native_fps > 0:
@@ -130,6 +140,14 @@ def read_frames(
     indices = sample_frame_indices(
         total, native_fps, fps=fps, max_frames=max_frames, force_uniform=force_uniform
     )
+    if max_pixels is not None:
+        try:
+            height, width = reader[0].shape[:2]
+        except (decord.DECORDError, RuntimeError) as e:
+            raise VideoDecodeError(name, "a decodable first frame, found none (truncated or corrupt)") from e
+        if len(indices) * height * width > max_pixels:
+            raise VideoTooLargeError(name, f"at most {max_pixels} pixels in the sampled frames, found "
+                                           f"{len(indices)} frames of {width}x{height}")  # fmt: skip
     try:
         frames = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError) as e:

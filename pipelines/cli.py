@@ -62,13 +62,18 @@ def _pipeline_config(args: argparse.Namespace, **over):
 
     return PipelineConfig(
         recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
-        tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, **over,
+        tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
+        data_mode=args.data_mode, **over,
     )  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.dag import format_summary, run_pipeline
+    from pipelines.dag import format_summary, run_pipeline, select_stages
+    from pipelines.recipes import load_recipe
 
+    select_stages(
+        load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir), args.from_stage, args.until_stage
+    )
     _init_ray(args)
     summary = run_pipeline(_pipeline_config(args, from_stage=args.from_stage, until_stage=args.until_stage))
     print(format_summary(summary))
@@ -78,7 +83,9 @@ def _run(args: argparse.Namespace) -> int:
 def _stage(args: argparse.Namespace) -> int:
     """One stage = the DAG cut to that node; its input is the URI the previous stage recorded."""
     from pipelines.dag import format_summary, run_pipeline
+    from pipelines.recipes import load_recipe
 
+    load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir).stage(args.name)  # a bad name: before Ray
     _init_ray(args)
     summary = run_pipeline(_pipeline_config(args, from_stage=args.name, until_stage=args.name))
     print(format_summary(summary))
@@ -87,8 +94,9 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from components import storage
+    from pipelines.layout import RunLayout
 
-    uri = storage.join(args.storage, args.run_id, "state.json")
+    uri = RunLayout(args.storage, args.run_id).state
     if not storage.exists(uri):
         print(f"run {args.run_id!r}: expected a state file at {uri}, found none")
         return 1
@@ -108,6 +116,10 @@ def _submit(args: argparse.Namespace) -> int:
               "--demo-dir", args.demo_dir]  # fmt: skip
     if args.tracking_uri:
         common += ["--tracking-uri", args.tracking_uri]
+    if args.max_steps:
+        common += ["--max-steps", str(args.max_steps)]
+    if args.data_mode:
+        common += ["--data-mode", args.data_mode]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
     return submit(args.address, target, python=args.python, follow=not args.no_follow)
 
@@ -175,6 +187,12 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
         "--tracking-uri", default=None, help="MLflow: a directory (sqlite store), sqlite:/// or http://"
     )
     p.add_argument("--demo-dir", default="demo_out/data", help="where the tiny profile's demo data lives")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="cap every stage's optimizer steps (a quick run)"
+    )
+    p.add_argument(
+        "--data-mode", choices=("memory", "stream"), help="how every stage's rows reach the workers"
+    )
     p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
 
@@ -289,9 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.recipes import RecipeError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as e:  # a recipe, profile or stage that does not exist: one line, exit 2
+        parser.exit(2, f"llava-ray {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The end-to-end run: for each stage, preprocess -> train (+ eval), in order; then register and deploy.
+"""The end-to-end run: for each stage, preprocess -> train (+ eval), in order; then register the model.
 
     llava-ray run --recipe llava_onevision --profile tiny --storage runs --tracking-uri runs/mlflow
 
-Each node records its status and output URI in a run-state file (``<storage>/<run>/state.json``,
-with an event log) and in MLflow. A re-run of the same run id skips completed nodes after checking
-that their outputs exist and their manifests are complete, and resumes an interrupted training node
-from its last checkpoint. A stage never guesses a path: it takes the URI the previous stage recorded.
+Each node records its status and output URI in a run-state file (``RunLayout.state``, with an event log)
+and in MLflow. A re-run of the same run id skips completed nodes after checking that their outputs exist
+and their manifests are complete, and resumes an interrupted training node from its last checkpoint, in
+the same MLflow run. A stage never guesses a path: it takes the URI the previous stage recorded. Every
+MLflow run ends FINISHED, or FAILED with the error as a tag.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from components import storage
 from components.tracking import TrackingConfig, make_tracker
+from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
-from pipelines.recipes import Recipe, ensure_demo_data, load_recipe, stage_config
-from pipelines.train_stage import train_stage
+from pipelines.recipes import Recipe, RecipeError, ensure_demo_data, load_recipe, stage_config
+from pipelines.train_stage import StepHook, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +44,12 @@ class PipelineConfig:
     max_failures: int = 1
     register_as: str | None = None
     """Register the final HF export in the MLflow model registry under this name (default: the recipe's)."""
-
-
-def _record_node(tracker, name: str, status: str, output_uri: str) -> None:
-    """Each node's status and output URI, as tags on the pipeline's parent MLflow run."""
-    if tracker.enabled:
-        tracker.set_tags({f"node.{name}.status": status, f"node.{name}.output_uri": output_uri})
+    data_mode: str | None = None
+    """memory or stream for every stage; None: each stage's own (``auto``: by size)."""
+    max_steps: int | None = None
+    """Cap every stage at this many optimizer steps (a quick run of a whole recipe); None: the recipe's."""
+    step_hooks: dict[str, tuple[StepHook, ...]] = field(default_factory=dict)
+    """Per stage name, hooks run on every rank after each step (tests inject faults with them)."""
 
 
 class RunState:
@@ -72,18 +74,23 @@ class RunState:
         storage.write_text(self.uri, json.dumps(self.data, indent=1))
 
 
-def _stages(recipe: Recipe, cfg: PipelineConfig):
+def select_stages(recipe: Recipe, from_stage: str | None, until_stage: str | None):
+    """The stages from..until, in order; a name not in the recipe is an error that lists the recipe's."""
     names = [s.name for s in recipe.stages]
-    for bound in (cfg.from_stage, cfg.until_stage):
+    for flag, bound in (("--from", from_stage), ("--until", until_stage)):
         if bound and bound not in names:
-            raise ValueError(f"--from/--until: expected one of {names}, found {bound!r}")
-    lo = names.index(cfg.from_stage) if cfg.from_stage else 0
-    hi = names.index(cfg.until_stage) if cfg.until_stage else len(names) - 1
+            raise RecipeError(
+                f"{flag}: expected a stage of recipe {recipe.name} ({', '.join(names)}), found {bound!r}"
+            )
+    lo = names.index(from_stage) if from_stage else 0
+    hi = names.index(until_stage) if until_stage else len(names) - 1
+    if lo > hi:
+        raise RecipeError(f"--from/--until: expected {from_stage!r} no later than {until_stage!r} in {names}")
     return recipe.stages[lo : hi + 1]
 
 
 def _preprocess_done(node: dict, out_uri: str) -> bool:
-    return node.get("status") == "completed" and storage.exists(storage.join(out_uri, "summary.json"))
+    return node.get("status") == "completed" and storage.exists(out_uri)
 
 
 def _train_done(node: dict) -> bool:
@@ -95,70 +102,99 @@ def _train_done(node: dict) -> bool:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the recipe's DAG; returns the summary with one record per stage."""
     recipe = load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir)
+    if cfg.max_steps:
+        cap = cfg.max_steps  # a checkpoint half-way, so that a quick run can still be resumed from one
+        recipe = replace(recipe, stages=[replace(s, max_steps=min(s.max_steps or cap, cap),
+                                                 checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)))
+                                         for s in recipe.stages])  # fmt: skip
+    stages = select_stages(recipe, cfg.from_stage, cfg.until_stage)
     if cfg.profile == "tiny":
         ensure_demo_data(cfg.demo_dir, recipe.model.anyres.tile_size)
-    log.info("pipeline config: %s", json.dumps(asdict(cfg)))
-    run_uri = storage.join(cfg.storage, cfg.run_id)
-    state = RunState(storage.join(run_uri, "state.json"))
+    log.info("pipeline config: %s", json.dumps({**asdict(cfg), "step_hooks": list(cfg.step_hooks)}))
+    layout = RunLayout(cfg.storage, cfg.run_id)
+    state = RunState(layout.state)
     tracking = TrackingConfig(uri=cfg.tracking_uri, experiment=cfg.experiment)
-    tracker = make_tracker(tracking)
-    parent = state.data.get("mlflow_parent_run_id")
-    if tracker.enabled and not parent:
-        parent = tracker.start_run(f"{recipe.name}:{cfg.run_id}", tags={"llava_ray.recipe": recipe.name})
-        tracker.log_params({"recipe": recipe.name, "profile": cfg.profile, "storage": cfg.storage})
-        state.data["mlflow_parent_run_id"] = parent
-        state.save()
-    elif tracker.enabled:
-        tracker.run_id = parent
+    parent = _parent_run(recipe, cfg, state, tracking)
+    try:
+        records, final = _run_stages(recipe, stages, cfg, layout, state, tracking, parent)
+        summary = {"run_id": cfg.run_id, "recipe": recipe.name, "stages": records, "final_model": final,
+                   "mlflow_parent_run_id": parent.run_id, "state_uri": state.uri}  # fmt: skip
+        if parent.enabled and records and not cfg.until_stage:
+            name = cfg.register_as or recipe.name
+            summary["registered_model"] = {"name": name, "version": parent.register_model(name, records[-1])}
+            parent.set_tags({"llava_ray.final_model": final})
+    except BaseException as e:
+        parent.fail(e)
+        raise
+    parent.end_run()
+    storage.write_text(layout.summary, json.dumps(summary, indent=1))
+    return summary
 
-    records = []
-    previous = _previous_export(recipe, cfg, state)
-    for stage in _stages(recipe, cfg):
+
+def _parent_run(recipe: Recipe, cfg: PipelineConfig, state: RunState, tracking: TrackingConfig):
+    """The pipeline's MLflow run: a new one, or the interrupted run of the same run id, running again."""
+    tracker = make_tracker(tracking, run_id=state.data.get("mlflow_parent_run_id"))
+    if tracker.enabled and tracker.run_id:
+        tracker.resume_run()
+    elif tracker.enabled:
+        tracker.start_run(f"{recipe.name}:{cfg.run_id}", tags={"llava_ray.recipe": recipe.name})
+        tracker.log_params({"recipe": recipe.name, "profile": cfg.profile, "storage": cfg.storage})
+        state.data["mlflow_parent_run_id"] = tracker.run_id
+        state.save()
+    return tracker
+
+
+def _run_stages(recipe, stages, cfg, layout, state, tracking, parent) -> tuple[list[dict], str | None]:
+    records, previous = [], _previous_export(recipe, cfg, state)
+    for stage in stages:
+        stage_layout = layout.stage(stage.name)
         pre_name, train_name = f"preprocess:{stage.name}", f"train:{stage.name}"
-        data_uri = storage.join(run_uri, stage.name)
-        if _preprocess_done(state.node(pre_name), data_uri):
+        if _preprocess_done(state.node(pre_name), stage_layout.preprocess_summary):
             state.event(pre_name, "skipped")
         else:
             state.event(pre_name, "started")
             config = PreprocessConfig(
                 manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
             )
-            summary = preprocess(config, data_uri)
-            state.set(pre_name, status="completed", output_uri=data_uri, accepted=summary["accepted"],
+            summary = preprocess(config, stage_layout)
+            state.set(pre_name, status="completed", output_uri=stage_layout.root, accepted=summary["accepted"],
                       rejected=summary["rejected"], mixture_digest=summary["mixture_digest"])  # fmt: skip
             state.event(pre_name, "completed")
-            _record_node(tracker, pre_name, "completed", data_uri)
+            parent.set_tags(
+                {f"node.{pre_name}.status": "completed", f"node.{pre_name}.output_uri": stage_layout.root}
+            )
         node = state.node(train_name)
         if _train_done(node):
             state.event(train_name, "skipped")
-            record = json.loads(storage.read_text(storage.join(data_uri, "result.json")))
+            record = json.loads(storage.read_text(stage_layout.result))
         else:
-            state.event(train_name, "resumed" if node.get("status") == "started" else "started")
-            state.set(train_name, status="started")
-            record = train_stage(
-                recipe, stage, storage_uri=cfg.storage, run_id=cfg.run_id, data_uri=data_uri, init_from=previous,
-                tracking=tracking, parent_run_id=parent, max_failures=cfg.max_failures,
-                mixture_digest=state.node(pre_name).get("mixture_digest"),
-            )  # fmt: skip
-            state.set(train_name, status="completed", hf_uri=record["hf_uri"], checkpoint_uri=record["checkpoint_uri"],
-                      mlflow_run_id=record["mlflow_run_id"], init_from=previous)  # fmt: skip
-            state.event(train_name, "completed")
-            _record_node(tracker, train_name, "completed", record["hf_uri"])
-            if tracker.enabled:
-                tracker.log_metrics(
-                    {f"{stage.name}/final_loss": record["final_loss"] or 0.0}, step=len(records)
-                )
+            record = _train(recipe, stage, stage_layout, cfg, state, tracking, parent, init_from=previous)
         previous = record["hf_uri"]
         records.append(record)
+    return records, previous
 
-    summary = {"run_id": cfg.run_id, "recipe": recipe.name, "stages": records, "final_model": previous,
-               "mlflow_parent_run_id": parent, "state_uri": state.uri}  # fmt: skip
-    if tracker.enabled and records and not cfg.until_stage:
-        version = tracker.register_model(cfg.register_as or recipe.name, previous)
-        summary["registered_model"] = {"name": cfg.register_as or recipe.name, "version": version}
-        tracker.set_tags({"llava_ray.final_model": previous})
-    storage.write_text(storage.join(run_uri, "summary.json"), json.dumps(summary, indent=1))
-    return summary
+
+def _train(recipe, stage, stage_layout, cfg, state, tracking, parent, *, init_from) -> dict:
+    """One training node: its MLflow run is created (or, after an interruption, continued) first and
+    recorded, so that a resumed attempt logs into the same run."""
+    name, node = f"train:{stage.name}", state.node(f"train:{stage.name}")
+    resumed = node.get("status") == "started"
+    run_id = node.get("mlflow_run_id")
+    if parent.enabled and not run_id:
+        child = make_tracker(tracking)
+        run_id = child.start_run(stage.name, parent_run_id=parent.run_id,
+                                 tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": state.uri})  # fmt: skip
+    state.event(name, "resumed" if resumed else "started")
+    state.set(name, status="started", mlflow_run_id=run_id, init_from=init_from)
+    record = train_stage(recipe, stage, stage_layout, init_from=init_from, tracking=tracking,
+                         parent_run_id=parent.run_id, mlflow_run_id=run_id, max_failures=cfg.max_failures,
+                         data_mode=cfg.data_mode or stage.data_mode, step_hooks=cfg.step_hooks.get(stage.name, ()))  # fmt: skip
+    state.set(name, status="completed", hf_uri=record["hf_uri"], checkpoint_uri=record["checkpoint_uri"],
+              mlflow_run_id=record["mlflow_run_id"])  # fmt: skip
+    state.event(name, "completed")
+    parent.set_tags({f"node.{name}.status": "completed", f"node.{name}.output_uri": record["hf_uri"]})
+    parent.log_metrics({f"{stage.name}/final_loss": record["final_loss"] or 0.0})
+    return record
 
 
 def _previous_export(recipe: Recipe, cfg: PipelineConfig, state: RunState) -> str | None:

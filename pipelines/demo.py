@@ -26,13 +26,10 @@ def _first(records: list[dict], task: str) -> dict:
 
 
 def run_demo(out: str, num_cpus: int = 2) -> int:
-    import openai
     import ray
-    from ray import serve
 
-    from pipelines.dag import PipelineConfig, format_summary, run_pipeline
+    from pipelines.dag import PipelineConfig, run_pipeline
     from pipelines.recipes import ensure_demo_data
-    from serve.app import ServeConfig, build_app
 
     start = time.monotonic()
     out = os.path.abspath(out)
@@ -44,14 +41,24 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
                             tracking_uri=tracking, demo_dir=data)  # fmt: skip
     summary = run_pipeline(config)
     trained = time.monotonic() - start
+    answers = _ask_the_endpoint(summary["final_model"], data)
+    _report(summary, answers, out, tracking, trained, time.monotonic() - start)
+    storage.write_text(
+        os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
+    )
+    return 0
+
+
+def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:
+    """The final model on Ray Serve, asked one image and one video question with the official client."""
+    import openai
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
 
     port = _port(8000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app(ServeConfig(checkpoint=summary["final_model"], replica_cpus=0.5)),
-        name="llava",
-        route_prefix="/",
-    )
+    serve.run(build_app(ServeConfig(checkpoint=checkpoint, replica_cpus=0.5)), name="llava", route_prefix="/")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     records = [json.loads(line) for line in open(os.path.join(data, "eval.jsonl"))]
     image_q, video_q = _first(records, "color"), _first(records, "direction")
@@ -68,10 +75,17 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
             (record["id"], question.splitlines()[0], record["answer"], reply.choices[0].message.content)
         )
     serve.shutdown()
+    return answers
+
+
+def _report(
+    summary: dict, answers: list[tuple], out: str, tracking: str, trained: float, total: float
+) -> None:
+    from pipelines.dag import format_summary
 
     print("\n" + "=" * 100)
     print(
-        f"llava-ray demo: OneVision curriculum (tiny) in {trained / 60:.1f} min, total {(time.monotonic() - start) / 60:.1f} min"
+        f"llava-ray demo: OneVision curriculum (tiny) in {trained / 60:.1f} min, total {total / 60:.1f} min"
     )
     print(format_summary(summary))
     print(
@@ -92,10 +106,6 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     print('Query it:    curl -s http://127.0.0.1:8000/v1/chat/completions -H "content-type: application/json" \\\n'
           "               -d '{\"model\": \"llava-ray\", \"messages\": [{\"role\": \"user\", \"content\": \"What is two plus three?\"}]}'")  # fmt: skip
     print(f"Run state:   .venv/bin/llava-ray status demo --storage {os.path.join(out, 'runs')}")
-    storage.write_text(
-        os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
-    )
-    return 0
 
 
 def modality_table(stages: list[dict]) -> str:

@@ -17,11 +17,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.dataset as pads
-import ray
 
 from components import storage
 from components.manifest import Entry, load_mixture, mixture_manifest, resolve_mixture
+from pipelines.layout import StageLayout
 from pipelines.stages import (
     STAGES,
     WORK_SCHEMA,
@@ -78,12 +77,16 @@ def resolve_entries(config: PreprocessConfig) -> list[Entry]:
 
 
 def work_table(entries: list[Entry]) -> pa.Table:
+    """The entries as work rows; ``position``: each one's place in the mixture's (dataset, index) order, by
+    which the train stage deals rows to ranks (rank r trains on positions r, r+W, ...)."""
+    order = sorted(range(len(entries)), key=lambda i: (entries[i].dataset, entries[i].index))
+    position = {i: p for p, i in enumerate(order)}
     rows = []
-    for e in entries:
+    for i, e in enumerate(entries):
         rows.append({
-            "index": e.index, "sample_id": e.sample_id, "source": e.dataset, "record": e.record,
-            "media_root": e.media_root, "embedded_images": e.embedded_images,
-            "reject": _reject("read", "read_error", e.read_error) if e.read_error else None,
+            "index": e.index, "position": position[i], "sample_id": e.sample_id, "source": e.dataset,
+            "record": e.record, "media_root": e.media_root, "embedded_images": e.embedded_images,
+            "reject": _reject("read", e.read_error_kind, e.read_error) if e.read_error else None,
         })  # fmt: skip
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
@@ -102,17 +105,18 @@ def input_blocks(rows: int, config: PreprocessConfig) -> int:
     return max(1, min(n, rows, MAX_INPUT_BLOCKS))
 
 
-def build_dataset(
-    config: PreprocessConfig, rejects_uri: str, entries: list[Entry] | None = None
-) -> ray.data.Dataset:
+def build_dataset(config: PreprocessConfig, rejects_uri: str, entries: list[Entry] | None = None):
     """The streaming Dataset of output rows; rejects are written to ``rejects_uri`` as it runs."""
+    import ray
+
     if entries is None:
         entries = resolve_entries(config)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same seed, same order
     table = work_table(entries)
     n_blocks = input_blocks(len(entries), config)
     ds = ray.data.from_arrow([table.take(list(range(j, len(entries), n_blocks))) for j in range(n_blocks)])
+    ds.context.execution_options.preserve_order = (
+        True  # same seed, same order (this dataset, not the process's)
+    )
     pool = ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
     common = {"batch_format": "pyarrow", "batch_size": config.batch_size, "compute": pool}
     if config.fuse:
@@ -124,6 +128,19 @@ def build_dataset(
     for cls in STAGES:
         ds = ds.map_batches(cls, fn_constructor_args=(config.stage,), num_cpus=share, **common)
     return ds.map_batches(Emit, fn_constructor_args=(rejects_uri,), num_cpus=share, **common)
+
+
+def _preprocess_here(config: PreprocessConfig, entries: list[Entry], out: StageLayout) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    chain = Chain([cls(config.stage) for cls in STAGES], Emit(out.rejects))
+    table = work_table(entries)
+    parts = [chain(table.slice(i, config.batch_size)) for i in range(0, len(table), config.batch_size)]
+    buffer = io.BytesIO()
+    pq.write_table(pa.concat_tables(parts), buffer)
+    storage.write_bytes(storage.join(out.data, "part-00000.parquet"), buffer.getvalue())
 
 
 def summarize(entries: list[Entry], accepted: int, rejects_uri: str) -> dict:
@@ -149,10 +166,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def shards_dataset(uri: str) -> pads.Dataset:
+def shards_dataset(uri: str):
     """The Parquet shards under a directory URI (local or s3://), as one pyarrow dataset."""
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet")
+    return storage.parquet_dataset(uri)
 
 
 def count_rows(uri: str) -> int:
@@ -169,27 +185,31 @@ def modality_counts(uri: str) -> dict[str, int]:
     return dict(Counter(column.to_pylist()))
 
 
-def preprocess(config: PreprocessConfig, out_uri: str) -> dict:
-    """Write Parquet shards to ``<out>/data``, rejects to ``<out>/rejects``, plus mixture.json and summary.json."""
+def preprocess(config: PreprocessConfig, out: StageLayout | str, *, local: bool = False) -> dict:
+    """Parquet shards, rejects, the pinned mixture and a summary, where the stage's layout says (a URI: its
+    root): ``data/``, ``rejects/``, ``mixture.json``, ``summary.json``. ``local``: the same stages run in this
+    process, no Ray (small data, tests, a machine without Ray), one shard written."""
     start = time.monotonic()
+    out = out if isinstance(out, StageLayout) else StageLayout(storage.absolute(out))
     log.info("preprocess config: %s", json.dumps(asdict(config), default=str))
     entries = resolve_entries(config)
-    for sub in ("data", "rejects"):
-        storage.delete_dir(storage.join(out_uri, sub))  # a re-run replaces, never appends
-    storage.write_text(storage.join(out_uri, "mixture.json"), json.dumps(mixture_manifest(entries)))
-    rejects_uri = storage.join(out_uri, "rejects")
-    ds = build_dataset(config, rejects_uri, entries)
-    fs, data_path = storage.resolve(storage.join(out_uri, "data"))
-    ds.write_parquet(data_path, filesystem=fs)
-    summary = summarize(entries, count_rows(storage.join(out_uri, "data")), rejects_uri)
+    for uri in (out.data, out.rejects):
+        storage.delete_dir(uri)  # a re-run replaces, never appends
+    storage.write_text(out.mixture, json.dumps(mixture_manifest(entries)))
+    if local:
+        _preprocess_here(config, entries, out)
+    else:
+        fs, data_path = storage.resolve(out.data)
+        build_dataset(config, out.rejects, entries).write_parquet(data_path, filesystem=fs)
+    summary = summarize(entries, count_rows(out.data), out.rejects)
     summary["seconds"] = round(time.monotonic() - start, 2)
     summary["mixture_digest"] = mixture_manifest(entries)["digest"]
-    storage.write_text(storage.join(out_uri, "summary.json"), json.dumps(summary, indent=1))
+    storage.write_text(out.preprocess_summary, json.dumps(summary, indent=1))
     print(format_summary(summary))
     return summary
 
 
 def read_output(uri: str) -> list[dict]:
     """Every output row under ``<out>/data``, in the mixture's order."""
-    rows = shards_dataset(storage.join(uri, "data")).to_table().to_pylist()
+    rows = shards_dataset(StageLayout(storage.absolute(uri)).data).to_table().to_pylist()
     return sorted(rows, key=mixture_order)

@@ -20,7 +20,31 @@ from components.processor import ProcessorConfig, VideoSampling
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
 
-@dataclass
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA on the LLM (merged into the export)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not (isinstance(self.r, int) and self.r >= 1 and self.alpha > 0 and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"lora: expected r >= 1, alpha > 0, 0 <= dropout < 1, found {self!r}")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The held-out split evaluated after every stage."""
+
+    manifest: str | None = None
+    """A JSONL with ``task`` and ``answer`` fields (and ``probe_answer`` for the reversed-order probes)."""
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage of a curriculum."""
 
@@ -54,16 +78,32 @@ class StageSpec:
     """Overrides of the model's AnyResConfig for this stage (max_tiles: 5 for Stage-1.5, 10 for Stage-2)."""
     video_fps: float = 1.0
     max_frames: int = 32
-    lora: dict | None = None
-    """LoRA on the LLM: {r, alpha, dropout, target_modules}; None: full fine-tuning."""
+    lora: LoraSpec | None = None
+    """LoRA on the LLM ({r, alpha, dropout, target_modules} in YAML); None: full fine-tuning."""
     checkpoint_every: int = 50
     group_by_modality: bool = True
     group_steps: int = 8
     """Optimizer steps whose rows are grouped together by modality and length (a megabatch): 2% padding
     against 26% naive on the demo mix (benchmarks/padding.py)."""
+    activation_checkpointing: tuple[str, ...] = ()
+    """Parts whose activations are recomputed in the backward pass (language_model, vision_tower): on in the
+    full profiles (a 6,400-token Stage-2 sample keeps every layer's activations otherwise), off in tiny ones."""
+    data_mode: str = "auto"
+    """memory (every worker reads the shards once and keeps its rows), stream (Ray Data every epoch), or
+    auto (memory when the shards are under a tenth of the object store)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        object.__setattr__(self, "activation_checkpointing", tuple(self.activation_checkpointing))
+        if set(self.activation_checkpointing) - {"language_model", "vision_tower"}:
+            raise ValueError(f"stage {self.name}: activation_checkpointing: expected language_model and/or "
+                             f"vision_tower, found {list(self.activation_checkpointing)}")  # fmt: skip
+        if self.data_mode not in ("auto", "memory", "stream"):
+            raise ValueError(
+                f"stage {self.name}: data_mode: expected auto, memory or stream, found {self.data_mode!r}"
+            )
         unknown = set(self.trainable) - set(PARTS)
         if unknown or not self.trainable:
             raise ValueError(
@@ -94,6 +134,10 @@ class StageSpec:
         )
 
 
+class RecipeError(ValueError):
+    """A recipe, profile or stage that does not exist: the message names what was asked and what there is."""
+
+
 @dataclass
 class Recipe:
     name: str
@@ -105,15 +149,15 @@ class Recipe:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """CPUs per training worker; the tiny profiles use 0.5 so that Ray Data keeps a CPU to feed them."""
-    eval: dict = field(default_factory=dict)
-    """{manifest: path under data_root, max_new_tokens: N}: the held-out split for post-stage evaluation."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    """The held-out split for post-stage evaluation."""
 
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
             if s.name == name:
                 return s
-        raise KeyError(
-            f"recipe {self.name}: expected a stage in {[s.name for s in self.stages]}, found {name!r}"
+        raise RecipeError(
+            f"stage: expected a stage of recipe {self.name} ({', '.join(s.name for s in self.stages)}), found {name!r}"
         )
 
 
@@ -166,7 +210,7 @@ def recipe_path(name: str) -> str:
     path = os.path.join(RECIPES_DIR, f"{name}.yaml")
     if not os.path.exists(path):
         available = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
-        raise FileNotFoundError(f"recipe: expected one of {available} or a YAML path, found {name!r}")
+        raise RecipeError(f"--recipe: expected one of {available} or a YAML path, found {name!r}")
     return path
 
 
@@ -181,8 +225,8 @@ def load_recipe(
         raw = yaml.safe_load(f)
     profiles = raw.get("profiles", {})
     if profile not in profiles:
-        raise KeyError(
-            f"recipe {raw.get('name')}: expected a profile in {sorted(profiles)}, found {profile!r}"
+        raise RecipeError(
+            f"--profile: expected a profile of recipe {raw.get('name')} {sorted(profiles)}, found {profile!r}"
         )
     merged = _merge({k: v for k, v in raw.items() if k != "profiles"}, profiles[profile])
     root = data_root or merged.get("data_root", ".")
@@ -213,5 +257,5 @@ def load_recipe(
         workers=int(merged.get("workers", 2)),
         use_gpu=bool(merged.get("use_gpu", False)),
         cpus_per_worker=float(merged.get("cpus_per_worker", 1.0)),
-        eval=merged.get("eval", {}),
+        eval=EvalSpec(**merged.get("eval", {})),
     )

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import random
 from dataclasses import dataclass, field
 
@@ -28,9 +27,10 @@ from PIL import Image, UnidentifiedImageError
 
 from components import storage
 from components.conversation import SampleError, parse_sample
+from components.media import MediaError, MediaPolicy, deadline, read_media, resolve_media
 from components.model import ModelSpec, build_tokenizer
 from components.processor import LlavaProcessor, ProcessorConfig, media_inputs
-from components.video import VideoDecodeError, read_frames
+from components.video import VideoDecodeError, VideoTooLargeError, read_frames
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
@@ -39,6 +39,7 @@ UNSUPPORTED_FIELDS = ("audio", "audios", "pdf")
 WORK_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
+        ("position", pa.int64()),
         ("sample_id", pa.string()),
         ("source", pa.string()),
         ("record", pa.string()),
@@ -67,6 +68,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("sample_id", pa.string(), metadata={"doc": "the record's id"}),
         pa.field("source", pa.string(), metadata={"doc": "the dataset it came from"}),
         pa.field("index", pa.int64(), metadata={"doc": "position in its dataset file"}),
+        pa.field("position", pa.int64(), metadata={"doc": "place in the mixture's (source, index) order"}),
         pa.field("modality", pa.string(), metadata={"doc": "text, image, multi_image or video"}),
         pa.field(
             "input_ids", pa.list_(pa.int32()), metadata={"doc": "placeholders expanded to media tokens"}
@@ -97,12 +99,6 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-class MediaError(ValueError):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
 @dataclass
 class StageConfig:
     """What the stages need; resolved once on the driver and shipped to every worker."""
@@ -116,9 +112,13 @@ class StageConfig:
     """Share of media samples in the "in-the-front" layout (Interleave's format mix); the rest interleaved."""
     pixel_dtype: str = "uint8"
     """uint8 (4x smaller rows; normalized at collate) or float32."""
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    """Where media may be read from (the manifest's root, allowed roots) and what a sample may cost."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.media, dict):
+            self.media = MediaPolicy(**self.media)
         if isinstance(self.model, dict):
             self.model = ModelSpec(**self.model)
         if isinstance(self.processor, dict):
@@ -137,14 +137,17 @@ def _reject(step: str, error_type: str, message: str) -> str:
     return json.dumps({"step": step, "error_type": error_type, "message": message})
 
 
-def _classify(exc: Exception) -> str:
-    if isinstance(exc, SampleError):
-        return exc.kind
-    if isinstance(exc, MediaError):
-        return exc.kind
+def _classify(exc: Exception, sample_id: str) -> tuple[str, str]:
+    """(error type, message) of a failed row: ours as they are; anything else named by type only (a library's
+    own text may hold host paths or timestamps, and two runs must give the same rejects table)."""
+    if isinstance(exc, (SampleError, MediaError)):
+        return exc.kind, str(exc)[:1000]
     if isinstance(exc, VideoDecodeError):
-        return "corrupt_video"
-    return f"unexpected_{type(exc).__name__}"
+        return "corrupt_video", f"sample {sample_id!r}, field 'video': expected {exc.reason}"
+    return (
+        f"unexpected_{type(exc).__name__}",
+        f"sample {sample_id!r}: expected to be processed, found {type(exc).__name__}",
+    )
 
 
 class Stage:
@@ -175,9 +178,10 @@ class Stage:
         for row in rows:
             if not row.get("reject"):
                 try:
-                    row = self.process_row(row)
+                    with deadline(self.config.media.decode_deadline_s, row["sample_id"]):
+                        row = self.process_row(row)
                 except Exception as exc:  # every failure becomes a recorded reject, never a crash
-                    row["reject"] = _reject(self.name, _classify(exc), str(exc)[:1000])
+                    row["reject"] = _reject(self.name, *_classify(exc, row["sample_id"]))
             out.append(row)
         return out
 
@@ -190,7 +194,8 @@ def _extension(path: str) -> str:
 
 
 class LoadMedia(Stage):
-    """Parse the record, check media types, read the media bytes (embedded, local, or s3://)."""
+    """Parse the record, check media types and counts, read the media bytes (embedded, local, or s3://)
+    from inside the media root or an allowed root only (components/media.py)."""
 
     name = "load"
 
@@ -203,42 +208,43 @@ class LoadMedia(Stage):
         for key in UNSUPPORTED_FIELDS:
             if isinstance(record, dict) and record.get(key):
                 raise MediaError(
-                    "unsupported_media", f"sample {row['sample_id']!r}, field {key!r}: not supported"
+                    "unsupported_media",
+                    f"sample {row['sample_id']!r}, field {key!r}: expected images or a video, found {key}",
                 )
-        sample = parse_sample(record, source=row["source"])
+        sample = parse_sample(record, source=row["source"], default_id=row["sample_id"])
+        policy = self.config.media
+        if len(sample.images) > policy.max_images:
+            raise MediaError("too_many_images", f"sample {sample.id!r}, field 'image': expected at most "
+                                                f"{policy.max_images} images, found {len(sample.images)}")  # fmt: skip
         row["modality"] = sample.modality
         embedded = row.get("embedded_images") or []
         if embedded:
             row["image_data"] = list(embedded)
         else:
-            row["image_data"] = [self._read(row, "image", p, IMAGE_EXTENSIONS) for p in sample.images]
+            row["image_data"] = [
+                self._read(row, f"image[{i}]", p, IMAGE_EXTENSIONS, policy.max_image_bytes)
+                for i, p in enumerate(sample.images)
+            ]
         if sample.video is not None:
-            row["video_data"] = self._read(row, "video", sample.video, VIDEO_EXTENSIONS)
+            row["video_data"] = self._read(
+                row, "video", sample.video, VIDEO_EXTENSIONS, policy.max_video_bytes
+            )
         row["embedded_images"] = []
         return row
 
-    def _read(self, row: dict, field_name: str, path: str, allowed: set[str]) -> bytes:
+    def _read(self, row: dict, field_name: str, path: str, allowed: set[str], max_bytes: int) -> bytes:
+        sid = row["sample_id"]
         ext = _extension(path)
         if ext not in allowed:
             raise MediaError(
                 "unsupported_media",
-                f"sample {row['sample_id']!r}, field {field_name!r}: expected one of {sorted(allowed)}, "
-                f"found {path!r}",
+                f"sample {sid!r}, field {field_name!r}: expected one of {sorted(allowed)}, found {path[:80]!r}",
             )
-        uri = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(row["media_root"], path)
-        try:
-            data = storage.read_bytes(uri)
-        except (storage.StorageError, OSError) as e:
-            raise MediaError(
-                "missing_media",
-                f"sample {row['sample_id']!r}, field {field_name!r}: expected a readable file, found none at "
-                f"{posixpath.basename(uri)} ({type(e).__name__})",
-            ) from e
+        uri = resolve_media(path, row["media_root"], self.config.media, sample_id=sid, field=field_name)
+        data = read_media(uri, max_bytes, sample_id=sid, field=field_name, shown=path)
         if not data:
             kind = "corrupt_video" if field_name == "video" else "corrupt_image"
-            raise MediaError(
-                kind, f"sample {row['sample_id']!r}, field {field_name!r}: expected bytes, found 0 bytes"
-            )
+            raise MediaError(kind, f"sample {sid!r}, field {field_name!r}: expected bytes, found 0 bytes")
         return data
 
 
@@ -252,13 +258,15 @@ class DecodeVideo(Stage):
             return row
         video = self.config.processor.video  # the sampling the checkpoint records and serving repeats
         try:
-            clip = read_frames(
-                row["video_data"], fps=video.fps, max_frames=video.max_frames, force_uniform=video.uniform
-            )
-        except VideoDecodeError as e:
-            video = json.loads(row["record"]).get("video")
+            clip = read_frames(row["video_data"], fps=video.fps, max_frames=video.max_frames,
+                               force_uniform=video.uniform, max_pixels=self.config.media.max_video_pixels)  # fmt: skip
+        except VideoTooLargeError as e:
             raise MediaError(
-                "corrupt_video", f"sample {row['sample_id']!r}, field 'video' ({video}): {e.reason}"
+                "too_large", f"sample {row['sample_id']!r}, field 'video': expected {e.reason}"
+            ) from e
+        except VideoDecodeError as e:
+            raise MediaError(
+                "corrupt_video", f"sample {row['sample_id']!r}, field 'video': expected {e.reason}"
             ) from e
         row["frames"] = clip.frames.tobytes()
         row["frames_shape"] = list(clip.frames.shape)
@@ -294,9 +302,8 @@ class TileMedia(Stage):
             except (OSError, SyntaxError) as e:
                 for i, data in enumerate(row["image_data"]):  # which one: decode each in full
                     self._open(row, i, data)
-                raise MediaError(
-                    "corrupt_image", f"sample {row['sample_id']!r}, field 'image': {type(e).__name__}: {e}"
-                ) from e
+                raise MediaError("corrupt_image", f"sample {row['sample_id']!r}, field 'image': expected "
+                                                  f"decodable images, found {type(e).__name__}") from e  # fmt: skip
             row["image_data"] = []
         if media.pixel_values is not None:
             row["pixel_values"] = np.ascontiguousarray(media.pixel_values).tobytes()
@@ -308,18 +315,28 @@ class TileMedia(Stage):
         row["media_tokens"] = media.token_counts
         return row
 
-    @staticmethod
-    def _open(row: dict, i: int, data: bytes, jpeg_draft: bool = False) -> Image.Image:
+    def _open(self, row: dict, i: int, data: bytes, jpeg_draft: bool = False) -> Image.Image:
+        """The image, its size checked against the budget from its header, before it is decoded."""
+        where = f"sample {row['sample_id']!r}, field 'image[{i}]'"
+        budget = self.config.media.max_image_pixels
         try:
             image = Image.open(io.BytesIO(data))
+            if image.width * image.height > budget:
+                raise MediaError(
+                    "too_large",
+                    f"{where}: expected at most {budget} pixels, found {image.width}x{image.height}",
+                )
             if not (jpeg_draft and image.format == "JPEG"):  # a draft must come before decoding
                 image.load()
             return image
+        except Image.DecompressionBombError as e:  # past Pillow's own limit: refused at open
+            raise MediaError("too_large", f"{where}: expected at most {budget} pixels, found far more") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            if isinstance(e, MediaError):
+                raise
             raise MediaError(
                 "corrupt_image",
-                f"sample {row['sample_id']!r}, field 'image[{i}]': expected a decodable image, "
-                f"found {len(data)} bytes that are not one ({type(e).__name__})",
+                f"{where}: expected a decodable image, found {len(data)} bytes that are not one ({type(e).__name__})",
             ) from e
 
 
@@ -338,7 +355,7 @@ class Tokenize(Stage):
         return "front" if draw < self.config.front_fraction else "interleaved"
 
     def process_row(self, row: dict) -> dict:
-        sample = parse_sample(json.loads(row["record"]), source=row["source"])
+        sample = parse_sample(json.loads(row["record"]), source=row["source"], default_id=row["sample_id"])
         layout = self.layout_for(sample.id, sample.num_media > 0)
         ids = self.processor.tokenize(
             sample, list(row.get("media_tokens") or []), layout=layout, max_length=self.config.max_length
@@ -387,6 +404,7 @@ def output_row(row: dict) -> dict:
         "sample_id": row["sample_id"],
         "source": row["source"],
         "index": row["index"],
+        "position": row["position"],
         "modality": modality,
         "input_ids": row["input_ids"],
         "labels": row["labels"],

@@ -1,122 +1,152 @@
-"""One curriculum stage on Ray Train + DeepSpeed, from one stage config.
+"""One curriculum stage on Ray Train + DeepSpeed, as a recipe with seams.
 
     llava-ray stage stage1 --recipe llava_onevision --profile tiny --storage runs --run-id demo
 
-Reads top to bottom: ``train_stage`` (driver) sizes the run from the preprocessed shards and starts a
-TorchTrainer; ``train_loop`` (every worker) builds the model from the previous stage's HF export,
-sets the trainable parts and LR groups, wraps it in DeepSpeed, iterates its Ray Data shard in
-modality-grouped micro-batches, checkpoints every N steps (every rank saves its shard, then
-``ray.train.report``), resumes from ``ray.train.get_checkpoint()``, and finally exports an HF
-checkpoint (safetensors) to ``<storage>/<run>/<stage>/hf``.
+Reads top to bottom. The driver (``train_stage``) plans the stage once (``plan_stage``: a frozen, typed
+``StagePlan``, logged and tracked), starts one TorchTrainer, then evaluates the export and closes the
+stage's MLflow run. Every worker runs ``train_loop``: a ``StageRecipe`` with one method per seam
+(setup_model, setup_optimizer, setup_data, resume, train_step, save_checkpoint, export) and ``train``,
+which calls them in order. A ``StepSource`` hides where rows come from: read once and kept in memory
+(small data), or streamed through Ray Data every epoch (large data); both give each rank the same rows in
+the same order on every attempt, so a resumed stage sees exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from components import storage
 from components.model import ModelSpec
+from components.processor import ProcessorConfig
 from components.tracking import TrackingConfig
+from pipelines.layout import StageLayout
 from pipelines.recipes import Recipe, StageSpec
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "LLAVA_RAY_FAULT_AT_STEP"
-"""Fault injection for tests: "[STAGE:]STEP:RANK:MARKER" kills that rank once, at that step of that stage
-(of any stage without STAGE); the marker file records that it happened."""
+DATA_MODES = ("auto", "memory", "stream")
+SMALL_DATA_SHARE = 0.1
+"""In ``auto`` mode, shards smaller than this share of the object store are read into memory."""
+
+StepHook = Callable[[int, int], None]
+"""Called on every rank after each optimizer step (and its checkpoint, when one is due): hook(step, rank)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
-    """Everything a worker needs, resolved on the driver (logged first, shipped as a dict)."""
+    """Everything a worker needs, resolved once on the driver; nothing changes it afterwards."""
 
-    stage: dict
-    model: dict
-    processor: dict
-    """The stage's ProcessorConfig: template, AnyRes grid, video sampling (the export records it)."""
+    stage: StageSpec
+    model: ModelSpec
+    processor: ProcessorConfig
+    """This stage's processor: template, AnyRes grid, video sampling (its export records it)."""
+    layout: StageLayout
     init_from: str | None
     """The previous stage's HF export; None: build the base models (Stage-1)."""
-    export_uri: str
     workers: int
     micro_batch: int
     grad_accum: int
+    rows_per_rank: int
+    """Rows each rank trains on per epoch: ranks keep rows at positions rank, rank+W, ... (equal counts)."""
     steps_per_epoch: int
     total_steps: int
-    use_gpu: bool = False
-    tracking: dict = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    fault: str | None = None
-    torch_threads: int = 1
-    has_video: bool = False
+    data_mode: str
+    """memory (read once, kept) or stream (Ray Data every epoch)."""
+    has_video: bool
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
-    shards_uri: str | None = None
-    """Small data only: the Parquet shards preprocessing wrote (``<data>/data``). Each rank reads them
-    once and keeps its rows in memory for every epoch (``_own_rows``, reshuffled each epoch; no Ray Data
-    restart, which stalls every rank at each epoch boundary). None: the rows stream from Ray Data, split
-    between the workers."""
-    history_uri: str | None = None
-    """Rank 0 writes the per-step metrics here at every checkpoint (the loss curve's source)."""
-
-    @property
-    def keep_shard(self) -> bool:
-        return self.shards_uri is not None
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 1
+    tracking: TrackingConfig | None = None
+    mlflow_run_id: str | None = None
+    step_hooks: tuple[StepHook, ...] = ()
 
     @property
     def window(self) -> int:
         """Rows grouped together before they are cut into steps: ``group_steps`` optimizer steps' worth."""
-        return self.micro_batch * self.grad_accum * self.stage["group_steps"]
+        return self.micro_batch * self.grad_accum * self.stage.group_steps
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def resolved(self) -> dict:
+        """The plan as data (logged first, and an artifact of the stage's run)."""
+        out = asdict(replace(self, step_hooks=()))
+        out["step_hooks"] = [type(h).__name__ for h in self.step_hooks]
+        out["deepspeed"] = deepspeed_config(self)
+        return out
 
 
-def plan_stage(
-    recipe: Recipe, stage: StageSpec, rows: int, *, init_from: str | None, export_uri: str
-) -> StagePlan:
-    """Gradient accumulation to reach the global batch, and the exact step count."""
-    workers = recipe.workers
-    micro = stage.micro_batch
+def rank_counts(positions: Iterable[int], world: int) -> list[int]:
+    counts = [0] * world
+    for p in positions:
+        counts[p % world] += 1
+    return counts
+
+
+def plan_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, positions: list[int], *, has_video: bool,
+               init_from: str | None, data_mode: str = "auto", tracking: TrackingConfig | None = None,
+               mlflow_run_id: str | None = None, step_hooks: tuple[StepHook, ...] = ()) -> StagePlan:  # fmt: skip
+    """Gradient accumulation to reach the global batch, each rank's rows, and the exact step count."""
+    workers, micro = recipe.workers, stage.micro_batch
     accum = max(1, stage.global_batch // (micro * workers))
-    rows_per_step = micro * accum
-    steps_per_epoch = (rows // workers) // rows_per_step
+    rows_per_rank = min(rank_counts(positions, workers))
+    steps_per_epoch = rows_per_rank // (micro * accum)
     if steps_per_epoch < 1:
         raise ValueError(
-            f"stage {stage.name}: expected at least {rows_per_step * workers} rows for one step "
-            f"({workers} workers x {micro} micro-batch x {accum} accumulation), found {rows}"
+            f"stage {stage.name}: expected at least {micro * accum * workers} rows for one step "
+            f"({workers} workers x {micro} micro-batch x {accum} accumulation), found {len(positions)}"
         )
-    total = stage.max_steps or steps_per_epoch * stage.epochs
-    model = asdict(recipe.model)
-    model["anyres"] = asdict(stage.anyres_config(recipe.model.anyres))
-    model.pop("tokenizer_corpus", None)
-    processor = stage.processor_config(recipe.model).to_dict()
+    if data_mode not in DATA_MODES:
+        raise ValueError(f"stage {stage.name}: data_mode: expected one of {DATA_MODES}, found {data_mode!r}")
+    if data_mode == "auto":
+        data_mode = "memory" if _small(storage.dir_bytes(layout.data)) else "stream"
     return StagePlan(
-        stage=asdict(stage), model=model, processor=processor, init_from=init_from, export_uri=export_uri, workers=workers,
-        micro_batch=micro, grad_accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total,
-        use_gpu=recipe.use_gpu, torch_threads=max(1, int(recipe.cpus_per_worker)),
+        stage=stage, model=recipe.model, processor=stage.processor_config(recipe.model), layout=layout,
+        init_from=init_from, workers=workers, micro_batch=micro, grad_accum=accum, rows_per_rank=rows_per_rank,
+        steps_per_epoch=steps_per_epoch, total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
+        data_mode=data_mode, has_video=has_video, use_gpu=recipe.use_gpu, cpus_per_worker=recipe.cpus_per_worker,
+        torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking, mlflow_run_id=mlflow_run_id,
+        step_hooks=tuple(step_hooks),
     )  # fmt: skip
+
+
+def _small(nbytes: int) -> bool:
+    """Small data is read by every worker straight from storage, once, and kept for every epoch: no Ray Data
+    pipeline to start (seconds per stage), and no epoch restarts the reads. Large data streams from storage
+    through Ray Data every epoch."""
+    import ray
+
+    return nbytes <= ray.cluster_resources().get("object_store_memory", 0) * SMALL_DATA_SHARE
 
 
 def deepspeed_config(plan: StagePlan) -> dict:
     stage = plan.stage
-    zero: dict = {"stage": stage["zero_stage"]}
-    if stage["zero_stage"] >= 2 and not plan.use_gpu:
+    zero: dict = {"stage": stage.zero_stage}
+    if stage.zero_stage >= 2 and not plan.use_gpu:
         # the contiguous gradient buffer fights GPU memory fragmentation; on CPU it only adds a copy of
         # every gradient per step (~8% of a tiny model's step, benchmarks/train_overhead.py)
         zero["contiguous_gradients"] = False
-    if stage["offload"]:
+    if stage.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if stage["zero_stage"] == 3:
+    if stage.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
     return {
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.micro_batch * plan.grad_accum * plan.workers,
-        "gradient_clipping": stage["grad_clip"],
+        "gradient_clipping": stage.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": plan.use_gpu},
         "fp16": {"enabled": False},
@@ -134,259 +164,342 @@ def cosine_with_warmup(step: int, total: int, warmup_ratio: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---- the worker side -------------------------------------------------------------------------
+# ---- where a rank's rows come from --------------------------------------------------------------
 
 
-def _build(plan: StagePlan):
-    """(spec, model, processor) of the stage: the previous stage's export (or the base models), prompted
-    with this stage's processor (template, AnyRes grid, video sampling)."""
-    from components.model import build_model, load_model
-    from components.processor import LlavaProcessor, ProcessorConfig
-
-    spec = ModelSpec(**plan.model)
-    model, processor = load_model(plan.init_from) if plan.init_from else build_model(spec)
-    stage_config = ProcessorConfig(**plan.processor)
-    if processor.config.arch != stage_config.arch:
-        source = plan.init_from or spec.checkpoint
-        raise ValueError(
-            f"{source}: expected a {stage_config.arch} checkpoint (the recipe's arch), found {processor.config.arch}"
-        )
-    processor = LlavaProcessor(stage_config, processor.tokenizer)
-    # this stage's AnyRes grid (Stage-1.5: up to 729 x 5, Stage-2: 729 x 10) lives in the model's config
-    processor.arch.set_stage_config(model.config, processor.anyres)
-    return spec, model, processor
-
-
-def _batch_maker(filler, processor, engine) -> Callable[[list[dict]], dict]:
-    """Rows of one micro-batch -> the model's inputs: media filled in, collated, and on the engine's
-    device in the dtype it trains in (DeepSpeed's: bf16 on GPU, fp32 on CPU; Ray Train picked the
-    worker's GPU and DeepSpeed moved the weights there)."""
-    from components.batching import to_device
-
-    device, dtype = engine.device, engine.get_data_types()[0]
-    return lambda micro: to_device(processor.collate(filler(micro)), device, dtype)
-
-
-def _apply_lora(model, lora: dict):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.get("r", 8),
-        lora_alpha=lora.get("alpha", 16),
-        lora_dropout=lora.get("dropout", 0.0),
-        target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    )
-    model.model.language_model = get_peft_model(model.model.language_model, config)
-
-
-def _steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[list[dict]]]:
+def steps_of(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[list[dict]]]:
     """Window ``w`` of an epoch's rows -> optimizer steps of ``grad_accum`` micro-batches. Grouped
-    (group_by_modality): the whole window is sorted by (modality, frames, length) before it is cut (LLaVA's
-    megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in a random
-    order seeded by the stage seed, the epoch and the window."""
-    import random
-
+    (group_by_modality): the window is sorted by (modality, frames, length) before it is cut (LLaVA's
+    megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in an order
+    seeded by the stage seed, the epoch and the window."""
     from components.batching import group_rows
 
-    group, seed = plan.stage["group_by_modality"], plan.stage["seed"] + 1000 * epoch + w
-
-    n_steps = len(rows) // (plan.micro_batch * plan.grad_accum)
-    rows = rows[: n_steps * plan.micro_batch * plan.grad_accum]
+    n_steps = len(rows) // plan.rows_per_step
+    rows = rows[: n_steps * plan.rows_per_step]
     count = n_steps * plan.grad_accum
-    if group:
+    if plan.stage.group_by_modality:
         micro = group_rows(rows, plan.micro_batch, count)
-        random.Random(seed).shuffle(micro)
+        random.Random(plan.stage.seed + 1000 * epoch + w).shuffle(micro)
     else:
         micro = [rows[i * plan.micro_batch : (i + 1) * plan.micro_batch] for i in range(count)]
     return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
 
 
-def shard_batches(uri: str):
+def shard_batches(uri: str, columns: list[str] | None = None):
     """Record batches of the Parquet shards under a URI (local or s3://), read with pyarrow."""
     from pipelines.preprocess import shards_dataset
 
-    return shards_dataset(uri).to_batches(batch_size=1024)
+    return shards_dataset(uri).to_batches(batch_size=1024, columns=columns)
 
 
-def _own_rows(batches: Callable[[], Iterable], rank: int, world: int) -> list[dict]:
-    """Small data (``keep_shard``): every worker reads the shards (``batches()``: Arrow record batches)
-    twice, once for the row keys, once for its rows, and keeps rows rank, rank+W, ... of the mixture's
-    order, (source, index). That order, not the order of the stored files (which depends on how
-    preprocessing's tasks finished), makes a run reproducible; interleaving gives every rank the same mix
-    of datasets and modalities (a mixture lists its datasets one after the other)."""
-    from pipelines.stages import mixture_order
-
-    def batches_with_keys():
-        for batch in batches():
-            yield batch, [mixture_order(r) for r in batch.select(["source", "index"]).to_pylist()]
-
-    keys = [key for _, batch_keys in batches_with_keys() for key in batch_keys]
-    share = len(keys) // world  # the same count on every rank
-    wanted = set(sorted(keys)[rank::world][:share])
+def own_rows(batches: Callable[[], Iterable], rank: int, world: int, count: int) -> list[dict]:
+    """Small data: a rank's rows, those at positions rank, rank+W, ... of the mixture (the ``position``
+    preprocessing wrote: the order of (dataset, index), whatever order its tasks wrote the files in), in
+    that order, the first ``count``. Every rank gets the same mix of a mixture's datasets."""
     mine = []
-    for batch, batch_keys in batches_with_keys():
-        take = [i for i, key in enumerate(batch_keys) if key in wanted]
-        if take:
-            mine.extend(batch.take(take).to_pylist())
-    return sorted(mine, key=mixture_order)[:share]
+    for batch in batches():
+        keep = [i for i, p in enumerate(batch.column("position").to_pylist()) if p % world == rank]
+        if keep:
+            mine.extend(batch.take(keep).to_pylist())
+    return sorted(mine, key=lambda r: r["position"])[:count]
 
 
-def epoch_windows(rows: list[dict], plan: StagePlan, epoch: int, rank: int) -> list[list[dict]]:
-    """A rank's kept rows for one epoch: reshuffled every epoch (seeded by the stage seed, the epoch and
-    the rank, so a resumed attempt sees the same windows), then cut into windows."""
-    import random
+class InMemorySteps:
+    """Small data: every rank reads the shards once and keeps its rows; each epoch reshuffles them (seeded
+    by the stage seed, the epoch and the rank, so a resumed attempt sees the same windows)."""
 
-    rows = list(rows)
-    random.Random(f"{plan.stage['seed']}:{epoch}:{rank}").shuffle(rows)
-    return [rows[i : i + plan.window] for i in range(0, len(rows), plan.window)]
+    def __init__(self, plan: StagePlan, rank: int, world: int):
+        self.plan, self.rank = plan, rank
+        self.rows = own_rows(lambda: shard_batches(plan.layout.data), rank, world, plan.rows_per_rank)
+
+    def epoch(self, epoch: int) -> Iterator[list[list[dict]]]:
+        rows = list(self.rows)
+        random.Random(f"{self.plan.stage.seed}:{epoch}:{self.rank}").shuffle(rows)
+        windows = [rows[i : i + self.plan.window] for i in range(0, len(rows), self.plan.window)]
+        for w, window in enumerate(windows):
+            yield from steps_of(window, self.plan, epoch, w)
 
 
-def _export(engine, model, processor, plan: StagePlan, rank: int) -> None:
-    """Gather full weights (ZeRO-3 shards them), merge LoRA, and save an HF checkpoint from rank 0."""
-    import deepspeed
-    import torch
-    from safetensors.torch import save as save_tensors
+class StreamedSteps:
+    """Large data: each epoch streams the shards through Ray Data; this rank keeps the rows at its positions
+    (rank, rank+W, ...), in the shards' order (files by name, rows as written), the first rows_per_rank.
+    The same rows in the same order on every attempt: a resume skips exactly the steps it has done."""
 
-    from components.batching import to_device
-    from components.model import save_model
+    def __init__(self, plan: StagePlan, rank: int, world: int):
+        self.plan, self.rank, self.world = plan, rank, world
 
-    spec = ModelSpec(**plan.model)
-    processor = processor.replace(template=spec.template)  # the export is prompted conversationally
-    probe = processor.probe_batch()
-    model.eval()
-    with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
-        logits = model(**to_device(probe, engine.device, engine.get_data_types()[0])).logits.float().cpu()
-    if rank == 0 and plan.history_uri:
-        probe_uri = storage.join(plan.history_uri.rsplit("/", 1)[0], "probe_logits.safetensors")
-        storage.write_bytes(probe_uri, save_tensors({"logits": logits.contiguous()}))
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=plan.stage["zero_stage"] == 3):
-        if rank == 0:
-            state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
-    if rank == 0:
-        export = _build(plan)[1]
-        if plan.stage.get("lora"):
-            _apply_lora(export, plan.stage["lora"])
-        export.load_state_dict(state, strict=True)
-        if plan.stage.get("lora"):
-            export.model.language_model = export.model.language_model.merge_and_unload()
-        export.to(torch.float32)
-        save_model(export, processor, plan.export_uri)
-    torch.distributed.barrier()
+    def epoch(self, epoch: int) -> Iterator[list[list[dict]]]:
+        import numpy as np
+        import ray
+
+        fs, path = storage.resolve(self.plan.layout.data)
+        rank, world = self.rank, self.world
+        ds = ray.data.read_parquet(path, filesystem=fs, shuffle=None)
+        ds.context.execution_options.preserve_order = True  # this dataset only, not the process's context
+        mine = ds.map_batches(
+            lambda t: t.filter(np.asarray(t.column("position")) % world == rank), batch_format="pyarrow"
+        )
+        left = self.plan.rows_per_rank
+        for w, batch in enumerate(mine.iter_batches(batch_size=self.plan.window, batch_format="pyarrow")):
+            rows = batch.to_pylist()[:left]
+            left -= len(rows)
+            yield from steps_of(rows, self.plan, epoch, w)
+            if left <= 0:
+                return
+
+
+# ---- the worker side ----------------------------------------------------------------------------
+
+
+class RayTrainContext:
+    """The recipe's view of Ray Train: rank, world, the checkpoint to resume from, and reports."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @contextlib.contextmanager
+    def resume_dir(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, directory: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class LocalContext:
+    """One process and no Ray (tests, the GPU machine): checkpoints go to ``root/<step>``, the newest
+    is resumed from."""
+
+    def __init__(self, root: str, rank: int = 0, world: int = 1):
+        self.root, self.rank, self.world = root, rank, world
+
+    @contextlib.contextmanager
+    def resume_dir(self):
+        done = sorted(int(d) for d in os.listdir(self.root)) if os.path.isdir(self.root) else []
+        yield os.path.join(self.root, str(done[-1])) if done else None
+
+    def report(self, metrics: dict, directory: str) -> None:
+        import shutil
+
+        shutil.copytree(directory, os.path.join(self.root, str(metrics["step"])))
+
+
+class StageRecipe:
+    """One stage on one rank, seam by seam; ``train`` reads top to bottom."""
+
+    def __init__(self, plan: StagePlan, context):
+        self.plan, self.context = plan, context
+        self.rank, self.world = context.rank, context.world
+
+    def train(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.plan.torch_threads)
+        torch.manual_seed(self.plan.stage.seed + self.rank)
+        model, processor = self.setup_model()
+        engine, optimizer = self.setup_optimizer(model)
+        source = self.setup_data()
+        step = self.resume(engine)
+        attempt = self.setup_step(engine, optimizer, processor, start_step=step)
+        tracker, history = self.tracker(), []
+        while step < self.plan.total_steps:
+            epoch, done = divmod(step, self.plan.steps_per_epoch)
+            steps = iter(source.epoch(epoch))
+            for _ in range(done):  # a resumed epoch: skip what the interrupted attempt trained on
+                next(steps)
+            last_end = time.perf_counter()
+            for micro_batches in steps:
+                waited = time.perf_counter() - last_end
+                step, metrics = attempt.train_step(micro_batches, step, waited, last_end)
+                history.append(metrics)
+                tracker.log_metrics(_loggable(metrics), step=step)
+                if step % self.plan.stage.checkpoint_every == 0 or step == self.plan.total_steps:
+                    self.save_checkpoint(engine, step, metrics, history)
+                    history = []
+                for hook in self.plan.step_hooks:
+                    hook(step, self.rank)
+                last_end = time.perf_counter()
+                if step == self.plan.total_steps or step % self.plan.steps_per_epoch == 0:
+                    break
+        self.export(engine, processor)
+
+    def setup_model(self):
+        """(model, processor): the previous stage's export (or the base models) prompted with this stage's
+        processor, its AnyRes grid in the config, LoRA applied, the stage's parts trainable."""
+        from components.model import build_model, enable_activation_checkpointing, load_model, set_trainable
+        from components.processor import LlavaProcessor
+
+        plan = self.plan
+        model, processor = load_model(plan.init_from) if plan.init_from else build_model(plan.model)
+        if processor.config.arch != plan.processor.arch:
+            raise ValueError(f"{plan.init_from or plan.model.checkpoint}: expected a {plan.processor.arch} "
+                             f"checkpoint (the recipe's arch), found {processor.config.arch}")  # fmt: skip
+        processor = LlavaProcessor(plan.processor, processor.tokenizer)
+        processor.arch.set_stage_config(model.config, processor.anyres)  # Stage-1.5: 729 x 5, Stage-2: x 10
+        if plan.stage.lora:
+            apply_lora(model, plan.stage.lora)
+        set_trainable(model, plan.stage.trainable)
+        if plan.stage.lora:  # LoRA: only the adapters of the LLM train, beside the other trainable parts
+            for name, p in model.model.language_model.named_parameters():
+                p.requires_grad_("lora_" in name)
+        enable_activation_checkpointing(model, plan.stage.activation_checkpointing)
+        return model, processor
+
+    def setup_optimizer(self, model):
+        """DeepSpeed around the model, AdamW over one group per (LR, decay), the cosine schedule; every
+        trainable parameter must be in exactly one group (checked)."""
+        import deepspeed
+        import torch
+
+        from components.model import param_groups
+
+        stage = self.plan.stage
+        groups = param_groups(model, stage.lr, vision_lr=stage.vision_lr, projector_lr=stage.projector_lr,
+                              weight_decay=stage.weight_decay)  # fmt: skip
+        grouped = [p for g in groups for p in g["params"]]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if len(grouped) != len({id(p) for p in grouped}) or {id(p) for p in grouped} != {
+            id(p) for p in trainable
+        }:
+            raise RuntimeError(f"optimizer groups: expected each of {len(trainable)} trainable parameters once, "
+                               f"found {len(grouped)} in groups ({len({id(p) for p in grouped})} distinct)")  # fmt: skip
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        total, warmup = self.plan.total_steps, stage.warmup_ratio
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_with_warmup(s, total, warmup)
+        )
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(self.plan)
+        )
+        return engine, optimizer
+
+    def setup_data(self):
+        source = InMemorySteps if self.plan.data_mode == "memory" else StreamedSteps
+        return source(self.plan, self.rank, self.world)
+
+    def resume(self, engine) -> int:
+        """The step of the newest checkpoint (0 without one), weights, optimizer and schedule restored."""
+        with self.context.resume_dir() as d:
+            if d is None:
+                return 0
+            _, client = engine.load_checkpoint(d)  # the tag named in its "latest" file
+        step = int(client["step"])
+        if self.rank == 0:
+            print(f"resumed from checkpoint at step {step}")
+        return step
+
+    def setup_step(self, engine, optimizer, processor, start_step: int) -> _Attempt:
+        from components.batching import to_device
+        from components.generation import MediaFiller
+        from components.model import group_of
+
+        filler = MediaFiller(processor, with_video=self.plan.has_video)
+        device, dtype = engine.device, engine.get_data_types()[0]  # bf16 on GPU, fp32 on CPU
+
+        def make_batch(micro: list[dict]) -> dict:
+            return to_device(processor.collate(filler(micro)), device, dtype)
+
+        main = group_of(optimizer.param_groups, "language_model") or group_of(
+            optimizer.param_groups, "multi_modal_projector"
+        )
+        vision = group_of(optimizer.param_groups, "vision_tower")
+        return _Attempt(engine, make_batch, self.world, main, vision, start_step)
+
+    def tracker(self):
+        from components.tracking import make_tracker
+
+        return make_tracker(self.plan.tracking, rank=self.rank, run_id=self.plan.mlflow_run_id)
+
+    def save_checkpoint(self, engine, step: int, metrics: dict, history: list[dict]) -> None:
+        """Every rank saves its shard; rank 0 writes the steps since the last checkpoint to the history."""
+        if self.rank == 0:
+            storage.write_text(
+                storage.join(self.plan.layout.history, f"{step:07d}.json"), json.dumps(history)
+            )
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
+            self.context.report(metrics, d)
+
+    def export(self, engine, processor) -> None:
+        """Gather full weights (ZeRO-3 shards them), merge LoRA, save an HF checkpoint from rank 0 with the
+        stage's processor (prompted with the model's conversational template), and the probe logits the
+        training model gives, which the export must reproduce."""
+        import deepspeed
+        import torch
+        from safetensors.torch import save as save_tensors
+
+        from components.batching import to_device
+        from components.model import save_model
+
+        plan, model = self.plan, engine.module
+        processor = processor.replace(template=plan.model.template)
+        model.eval()
+        with torch.no_grad():  # every rank runs the same probe forward (ZeRO-3 gathers collectively)
+            probe = to_device(processor.probe_batch(), engine.device, engine.get_data_types()[0])
+            logits = model(**probe).logits.float().cpu()
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(
+            params, modifier_rank=None, enabled=plan.stage.zero_stage == 3
+        ):
+            if self.rank == 0:
+                state = {
+                    k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()
+                }
+        if self.rank == 0:
+            storage.write_bytes(plan.layout.probe_logits, save_tensors({"logits": logits.contiguous()}))
+            export = _model_like(model.config, plan)
+            export.load_state_dict(state, strict=True)
+            if plan.stage.lora:
+                export.model.language_model = export.model.language_model.merge_and_unload()
+            save_model(export.to(torch.float32), processor, plan.layout.export)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _model_like(config, plan: StagePlan):
+    """An empty model of the trained one's class and config (with LoRA when it trained with LoRA), for
+    the gathered weights: no checkpoint is read and no tokenizer built again."""
+    from components.model import LinearProjector, model_from_config
+
+    model = model_from_config(config, linear_projector=plan.model.projector == "linear")
+    if plan.stage.lora:
+        apply_lora(model, plan.stage.lora)
+    assert plan.model.projector != "linear" or isinstance(model.model.multi_modal_projector, LinearProjector)
+    return model
+
+
+def apply_lora(model, lora) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules))  # fmt: skip
+    model.model.language_model = get_peft_model(model.model.language_model, config)
+
+
+def _loggable(metrics: dict) -> dict:
+    """The step's numbers, as MLflow metrics (the step is their x; the rest is history only)."""
+    skip = ("step", "attempt_start_step")
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import deepspeed
-    import ray.train
-    import torch
-
-    from components.generation import MediaFiller
-    from components.model import group_of, param_groups, set_trainable
-    from components.tracking import make_tracker
-
-    plan = StagePlan(**config)
-    stage = plan.stage
-    torch.set_num_threads(plan.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(stage["seed"] + rank)
-    spec, model, processor = _build(plan)
-    if stage.get("lora"):
-        _apply_lora(model, stage["lora"])
-    set_trainable(model, stage["trainable"])
-    if stage.get("lora"):  # LoRA: only the adapters of the LLM train, beside the other trainable parts
-        for name, p in model.model.language_model.named_parameters():
-            p.requires_grad_("lora_" in name)
-    groups = param_groups(model, stage["lr"], vision_lr=stage["vision_lr"], projector_lr=stage["projector_lr"],
-                          weight_decay=stage["weight_decay"])  # fmt: skip
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, plan.total_steps, stage["warmup_ratio"])
-    )
-    engine, optimizer, _, schedule = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(plan)
-    )
-
-    step = 0
-    vision_group = group_of(optimizer.param_groups, "vision_tower")
-    main_group = group_of(optimizer.param_groups, "language_model") or group_of(
-        optimizer.param_groups, "multi_modal_projector"
-    )
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d)  # the tag named in its "latest" file
-        step = int(client["step"])
-        if rank == 0:
-            print(f"resumed from checkpoint at step {step}")
-    tracker = make_tracker(TrackingConfig(**plan.tracking) if plan.tracking else None, rank=rank,
-                           run_id=plan.mlflow_run_id)  # fmt: skip
-    fault = (plan.fault or "").split(":")
-    filler = MediaFiller(processor, with_video=plan.has_video)
-    attempt = _Attempt(
-        engine,
-        _batch_maker(filler, processor, engine),
-        world,
-        main_group,
-        vision_group,
-        start_step=step,
-    )
-    shard = None if plan.keep_shard else ray.train.get_dataset_shard("train")
-    history = []
-    kept: list[dict] = []  # small data: this rank's rows for every epoch
-    while step < plan.total_steps:
-        epoch, skip = divmod(step, plan.steps_per_epoch)  # resume mid-epoch: skip what was consumed
-        last_end = wait_start = time.perf_counter()
-        if plan.keep_shard and not kept:
-            kept = _own_rows(lambda: shard_batches(plan.shards_uri), rank, world)
-        if kept:
-            windows = epoch_windows(kept, plan, epoch, rank)
-        else:
-            windows = shard.iter_batches(batch_size=plan.window, batch_format="pyarrow")
-        in_epoch = 0
-        for w, window in enumerate(windows):
-            waited = time.perf_counter() - wait_start
-            rows = window if kept else window.to_pylist()
-            steps = _steps(rows, plan, epoch, w)
-            for micro_batches in steps:
-                if in_epoch < skip:
-                    in_epoch += 1
-                    continue
-                if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
-                    break
-                in_epoch += 1
-                step, metrics = attempt.train_step(micro_batches, step, waited, last_end)
-                waited = 0.0
-                last_end = time.perf_counter()
-                history.append(metrics)
-                tracker.log_metrics(
-                    {k: v for k, v in metrics.items() if k not in ("step", "attempt_start_step")}, step=step
-                )
-                if (
-                    fault[0]
-                    and step == int(fault[0])
-                    and rank == int(fault[1])
-                    and not os.path.exists(fault[2])
-                ):
-                    open(fault[2], "w").close()
-                    time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
-                    os._exit(1)  # a killed worker: Ray Train restarts the group from the last checkpoint
-                if step % stage["checkpoint_every"] == 0 or step == plan.total_steps:
-                    if rank == 0 and plan.history_uri:
-                        storage.write_text(
-                            storage.join(plan.history_uri, f"{step:07d}.json"), json.dumps(history)
-                        )
-                    # Ray Train hears from us only here: each report is a cross-rank barrier plus a hand-off
-                    # that waits for the controller's poll (every 2 s), far longer than a small step
-                    with tempfile.TemporaryDirectory() as d:
-                        engine.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                    history = []
-            if in_epoch >= plan.steps_per_epoch or step >= plan.total_steps:
-                break
-            wait_start = time.perf_counter()
-    _export(engine, engine.module, processor, plan, rank)
+    StageRecipe(config["plan"], RayTrainContext()).train()
 
 
 @dataclass
@@ -396,7 +509,7 @@ class _Attempt:
 
     engine: Any
     make_batch: Callable[[list[dict]], dict]
-    """Rows of one micro-batch -> the model's inputs (media filled in, collated)."""
+    """Rows of one micro-batch -> the model's inputs (media filled in, collated, on the device)."""
     world: int
     main_group: dict
     vision_group: dict | None
@@ -443,10 +556,28 @@ class _Attempt:
             "lr_vision": self.vision_group["lr"] if self.vision_group else None,
             "attempt_start_step": self.start_step,
             "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
+            "modalities": sorted(set().union(*micro_modalities)),
         }
 
 
-# ---- the driver side -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FailOnce:
+    """A step hook for tests: kills ``rank`` once, right after ``step`` (and its checkpoint, when one is
+    due); ``marker`` (a file) records that it happened. Ray Train then restarts the worker group from the
+    last checkpoint, as after a lost node."""
+
+    step: int
+    rank: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
+            os._exit(1)
+
+
+# ---- the driver side ----------------------------------------------------------------------------
 
 
 def read_history(history_uri: str) -> list[dict]:
@@ -463,126 +594,104 @@ def evaluate_export(recipe: Recipe, hf_uri: str) -> dict | None:
     from components.manifest import parent_uri
     from components.model import load_model
 
-    manifest = recipe.eval.get("manifest")
-    if not manifest:
+    if not recipe.eval.manifest:
         return None
-    records = [json.loads(line) for line in storage.read_text(manifest).splitlines() if line.strip()]
+    text = storage.read_text(recipe.eval.manifest)
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     model, processor = load_model(hf_uri)  # prompted as the export says: its template, grid, video sampling
-    max_new_tokens = int(recipe.eval.get("max_new_tokens", 8))
-    return evaluate(model, processor, records, parent_uri(manifest), max_new_tokens=max_new_tokens)
+    return evaluate(model, processor, records, parent_uri(recipe.eval.manifest),
+                    max_new_tokens=recipe.eval.max_new_tokens)  # fmt: skip
 
 
-SMALL_DATA_SHARE = 0.1
-"""Shards smaller than this share of the object store count as small data (``StagePlan.keep_shard``)."""
+def data_stats(layout: StageLayout) -> tuple[list[int], dict[str, int]]:
+    """(every row's position, rows per modality) of the stage's shards: two columns read."""
+    from collections import Counter
+
+    from pipelines.preprocess import shards_dataset
+
+    table = shards_dataset(layout.data).to_table(columns=["position", "modality"])
+    return table.column("position").to_pylist(), dict(Counter(table.column("modality").to_pylist()))
 
 
-def _small(nbytes: int) -> bool:
-    """Small data is read by every worker straight from storage, once, and kept for every epoch: no Ray Data
-    pipeline, split coordinator or materialized copy to start (seconds per stage), and no epoch restarts
-    the reads (a stall of seconds at every epoch boundary, with all workers waiting). Large data streams
-    from storage through Ray Data every epoch, split between the workers."""
-    import ray
+def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_from: str | None,
+                tracking: TrackingConfig | None = None, parent_run_id: str | None = None,
+                mlflow_run_id: str | None = None, max_failures: int = 1, data_mode: str = "auto",
+                step_hooks: tuple[StepHook, ...] = ()) -> dict:  # fmt: skip
+    """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval).
+    ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run)."""
+    from components.tracking import make_tracker
 
-    small = nbytes <= ray.cluster_resources().get("object_store_memory", 0) * SMALL_DATA_SHARE
-    how = "read once by every worker and kept" if small else "streamed through Ray Data every epoch"
-    log.info("%.1f MiB of shards: %s", nbytes / 2**20, how)
-    return small
+    start = time.monotonic()
+    tracking = tracking or TrackingConfig()
+    tracker = make_tracker(tracking, run_id=mlflow_run_id)
+    if mlflow_run_id:
+        tracker.resume_run()
+    else:
+        tracker.start_run(stage.name, parent_run_id=parent_run_id, tags={"llava_ray.recipe": recipe.name})
+    try:
+        positions, modalities = data_stats(layout)
+        plan = plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=init_from,
+                          data_mode=data_mode, tracking=tracking, mlflow_run_id=tracker.run_id,
+                          step_hooks=step_hooks)  # fmt: skip
+        _log_plan(plan, tracker)
+        checkpoint_uri = _fit(plan, max_failures)
+        record = _finish(recipe, plan, tracker, checkpoint_uri)
+    except BaseException as e:
+        tracker.fail(e)
+        raise
+    record["seconds"] = round(time.monotonic() - start, 1)
+    storage.write_text(layout.result, json.dumps(record, indent=1))
+    return record
 
 
-def train_stage(
-    recipe: Recipe,
-    stage: StageSpec,
-    *,
-    storage_uri: str,
-    run_id: str,
-    data_uri: str,
-    init_from: str | None,
-    tracking: TrackingConfig | None = None,
-    parent_run_id: str | None = None,
-    max_failures: int = 1,
-    mixture_digest: str | None = None,
-) -> dict:
-    """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval)."""
-    import ray
+def _log_plan(plan: StagePlan, tracker) -> None:
+    resolved = plan.resolved()
+    log.info("stage %s resolved plan: %s", plan.stage.name, json.dumps(resolved, default=str))
+    tracker.log_params({"stage": asdict(plan.stage), "model": asdict(plan.model), "workers": plan.workers,
+                        "grad_accum": plan.grad_accum, "total_steps": plan.total_steps,
+                        "data_mode": plan.data_mode})  # fmt: skip
+    tracker.log_dict(json.loads(json.dumps(resolved, default=str)), "resolved_config.json")
+    if storage.exists(plan.layout.mixture):
+        tracker.log_dict(json.loads(storage.read_text(plan.layout.mixture)), "mixture.json")
+
+
+def _fit(plan: StagePlan, max_failures: int) -> str | None:
+    """The TorchTrainer of the stage; returns its last checkpoint's URI. The same run name and storage
+    path make Ray Train restore an interrupted run from its latest checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from components.evaluation import format_report
-    from components.tracking import loss_curve_png, make_tracker
-    from pipelines.preprocess import modality_counts
-
-    start = time.monotonic()
-    storage_uri, data_uri = storage.absolute(storage_uri), storage.absolute(data_uri)
-    init_from = storage.absolute(init_from) if init_from else None
-    stage_uri = storage.join(storage_uri, run_id, stage.name)
-    hf_uri = storage.join(stage_uri, "hf")
-    shards_uri = storage.join(data_uri, "data")  # what preprocess wrote
-    modalities = modality_counts(shards_uri)
-    plan = plan_stage(recipe, stage, sum(modalities.values()), init_from=init_from, export_uri=hf_uri)
-    plan.has_video = "video" in modalities
-    plan.history_uri = storage.join(stage_uri, "history")
-    fault = os.environ.get(FAULT_ENV, "").split(":")
-    if len(fault) == 4:  # aimed at one stage
-        fault = fault[1:] if fault[0] == stage.name else []
-    plan.fault = ":".join(fault) or None
-    tracking = tracking or TrackingConfig()
-    tracker = make_tracker(tracking)
-    plan.tracking = asdict(tracking)
-    plan.mlflow_run_id = tracker.start_run(
-        stage.name,
-        parent_run_id=parent_run_id,
-        tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": run_id},
-    )
-    plan.shards_uri = shards_uri if _small(storage.dir_bytes(shards_uri)) else None
-    datasets = {}
-    if not plan.keep_shard:
-        data_fs, data_path = storage.resolve(shards_uri)
-        datasets["train"] = ray.data.read_parquet(data_path, filesystem=data_fs)
-    resolved = {"plan": {k: v for k, v in asdict(plan).items() if k not in ("tracking",)},
-                "deepspeed": deepspeed_config(plan), "mixture_digest": mixture_digest}  # fmt: skip
-    log.info("stage %s resolved config: %s", stage.name, json.dumps(resolved, default=str))
-    tracker.log_params({"stage": asdict(stage), "model": plan.model, "workers": plan.workers,
-                        "grad_accum": plan.grad_accum, "total_steps": plan.total_steps,
-                        "mixture_digest": mixture_digest or ""})  # fmt: skip
-    tracker.log_dict(resolved, "resolved_config.json")
-
-    fs, path = storage.resolve(stage_uri)
+    fs, path = storage.resolve(plan.layout.checkpoints)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=asdict(plan),
+        train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.workers,
-            use_gpu=plan.use_gpu,
-            resources_per_worker={"CPU": recipe.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,  # none for small data: each worker reads its interleaved rows (_own_rows)
-    )  # same name + storage path: Ray Train restores an interrupted run from its latest checkpoint
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker={"CPU": plan.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="train", storage_path=path, storage_filesystem=fs,
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )  # fmt: skip
     result = trainer.fit()
-    history = read_history(plan.history_uri)
-    checkpoint_uri = result.checkpoint.path if result.checkpoint else None
-    if storage.is_s3(stage_uri) and checkpoint_uri and not checkpoint_uri.startswith("s3://"):
-        checkpoint_uri = "s3://" + checkpoint_uri
-    record = {
-        "stage": stage.name,
-        "steps": history[-1]["step"] if history else 0,
-        "final_loss": history[-1]["loss"] if history else None,
-        "checkpoint_uri": checkpoint_uri,
-        "hf_uri": hf_uri,
-        "mlflow_run_id": plan.mlflow_run_id,
-        "trainable": stage.trainable,
-        "streamed": not plan.keep_shard,
-    }
-    report = evaluate_export(recipe, hf_uri)
+    uri = result.checkpoint.path if result.checkpoint else None
+    if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
+        uri = "s3://" + uri
+    return uri
+
+
+def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None) -> dict:
+    """The stage's record, its evaluation (printed, logged, an artifact) and loss curve; the run closed."""
+    from components.evaluation import format_report
+    from components.tracking import loss_curve_png
+
+    history = read_history(plan.layout.history)
+    record = {"stage": plan.stage.name, "steps": history[-1]["step"] if history else 0,
+              "final_loss": history[-1]["loss"] if history else None, "checkpoint_uri": checkpoint_uri,
+              "hf_uri": plan.layout.export, "mlflow_run_id": tracker.run_id, "trainable": plan.stage.trainable,
+              "data_mode": plan.data_mode}  # fmt: skip
+    report = evaluate_export(recipe, plan.layout.export)
     if report:
-        print(f"stage {stage.name} evaluation:\n{format_report(report)}")
+        print(f"stage {plan.stage.name} evaluation:\n{format_report(report)}")
         record["eval"] = {key: report[key] for key in ("overall", "modalities", "tasks", "probes", "skipped")}
         metrics = {f"eval/{k}/accuracy": v["accuracy"] for k, v in report["tasks"].items()}
         metrics.update(
@@ -592,13 +701,12 @@ def train_stage(
         tracker.log_metrics(metrics, step=record["steps"])
         tracker.log_dict(report, "eval.json")
     if history:
-        png = loss_curve_png(
-            [m["step"] for m in history], [m["loss"] for m in history], f"{recipe.name} / {stage.name}"
-        )
+        png = loss_curve_png([m["step"] for m in history], [m["loss"] for m in history],
+                             f"{recipe.name} / {plan.stage.name}")  # fmt: skip
         tracker.log_artifact(png, "plots")
         os.unlink(png)
-    record["seconds"] = round(time.monotonic() - start, 1)
-    tracker.set_tags({"llava_ray.output_uri": hf_uri, "llava_ray.checkpoint_uri": checkpoint_uri or ""})
+    tracker.set_tags(
+        {"llava_ray.output_uri": plan.layout.export, "llava_ray.checkpoint_uri": checkpoint_uri or ""}
+    )
     tracker.end_run()
-    storage.write_text(storage.join(stage_uri, "result.json"), json.dumps(record, indent=1))
     return record

@@ -9,6 +9,7 @@ Generate calls are batched (``serve.batch``); streaming requests take a token st
 """
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -18,11 +19,21 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from components.conversation import SampleTooLongError
-from serve.protocol import ChatRequest, Limits, RequestError, parse_chat_request
+from serve.protocol import (
+    ChatRequest,
+    Limits,
+    RequestError,
+    check_prompt,
+    has_media,
+    parse_body,
+    parse_chat_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,12 @@ def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _internal(where: str, exc: BaseException) -> dict:
+    """An OpenAI-style body for our own failure: what failed, never a traceback or a host path."""
+    return {"error": {"message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
+                      "type": "server_error", "param": None, "code": "internal_error"}}  # fmt: skip
+
+
 @serve.deployment
 class LlavaModel:
     """One replica: the model, its tokenizer, and a batched generate."""
@@ -101,6 +118,8 @@ class LlavaModel:
         self.overlapped_at = -1e9
         self.batch_seconds = 0.0
         self.batches, self.largest_batch = 0, 0
+        self.longest_batch_wait_s = 0.0
+        self.idle: asyncio.Event | None = None
         self._set_batch_wait()
 
     def _set_batch_wait(self) -> None:
@@ -109,16 +128,17 @@ class LlavaModel:
             overlapping = time.monotonic() - self.overlapped_at < 1.0
             wait = min(wait, 0.5 * self.batch_seconds) if overlapping else IDLE_BATCH_WAIT_S
         self.batch_wait_s = wait
+        self.longest_batch_wait_s = max(self.longest_batch_wait_s, wait)
         self.generate_batched.set_batch_wait_timeout_s(wait)
 
     def stats(self) -> dict:
         """This replica's batching so far (for operators and tests)."""
         return {"batches": self.batches, "largest_batch": self.largest_batch, "batch_wait_s": self.batch_wait_s,
-                "batch_seconds": self.batch_seconds}  # fmt: skip
+                "longest_batch_wait_s": self.longest_batch_wait_s, "batch_seconds": self.batch_seconds}  # fmt: skip
 
     def _row(self, request: ChatRequest) -> dict:
         try:
-            return self.processor.prompt_row(request.prompt, max_length=self.config.limits.max_prompt_tokens)
+            return self.processor.prompt_row(request.prompt)
         except SampleTooLongError as e:
             raise RequestError(
                 f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
@@ -145,13 +165,24 @@ class LlavaModel:
                 key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
                 groups.setdefault(key, []).append(i)
         for (temperature, top_p, seed, _, stop), members in groups.items():
-            with self.lock:
-                results = generate(
-                    self.model, self.processor, [rows[i] for i in members],
-                    max_new_tokens=max(requests[i].max_tokens for i in members), temperature=temperature,
-                    top_p=top_p, stop=list(stop), seed=seed,
-                )  # fmt: skip
-            for i, res in zip(members, results, strict=True):
+
+            def run(ids, temperature=temperature, top_p=top_p, seed=seed, stop=stop):
+                with self.lock:
+                    return generate(self.model, self.processor, [rows[i] for i in ids],
+                                    max_new_tokens=max(requests[i].max_tokens for i in ids), temperature=temperature,
+                                    top_p=top_p, stop=list(stop), seed=seed)  # fmt: skip
+
+            try:
+                results = dict(zip(members, run(members), strict=True))
+            except Exception:  # one request's failure must not fail the others: each again, alone
+                results = {}
+                for i in members:
+                    try:
+                        results[i] = run([i])[0]
+                    except Exception as e:
+                        log.exception("request %s failed", i)
+                        out[i] = {"error": _internal("generate", e), "status": 500}
+            for i, res in results.items():
                 out[i] = self._trim(res, requests[i].max_tokens)
         return out
 
@@ -163,10 +194,21 @@ class LlavaModel:
                       "completion_tokens": max_tokens, "finish_reason": "length"}  # fmt: skip
         return result
 
+    def _idle(self) -> asyncio.Event:
+        """Set while no batch runs (made on the replica's event loop, at its first request)."""
+        if self.idle is None:
+            self.idle = asyncio.Event()
+            self.idle.set()
+        return self.idle
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batched(self, requests: list[ChatRequest]) -> list[dict]:
         start = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
+        self._idle().clear()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
+        finally:
+            self.idle.set()
         took = time.perf_counter() - start
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(requests))
@@ -180,6 +222,10 @@ class LlavaModel:
             if self.ongoing > 1:
                 self.overlapped_at = time.monotonic()
             try:
+                # Serve forms the next batch as soon as a request arrives, even while a batch runs: requests
+                # that came during a long batch would each become a batch of one, queued behind it. So a
+                # request waits here for the running batch to end, and all that waited join the next one.
+                await self._idle().wait()
                 return await self.generate_batched(request)
             finally:
                 self.ongoing -= 1
@@ -194,6 +240,8 @@ class LlavaModel:
         except RequestError as e:
             yield json.dumps({"error": e.body(), "status": e.status})
             return
+        import torch
+
         from components.batching import to_device
 
         batch = self.processor.collate([row], left_pad=True)
@@ -206,9 +254,18 @@ class LlavaModel:
         if request.temperature > 0:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
 
+        failure = []
+
         def work():
-            with self.lock:
-                self.model.generate(**kwargs)
+            try:
+                with self.lock:
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)  # a seeded stream samples as the same seeded request
+                    self.model.generate(**kwargs)
+            except Exception as e:  # the stream ends with an error event, not a cut connection
+                log.exception("stream failed")
+                failure.append(e)
+                streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
@@ -229,9 +286,32 @@ class LlavaModel:
             if piece:
                 yield json.dumps({"delta": piece})
         thread.join()
+        if failure:
+            yield json.dumps({"error": _internal("stream", failure[0]), "status": 500})
 
 
 app = FastAPI(title="llava-ray", description="OpenAI-compatible LLaVA endpoint")
+
+
+@app.exception_handler(HTTPException)
+async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own 404 and 405, in the OpenAI error shape."""
+    body = {"error": {"message": f"{request.method} {request.url.path}: expected a route of this API, found {exc.detail}",
+                      "type": "invalid_request_error", "param": None, "code": str(exc.status_code)}}  # fmt: skip
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(
+        RequestError(f"request: expected a valid request, found {str(exc)[:200]}").body(), status_code=400
+    )
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return JSONResponse(_internal(request.url.path, exc), status_code=500)
 
 
 @serve.deployment
@@ -240,13 +320,22 @@ class Ingress:
     """HTTP in front: auth, parsing and limits (4xx, never 5xx, for bad input), the OpenAI schema out."""
 
     def __init__(self, model, config: dict):
+        from components.model import context_length
         from components.processor import LlavaProcessor
 
         self.model = model
         self.config = ServeConfig.from_dict(config)
         self.api_key = os.environ.get(self.config.api_key_env) or None
-        # the checkpoint's processor (no weights): its video sampling decodes the frames training saw
+        # the checkpoint's processor (no weights): its video sampling decodes the frames training saw, and
+        # every prompt is counted here, against the model's context, before it joins a batch
         self.processor = LlavaProcessor.from_pretrained(self.config.checkpoint)
+        self.context = context_length(self.config.checkpoint)
+        limits = self.config.limits
+        # media fetches and decodes in their own bounded pool: a slow upstream delays only its request
+        self.media_pool = concurrent.futures.ThreadPoolExecutor(
+            limits.fetch_concurrency, thread_name_prefix="media"
+        )
+        self.text_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="text")
 
     def _check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -269,23 +358,39 @@ class Ingress:
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
                                             "owned_by": "llava-ray"}]}  # fmt: skip
 
+    async def _body(self, request: Request) -> bytes:
+        """The body, read up to the limit (413 past it, without reading the rest)."""
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(
+                f"body: expected at most {limit} bytes, found {declared}", "body", 413, "too_large"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(
+                    f"body: expected at most {limit} bytes, found more", "body", 413, "too_large"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, body) -> ChatRequest:
+        """Every check before a request reaches the model: fields, media (fetched, budgeted, decoded with the
+        checkpoint's video sampling), and its prompt's tokens against the context."""
+        limits = self.config.limits
+        parsed = parse_chat_request(body, [self.config.model_name], limits, self.processor.video)
+        check_prompt(parsed, self.processor.count_tokens, self.context, limits)
+        return parsed
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         try:
             self._check_auth(request)
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"body: expected JSON, found unparsable text ({e})", "body") from e
-            loop = asyncio.get_running_loop()
-            parsed = await loop.run_in_executor(
-                None,
-                parse_chat_request,
-                body,
-                [self.config.model_name],
-                self.config.limits,
-                self.processor.video,
-            )
+            body = parse_body(await self._body(request), self.config.limits)
+            pool = self.media_pool if has_media(body) else self.text_pool
+            parsed = await asyncio.get_running_loop().run_in_executor(pool, self._parse, body)
         except RequestError as e:
             return _error(e)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -322,15 +427,22 @@ class Ingress:
 
         yield chunk({"role": "assistant", "content": ""})
         finish = "length"
-        async for piece in self.model.options(stream=True).stream.remote(parsed):
-            item = json.loads(piece)
-            if "error" in item:
-                yield f"data: {json.dumps(item['error'])}\n\n"
-                return
-            if item.get("delta"):
-                yield chunk({"content": item["delta"]})
-            if item.get("finish"):
-                finish = item["finish"]
+        try:
+            async for piece in self.model.options(stream=True).stream.remote(parsed):
+                item = json.loads(piece)
+                if "error" in item:  # an error mid-stream: an error event, then the end of the stream
+                    yield f"data: {json.dumps(item['error'])}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if item.get("delta"):
+                    yield chunk({"content": item["delta"]})
+                if item.get("finish"):
+                    finish = item["finish"]
+        except Exception as e:
+            log.exception("stream %s failed", completion_id)
+            yield f"data: {json.dumps(_internal('stream', e))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         yield chunk({}, finish)
         yield "data: [DONE]\n\n"
 

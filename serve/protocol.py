@@ -1,7 +1,11 @@
 """The OpenAI chat-completions request, parsed and checked: every problem is a 4xx with a clear message.
 
-No Ray and no FastAPI here: the ingress calls ``parse_chat_request`` and turns ``RequestError`` into
-an OpenAI-style error body. Media comes as data: URLs; http(s) and s3:// only when allow-listed.
+No Ray and no FastAPI here: the ingress calls ``parse_body`` and ``parse_chat_request`` and turns
+``RequestError`` into an OpenAI-style error body. Everything is checked before a request reaches the
+model: the body's size, nesting and numbers, every field's range and encoding, media budgets (bytes,
+pixels from the header, frames x pixels from the container), and (``check_prompt``) the prompt's tokens
+against the model's context. Media comes as data: URLs; http(s) and s3:// only when allow-listed, with one
+deadline for the whole fetch and no redirect off the allow-list.
 """
 
 from __future__ import annotations
@@ -9,6 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -17,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from components import storage
 from components.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
 from components.processor import Prompt, VideoSampling
-from components.video import VideoDecodeError, read_frames
+from components.video import VideoDecodeError, VideoTooLargeError, read_frames
 
 
 class RequestError(ValueError):
@@ -41,16 +49,26 @@ class RequestError(ValueError):
 class Limits:
     """What one request may carry."""
 
+    max_body_bytes: int = 96 * 1024 * 1024
+    """The whole request body (413 beyond): room for 12 images of max_image_bytes as base64."""
+    max_json_depth: int = 32
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    """Per image, read from its header before it is decoded."""
     max_images: int = 12
     max_video_bytes: int = 64 * 1024 * 1024
-    max_prompt_tokens: int = 8192
+    max_video_pixels: int = 32 * 1920 * 1080
+    """Sampled frames x pixels per frame, read from the container before frames are decoded."""
+    max_prompt_tokens: int | None = None
+    """None: the model's context length (its config) less the request's max_tokens."""
     max_tokens: int = 512
     max_stop: int = 4
     allowed_media_prefixes: list[str] = field(default_factory=list)
     """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always allowed."""
     fetch_timeout_s: float = 10.0
+    """One deadline for a whole fetch (connect, redirects, every read)."""
+    fetch_concurrency: int = 4
+    """Fetches and decodes in flight at once (their own threads: a slow upstream delays only its request)."""
 
 
 @dataclass
@@ -81,6 +99,104 @@ def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
     return kind(value)
 
 
+def parse_body(raw: bytes, limits: Limits):
+    """The JSON body, bounded: 413 past max_body_bytes; 400 for bad JSON, deep nesting or huge numbers."""
+    if len(raw) > limits.max_body_bytes:
+        raise RequestError(
+            f"body: expected at most {limits.max_body_bytes} bytes, found {len(raw)}",
+            "body",
+            413,
+            "too_large",
+        )
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(
+            f"body: expected JSON, found unparsable text ({type(e).__name__} at {getattr(e, 'pos', '?')})",
+            "body",
+        ) from e
+    except RecursionError as e:
+        raise RequestError(
+            f"body: expected JSON nested at most {limits.max_json_depth} deep, found deeper", "body"
+        ) from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RequestError(
+            f"body: expected JSON numbers of ordinary size, found {str(e)[:80]}", "body"
+        ) from e
+    depth, stack = 0, [(body, 1)]
+    while stack:
+        value, level = stack.pop()
+        depth = max(depth, level)
+        if depth > limits.max_json_depth:
+            raise RequestError(
+                f"body: expected JSON nested at most {limits.max_json_depth} deep, found deeper", "body"
+            )
+        if isinstance(value, dict):
+            stack.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, level + 1) for v in value)
+    return body
+
+
+def has_media(body) -> bool:
+    """Whether any message of a (parsed) body carries media parts: only those go to the media threads."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in ("image_url", "video_url") for p in m["content"])
+        for m in messages
+    )  # fmt: skip
+
+
+class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only to allow-listed prefixes."""
+
+    def __init__(self, prefixes: list[str], param: str):
+        self.prefixes, self.param = prefixes, param
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not any(newurl.startswith(p) for p in self.prefixes):
+            host = urllib.parse.urlparse(newurl).hostname
+            raise RequestError(f"{self.param}: expected redirects within the allow-list, found one to host {host!r}",
+                               self.param, 400, "url_not_allowed")  # fmt: skip
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _http_get(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
+    """GET with one deadline for everything (checked between reads; no single read waits longer than the
+    deadline itself), redirects only within the allow-list; an upstream failure is a 4xx naming the host,
+    never our 500."""
+    host = urllib.parse.urlparse(url).hostname
+    deadline = time.monotonic() + limits.fetch_timeout_s
+    opener = urllib.request.build_opener(_AllowListedRedirects(limits.allowed_media_prefixes, param))
+    chunks, size = [], 0
+    try:
+        with opener.open(url, timeout=limits.fetch_timeout_s) as response:  # noqa: S310 (allow-listed)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                chunk = response.read(min(1 << 16, limit_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit_bytes:
+                    raise RequestError(
+                        f"{param}: expected at most {limit_bytes} bytes, found more", param, 413, "too_large"
+                    )
+    except urllib.error.HTTPError as e:
+        raise RequestError(f"{param}: expected the media from host {host!r}, found HTTP {e.code}", param, 400,
+                           "media_fetch_failed") from e  # fmt: skip
+    except (TimeoutError, OSError) as e:
+        if isinstance(e, RequestError):
+            raise
+        raise RequestError(f"{param}: expected the media from host {host!r} within {limits.fetch_timeout_s}s, "
+                           f"found {'a timeout' if isinstance(e, TimeoutError) else type(e).__name__}", param, 400,
+                           "media_fetch_failed") from e  # fmt: skip
+    return b"".join(chunks)
+
+
 def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
@@ -104,10 +220,14 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
             param, status=400, code="url_not_allowed",
         )  # fmt: skip
     if storage.is_s3(url):
-        data = storage.read_bytes(url)
+        try:
+            data = storage.read_bytes(url)
+        except storage.StorageError as e:
+            bucket = url[len("s3://") :].split("/", 1)[0]
+            raise RequestError(f"{param}: expected the media in bucket {bucket!r}, found none readable", param, 400,
+                               "media_fetch_failed") from e  # fmt: skip
     elif url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=limits.fetch_timeout_s) as r:  # noqa: S310 (allow-listed)
-            data = r.read(limit_bytes + 1)
+        data = _http_get(url, limits, limit_bytes, param)
     else:
         raise RequestError(f"{param}: expected an http(s), s3 or data URL, found {url[:30]!r}", param)
     if len(data) > limit_bytes:
@@ -134,6 +254,31 @@ def _image(data: bytes, limits: Limits, param: str) -> Image.Image:
         raise RequestError(
             f"{param}: expected an image (PNG, JPEG, ...), found {len(data)} bytes that are not one", param
         ) from e
+
+
+def _valid_text(text: str, param: str) -> None:
+    """Text the tokenizer can take: valid Unicode (a lone surrogate from a JSON escape is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{param}: expected valid Unicode text, found a lone surrogate at {e.start}", param
+        ) from e
+
+
+def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limits) -> int:
+    """The prompt's tokens (text and media, as the model will see them) against the context: 400 with
+    code context_length_exceeded when the prompt and max_tokens do not fit. Returns the count."""
+    budget = limits.max_prompt_tokens or context - request.max_tokens
+    chars = sum(len(t.text) for t in request.prompt.turns)
+    if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
+        raise RequestError(f"messages: expected at most {budget} prompt tokens, found {chars} characters",
+                           "messages", 400, "context_length_exceeded")  # fmt: skip
+    count = count_tokens(request.prompt)
+    if count > budget:
+        raise RequestError(f"messages: expected at most {budget} prompt tokens (context {context} less max_tokens "
+                           f"{request.max_tokens}), found {count}", "messages", 400, "context_length_exceeded")  # fmt: skip
+    return count
 
 
 def _url_of(part: dict, key: str, param: str) -> str:
@@ -191,6 +336,7 @@ def parse_chat_request(
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise RequestError(f"{pparam}.text: expected a string", pparam)
+                _valid_text(part["text"], f"{pparam}.text")
                 if IMAGE_PLACEHOLDER in part["text"] or VIDEO_PLACEHOLDER in part["text"]:
                     raise RequestError(
                         f"{pparam}.text: expected no <image>/<video> markers (send image_url parts)", pparam
@@ -213,7 +359,9 @@ def parse_chat_request(
                 data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
                 try:
                     video = read_frames(data, fps=video_sampling.fps, max_frames=video_sampling.max_frames,
-                                        force_uniform=video_sampling.uniform).frames  # fmt: skip
+                                        force_uniform=video_sampling.uniform, max_pixels=limits.max_video_pixels).frames  # fmt: skip
+                except VideoTooLargeError as e:
+                    raise RequestError(f"{pparam}: expected {e.reason}", pparam, 413, "too_large") from e
                 except VideoDecodeError as e:
                     raise RequestError(
                         f"{pparam}: expected a decodable video, found {e.reason}", pparam
@@ -255,8 +403,12 @@ def parse_chat_request(
     if not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, found {stream!r}", "stream")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed: expected an integer, found {seed!r}", "seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
+    ):
+        raise RequestError(f"seed: expected a 64-bit integer, found {str(seed)[:40]}", "seed")
+    for k, s in enumerate(stop):
+        _valid_text(s, f"stop[{k}]")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
     request = ChatRequest(
         model=model,

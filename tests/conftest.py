@@ -14,7 +14,9 @@ def demo_dir(tmp_path_factory):
     from components.demo_data import DemoConfig, make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(captions=8, details=4, single_image=16, multi_image=4, videos=4, text=4, eval_per_kind=4)
+    cfg = DemoConfig(
+        captions=8, details=4, single_image=16, multi_image=4, multi_view=4, videos=4, text=4, eval_per_kind=4
+    )
     manifests = make_demo_data(str(out), cfg)
     return out, manifests
 
@@ -149,6 +151,7 @@ def ray_local(s3_endpoint):
 
     env = {k: os.environ[k] for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # Ray Train's controller polls its workers 10x as often
     env["LLAVA_RAY_TEST_API_KEY"] = TEST_API_KEY  # only the secured test app reads it
     ray.init(
         address="local",

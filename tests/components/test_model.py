@@ -173,3 +173,66 @@ def test_build_is_deterministic():
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert np.isclose(float(a.lm_head.weight.sum()), float(b.lm_head.weight.sum()))
+
+
+@pytest.mark.parametrize("trainable", [("multi_modal_projector",), ("vision_tower", "multi_modal_projector", "language_model")],
+                         ids=["stage1", "full-model"])  # fmt: skip
+def test_activation_checkpointing_gives_the_same_gradients(demo_dir, trainable):
+    """With the LLM's and the vision tower's layers checkpointed, every trainable part's gradients equal those
+    without (1e-5, fp32); in Stage-1 (both frozen) only the projector has gradients and they are not zero.
+    That the layers really go through torch's checkpoint is counted: each LLM and vision layer calls it
+    once per forward with checkpointing, never without. Checked once with enable_activation_checkpointing
+    a no-op: the count was 0 and this test failed."""
+    from components.model import enable_activation_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = build_model(ModelSpec(attn_implementation="eager"))
+        set_trainable(model, list(trainable))
+        if checkpointing:
+            enable_activation_checkpointing(model, ("language_model", "vision_tower"))
+        model.train()
+        calls = {"language_model": 0, "vision_tower": 0}
+        layers = {"language_model": model.model.language_model.layers,
+                  "vision_tower": model.model.vision_tower.encoder.layers}  # fmt: skip
+        for part, stack in layers.items():
+            for layer in stack:
+                func = getattr(layer, "_gradient_checkpointing_func", None)
+                if func is not None:
+
+                    def counted(*args, _func=func, _part=part, _calls=calls, **kwargs):
+                        _calls[_part] += 1
+                        return _func(*args, **kwargs)
+
+                    layer._gradient_checkpointing_func = counted
+        model(**processor.collate(rows_for(demo_dir, processor, n=1))).loss.backward()
+        if checkpointing:  # the vision tower runs once per media kind in the batch
+            assert calls["language_model"] == len(layers["language_model"]), calls
+            assert calls["vision_tower"] >= len(layers["vision_tower"]), calls
+            assert calls["vision_tower"] % len(layers["vision_tower"]) == 0, calls
+        else:
+            assert calls == {"language_model": 0, "vision_tower": 0}
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:  # a part the features skip (SigLIP's post_layernorm) has no gradient either way
+        assert (plain[name] is None) == (checkpointed[name] is None), name
+        if plain[name] is not None:
+            assert (plain[name] - checkpointed[name]).abs().max() <= 1e-5, name
+    if trainable == ("multi_modal_projector",):
+        assert all("multi_modal_projector" in n or "image_newline" in n for n in plain)
+        assert any(g.abs().sum() > 0 for n, g in checkpointed.items() if "multi_modal_projector" in n)
+
+
+def test_attention_implementation_is_built_and_recorded(tmp_path):
+    model, processor = build_model(ModelSpec(attn_implementation="eager"))
+    assert model.config.text_config._attn_implementation == "eager"
+    save_model(model, processor, str(tmp_path / "m"))
+    assert (
+        json.loads((tmp_path / "m" / "config.json").read_text())["llava_ray"]["attn_implementation"]
+        == "eager"
+    )
+    loaded, _ = load_model(str(tmp_path / "m"))
+    assert loaded.config.text_config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation: expected one of"):
+        ModelSpec(attn_implementation="fast")

@@ -57,9 +57,10 @@ def head(tmp_path):
     yield f"http://127.0.0.1:{dash}", env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # a head given SIGTERM took 30 s to go; its session is all in this group
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     marker = "/tmp/ray/ray_current_cluster"  # left behind by a killed head; later local Rays would try it
     if os.path.exists(marker) and open(marker).read().strip().endswith(f":{gcs}"):
         os.remove(marker)

@@ -1,7 +1,9 @@
 """The Ray Data pipeline end to end: parity, a corrupt corpus, determinism, local and s3:// storage."""
 
 import json
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,11 +13,14 @@ from components import storage
 from components.anyres import normalize_tiles
 from components.conversation import parse_sample
 from components.manifest import load_mixture
+from components.media import MediaPolicy
 from components.model import build_tokenizer
 from components.processor import LlavaProcessor
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.stages import StageConfig, read_rejects
 from tests.conftest import upload_tree
+
+POLICY = MediaPolicy(max_video_pixels=2_000_000)  # the demo's clips pass; 3 frames of 1280x720 do not
 
 
 def _mixture(root, extra=""):
@@ -67,8 +72,15 @@ def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path,
     assert ("image", "single_image_4") in checked  # the Parquet form with embedded bytes
 
 
-def _corrupt_corpus(root, dest):
-    """Every good sample of the demo, plus one of each kind of bad one."""
+def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
+    """Every good sample of the demo, plus one of each kind of bad one; ``local_tricks``: also symlinks out of
+    the root, a FIFO and paths to a file outside it (local storage only). Returns (manifest, good ids,
+    {bad id: error type}, the file outside the root)."""
+    import os
+
+    import imageio_ffmpeg
+    from PIL import Image as PILImage
+
     shutil.copytree(root, dest)
     good = [
         json.loads(line)
@@ -77,51 +89,98 @@ def _corrupt_corpus(root, dest):
     ]
     (dest / "images" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)
     (dest / "images" / "empty.png").write_bytes(b"")
+    PILImage.new("L", (8000, 8000)).save(dest / "images" / "huge.png")  # 64 MP in a few KB
     video = (dest / "video.jsonl").read_text().splitlines()[0]
     clip = dest / json.loads(video)["video"]
     (dest / "videos" / "truncated.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    (dest / "videos" / "no-video.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=1280x720:rate=2:duration=3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(dest / "videos" / "hd.mp4")], check=True)  # fmt: skip
+    outside = dest.parent / f"{dest.name}-outside.png"
+    shutil.copy(dest / good[0]["image"], outside)
     turn = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
-    bad = [
-        ({"id": "bad-trunc", "video": "videos/truncated.mp4", "conversations": turn("<image>\nq", "a")}, "corrupt_video"),
-        ({"id": "bad-zero", "image": "images/empty.png", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
-        ({"id": "bad-jpeg", "image": "images/garbage.jpg", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
-        ({"id": "bad-missing", "image": "images/nope.png", "conversations": turn("<image>\nq", "a")}, "missing_media"),
-        ({"id": "bad-ph", "image": "images/garbage.jpg", "conversations": turn("q without", "a")},
-         "placeholder_mismatch"),
-        ({"id": "bad-empty", "conversations": []}, "invalid_sample"),
-        ({"id": "bad-long", "conversations": turn("word " * 3000, "a")}, "too_long"),
-        ({"id": "bad-type", "image": "docs/file.pdf", "conversations": turn("<image>\nq", "a")}, "unsupported_media"),
-        ({"id": "bad-audio", "audio": "a.wav", "conversations": turn("q", "a")}, "unsupported_media"),
-    ]  # fmt: skip
+    image = good[0]["image"]
+    bad = {
+        "bad-trunc": ({"video": "videos/truncated.mp4", "conversations": turn("<video>\nq", "a")}, "corrupt_video"),
+        "bad-novideo": ({"video": "videos/no-video.mp4", "conversations": turn("<video>\nq", "a")}, "corrupt_video"),
+        "bad-zero": ({"image": "images/empty.png", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
+        "bad-jpeg": ({"image": "images/garbage.jpg", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
+        "bad-missing": ({"image": "images/nope.png", "conversations": turn("<image>\nq", "a")}, "missing_media"),
+        "bad-ph": ({"image": "images/garbage.jpg", "conversations": turn("q without", "a")}, "placeholder_mismatch"),
+        "bad-video-ph": ({"image": image, "conversations": turn("<video>\nq", "a")}, "placeholder_mismatch"),
+        "bad-empty": ({"conversations": []}, "invalid_sample"),
+        "bad-long": ({"conversations": turn("word " * 3000, "a")}, "too_long"),
+        "bad-type": ({"image": "docs/file.pdf", "conversations": turn("<image>\nq", "a")}, "unsupported_media"),
+        "bad-audio": ({"audio": "a.wav", "conversations": turn("q", "a")}, "unsupported_media"),
+        "bad-both": ({"image": image, "images": [image], "conversations": turn("<image>\nq", "a")}, "ambiguous_media"),
+        "bad-13": ({"image": [image] * 13, "conversations": turn("<image>" * 13 + "q", "a")}, "too_many_images"),
+        "bad-huge": ({"image": "images/huge.png", "conversations": turn("<image>\nq", "a")}, "too_large"),
+        "bad-hd": ({"video": "videos/hd.mp4", "conversations": turn("<video>\nq", "a")}, "too_large"),
+        "bad-dotdot": ({"image": f"../{outside.name}", "conversations": turn("<image>\nq", "a")}, "outside_root"),
+        "bad-inner-dotdot": ({"image": f"images/../../{outside.name}", "conversations": turn("<image>\nq", "a")},
+                             "outside_root"),
+        "bad-other-bucket": ({"image": "s3://another-bucket/x.png", "conversations": turn("<image>\nq", "a")},
+                             "outside_root"),
+        "bad-nul": ({"image": "images/a\x00.png", "conversations": turn("<image>\nq", "a")}, "invalid_path"),
+    }  # fmt: skip
+    if local_tricks:
+        os.symlink(outside, dest / "images" / "escape.png")
+        os.symlink("/dev/zero", dest / "images" / "zero.png")
+        os.mkfifo(dest / "images" / "fifo.png")
+        bad.update({
+            "bad-absolute": ({"image": str(outside), "conversations": turn("<image>\nq", "a")}, "outside_root"),
+            "bad-symlink": ({"image": "images/escape.png", "conversations": turn("<image>\nq", "a")}, "outside_root"),
+            "bad-devzero": ({"image": "images/zero.png", "conversations": turn("<image>\nq", "a")}, "outside_root"),
+            "bad-fifo": ({"image": "images/fifo.png", "conversations": turn("<image>\nq", "a")}, "not_a_file"),
+        })  # fmt: skip
     lines = [json.dumps(r).encode() for r in good]
-    for record, _ in bad:
-        lines.insert(len(lines) // 2, json.dumps(record).encode())
+    for sid, (record, _) in bad.items():
+        lines.insert(len(lines) // 2, json.dumps({"id": sid, **record}).encode())
     lines.insert(3, b'{"id": "bad-utf8", "conversations": "\xff\xfe not utf-8"}')
+    lines.insert(4, b"[1, 2, 3]")  # not an object: named by its line
+    lines.insert(5, json.dumps(good[0]).encode())  # the same id again: the second is rejected
+    lines.insert(6, json.dumps({**good[1], "id": None}).encode())  # no id: named by its line, kept
+    lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte-order mark before the first record
     (dest / "corpus.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    expected = {"read_error": 1}
-    for _, reason in bad:
-        expected[reason] = expected.get(reason, 0) + 1
-    return dest / "corpus.jsonl", {r["id"] for r in good}, expected
-
-
-def test_corrupt_corpus_rejects_each_with_its_reason(demo_dir, ray_local, tmp_path):
-    root, _ = demo_dir
-    manifest, good_ids, expected = _corrupt_corpus(root, tmp_path / "corpus")
-    config = PreprocessConfig(manifest=str(manifest), stage=StageConfig(max_length=2048))
-    summary = preprocess(config, str(tmp_path / "out"))
-    assert summary["rejected_by_reason"] == expected
-    assert summary["accepted"] == len(good_ids) and summary["read"] == len(good_ids) + sum(expected.values())
-    assert {r["sample_id"] for r in read_output(str(tmp_path / "out"))} == good_ids
-    rejects = read_rejects(str(tmp_path / "out" / "rejects"))
-    by_id = {r["sample_id"]: r for r in rejects}
-    assert by_id["bad-trunc"]["step"] == "decode_video"
-    assert "'bad-trunc', field 'video'" in by_id["bad-trunc"]["message"]
-    assert (
-        by_id["bad-jpeg"]["step"] == "tile" and "'bad-jpeg', field 'image[0]'" in by_id["bad-jpeg"]["message"]
+    expected = {sid: reason for sid, (_, reason) in bad.items()}
+    expected.update(
+        {"corpus line 4": "read_error", "corpus line 5": "invalid_sample", good[0]["id"]: "duplicate_id"}
     )
+    good_ids = {r["id"] for r in good} | {"corpus line 7"}
+    return dest / "corpus.jsonl", good_ids, expected, outside
+
+
+def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(demo_dir, ray_local, tmp_path):
+    """The exact sets: every good sample kept (the one without an id under its line's name), every bad one
+    rejected with its type, in the project's grammar, and nothing outside the media root opened (its access
+    time, set in the past, never moves). Checked once with the root check off (resolve_media returning
+    the joined path): bad-absolute, bad-dotdot and others were accepted and this test failed."""
+    import os
+
+    root, _ = demo_dir
+    manifest, good_ids, expected, outside = _corrupt_corpus(root, tmp_path / "corpus")
+    past = 1_600_000_000
+    os.utime(outside, (past, past))
+    config = PreprocessConfig(manifest=str(manifest), stage=StageConfig(max_length=2048, media=POLICY))
+    summary = preprocess(config, str(tmp_path / "out"))
+    rejects = read_rejects(str(tmp_path / "out" / "rejects"))
+    assert {r["sample_id"]: r["error_type"] for r in rejects} == expected
+    assert {r["sample_id"] for r in read_output(str(tmp_path / "out"))} == good_ids
+    assert summary["accepted"] == len(good_ids) and summary["rejected"] == len(expected)
+    assert os.stat(outside).st_atime == past, "a file outside the media root was read"
+    by_id = {r["sample_id"]: r for r in rejects}
+    for sid, r in by_id.items():
+        assert repr(sid) in r["message"] and "expected" in r["message"] and "found" in r["message"], r
+        assert "Traceback" not in r["message"], r
+        if sid != "bad-absolute":  # that one names the absolute path its own manifest line gave
+            assert str(tmp_path) not in r["message"], r
+    assert by_id["bad-trunc"]["step"] == "decode_video" and "field 'video'" in by_id["bad-trunc"]["message"]
+    assert by_id["bad-jpeg"]["step"] == "tile" and "field 'image[0]'" in by_id["bad-jpeg"]["message"]
     assert by_id["bad-missing"]["step"] == "load" and "nope.png" in by_id["bad-missing"]["message"]
     assert by_id["bad-long"]["step"] == "tokenize" and "2048" in by_id["bad-long"]["message"]
-    assert all(r["message"] for r in rejects)
+    assert by_id["bad-13"]["message"].endswith("expected at most 12 images, found 13")
+    assert "8000x8000" in by_id["bad-huge"]["message"] and "1280x720" in by_id["bad-hd"]["message"]
 
 
 def test_same_seed_same_ids_same_order_and_a_pinned_mixture(demo_dir, ray_local, tmp_path):
@@ -137,26 +196,60 @@ def test_same_seed_same_ids_same_order_and_a_pinned_mixture(demo_dir, ray_local,
     assert ids_a == [r["sample_id"] for r in read_output(str(tmp_path / "b"))]
 
 
-def test_front_layout_mix_is_deterministic_per_sample(demo_dir, ray_local, tmp_path):
+def test_interleave_format_mix_is_deterministic_per_sample(demo_dir, ray_local, tmp_path):
+    """Interleave's "in-the-front" / "interleaved" mix, as its recipe configures it (front_fraction 0.5 in
+    interleave_m4): two runs give every sample the same layout, both layouts occur, a front row's ids
+    hold every image first, and another seed deals them differently. Checked once with the mix switched
+    off (Tokenize.layout_for always "interleaved"): this test failed."""
+    import dataclasses
+
+    from pipelines.recipes import load_recipe, stage_config
+
     root, manifests = demo_dir
-    config = PreprocessConfig(
-        manifest=manifests["multi_image"], stage=StageConfig(front_fraction=0.5, seed=1)
-    )
-    preprocess(config, str(tmp_path / "out"))
-    layouts = {r["sample_id"]: r["layout"] for r in read_output(str(tmp_path / "out"))}
-    assert set(layouts.values()) <= {"front", "interleaved"} and len(layouts) == 4
+    recipe = load_recipe("llava_next_interleave", "tiny", demo_dir=str(root))
+    stage = recipe.stage("interleave_m4")
+    assert stage.front_fraction == 0.5
+    config = stage_config(recipe, stage)
+    data = {"datasets": [{"json_path": manifests["multi_image"]}, {"json_path": manifests["single_image"]}]}
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = PreprocessConfig(
+            manifest=data, data_root=recipe.data_root, stage=dataclasses.replace(config, seed=seed)
+        )
+        preprocess(cfg, str(tmp_path / name))
+        runs.append({r["sample_id"]: r for r in read_output(str(tmp_path / name))})
+    layouts = [{k: r["layout"] for k, r in rows.items()} for rows in runs]
+    assert layouts[0] == layouts[1] and set(layouts[0].values()) == {"front", "interleaved"}
+    assert layouts[2] != layouts[0]
+    image_id = build_tokenizer(config.model).convert_tokens_to_ids("<image>")
+    for row in runs[0].values():
+        ids = row["input_ids"]
+        media = [i for i, t in enumerate(ids) if t == image_id]
+        if row["layout"] == "front" and media:
+            assert media == list(range(media[0], media[0] + len(media)))  # every image token in one block
 
 
 def test_s3_in_and_out_against_moto_over_http(demo_dir, ray_local, s3_bucket, tmp_path):
+    """The corpus from s3:// (no symlinks or FIFOs there): the same kept and rejected sets, and the rejects
+    table byte for byte what the same samples give from a local directory (no timestamps, no host paths)."""
     root, _ = demo_dir
-    manifest, good_ids, expected = _corrupt_corpus(root, tmp_path / "corpus")
+    manifest, good_ids, expected, _ = _corrupt_corpus(root, tmp_path / "corpus", local_tricks=False)
+    os.remove(tmp_path / "corpus" / "images" / "empty.png")  # S3 cannot tell an empty object from none:
+    expected["bad-zero"] = "missing_media"  # the local run below is given the same
     upload_tree(tmp_path / "corpus", f"{s3_bucket}/corpus")
     assert storage.exists(f"{s3_bucket}/corpus/corpus.jsonl")
-    config = PreprocessConfig(manifest=f"{s3_bucket}/corpus/corpus.jsonl", stage=StageConfig(max_length=2048))
+    config = PreprocessConfig(
+        manifest=f"{s3_bucket}/corpus/corpus.jsonl", stage=StageConfig(max_length=2048, media=POLICY)
+    )
     summary = preprocess(config, f"{s3_bucket}/pre")
-    assert summary["rejected_by_reason"] == expected and summary["accepted"] == len(good_ids)
+    rejects = read_rejects(f"{s3_bucket}/pre/rejects")
+    assert {r["sample_id"]: r["error_type"] for r in rejects} == expected and summary["accepted"] == len(
+        good_ids
+    )
     assert {r["sample_id"] for r in read_output(f"{s3_bucket}/pre")} == good_ids
-    assert len(read_rejects(f"{s3_bucket}/pre/rejects")) == sum(expected.values())
+    local = PreprocessConfig(manifest=str(manifest), stage=StageConfig(max_length=2048, media=POLICY))
+    preprocess(local, str(tmp_path / "local"))
+    assert read_rejects(str(tmp_path / "local" / "rejects")) == rejects
     assert json.loads(storage.read_text(f"{s3_bucket}/pre/summary.json"))["accepted"] == len(good_ids)
 
 

@@ -115,13 +115,37 @@ def test_full_profiles_carry_the_papers_values(name):
         assert config.anyres.mean == anyres.mean  # every stage normalizes as its encoder expects
 
 
-def test_interleave_mixes_formats():
-    r = load_recipe("llava_next_interleave", "tiny")
-    assert r.stage("interleave_m4").front_fraction == 0.5
+def test_cli_names_every_bad_recipe_profile_and_stage(capsys):
+    """Bad --recipe, --profile, --from, --until and stage names: one line in the project's grammar (what was
+    asked, what there is), exit 2, before any Ray starts."""
+    from pipelines.cli import main
+
+    cases = [
+        (["run", "--recipe", "nosuch"], "--recipe: expected one of"),
+        (["run", "--profile", "huge"], "--profile: expected a profile of recipe llava_onevision"),
+        (
+            ["run", "--from", "nosuchstage"],
+            "--from: expected a stage of recipe llava_onevision (stage1, stage1_5",
+        ),
+        (["run", "--until", "stage9"], "--until: expected a stage of recipe llava_onevision"),
+        (
+            ["run", "--from", "stage2_ov", "--until", "stage1"],
+            "--from/--until: expected 'stage2_ov' no later than",
+        ),
+        (
+            ["stage", "stage3", "--recipe", "llava_v1"],
+            "stage: expected a stage of recipe llava_v1 (pretrain, finetune)",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
 
 
 def test_unknown_profile_and_stage_fields_are_errors(tmp_path):
-    with pytest.raises(KeyError, match="profile"):
+    with pytest.raises(ValueError, match="profile"):
         load_recipe("llava_onevision", "huge")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {}\nstages:\n  s: {template: plain, data: {datasets: [{json_path: a}]},"

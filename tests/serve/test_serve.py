@@ -40,8 +40,54 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
+class _Upstream:
+    """A media host on 127.0.0.1: /slow answers after 30 s, /missing is a 404, /broken a 500, /away
+    redirects off the allow-list, /image.png is an image."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        image = base64.b64decode(png_url().split(",", 1)[1])
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the stdlib's name)
+                if self.path.startswith("/slow"):
+                    time.sleep(30)
+                if self.path == "/missing":
+                    return self.send_error(404)
+                if self.path == "/broken":
+                    return self.send_error(500)
+                if self.path == "/away":
+                    self.send_response(302)
+                    self.send_header("Location", "http://example.invalid/x.png")
+                    return self.end_headers()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                try:
+                    self.wfile.write(image)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def endpoint(ray_local, checkpoint):
+def upstream():
+    up = _Upstream()
+    yield up
+    up.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, checkpoint, upstream):
     from ray import serve
 
     from serve.app import ServeConfig, build_app
@@ -52,7 +98,9 @@ def endpoint(ray_local, checkpoint):
                               target_ongoing_requests=1.0, max_batch_size=4, replica_cpus=0.25,
                               api_key_env="LLAVA_RAY_NO_SUCH_KEY",
                               limits={"max_images": 3, "max_image_pixels": 1000 * 1000, "max_tokens": 64,
-                                      "max_prompt_tokens": 3000, "max_image_bytes": 200_000})  # fmt: skip
+                                      "max_image_bytes": 200_000, "max_body_bytes": 1_000_000,
+                                      "allowed_media_prefixes": [upstream.url + "/"], "fetch_timeout_s": 4,
+                                      "fetch_concurrency": 3})  # fmt: skip
     serve.run(build_app(open_config), name="open", route_prefix="/")
     secured = ServeConfig(checkpoint=checkpoint, api_key_env="LLAVA_RAY_TEST_API_KEY", replica_cpus=0.25,
                           min_replicas=1, max_replicas=1)  # fmt: skip
@@ -176,7 +224,13 @@ BAD = [
     ("marker-in-text", _body("look: <image>"), 400, "<image>"),
     ("bad-video", _body([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
                                                                     + base64.b64encode(b"\x00" * 64).decode()}}]), 400, "video"),
-    ("prompt-too-long", _body("word " * 4000), 400, "prompt tokens"),
+    ("prompt-too-long", _body("word " * 4500), 400, "prompt tokens"),
+    ("seed-past-int64", _body(seed=2**70), 400, "seed: expected a 64-bit integer"),
+    ("lone-surrogate", b'{"model": "llava-ray", "messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400,
+     "lone surrogate"),
+    ("deep-json", b'{"model": "llava-ray", "x": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "nested at most"),
+    ("huge-number", b'{"model": "llava-ray", "seed": ' + b"9" * 5000 + b"}", 400, "numbers of ordinary size"),
+    ("body-too-large", b'{"model": "llava-ray", "pad": "' + b"x" * 1_100_000 + b'"}', 413, "at most 1000000 bytes"),
     ("bytes-too-large", _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]),
      413, "bytes"),
 ]  # fmt: skip
@@ -192,7 +246,100 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(endpoint, client, na
         r = requests.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"], r.text
+    assert r.headers["content-type"].startswith("application/json")
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_framework_errors_use_the_openai_shape(endpoint):
+    for method, path, status in (("get", "/v1/nothing-here", 404), ("get", "/v1/chat/completions", 405)):
+        r = getattr(requests, method)(f"{endpoint}{path}", timeout=30)
+        assert r.status_code == status and r.json()["error"]["code"] == str(status), r.text
+
+
+def test_a_bad_request_fails_alone_beside_good_ones(client, endpoint):
+    """Requests sent at the same moment as bad ones (a seed past int64, a lone surrogate) all get 200; the
+    bad ones get their 400: the ingress rejects them before they can join a batch, and the replica runs
+    each request of a batch in isolation besides."""
+    content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": png_url()}}]
+
+    def good(_):
+        return ask(client, content, max_tokens=4).choices[0].finish_reason
+
+    bad_bodies = [
+        _body(seed=2**70),
+        b'{"model": "llava-ray", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    ]
+
+    def bad(body):
+        kwargs = (
+            {"data": body, "headers": {"content-type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body}
+        )
+        return requests.post(f"{endpoint}/v1/chat/completions", timeout=60, **kwargs).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good, i) for i in range(6)]
+        bads = [pool.submit(bad, b) for b in bad_bodies]
+        assert [f.result() for f in bads] == [400, 400]
+        assert all(f.result() in ("stop", "length") for f in goods)
+
+
+def test_a_slow_upstream_delays_only_its_own_requests(client, endpoint, upstream):
+    """Fetches run in their own bounded pool with one deadline each: while slow upstream fetches hang, a
+    text-only request answers within 2 s, and each slow fetch ends as a 400 naming the host at the deadline.
+    (With media parsed in the ingress's shared default executor, the text-only request would queue
+    behind the hanging fetches and miss its 2 s.)"""
+    slow = _body(
+        [{"type": "image_url", "image_url": {"url": f"{upstream.url}/slow"}}, {"type": "text", "text": "q"}]
+    )
+
+    def fetch_slow(_):
+        start = time.monotonic()
+        r = requests.post(f"{endpoint}/v1/chat/completions", json=slow, timeout=60)
+        return r.status_code, r.json()["error"], time.monotonic() - start
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        pending = [pool.submit(fetch_slow, i) for i in range(6)]
+        time.sleep(1.0)
+        start = time.monotonic()
+        assert ask(client, "quick?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        assert time.monotonic() - start < 2.0
+        for status, error, seconds in (f.result() for f in pending):
+            assert status == 400 and error["code"] == "media_fetch_failed" and "127.0.0.1" in error["message"]
+            assert seconds < 3 * 4 + 10  # the deadline (4 s), behind at most two rounds of the 3-thread pool
+
+
+@pytest.mark.parametrize("path, code, words", [("/missing", "media_fetch_failed", "HTTP 404"),
+                                               ("/broken", "media_fetch_failed", "HTTP 500"),
+                                               ("/away", "url_not_allowed", "example.invalid")])  # fmt: skip
+def test_upstream_failures_and_redirects_are_4xx_naming_the_host(endpoint, upstream, path, code, words):
+    body = _body(
+        [{"type": "image_url", "image_url": {"url": f"{upstream.url}{path}"}}, {"type": "text", "text": "q"}]
+    )
+    r = requests.post(f"{endpoint}/v1/chat/completions", json=body, timeout=60)
+    assert (
+        r.status_code == 400 and r.json()["error"]["code"] == code and words in r.json()["error"]["message"]
+    ), r.text
+    ok = _body(
+        [
+            {"type": "image_url", "image_url": {"url": f"{upstream.url}/image.png"}},
+            {"type": "text", "text": "q"},
+        ]
+    )
+    assert requests.post(f"{endpoint}/v1/chat/completions", json=ok, timeout=60).status_code == 200
+
+
+def test_seeded_sampling_streams_the_same_text(client):
+    def sample(stream: bool) -> str:
+        out = client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": "Say something."}],
+                                             max_tokens=8, temperature=1.0, seed=1234, stream=stream)  # fmt: skip
+        if not stream:
+            return out.choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in out).strip()
+
+    first = sample(True)
+    assert sample(True) == first == sample(False)
 
 
 def test_auth_on(endpoint):
@@ -247,8 +394,12 @@ def test_autoscaling_up_under_load_and_back_down(client):
 
 
 def test_batches_fill_under_concurrent_load_and_serial_requests_do_not_wait(endpoint):
-    """One replica, max_batch_size 8: serial requests run alone with a 1 ms wait; 8 concurrent clients fill
-    batches beyond 5 (Serve's default max_ongoing_requests on the ingress, which used to cap them)."""
+    """One replica, max_batch_size 8: serial requests run alone with a 1 ms wait; requests that arrive
+    while a batch runs all join the next one (7 here), beyond 5 (Serve's default max_ongoing_requests on
+    the ingress, which used to cap them). A long request (200 tokens) keeps the replica busy while 7 others
+    come in. This guards the replica's idle gate: Serve forms a batch as soon as a request arrives, even
+    while another batch runs, and without the gate (checked: generate calling generate_batched at once)
+    the 7 became batches of 1 to 3 queued behind the long one, and this test failed."""
     from ray import serve
 
     handle = serve.get_deployment_handle("LlavaModel", app_name="secured")
@@ -264,8 +415,11 @@ def test_batches_fill_under_concurrent_load_and_serial_requests_do_not_wait(endp
     serial = handle.stats.remote().result()
     assert serial["largest_batch"] == 1 and serial["batch_wait_s"] == pytest.approx(0.001)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for _ in range(4):
-            list(pool.map(lambda _: ask(secured, content, max_tokens=16), range(8)))
+        for _ in range(2):
+            long = pool.submit(ask, secured, content, max_tokens=200)
+            time.sleep(0.5)  # the long request is on the replica
+            list(pool.map(lambda _: ask(secured, content, max_tokens=8), range(7)))
+            long.result()
     loaded = handle.stats.remote().result()
     assert loaded["largest_batch"] >= 6, loaded
-    assert 0.001 < loaded["batch_wait_s"] <= 0.05, loaded
+    assert loaded["longest_batch_wait_s"] <= 0.05, loaded

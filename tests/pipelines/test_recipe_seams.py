@@ -1,0 +1,116 @@
+"""The train stage's recipe, driven through its seams on one rank without Ray (``LocalContext``): the same
+code Ray Train runs on every worker, with LoRA, a checkpoint, an interruption and a resume, then the
+export. On the CPU (gloo) always; on a GPU (NCCL, bf16) where one is at hand (marker gpu)."""
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+
+from components import storage
+from pipelines.layout import RunLayout
+from pipelines.preprocess import PreprocessConfig, preprocess
+from pipelines.recipes import LoraSpec, load_recipe, stage_config
+from pipelines.train_stage import LocalContext, StageRecipe, data_stats, plan_stage, read_history
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One rank of a process group (DeepSpeed keeps the group it first saw: one per test process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(step: int):
+    def hook(done: int, rank: int) -> None:
+        if done == step:
+            raise Interrupt(f"stopped after step {step}")
+
+    return hook
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.timeout(900)
+def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_path, process_group):
+    """Four LoRA steps in one go, and four steps interrupted right after the step-2 checkpoint then resumed
+    by a new recipe object: the resumed run continues from step 2 with the uninterrupted run's losses
+    (exactly on the CPU; within bf16 noise on a GPU), and its export is a plain HF checkpoint (LoRA merged)
+    that loads and gives the probe logits the training model gave."""
+    from safetensors.torch import load as load_tensors
+    from transformers import AutoModelForImageTextToText
+
+    root, manifests = demo_dir
+    recipe = dataclasses.replace(load_recipe("llava_onevision", "tiny", demo_dir=str(root)), workers=1,
+                                 use_gpu=device == "cuda", cpus_per_worker=2)  # fmt: skip
+    stage = dataclasses.replace(recipe.stage("stage2_si"), data={"datasets": [{"json_path": manifests["single_image"]}]},
+                                lora=LoraSpec(r=4, alpha=8), micro_batch=2, global_batch=2, max_steps=4,
+                                checkpoint_every=2, lr=1e-3)  # fmt: skip
+    histories, plans = {}, {}
+    for name in ("whole", "resumed"):
+        layout = RunLayout(tmp_path, name).stage(stage.name)
+        config = PreprocessConfig(
+            manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+        )
+        preprocess(config, layout, local=True)  # no Ray here (the GPU machine has none)
+        positions, _ = data_stats(layout)
+        plans[name] = plan_stage(
+            recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory"
+        )
+    context = LocalContext(str(tmp_path / "whole-checkpoints"))
+    StageRecipe(plans["whole"], context).train()
+    histories["whole"] = read_history(plans["whole"].layout.history)
+    checkpoints = str(tmp_path / "resumed-checkpoints")
+    interrupted = dataclasses.replace(plans["resumed"], step_hooks=(_stop_after(2),))
+    with pytest.raises(Interrupt):
+        StageRecipe(interrupted, LocalContext(checkpoints)).train()
+    StageRecipe(plans["resumed"], LocalContext(checkpoints)).train()  # a new attempt: resumes at step 2
+    histories["resumed"] = read_history(plans["resumed"].layout.history)
+    assert [m["step"] for m in histories["resumed"]] == [1, 2, 3, 4]
+    assert [m["attempt_start_step"] for m in histories["resumed"]] == [0, 0, 2, 2]
+    whole, resumed = ([m["loss"] for m in histories[k]] for k in ("whole", "resumed"))
+    if device == "cpu":
+        assert resumed == whole
+    else:
+        assert resumed == pytest.approx(whole, rel=2e-2)
+    layout = plans["resumed"].layout
+    assert storage.is_complete(layout.export)
+    export = AutoModelForImageTextToText.from_pretrained(layout.export)
+    assert not [k for k in export.state_dict() if "lora_" in k]
+    from components.batching import to_device
+    from components.processor import LlavaProcessor
+
+    probe = LlavaProcessor.from_pretrained(layout.export).probe_batch()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    export = export.to(device, dtype).eval()
+    with torch.no_grad():
+        logits = export(**to_device(probe, device, dtype)).logits.float().cpu()
+    trained = load_tensors(storage.read_bytes(layout.probe_logits))["logits"]
+    real = probe["attention_mask"].bool()
+    tolerance = 1e-5 if device == "cpu" else 2e-2
+    assert torch.allclose(logits[real], trained[real], atol=tolerance, rtol=tolerance)
