@@ -152,3 +152,30 @@ def test_unknown_profile_and_stage_fields_are_errors(tmp_path):
                    " trainable: [multi_modal_projector], lr: 1, learning_rate: 2}\nprofiles: {tiny: {}}\n")  # fmt: skip
     with pytest.raises(ValueError, match="learning_rate"):
         load_recipe(str(bad), "tiny")
+
+
+HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+              "llava_onevision": "LlavaOnevisionForConditionalGeneration"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_tiny_recipe_model_exports_a_transformers_checkpoint(name, demo_dir, tmp_path):
+    """Each recipe's tiny model, saved as its stages export it, loads with AutoModelForImageTextToText into
+    its architecture's transformers class with no missing or unexpected keys, and gives our loader's
+    logits on its processor's probe batch (the e2e DAG runs two of the recipes through every stage)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from components.model import build_model, load_model, save_model
+
+    root, _ = demo_dir
+    recipe = load_recipe(name, "tiny", demo_dir=str(root))
+    model, processor = build_model(recipe.model)
+    save_model(model, processor, str(tmp_path / "hf"))
+    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(hf).__name__ == HF_CLASSES[recipe.model.arch]
+    ours, processor = load_model(str(tmp_path / "hf"))
+    batch = processor.probe_batch()
+    with torch.no_grad():
+        assert torch.equal(hf.eval()(**batch).logits, ours.eval()(**batch).logits)
