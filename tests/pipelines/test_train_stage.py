@@ -113,8 +113,8 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
 
 def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
     """The stage's frozen parts stay frozen (set_trainable): Stage-1 changes the projector and nothing else,
-    and the export reproduces the training model's logits. With set_trainable off (every part trainable)
-    the vision tower and LLM would change and the frozen-part check fails (not re-run since this refactor)."""
+    and the export reproduces the training model's logits. Checked once with set_trainable switched off
+    (every part trainable): "model.vision_tower. changed in Stage-1", and this test failed."""
     root, _ = demo_dir
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
     # 8 rows, 2 workers x micro-batch 2: two steps per epoch, two epochs from the rows each worker kept
