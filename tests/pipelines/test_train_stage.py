@@ -170,8 +170,8 @@ def test_zero3_ranks_with_one_modality_each_fault_resume_and_mlflow(
 ):
     """ZeRO-3 gathers each module's parameters collectively, so every rank must run the same modules each
     step: rank 0 holds only images, rank 1 only text, rank 2 only video, and MediaFiller gives each
-    micro-batch the media it lacks (without it, such ranks stop in step with a gloo size mismatch; not
-    re-run with the filler off since this refactor). Also: a rank killed after the step-2 checkpoint (on
+    micro-batch the media it lacks. Checked once with MediaFiller left out of the batch maker (collate of
+    the rank's own rows only): the stage died with a WorkerGroupError (rank 1 lost) and this test failed. Also: a rank killed after the step-2 checkpoint (on
     S3) resumes there with the same losses as an uninterrupted attempt would give, and the stage's MLflow
     run (a real server) holds one curve, the mixture manifest and the resolved plan, and ends FINISHED."""
     root, _ = demo_dir
