@@ -72,8 +72,8 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     """OneVision's last two stages (tests/e2e/onevision2.yaml), killed in the last right after its step-2
     checkpoint (a step hook), fail with every MLflow run FAILED and the error tagged; the re-run skips the
     done stage and resumes the last from that checkpoint: its history continues at step 3 in the same
-    MLflow run (a fault before the checkpoint would restart it at step 0, which the history check
-    catches). Afterwards no run is left RUNNING, each stage has one run with its mixture manifest, the
+    MLflow run. Checked once with the step hook run before the step's checkpoint instead of after it:
+    the resumed attempts all started at step 0 ([0, 0, 0, 0]) and this test failed. Afterwards no run is left RUNNING, each stage has one run with its mixture manifest, the
     registered model version links to its run and its files, and the export loads in transformers. A
     third run skips everything and changes nothing."""
     from mlflow.tracking import MlflowClient
