@@ -179,7 +179,10 @@ def _llm_config(spec: ModelSpec, vocab_size: int):
     import transformers
 
     cls = getattr(transformers, architecture(spec.arch).llm_config_class)
-    return cls(vocab_size=vocab_size, tie_word_embeddings=False, **spec.llm)
+    kwargs = {"tie_word_embeddings": False, **spec.llm}
+    # a config may ask for a larger vocabulary than the tiny tokenizer's (a real-size shape, for benchmarks)
+    kwargs["vocab_size"] = max(vocab_size, int(kwargs.get("vocab_size", 0)))
+    return cls(**kwargs)
 
 
 def build_tokenizer(spec: ModelSpec):
@@ -241,9 +244,14 @@ def build_model(spec: ModelSpec):
         _set_attention(config, attention(spec.attn_implementation))
         if spec.projector == "linear":
             config.projector_hidden_act = "linear"  # HF's form of the linear projector: see save_model
-        model = _model_class(arch.name)(config)
+        model = _model_class(arch.name)._from_config(config)  # straight into ZeRO-3 partitions under one
         if spec.projector == "linear":
             _use_linear_projector(model)
+        if (llm is not None or vision is not None) and _partitioned(model):
+            raise ValueError(
+                "ZeRO-3: expected a stage that starts from separate vision and LLM checkpoints (Stage-1) at "
+                "zero_stage 2 or below, found zero_stage 3 (load the parts into a full checkpoint first)"
+            )
         if llm is not None:
             llm.resize_token_embeddings(len(tokenizer))
             model.model.language_model.load_state_dict(llm.model.state_dict())
@@ -253,6 +261,38 @@ def build_model(spec: ModelSpec):
             _load_vision(model.model.vision_tower, vision)
     _set_generation_config(model, processor)
     return model, processor
+
+
+@contextlib.contextmanager
+def partitioned_build(ds_config: dict | None):
+    """While active under a ZeRO-3 DeepSpeed config, transformers builds and loads models straight into
+    each rank's partition (``zero.Init``, in the config's dtype: bf16 where the stage trains in bf16), so
+    no rank materialises the whole model. Otherwise (ZeRO-0/1/2, no config) a plain build."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep it alive here
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def _partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gathered(params):
+    """The full values of ZeRO-3-partitioned parameters for the block (changes made on rank 0 are kept)."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _set_attention(config, name: str) -> None:
@@ -343,14 +383,16 @@ def _from_hf_projector(model) -> None:
     """A loaded LLaVA (1.0) export back to its one trainable linear layer (its second layer must be the
     identity that ``_hf_projector`` wrote)."""
     hf = model.model.multi_modal_projector
-    eye = torch.eye(hf.linear_2.weight.shape[0], dtype=hf.linear_2.weight.dtype)
-    if not (torch.equal(hf.linear_2.weight, eye) and not hf.linear_2.bias.any()):
-        raise ValueError(
-            "multi_modal_projector.linear_2: expected the identity of a linear projector, found other weights"
-        )
+    with _gathered(hf.parameters()):
+        eye = torch.eye(hf.linear_2.weight.shape[0], dtype=hf.linear_2.weight.dtype)
+        if not (torch.equal(hf.linear_2.weight, eye) and not hf.linear_2.bias.any()):
+            raise ValueError(
+                "multi_modal_projector.linear_2: expected the identity of a linear projector, found other weights"
+            )
+        linear = {k: v.detach().clone() for k, v in hf.linear_1.state_dict().items()}
     _use_linear_projector(model)
-    model.model.multi_modal_projector.to(hf.linear_1.weight.dtype)
-    model.model.multi_modal_projector.linear.load_state_dict(hf.linear_1.state_dict())
+    model.model.multi_modal_projector.to(linear["weight"].dtype)
+    model.model.multi_modal_projector.linear.load_state_dict(linear)
 
 
 def set_trainable(model, parts: list[str] | tuple[str, ...]) -> dict[str, int]:

@@ -174,6 +174,60 @@ def make_tracker(config: TrackingConfig | None, *, rank: int = 0, run_id: str | 
     return MlflowTracker(config, run_id=run_id)
 
 
+def audit_pipeline_run(config: TrackingConfig, summary: dict) -> list[str]:
+    """What a finished pipeline's MLflow store must show, as a list of what it does not (empty: all true):
+    no run of the experiment left RUNNING; one run per stage under the pipeline's run, FINISHED, with the
+    mixture manifest among its artifacts; the registered version linked to the last stage's run, its
+    source a logged model of that run holding the export's files."""
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = config.resolved()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return [f"experiment {config.experiment!r}: expected in {uri}, found none"]
+    runs = client.search_runs([experiment.experiment_id], max_results=10000)
+    problems = [f"run {r.info.run_name} ({r.info.run_id}): expected ended, found RUNNING"
+                for r in runs if r.info.status == "RUNNING"]  # fmt: skip
+    parent = summary.get("mlflow_parent_run_id")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    expected = [record["stage"] for record in summary["stages"]]
+    if sorted(r.info.run_name for r in children) != sorted(expected):
+        problems.append(f"stage runs under {parent}: expected one each of {expected}, "
+                        f"found {sorted(r.info.run_name for r in children)}")  # fmt: skip
+    for run in children:
+        if run.info.status != "FINISHED":
+            problems.append(f"stage run {run.info.run_name}: expected FINISHED, found {run.info.status}")
+        if "mixture.json" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            problems.append(f"stage run {run.info.run_name}: expected the artifact mixture.json, found none")
+    problems += _audit_registration(client, summary)
+    return problems
+
+
+def _audit_registration(client, summary: dict) -> list[str]:
+    registered = summary.get("registered_model")
+    if not registered:
+        return ["registered model: expected one in the summary, found none"]
+    last_run = summary["stages"][-1]["mlflow_run_id"]
+    version = client.get_model_version(registered["name"], registered["version"])
+    problems = []
+    if version.run_id != last_run:
+        problems.append(f"registered {registered['name']} v{registered['version']}: expected run {last_run}, "
+                        f"found {version.run_id}")  # fmt: skip
+    if not version.source.startswith("models:/"):
+        return problems + [f"registered {registered['name']} v{registered['version']}: expected a models:/ "
+                           f"source, found {version.source!r}"]  # fmt: skip
+    model_id = version.source.removeprefix("models:/")  # sqlite's registry returns model_id=None
+    if client.get_logged_model(model_id).source_run_id != last_run:
+        problems.append(f"logged model {model_id}: expected source run {last_run}")
+    files = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    if not {"config.json", "model.safetensors"} <= files:
+        problems.append(
+            f"logged model {model_id}: expected config.json and model.safetensors, found {sorted(files)}"
+        )
+    return problems
+
+
 def loss_curve_png(steps: list[int], losses: list[float], title: str) -> str:
     """A loss-curve PNG in a temporary file (matplotlib, headless); the caller logs and deletes it."""
     import matplotlib

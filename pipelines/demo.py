@@ -28,6 +28,7 @@ def _first(records: list[dict], task: str) -> dict:
 def run_demo(out: str, num_cpus: int = 2) -> int:
     import ray
 
+    from components.tracking import TrackingConfig, audit_pipeline_run
     from pipelines.dag import PipelineConfig, run_pipeline
     from pipelines.recipes import ensure_demo_data
 
@@ -42,11 +43,16 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     summary = run_pipeline(config)
     trained = time.monotonic() - start
     answers = _ask_the_endpoint(summary["final_model"], data)
+    problems = audit_pipeline_run(TrackingConfig(uri=tracking), summary)
     _report(summary, answers, out, tracking, trained, time.monotonic() - start)
     storage.write_text(
         os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
     )
-    return 0
+    print("\nMLflow store: " + ("every run ended, one run per stage with its mixture manifest, the registered "
+                               "version linked to its run and files" if not problems else "NOT as expected"))  # fmt: skip
+    for problem in problems:
+        print(f"  {problem}")
+    return 1 if problems else 0
 
 
 def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:

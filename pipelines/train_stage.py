@@ -337,11 +337,23 @@ class StageRecipe:
     def setup_model(self):
         """(model, processor): the previous stage's export (or the base models) prompted with this stage's
         processor, its AnyRes grid in the config, LoRA applied, the stage's parts trainable."""
-        from components.model import build_model, enable_activation_checkpointing, load_model, set_trainable
+        import torch
+
+        from components.model import (
+            build_model,
+            enable_activation_checkpointing,
+            load_model,
+            partitioned_build,
+            set_trainable,
+        )
         from components.processor import LlavaProcessor
 
         plan = self.plan
-        model, processor = load_model(plan.init_from) if plan.init_from else build_model(plan.model)
+        dtype = torch.bfloat16 if plan.use_gpu else torch.float32  # the engine's: never a whole fp32 copy
+        with partitioned_build(deepspeed_config(plan)):  # ZeRO-3: each rank builds only its partition
+            model, processor = (
+                load_model(plan.init_from, dtype=dtype) if plan.init_from else build_model(plan.model)
+            )
         if processor.config.arch != plan.processor.arch:
             raise ValueError(f"{plan.init_from or plan.model.checkpoint}: expected a {plan.processor.arch} "
                              f"checkpoint (the recipe's arch), found {processor.config.arch}")  # fmt: skip
@@ -404,7 +416,9 @@ class StageRecipe:
         from components.generation import MediaFiller
         from components.model import group_of
 
-        filler = MediaFiller(processor, with_video=self.plan.has_video)
+        # the fillers keep every rank's collectives in step (ZeRO-3); one rank has no one to wait for, and a
+        # filler padded to a long row's length would double a micro-batch of one's compute
+        filler = MediaFiller(processor, with_video=self.plan.has_video) if self.world > 1 else list
         device, dtype = engine.device, engine.get_data_types()[0]  # bf16 on GPU, fp32 on CPU
 
         def make_batch(micro: list[dict]) -> dict:

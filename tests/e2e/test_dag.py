@@ -78,7 +78,7 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     third run skips everything and changes nothing."""
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import TrackingConfig
+    from components.tracking import TrackingConfig, audit_pipeline_run
 
     root, _ = demo_dir
     layout = RunLayout(tmp_path / "runs", "r")
@@ -119,6 +119,7 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     model_files = {a.path for a in client.list_logged_model_artifacts(model_id)}
     assert {"config.json", "model.safetensors", "llava_ray_processor.json"} <= model_files
     assert _loads_in_transformers(summary["final_model"]) == CLASSES["llava_onevision"]
+    assert audit_pipeline_run(TrackingConfig(uri=cfg.tracking_uri), summary) == []  # what make demo checks
 
     before = {
         r["stage"]: storage.read_text(storage.join(r["hf_uri"], "MANIFEST.json")) for r in summary["stages"]

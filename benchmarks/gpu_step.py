@@ -1,0 +1,385 @@
+"""The real-size training step on one GPU, without Ray: our stage recipe's step (its DeepSpeed engine from
+our own ``deepspeed_config``, ZeRO-2, bf16; its rows from our preprocessing and processor) beside a plain
+loop (the same transformers model class and config, torch AdamW, the same batches), in one run.
+
+Shapes (random weights from configs, nothing downloaded):
+  0.5b   SigLIP-so400m/14 at 384 px (the 26 layers OneVision keeps) + Qwen2-0.5B
+  7b-N   the same tower + a Qwen2-7B-shaped LLM with N layers (per-layer extrapolation to 28)
+  quick  the tiny models on the CPU (a smoke test of this script: no MFU claim)
+Rows are Stage-2-like (the OneVision recipe's full-profile processor): AnyRes up to 6x6 at 384 px, from
+~2,200 to ~7,300 visual tokens an image, plus text; and 32-frame videos (H.264, decoded by our reader).
+
+MFU follows docs/SCALING.md's FLOP model: 6 N_llm per token plus attention 12 L d S, and the vision tower
+at 6 N_vision per patch it encodes plus its attention (every tile of every image, every frame); it is
+also given without the vision tower, as lmms-engine reports it. Peak: the GPU's dense BF16 TFLOP/s
+(989 for H100/H200 SXM, 312 for A100; ``--peak-tflops`` to override).
+
+The plain loop keeps the weights in bf16 and steps torch AdamW on them (no fp32 master copy): the
+cheapest honest loop, so the overhead it shows is at most what DeepSpeed's mixed precision costs.
+
+    python benchmarks/gpu_step.py --quick                 # CPU smoke test, tiny shapes (< 45 s)
+    python benchmarks/gpu_step.py --shapes 0.5b,7b-4      # on a GPU: the table, then the headline line
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks._common import machine, scratch  # noqa: E402
+
+SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
+                 "num_attention_heads": 16}  # fmt: skip
+QWEN2_0_5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+              "rope_theta": 1e6, "tie_word_embeddings": True}  # fmt: skip
+QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1e6}  # fmt: skip
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    vision: dict
+    llm: dict
+    tile: int
+    sizes: tuple[tuple[int, int], ...]
+    """(height, width) of the images: their AnyRes grids span 1x2 .. 6x6."""
+    video_size: int
+    answer_words: int
+
+
+def shape(name: str) -> Shape:
+    from components.model import TINY_LLM, TINY_VISION
+
+    big = ((384, 768), (768, 768), (768, 1152), (1152, 1152), (1536, 1536), (2304, 2304))
+    if name == "quick":
+        return Shape(
+            "quick", dict(TINY_VISION), dict(TINY_LLM), 56, ((56, 112), (112, 112), (168, 336)), 56, 40
+        )
+    if name == "0.5b":
+        return Shape(name, dict(SIGLIP_SO400M), dict(QWEN2_0_5B), 384, big, 384, 200)
+    if name.startswith("7b-"):
+        return Shape(
+            name, dict(SIGLIP_SO400M), {**QWEN2_7B, "num_hidden_layers": int(name[3:])}, 384, big, 384, 200
+        )
+    raise SystemExit(f"--shapes: expected quick, 0.5b or 7b-N, found {name!r}")
+
+
+# ---- data: a manifest of Stage-2-like samples, through our preprocessing --------------------------------
+
+
+def make_manifest(root: str, s: Shape, images: int, videos: int) -> str:
+    """Single-image samples over the shape's sizes and 32-frame videos, with long answers."""
+    import random
+
+    import numpy as np
+
+    from components.demo_data import COLORS, motion_frames, shape_image, write_video
+    from components.demo_data import DemoConfig as Demo
+
+    rng = random.Random(0)
+    os.makedirs(os.path.join(root, "media"), exist_ok=True)
+    words = "the shape in this picture is drawn with a single colour on a light background and it".split()
+    records = []
+    for i in range(images):
+        height, width = s.sizes[i % len(s.sizes)]
+        image = shape_image(rng, s.tile, rng.choice(list(COLORS)), "circle").resize((width, height))
+        image.save(os.path.join(root, "media", f"im{i}.png"))
+        answer = " ".join(rng.choice(words) for _ in range(s.answer_words))
+        records.append({"id": f"im{i}", "image": f"media/im{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]})  # fmt: skip
+    demo = Demo(video_frames=32, video_size=s.video_size)
+    for i in range(videos):
+        frames = motion_frames(rng, "red", "square", "right", demo)
+        write_video(os.path.join(root, "media", f"v{i}.mp4"), np.ascontiguousarray(frames), fps=1)
+        answer = " ".join(rng.choice(words) for _ in range(s.answer_words))
+        records.append({"id": f"v{i}", "video": f"media/v{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": answer}]})  # fmt: skip
+    path = os.path.join(root, "stage2.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def stage_plan(
+    s: Shape, root: str, manifest: str, *, gpu: bool, micro: int, steps: int, ckpt: bool, attn: str
+):
+    """The OneVision recipe's Stage-2 (full profile: its AnyRes grid and video sampling) at this shape, one
+    worker, ZeRO-2, bf16 on the GPU: the plan our Ray Train workers would get."""
+    from pipelines.layout import RunLayout
+    from pipelines.preprocess import PreprocessConfig, preprocess
+    from pipelines.recipes import load_recipe, stage_config
+    from pipelines.train_stage import data_stats, plan_stage
+
+    recipe = load_recipe("llava_onevision", "full")
+    anyres = dataclasses.replace(recipe.model.anyres, tile_size=s.tile)
+    model = dataclasses.replace(recipe.model, vision=s.vision, llm=s.llm, anyres=anyres, vision_layers=None,
+                                attn_implementation=attn)  # fmt: skip
+    recipe = dataclasses.replace(
+        recipe, model=model, workers=1, use_gpu=gpu, cpus_per_worker=8, data_root=root
+    )
+    stage = dataclasses.replace(recipe.stage("stage2_ov"), data={"datasets": [{"json_path": manifest}]},
+                                zero_stage=2, micro_batch=micro, global_batch=micro, max_steps=steps,
+                                activation_checkpointing=("language_model", "vision_tower") if ckpt else (),
+                                max_length=16384, checkpoint_every=10**9)  # fmt: skip
+    layout = RunLayout(root, "bench").stage(stage.name)
+    if not os.path.exists(layout.preprocess_summary):
+        config = PreprocessConfig(manifest=stage.data, data_root=root, stage=stage_config(recipe, stage))
+        preprocess(config, layout, local=True)
+    positions, modalities = data_stats(layout)
+    return plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=None,
+                      data_mode="memory")  # fmt: skip
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------------
+
+
+def step_flops(model, batch: dict, rows: list[dict]) -> tuple[float, float]:
+    """(FLOPs with the vision tower, FLOPs of the LLM alone) of one forward+backward over ``rows``."""
+    text, vision = model.config.text_config, model.config.vision_config
+    n_llm = sum(p.numel() for p in model.model.language_model.parameters()) + (
+        0 if text.tie_word_embeddings else model.lm_head.weight.numel()
+    )
+    n_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
+    llm = 0.0
+    for r in rows:
+        s = len(r["input_ids"])
+        llm += 6 * n_llm * s + 12 * text.num_hidden_layers * text.hidden_size * s * s
+    patches_per_tile = (vision.image_size // vision.patch_size) ** 2
+    tiles = 0
+    for key in ("pixel_values", "pixel_values_videos"):
+        value = batch.get(key)
+        if value is not None:
+            tiles += value.shape[0] * (value.shape[1] if value.dim() == 5 else 1)
+    patches = tiles * patches_per_tile
+    vis = (
+        6 * n_vis * patches + 12 * vision.num_hidden_layers * vision.hidden_size * patches * patches_per_tile
+    )
+    return llm + vis, llm
+
+
+# ---- the two loops --------------------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(plan, steps: int, warmup: int) -> dict:
+    """Our recipe's seams: setup_model, setup_optimizer (DeepSpeed), setup_step, then train_step."""
+    import torch
+
+    from pipelines.train_stage import LocalContext, StageRecipe
+
+    recipe = StageRecipe(plan, LocalContext(scratch("gpu-step-ckpt-")))
+    model, processor = recipe.setup_model()
+    engine, optimizer = recipe.setup_optimizer(model)
+    attempt = recipe.setup_step(engine, optimizer, processor, start_step=0)
+    batches = list(recipe.setup_data().epoch(0))[: warmup + steps]
+    times, flops, llm_flops, tokens, samples = [], 0.0, 0.0, 0, 0
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i, micro_batches in enumerate(batches):
+        _sync(engine.device)
+        start = time.perf_counter()
+        attempt.train_step(micro_batches, i, 0.0, start)
+        _sync(engine.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            for micro in micro_batches:
+                f, fl = step_flops(model, attempt.make_batch(micro), micro)
+                flops, llm_flops = flops + f, llm_flops + fl
+                tokens += sum(len(r["input_ids"]) for r in micro)
+                samples += len(micro)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
+    del engine, optimizer, model
+    return _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan)
+
+
+def run_plain(plan, steps: int, warmup: int) -> dict:
+    """transformers' model of the same config (built the same way), torch AdamW, the same batches."""
+    import torch
+
+    from components.batching import to_device
+    from components.model import build_model, enable_activation_checkpointing, param_groups, set_trainable
+    from components.processor import LlavaProcessor
+    from pipelines.train_stage import InMemorySteps
+
+    device = torch.device("cuda" if plan.use_gpu else "cpu")
+    dtype = torch.bfloat16 if plan.use_gpu else torch.float32
+    model, processor = build_model(plan.model)
+    processor = LlavaProcessor(plan.processor, processor.tokenizer)
+    processor.arch.set_stage_config(model.config, processor.anyres)
+    set_trainable(model, plan.stage.trainable)
+    enable_activation_checkpointing(model, plan.stage.activation_checkpointing)
+    model = model.to(device, dtype).train()
+    stage = plan.stage
+    optimizer = torch.optim.AdamW(
+        param_groups(model, stage.lr, vision_lr=stage.vision_lr), betas=(0.9, 0.999)
+    )
+    batches = list(InMemorySteps(plan, 0, 1).epoch(0))[: warmup + steps]
+    times, flops, llm_flops, tokens, samples = [], 0.0, 0.0, 0, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i, micro_batches in enumerate(batches):
+        _sync(device)
+        start = time.perf_counter()
+        for micro in micro_batches:
+            batch = to_device(processor.collate(micro), device, dtype)
+            loss = model(**batch).loss / len(micro_batches)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            for micro in micro_batches:
+                f, fl = step_flops(model, to_device(processor.collate(micro), device, dtype), micro)
+                flops, llm_flops = flops + f, llm_flops + fl
+                tokens += sum(len(r["input_ids"]) for r in micro)
+                samples += len(micro)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model, optimizer
+    return _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan)
+
+
+def _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan) -> dict:
+    seconds = sum(times)
+    visual = [sum(r.get("media_tokens") or [0]) for b in batches for m in b for r in m]
+    return {"step_s": statistics.median(times), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
+            "tflops": flops / seconds / 1e12, "tflops_llm": llm_flops / seconds / 1e12, "peak_gib": peak,
+            "visual_tokens": (min(visual), max(visual)), "steps": len(times)}  # fmt: skip
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+
+def _process_group(gpu: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    if gpu:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
+
+
+def peak_tflops(override: float | None) -> float | None:
+    import torch
+
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _one(shape_name, root, manifest, args, gpu, ckpt, attn, peak) -> dict:
+    import torch
+
+    s = shape(shape_name)
+    plan = stage_plan(s, root, manifest, gpu=gpu, micro=args.micro_batch, steps=args.warmup + args.steps,
+                      ckpt=ckpt, attn=attn)  # fmt: skip
+    row = {"shape": shape_name, "ckpt": ckpt, "attn": attn, "micro": args.micro_batch}
+    for name, fn in (("ours", run_ours), ("plain", run_plain)):
+        try:
+            row[name] = fn(plan, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            row[name] = None
+        if gpu:
+            torch.cuda.empty_cache()
+    if row["ours"] and row["plain"]:
+        row["overhead"] = row["ours"]["step_s"] / row["plain"]["step_s"] - 1
+    for name in ("ours", "plain"):
+        if row[name] and peak:
+            row[name]["mfu"] = row[name]["tflops"] / peak
+            row[name]["mfu_llm"] = row[name]["tflops_llm"] / peak
+    return row
+
+
+def _fmt(row: dict) -> str:
+    o, p = row["ours"], row["plain"]
+    head = f"| {row['shape']} | {'on' if row['ckpt'] else 'off'} | {row['attn']} | {row['micro']} |"
+    if not o:
+        return head + " OOM | | | | | | | |"
+    mfu = f"{o['mfu']:.1%} / {o['mfu_llm']:.1%}" if "mfu" in o else "-"
+    peak = f"{o['peak_gib']:.1f}" if o["peak_gib"] is not None else "-"
+    plain = f"{p['step_s']:.3f} | {row['overhead']:+.1%}" if p else "OOM | -"
+    vis = f"{o['visual_tokens'][0]}-{o['visual_tokens'][1]}"
+    return (
+        f"{head} {vis} | {o['step_s']:.3f} | {o['tokens_per_s']:,.0f} | {o['samples_per_s']:.2f} | {peak} | "
+        f"{mfu} | {plain} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
+    parser.add_argument("--shapes", default="0.5b,7b-4")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--videos", type=int, default=4)
+    parser.add_argument("--attention", default="sdpa,eager")
+    parser.add_argument("--checkpointing", default="on,off")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.quick
+    if args.quick:
+        args.shapes, args.steps, args.warmup, args.images, args.videos = "quick", 2, 1, 3, 1
+    elif not gpu:
+        raise SystemExit("gpu_step: expected a CUDA GPU for the real shapes (use --quick on the CPU)")
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    _process_group(gpu)
+    peak = None if args.quick else peak_tflops(args.peak_tflops)
+    print(f"machine: {machine()}; device: {torch.cuda.get_device_name(0) if gpu else 'cpu'}; "
+          f"peak {peak or '-'} TFLOP/s bf16")  # fmt: skip
+    print("| shape | ckpt | attn | micro | visual tokens | step s | tokens/s | samples/s | peak GiB | MFU (all / LLM) "
+          "| plain step s | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for shape_name in args.shapes.split(","):
+        root = scratch(f"gpu-step-{shape_name}-")
+        manifest = make_manifest(root, shape(shape_name), args.images, args.videos)
+        for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
+            for attn in args.attention.split(","):
+                rows.append(_one(shape_name, root, manifest, args, gpu, ckpt, attn, peak))
+                print(_fmt(rows[-1]), flush=True)
+    head = next((r for r in rows if r["ours"] and r["plain"]), None)
+    if head is None:
+        print(
+            "gpu_step: MFU -% (target 40%), overhead -% vs plain loop (every configuration ran out of memory)"
+        )
+        return
+    mfu = f"{head['ours']['mfu']:.0%}" if "mfu" in head["ours"] else "- (CPU: no MFU claim)"
+    print(f"gpu_step: MFU {mfu} (target 40%), overhead {head['overhead']:.1%} vs plain loop "
+          f"[{head['shape']}, checkpointing {'on' if head['ckpt'] else 'off'}, {head['attn']}]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
