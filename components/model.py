@@ -273,7 +273,11 @@ def partitioned_build(ds_config: dict | None):
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep it alive here
+    # what building needs (ZeRO settings, dtype): the batch sizes are checked against a world size that
+    # DeepSpeed's comm does not know until deepspeed.initialize, so they stay out
+    build = {k: ds_config[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds_config}
+    build["train_micro_batch_size_per_gpu"] = ds_config.get("train_micro_batch_size_per_gpu", 1)
+    keep = HfDeepSpeedConfig(build)  # transformers holds a weak reference: keep it alive here
     try:
         yield
     finally:
