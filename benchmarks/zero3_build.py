@@ -5,7 +5,7 @@ ranks (gloo, CPU), each in its own process; a rank's figure is its peak resident
 during the build and load, less its resident memory just before, i.e. what the model itself costs. Both
 a random build from configs (Stage-1's base) and a load of a saved export (every later stage's start).
 
-The LLM is Qwen2-0.5B-shaped with fewer layers (``--layers``; --quick: 6 layers, an 8,192 vocabulary), so the model is large
+The LLM is Qwen2-0.5B-shaped with fewer layers (``--layers``; --quick: 4 layers, an 8,192 vocabulary), so the model is large
 enough for its bytes to stand out of the interpreter's own; per-parameter figures extrapolate in
 docs/SCALING.md.
 
@@ -44,9 +44,42 @@ def _ds_config() -> dict:
             "zero_optimization": {"stage": 3}}  # fmt: skip
 
 
-def _rss_kib() -> int:
+def _rss_kib() -> tuple[int, int]:
+    """(anonymous, total) resident memory in KiB: RssAnon, and VmRSS (which adds mapped file pages)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["RssAnon"].split()[0]), int(fields["VmRSS"].split()[0])
+
+
+class PeakRSS:
+    """The largest anonymous and total resident memory seen while the block runs (sampled every 2 ms in a
+    thread), less what was resident just before it, in MiB. Anonymous memory is what the process itself
+    allocated; the total adds the pages of memory-mapped files (a safetensors checkpoint being loaded)."""
+
+    def __enter__(self):
+        import threading
+
+        self.before = _rss_kib()
+        self.peak = list(self.before)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.002):
+            self._update()
+
+    def _update(self) -> None:
+        now = _rss_kib()
+        self.peak = [max(a, b) for a, b in zip(self.peak, now, strict=True)]
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self._update()
+        self.mib = (self.peak[0] - self.before[0]) / 1024
+        self.total_mib = (self.peak[1] - self.before[1]) / 1024
 
 
 def _trim() -> None:
@@ -58,37 +91,13 @@ def _trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class PeakRSS:
-    """The largest resident set seen while the block runs (anonymous resident memory, RssAnon, sampled every 2 ms in a thread: file pages of a memory-mapped checkpoint are not counted), less
-    the resident set just before it, in MiB."""
-
-    def __enter__(self):
-        import threading
-
-        self.before = self.peak = _rss_kib()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.002):
-            self.peak = max(self.peak, _rss_kib())
-
-    def __exit__(self, *exc) -> None:
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, _rss_kib())
-        self.mib = (self.peak - self.before) / 1024
-
-
-def rank_main(rank: int, port: int, what: str, layers: int, vocab: int, export: str) -> None:
+def rank_main(rank: int, port: int, layers: int, vocab: int, export: str) -> None:
     """One rank: import everything, then build (or load) whole, then partitioned, each measured by its own
     peak above the resident memory just before it."""
     import torch
     import torch.distributed as dist
 
-    from components.model import build_model, load_model, partitioned_build
+    from components.model import build_model, load_model, partitioned_build, save_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))  # fmt: skip
@@ -97,27 +106,37 @@ def rank_main(rank: int, port: int, what: str, layers: int, vocab: int, export: 
     import deepspeed  # noqa: F401 (imported before the measurement starts)
 
     spec = _spec(layers, vocab)
-    out = {"rank": rank}
-    for way in ("whole", "partitioned"):
-        _trim()
-        start = time.perf_counter()
-        with PeakRSS() as rss, partitioned_build(_ds_config() if way == "partitioned" else None):
-            model, _ = load_model(export) if what == "load" else build_model(spec)
-        seconds = time.perf_counter() - start
-        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in model.parameters())
-        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        out[way] = {"peak_mib": rss.mib, "held_params": held, "params": params, "seconds": seconds}
-        del model
-        dist.barrier()
+    out = {}
+    for what in ("build", "load"):  # the build's rank 0 saves the export the load reads
+        out[what] = {}
+        for way in ("whole", "partitioned"):
+            _trim()
+            start = time.perf_counter()
+            with PeakRSS() as rss, partitioned_build(_ds_config() if way == "partitioned" else None):
+                model, processor = load_model(export) if what == "load" else build_model(spec)
+            seconds = time.perf_counter() - start
+            held = sum(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in model.parameters())
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            out[what][way] = {
+                "peak_mib": rss.mib,
+                "total_mib": rss.total_mib,
+                "held_params": held,
+                "params": params,
+                "seconds": seconds,
+            }
+            if what == "build" and way == "whole" and rank == 0:
+                save_model(model, processor, export)  # not measured
+            del model
+            dist.barrier()
     print(json.dumps(out), flush=True)
     dist.destroy_process_group()
 
 
-def run_ranks(what: str, layers: int, vocab: int, export: str) -> list[dict]:
+def run_ranks(layers: int, vocab: int, export: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--port", str(port), "--what", what,
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--port", str(port),
                                "--layers", str(layers), "--vocab", str(vocab), "--export", export],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -126,7 +145,7 @@ def run_ranks(what: str, layers: int, vocab: int, export: str) -> list[dict]:
     for p in procs:
         stdout, _ = p.communicate(timeout=600)
         if p.returncode:
-            raise SystemExit(f"zero3_build: a rank exited {p.returncode} ({what})")
+            raise SystemExit(f"zero3_build: a rank exited {p.returncode}")
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     return out
 
@@ -138,36 +157,34 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--what", default="build")
     parser.add_argument("--export", default="")
     args = parser.parse_args()
     if args.rank is not None:
-        rank_main(args.rank, args.port, args.what, args.layers, args.vocab, args.export)
+        rank_main(args.rank, args.port, args.layers, args.vocab, args.export)
         return
-    layers, vocab = (6, 8192) if args.quick else (args.layers, args.vocab)
-    from components.model import build_model, save_model
-
-    export = os.path.join(scratch("zero3-build-"), "hf")
-    model, processor = build_model(_spec(layers, vocab))
-    save_model(model, processor, export)
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    print(f"machine: {machine()}; {WORLD} ranks (gloo); model {params / 1e6:.0f} M parameters "
-          f"({params * 4 / 2**20:.0f} MiB in fp32)")  # fmt: skip
-    print("| start | build | peak MiB per rank (median of ranks) | parameters held per rank | seconds |")
-    print("|---|---|---|---|---|")
+    layers, vocab = (4, 8192) if args.quick else (args.layers, args.vocab)
+    export = os.path.join(scratch("zero3-build-"), "hf")  # the build's rank 0 saves it; the load reads it
+    print(f"machine: {machine()}; {WORLD} ranks (gloo); a Qwen2-0.5B-shaped LLM with {layers} layers and a "
+          f"{vocab:,} vocabulary beside the tiny SigLIP")  # fmt: skip
+    ranks = run_ranks(layers, vocab, export)
+    params = ranks[0]["build"]["whole"]["params"]
+    print(f"model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB in fp32)")
+    print("| start | build | peak anonymous MiB per rank | peak total MiB (with mapped files) | parameters held "
+          "per rank | seconds |\n|---|---|---|---|---|---|")  # fmt: skip
     ratios = []
     for what in ("build", "load"):
-        ranks = run_ranks(what, layers, vocab, export)
         peaks = {}
         for way in ("whole", "partitioned"):
-            peaks[way] = sorted(r[way]["peak_mib"] for r in ranks)[WORLD // 2]
-            first = ranks[0][way]
-            print(f"| {what} | {way} | {peaks[way]:.0f} | {first['held_params'] / 1e6:.1f} M of "
-                  f"{first['params'] / 1e6:.1f} M | {max(r[way]['seconds'] for r in ranks):.1f} |", flush=True)  # fmt: skip
+            peaks[way] = sorted(r[what][way]["peak_mib"] for r in ranks)[WORLD // 2]
+            first = ranks[0][what][way]
+            total = sorted(r[what][way]["total_mib"] for r in ranks)[WORLD // 2]
+            print(f"| {what} | {way} | {peaks[way]:.0f} | {total:.0f} | {first['held_params'] / 1e6:.1f} M of "
+                  f"{first['params'] / 1e6:.1f} M | {max(r[what][way]['seconds'] for r in ranks):.1f} |")  # fmt: skip
         ratios.append(peaks["whole"] / max(peaks["partitioned"], 1.0))
-    print(f"whole / partitioned peak per rank: build {ratios[0]:.2f}x, load {ratios[1]:.2f}x")
-    print(final_line("zero3_build", min(ratios), f"{WORLD}x: 1/world of the model per rank"))
+    print(f"whole / partitioned peak anonymous memory per rank: build {ratios[0]:.2f}x, load {ratios[1]:.2f}x "
+          "(a whole load keeps the weights as the mapped file's pages)")  # fmt: skip
+    # the line: the build (what a rank allocates for the model); a load's cost is mostly the mapped file
+    print(final_line("zero3_build", ratios[0], f"{WORLD}x: 1/world of the model per rank"))
 
 
 if __name__ == "__main__":
