@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -283,23 +282,6 @@ def _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor,
 # ---- main -----------------------------------------------------------------------------------------------
 
 
-def _process_group(gpu: bool) -> None:
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    if gpu:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-
-
 def peak_tflops(override: float | None) -> float | None:
     import torch
 
@@ -370,7 +352,9 @@ def main() -> None:
     elif not gpu:
         raise SystemExit("gpu_step: expected a CUDA GPU for the real shapes (use --quick on the CPU)")
     torch.set_num_threads(min(8, os.cpu_count() or 1))
-    _process_group(gpu)
+    from pipelines.train_stage import init_one_rank_group
+
+    init_one_rank_group(gpu)
     peak = None if args.quick else peak_tflops(args.peak_tflops)
     print(f"machine: {machine()}; device: {torch.cuda.get_device_name(0) if gpu else 'cpu'}; "
           f"peak {peak or '-'} TFLOP/s bf16")  # fmt: skip

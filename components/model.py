@@ -247,7 +247,7 @@ def build_model(spec: ModelSpec):
         model = _model_class(arch.name)._from_config(config)  # straight into ZeRO-3 partitions under one
         if spec.projector == "linear":
             _use_linear_projector(model)
-        if (llm is not None or vision is not None) and _partitioned(model):
+        if (llm is not None or vision is not None) and _partitioned(model.parameters()):
             raise ValueError(
                 "ZeRO-3: expected a stage that starts from separate vision and LLM checkpoints (Stage-1) at "
                 "zero_stage 2 or below, found zero_stage 3 (load the parts into a full checkpoint first)"
@@ -285,14 +285,15 @@ def partitioned_build(ds_config: dict | None):
         unset_hf_deepspeed_config()
 
 
-def _partitioned(model) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+def _partitioned(params) -> bool:
+    """Whether any of the parameters is a ZeRO-3 partition (DeepSpeed marks them with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in params)
 
 
 def _gathered(params):
     """The full values of ZeRO-3-partitioned parameters for the block (changes made on rank 0 are kept)."""
     params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not _partitioned(params):
         return contextlib.nullcontext()
     import deepspeed
 

@@ -277,6 +277,29 @@ class RayTrainContext:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def init_one_rank_group(cuda: bool) -> bool:
+    """A process group of this process alone on 127.0.0.1 (NCCL on a GPU, gloo on the CPU), for the recipe
+    run without Ray (``LocalContext``); True when it made one, False when one already exists (DeepSpeed
+    keeps the group it first saw)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    return True
+
+
 class LocalContext:
     """One process and no Ray (tests, the GPU machine): checkpoints go to ``root/<step>``, the newest
     is resumed from."""

@@ -3,8 +3,6 @@ code Ray Train runs on every worker, with LoRA, a checkpoint, an interruption an
 export. On the CPU (gloo) always; on a GPU (NCCL, bf16) where one is at hand (marker gpu)."""
 
 import dataclasses
-import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +11,14 @@ from components import storage
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
 from pipelines.recipes import LoraSpec, load_recipe, stage_config
-from pipelines.train_stage import LocalContext, StageRecipe, data_stats, plan_stage, read_history
+from pipelines.train_stage import (
+    LocalContext,
+    StageRecipe,
+    data_stats,
+    init_one_rank_group,
+    plan_stage,
+    read_history,
+)
 
 DEVICES = [
     "cpu",
@@ -26,21 +31,10 @@ def process_group():
     """One rank of a process group (DeepSpeed keeps the group it first saw: one per test process)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    made = init_one_rank_group(torch.cuda.is_available())
     yield
-    dist.destroy_process_group()
+    if made:
+        dist.destroy_process_group()
 
 
 class Interrupt(Exception):
