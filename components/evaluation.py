@@ -36,7 +36,7 @@ DEMO_TASKS = (
     EvalTask("mi_last_color", "multi_image", "exact_match", "last_color"),
     EvalTask("mi_first_color", "multi_image", "exact_match", "first_color"),
     EvalTask("mv_color", "multi_image", "exact_match", "multiview"),
-    EvalTask("video_direction", "video", "exact_match", "direction"),
+    EvalTask("video_end_color", "video", "exact_match", "end_color"),
     EvalTask("video_start_color", "video", "exact_match", "start_color"),
     EvalTask("text_qa", "text", "exact_match", "text"),
 )

@@ -63,7 +63,7 @@ def _pipeline_config(args: argparse.Namespace, **over):
     return PipelineConfig(
         recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
         tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
-        data_mode=args.data_mode, **over,
+        data_mode=args.data_mode, seed=args.seed, **over,
     )  # fmt: skip
 
 
@@ -120,6 +120,8 @@ def _submit(args: argparse.Namespace) -> int:
         common += ["--max-steps", str(args.max_steps)]
     if args.data_mode:
         common += ["--data-mode", args.data_mode]
+    if args.seed is not None:
+        common += ["--seed", str(args.seed)]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
     return submit(args.address, target, python=args.python, follow=not args.no_follow)
 
@@ -169,7 +171,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(args.out, num_cpus=args.num_cpus)
+    return run_demo(args.out, num_cpus=args.num_cpus, seed=args.seed)
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +194,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--data-mode", choices=("memory", "stream"), help="how every stage's rows reach the workers"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="every stage's seed (init, data order); default: the recipe's"
     )
     p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded default: curriculum, eval, serve, query")
     p.add_argument("--out", default="demo_out", help="working directory")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (run id demo, or demo-seedN)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -48,6 +48,8 @@ class PipelineConfig:
     """memory or stream for every stage; None: each stage's own (``auto``: by size)."""
     max_steps: int | None = None
     """Cap every stage at this many optimizer steps (a quick run of a whole recipe); None: the recipe's."""
+    seed: int | None = None
+    """The model's initialisation and every stage's seed (data order, mixture sampling); None: the recipe's."""
     step_hooks: dict[str, tuple[StepHook, ...]] = field(default_factory=dict)
     """Per stage name, hooks run on every rank after each step (tests inject faults with them)."""
 
@@ -99,14 +101,24 @@ def _train_done(node: dict) -> bool:
     )
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run (or resume) the recipe's DAG; returns the summary with one record per stage."""
-    recipe = load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir)
+def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
+    """The recipe with the run's caps and seed: ``max_steps`` caps every stage (a checkpoint half-way, so
+    that a quick run can still be resumed from one); ``seed`` sets the model's initialisation and every
+    stage's seed."""
     if cfg.max_steps:
-        cap = cfg.max_steps  # a checkpoint half-way, so that a quick run can still be resumed from one
+        cap = cfg.max_steps
         recipe = replace(recipe, stages=[replace(s, max_steps=min(s.max_steps or cap, cap),
                                                  checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)))
                                          for s in recipe.stages])  # fmt: skip
+    if cfg.seed is not None:
+        recipe = replace(recipe, model=replace(recipe.model, seed=cfg.seed),
+                         stages=[replace(s, seed=cfg.seed) for s in recipe.stages])  # fmt: skip
+    return recipe
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or resume) the recipe's DAG; returns the summary with one record per stage."""
+    recipe = with_overrides(load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir), cfg)
     stages = select_stages(recipe, cfg.from_stage, cfg.until_stage)
     if cfg.profile == "tiny":
         ensure_demo_data(cfg.demo_dir, recipe.model.anyres.tile_size)

@@ -25,7 +25,7 @@ def _first(records: list[dict], task: str) -> dict:
     return next(r for r in records if r.get("task") == task)
 
 
-def run_demo(out: str, num_cpus: int = 2) -> int:
+def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
     import ray
 
     from components.tracking import TrackingConfig, audit_pipeline_run
@@ -38,8 +38,9 @@ def run_demo(out: str, num_cpus: int = 2) -> int:
     tracking = os.path.join(out, "mlflow")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    config = PipelineConfig(recipe="llava_onevision", profile="tiny", storage=os.path.join(out, "runs"), run_id="demo",
-                            tracking_uri=tracking, demo_dir=data)  # fmt: skip
+    config = PipelineConfig(recipe="llava_onevision", profile="tiny", storage=os.path.join(out, "runs"),
+                            run_id="demo" if seed == 0 else f"demo-seed{seed}", tracking_uri=tracking, demo_dir=data,
+                            seed=seed)  # fmt: skip
     summary = run_pipeline(config)
     trained = time.monotonic() - start
     answers = _ask_the_endpoint(summary["final_model"], data)
@@ -67,7 +68,7 @@ def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:
     serve.run(build_app(ServeConfig(checkpoint=checkpoint, replica_cpus=0.5)), name="llava", route_prefix="/")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     records = [json.loads(line) for line in open(os.path.join(data, "eval.jsonl"))]
-    image_q, video_q = _first(records, "color"), _first(records, "direction")
+    image_q, video_q = _first(records, "color"), _first(records, "end_color")
     answers = []
     for record, part in ((image_q, {"type": "image_url", "image_url": {"url": _data_url(os.path.join(data, record_path(image_q)), "image/png")}}),
                          (video_q, {"type": "video_url", "video_url": {"url": _data_url(os.path.join(data, video_q["video"]), "video/mp4")}})):  # fmt: skip

@@ -175,11 +175,13 @@ def stage_config(recipe: Recipe, stage: StageSpec):
 
 
 def ensure_demo_data(demo_dir: str, tile_size: int = 56) -> str:
-    """Make the demo world once (idempotent): the tiny profiles read from it."""
-    from components.demo_data import DemoConfig, make_demo_data
+    """Make the demo world once (idempotent): the tiny profiles read from it. One made by another version of
+    the generator or another tile size is refused, not silently reused."""
+    from components.demo_data import DemoConfig, check_demo_world, make_demo_data
 
     if not os.path.exists(os.path.join(demo_dir, "eval.jsonl")):
         make_demo_data(demo_dir, DemoConfig(tile_size=tile_size))
+    check_demo_world(demo_dir, tile_size)
     return demo_dir
 
 

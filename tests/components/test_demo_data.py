@@ -66,3 +66,57 @@ def test_parquet_variant_embeds_image_bytes(demo_dir):
     first = table.slice(0, 1).to_pylist()[0]
     assert first["image"]["bytes"] == (root / first["image"]["path"]).read_bytes()
     assert table.num_rows == sum(1 for _ in open(manifests["single_image"]))
+
+
+def _nearest_color(frame) -> str:
+    """The palette colour of the frame's most saturated pixels (the shape), after H.264."""
+    import numpy as np
+
+    from components.demo_data import COLORS
+
+    pixels = frame.reshape(-1, 3).astype(int)
+    shape = pixels[(pixels.max(1) - pixels.min(1)) > 80]
+    mean = shape.mean(0)
+    return min(COLORS, key=lambda c: float(np.sum((np.array(COLORS[c]) - mean) ** 2)))
+
+
+def test_video_answers_are_the_decoded_first_and_last_frames(demo_dir):
+    """Each video record's answer is the colour of its decoded first frame ("at the start") or last frame
+    ("at the end"), and ``probe_answer`` is the other one: the answer once the frames are reversed. The
+    two differ in every clip, so only a model that reads the frames in order gets both right."""
+    root, manifests = demo_dir
+    records = [json.loads(line) for split in ("video", "eval") for line in open(manifests[split])]
+    videos = [r for r in records if "video" in r]
+    assert {r["task"] for r in videos} == {"start_color", "end_color"}
+    for r in videos:
+        frames = read_frames(root / r["video"], fps=8.0, max_frames=16).frames
+        first, last = _nearest_color(frames[0]), _nearest_color(frames[-1])
+        assert first != last
+        question = r["conversations"][0]["value"]
+        expected = (first, last) if "at the start" in question else (last, first)
+        assert (r["answer"], r["probe_answer"]) == expected, r["id"]
+
+
+def test_a_stale_demo_world_is_refused(tmp_path):
+    """A demo world made by another version of the generator (an old demo_out after an update) or for
+    another tile size is refused with both versions named, not trained on with the old tasks."""
+    import pytest
+
+    from components.demo_data import WORLD_VERSION
+    from pipelines.recipes import ensure_demo_data
+
+    cfg = DemoConfig(captions=2, details=0, single_image=2, multi_image=0, multi_view=0, videos=0, text=1,
+                     eval_per_kind=1)  # fmt: skip
+    make_demo_data(str(tmp_path), cfg)
+    assert ensure_demo_data(str(tmp_path), tile_size=56) == str(tmp_path)
+    with pytest.raises(ValueError, match="at tile size 112, found version .* at tile size 56"):
+        ensure_demo_data(str(tmp_path), tile_size=112)
+    world = json.loads((tmp_path / "world.json").read_text())
+    (tmp_path / "world.json").write_text(json.dumps({**world, "version": WORLD_VERSION - 1}))
+    with pytest.raises(
+        ValueError, match=f"expected world version {WORLD_VERSION} .* found version {WORLD_VERSION - 1}"
+    ):
+        ensure_demo_data(str(tmp_path), tile_size=56)
+    (tmp_path / "world.json").unlink()
+    with pytest.raises(ValueError, match="found version none"):
+        ensure_demo_data(str(tmp_path), tile_size=56)

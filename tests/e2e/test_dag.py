@@ -44,7 +44,9 @@ def _loads_in_transformers(export: str) -> str:
     return type(hf).__name__
 
 
-@pytest.mark.parametrize("name", ["llava_v1", "llava_v1_5_hd"])
+@pytest.mark.parametrize(
+    "name", ["llava_v1", "llava_v1_5", "llava_v1_5_hd", "llava_next_interleave", "llava_onevision"]
+)
 @pytest.mark.timeout(900)
 def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, ray_local, tmp_path):
     root, _ = demo_dir
@@ -60,7 +62,7 @@ def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, r
         if recipe.model.arch == "llava_onevision":
             assert "video" in ev["modalities"] and not ev["skipped"]
         else:  # asked only what the architecture takes, and says what it skipped and why
-            assert "video" not in ev["modalities"] and {"video_direction", "video_start_color"} == set(
+            assert "video" not in ev["modalities"] and {"video_end_color", "video_start_color"} == set(
                 ev["skipped"]
             )
             assert all("takes no video" in s["reason"] for s in ev["skipped"].values())
