@@ -63,7 +63,7 @@ def _pipeline_config(args: argparse.Namespace, **over):
     return PipelineConfig(
         recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
         tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
-        data_mode=args.data_mode, seed=args.seed, **over,
+        data_mode=args.data_mode, seed=args.seed, workers=args.workers, **over,
     )  # fmt: skip
 
 
@@ -122,6 +122,8 @@ def _submit(args: argparse.Namespace) -> int:
         common += ["--data-mode", args.data_mode]
     if args.seed is not None:
         common += ["--seed", str(args.seed)]
+    if args.workers:
+        common += ["--workers", str(args.workers)]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
     return submit(args.address, target, python=args.python, follow=not args.no_follow)
 
@@ -197,6 +199,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seed", type=int, default=None, help="every stage's seed (init, data order); default: the recipe's"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="train on this many workers; default: the profile's"
     )
     p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")

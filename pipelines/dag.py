@@ -48,6 +48,9 @@ class PipelineConfig:
     """memory or stream for every stage; None: each stage's own (``auto``: by size)."""
     max_steps: int | None = None
     """Cap every stage at this many optimizer steps (a quick run of a whole recipe); None: the recipe's."""
+    workers: int | None = None
+    """Train every stage on this many workers (a smaller or larger machine than the profile's); None: the
+    recipe's. The global batch stays the recipe's: fewer workers accumulate more micro-batches."""
     seed: int | None = None
     """The model's initialisation and every stage's seed (data order, mixture sampling); None: the recipe's."""
     step_hooks: dict[str, tuple[StepHook, ...]] = field(default_factory=dict)
@@ -102,14 +105,16 @@ def _train_done(node: dict) -> bool:
 
 
 def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
-    """The recipe with the run's caps and seed: ``max_steps`` caps every stage (a checkpoint half-way, so
-    that a quick run can still be resumed from one); ``seed`` sets the model's initialisation and every
-    stage's seed."""
+    """The recipe with the run's caps, workers and seed: ``max_steps`` caps every stage (a checkpoint
+    half-way, so that a quick run can still be resumed from one); ``workers`` replaces the profile's;
+    ``seed`` sets the model's initialisation and every stage's seed."""
     if cfg.max_steps:
         cap = cfg.max_steps
         recipe = replace(recipe, stages=[replace(s, max_steps=min(s.max_steps or cap, cap),
                                                  checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)))
                                          for s in recipe.stages])  # fmt: skip
+    if cfg.workers:
+        recipe = replace(recipe, workers=cfg.workers)
     if cfg.seed is not None:
         recipe = replace(recipe, model=replace(recipe.model, seed=cfg.seed),
                          stages=[replace(s, seed=cfg.seed) for s in recipe.stages])  # fmt: skip

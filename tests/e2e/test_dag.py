@@ -1,11 +1,9 @@
-"""Tiny recipes through the pipeline DAG, each export loaded by transformers alone: LLaVA (the Llava
-architecture, linear projector, plain/vicuna_v0 templates) and LLaVA-1.5-HD (LlavaNext); OneVision's
-last two stages killed after a checkpoint, resumed there in the same MLflow runs, and re-run with
-everything skipped. LLaVA-1.5 (LLaVA's architecture and stage code with the MLP projector) and
-Interleave (OneVision's) are not run again here: each full-DAG run costs about two minutes of this
-machine's CI, most of it Ray Train starting workers (README, Tests); ``make demo`` runs OneVision's four
-stages. Every stage is capped at a few optimizer steps (``PipelineConfig.max_steps``): these check the
-plumbing; the accuracies the full tiny recipes reach are in the README."""
+"""Every tiny recipe through the pipeline DAG, each export loaded by transformers alone: LLaVA (the Llava
+architecture, linear projector, plain/vicuna_v0 templates), LLaVA-1.5-HD (LlavaNext) and Interleave here;
+OneVision's four stages killed in the last after a checkpoint, resumed there in the same MLflow runs and
+re-run with everything skipped (below); LLaVA-1.5 submitted whole as a Ray job (test_submit.py). Every
+stage is capped at a few optimizer steps (``PipelineConfig.max_steps``): these check the plumbing; the
+accuracies the full tiny recipes reach, seeds 0 and 1, are in the README."""
 
 import json
 import os
@@ -19,7 +17,6 @@ from pipelines.layout import RunLayout
 from pipelines.train_stage import FailOnce, read_history
 
 pytestmark = pytest.mark.slow
-RECIPE = os.path.join(os.path.dirname(__file__), "onevision2.yaml")
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}  # fmt: skip
 
@@ -71,10 +68,10 @@ def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, r
 
 @pytest.mark.timeout(1200)
 def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_dir, ray_local, tmp_path):
-    """OneVision's last two stages (tests/e2e/onevision2.yaml), killed in the last right after its step-2
-    checkpoint (a step hook), fail with every MLflow run FAILED and the error tagged; the re-run skips the
-    done stage and resumes the last from that checkpoint: its history continues at step 3 in the same
-    MLflow run. Checked once with the step hook run before the step's checkpoint instead of after it:
+    """The tiny OneVision recipe through the DAG (its four stages, 4 steps each), killed in the last right
+    after its step-2 checkpoint (a step hook), fails with every MLflow run FAILED and the error tagged; the
+    re-run skips the three done stages and resumes the last from that checkpoint: its history continues at
+    step 3 in the same MLflow run, and the run ends. This is the OneVision recipe's run in the e2e tier. Checked once with the step hook run before the step's checkpoint instead of after it:
     the resumed attempts all started at step 0 ([0, 0, 0, 0]) and this test failed. Afterwards no run is left RUNNING, each stage has one run with its mixture manifest, the
     registered model version links to its run and its files, and the export loads in transformers. A
     third run skips everything and changes nothing."""
@@ -85,7 +82,7 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     root, _ = demo_dir
     layout = RunLayout(tmp_path / "runs", "r")
     hook = FailOnce(step=2, rank=0, marker=str(tmp_path / "killed"))
-    cfg = PipelineConfig(recipe=RECIPE, profile="tiny", storage=str(tmp_path / "runs"), run_id="r",
+    cfg = PipelineConfig(recipe="llava_onevision", profile="tiny", storage=str(tmp_path / "runs"), run_id="r",
                          tracking_uri=str(tmp_path / "mlflow"), demo_dir=str(root), max_failures=0, max_steps=4,
                          step_hooks={"stage2_ov": (hook,)})  # fmt: skip
     with pytest.raises(Exception, match="fail|Fail|died|error"):
@@ -94,14 +91,17 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     client = MlflowClient(tracking_uri=TrackingConfig(uri=cfg.tracking_uri).resolved()[0])
     experiment = client.get_experiment_by_name("llava-ray").experiment_id
     failed = [r for r in client.search_runs([experiment]) if r.info.status == "FAILED"]
-    assert {r.info.run_name for r in failed} == {"stage2_ov", "onevision2:r"}
+    assert {r.info.run_name for r in failed} == {"stage2_ov", "llava_onevision:r"}
     assert all("llava_ray.error" in r.data.tags for r in failed)
     events = _events(layout)
     assert ("train:stage2_si", "completed") in events and ("train:stage2_ov", "completed") not in events
 
-    summary = run_pipeline(cfg)  # the same run id: the first stage skipped, the second resumed
+    summary = run_pipeline(cfg)  # the same run id: the done stages skipped, the last resumed
     events = _events(layout)[len(events) :]
-    assert events[:2] == [("preprocess:stage2_si", "skipped"), ("train:stage2_si", "skipped")]
+    done = ("stage1", "stage1_5", "stage2_si")
+    assert events[:6] == [
+        (f"{node}:{stage}", "skipped") for stage in done for node in ("preprocess", "train")
+    ]
     assert ("train:stage2_ov", "resumed") in events
     history = read_history(layout.stage("stage2_ov").history)
     assert [m["step"] for m in history] == [1, 2, 3, 4]
@@ -109,12 +109,12 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     runs = client.search_runs([experiment])
     assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]
     stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_parent_run_id"]]
-    assert sorted(r.info.run_name for r in stage_runs) == ["stage2_ov", "stage2_si"]
+    assert sorted(r.info.run_name for r in stage_runs) == ["stage1", "stage1_5", "stage2_ov", "stage2_si"]
     for run in stage_runs:
         assert "mixture.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     ov = next(r for r in stage_runs if r.info.run_name == "stage2_ov")
     assert sorted(m.step for m in client.get_metric_history(ov.info.run_id, "loss"))[-2:] == [3, 4]
-    version = client.get_model_version("onevision2", summary["registered_model"]["version"])
+    version = client.get_model_version("llava_onevision", summary["registered_model"]["version"])
     assert version.run_id == ov.info.run_id and version.source.startswith("models:/")
     model_id = version.source.removeprefix("models:/")  # sqlite's registry returns model_id=None
     assert client.get_logged_model(model_id).source_run_id == ov.info.run_id
@@ -127,7 +127,7 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
         r["stage"]: storage.read_text(storage.join(r["hf_uri"], "MANIFEST.json")) for r in summary["stages"]
     }
     again = run_pipeline(cfg)
-    assert all(e == "skipped" for _, e in _events(layout)[-4:])
+    assert all(e == "skipped" for _, e in _events(layout)[-8:])
     assert {
         r["stage"]: storage.read_text(storage.join(r["hf_uri"], "MANIFEST.json")) for r in again["stages"]
     } == before

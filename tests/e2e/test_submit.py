@@ -1,4 +1,5 @@
-"""A stage submitted as a Ray job to a `ray start --head` cluster (token auth on, job server on 127.0.0.1)."""
+"""A whole recipe submitted as a Ray job to a `ray start --head` cluster (token auth on, job server on
+127.0.0.1)."""
 
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pipelines.submit import AuthTokenMissing, auth_token_source
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-RECIPE = os.path.join(os.path.dirname(__file__), "tiny3.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 
 
@@ -66,19 +67,22 @@ def head(tmp_path):
         os.remove(marker)
 
 
-def test_submit_a_stage_as_a_ray_job(demo_dir, head, tmp_path):
+def test_submit_a_whole_recipe_as_a_ray_job(demo_dir, head, tmp_path):
+    """`llava-ray submit pipeline --recipe llava_v1_5` on a token-auth cluster: the job runs `llava-ray run`
+    there, both of LLaVA-1.5's tiny stages through the DAG (2 steps each), and exits 0 (the job SUCCEEDED,
+    the submit command returns 0). This is the LLaVA-1.5 recipe's run in the e2e tier; the other four
+    run in tests/e2e/test_dag.py."""
     address, env = head
     root, _ = demo_dir
     runs, tracking = str(tmp_path / "runs"), str(tmp_path / "mlflow")
-    cmd = [f"{BIN}/llava-ray", "submit", "stage1", "--address", address, "--recipe", RECIPE, "--profile", "tiny",
-           "--storage", runs, "--run-id", "job", "--tracking-uri", tracking, "--demo-dir", str(root),
-           "--python", sys.executable]  # fmt: skip
-    out = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(RECIPE) + "/../.."
-    )
+    cmd = [f"{BIN}/llava-ray", "submit", "pipeline", "--address", address, "--recipe", "llava_v1_5", "--profile",
+           "tiny", "--storage", runs, "--run-id", "job", "--tracking-uri", tracking, "--demo-dir", str(root),
+           "--max-steps", "2", "--python", sys.executable]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "submitted job" in out.stdout and "SUCCEEDED" in out.stdout
-    assert storage.is_complete(os.path.join(runs, "job", "stage1", "hf"))
+    for stage in ("pretrain", "finetune"):
+        assert storage.is_complete(os.path.join(runs, "job", stage, "hf"))
     from mlflow.tracking import MlflowClient
 
     from components.tracking import TrackingConfig
@@ -87,4 +91,8 @@ def test_submit_a_stage_as_a_ray_job(demo_dir, head, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("llava-ray")
     runs_found = client.search_runs([experiment.experiment_id])
-    assert any(r.info.run_name == "stage1" and r.data.tags.get("llava_ray.output_uri") for r in runs_found)
+    assert {r.info.run_name for r in runs_found if r.data.tags.get("llava_ray.output_uri")} == {
+        "pretrain",
+        "finetune",
+    }
+    assert all(r.info.status == "FINISHED" for r in runs_found)

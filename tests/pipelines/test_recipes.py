@@ -144,10 +144,11 @@ def test_cli_names_every_bad_recipe_profile_and_stage(capsys):
         assert exit_.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
 
 
-def test_seed_and_step_cap_reach_the_model_and_every_stage(demo_dir):
-    """``llava-ray run --seed 1 --max-steps 4``: the seed sets the model's initialisation (another seed,
-    other weights) and every stage's seed (data order, mixture sampling); the cap limits every stage and
-    keeps a checkpoint half-way. Without either flag the recipe is unchanged."""
+def test_seed_workers_and_step_cap_reach_the_model_and_every_stage(demo_dir):
+    """``llava-ray run --seed 1 --max-steps 4 --workers 1``: the seed sets the model's initialisation
+    (another seed, other weights) and every stage's seed (data order, mixture sampling); the cap limits
+    every stage and keeps a checkpoint half-way; the workers replace the profile's. Without the flags the
+    recipe is unchanged."""
     import torch
 
     from components.model import build_model
@@ -156,10 +157,13 @@ def test_seed_and_step_cap_reach_the_model_and_every_stage(demo_dir):
 
     root, _ = demo_dir
     recipe = load_recipe("llava_v1", "tiny", demo_dir=str(root))
-    args = build_parser().parse_args(["run", "--recipe", "llava_v1", "--seed", "1", "--max-steps", "4"])
+    args = build_parser().parse_args(
+        ["run", "--recipe", "llava_v1", "--seed", "1", "--max-steps", "4", "--workers", "1"]
+    )
     cfg = _pipeline_config(args)
-    assert (cfg.seed, cfg.max_steps) == (1, 4)
+    assert (cfg.seed, cfg.max_steps, cfg.workers) == (1, 4, 1)
     seeded = with_overrides(recipe, cfg)
+    assert recipe.workers == 2 and seeded.workers == 1
     assert seeded.model.seed == 1 and {s.seed for s in seeded.stages} == {1}
     assert [(s.max_steps, s.checkpoint_every) for s in seeded.stages] == [(4, 2), (4, 2)]
     assert with_overrides(recipe, _pipeline_config(build_parser().parse_args(["run"]))) == recipe
