@@ -92,7 +92,8 @@ class Sample:
         return len(self.images) + (1 if self.video is not None else 0)
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what an error message quotes of a bad value or path."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -112,30 +113,30 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
     elif isinstance(images, str):
         images = [images]
     elif not (isinstance(images, list) and all(isinstance(x, str) and x for x in images)):
-        raise SampleError(sample_id, "image", "a path or a list of paths", _short(images))
+        raise SampleError(sample_id, "image", "a path or a list of paths", short_repr(images))
     video = record.get("video")
     if video is not None and not (isinstance(video, str) and video):
-        raise SampleError(sample_id, "video", "a path", _short(video))
+        raise SampleError(sample_id, "video", "a path", short_repr(video))
     if video is not None and images:
         raise SampleError(sample_id, "image", "no images beside a video", f"{len(images)} images and a video")
 
     raw_turns = record.get("conversations", record.get("messages"))
     field_name = "conversations" if "conversations" in record else "messages"
     if not isinstance(raw_turns, list) or not raw_turns:
-        raise SampleError(sample_id, field_name, "a non-empty list of turns", _short(raw_turns))
+        raise SampleError(sample_id, field_name, "a non-empty list of turns", short_repr(raw_turns))
     turns: list[Turn] = []
     for i, raw in enumerate(raw_turns):
         where = f"{field_name}[{i}]"
         if not isinstance(raw, dict):
-            raise SampleError(sample_id, where, "an object with from/value or role/content", _short(raw))
+            raise SampleError(sample_id, where, "an object with from/value or role/content", short_repr(raw))
         role = raw.get("from", raw.get("role"))
         text = raw.get("value", raw.get("content"))
         if role not in ROLE_ALIASES:
             raise SampleError(
-                sample_id, f"{where}.from", "one of human, gpt, user, assistant, system", _short(role)
+                sample_id, f"{where}.from", "one of human, gpt, user, assistant, system", short_repr(role)
             )
         if not isinstance(text, str):
-            raise SampleError(sample_id, f"{where}.value", "a string", _short(text))
+            raise SampleError(sample_id, f"{where}.value", "a string", short_repr(text))
         if not text.strip():
             raise SampleError(
                 sample_id, f"{where}.value", "a non-empty turn", "an empty string", "empty_turn"

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from components import storage
+from components.conversation import short_repr
 
 
 class MediaError(ValueError):
@@ -62,10 +63,6 @@ class MediaPolicy:
                 raise ValueError(f"MediaPolicy.{name}: expected a positive int, found {value!r}")
 
 
-def _short(path: str, limit: int = 80) -> str:
-    return repr(path if len(path) <= limit else path[: limit - 3] + "...")
-
-
 def _inside(path: str, root: str) -> bool:
     root = root.rstrip("/") or "/"
     return path == root or path.startswith(root + "/")
@@ -78,7 +75,7 @@ def resolve_media(path: str, media_root: str, policy: MediaPolicy, *, sample_id:
         raise MediaError("invalid_path", f"{where}: expected a file path, found one with a NUL byte or none")
     outside = MediaError(
         "outside_root",
-        f"{where}: expected a path inside the media root or an allowed root, found {_short(path)} outside them",
+        f"{where}: expected a path inside the media root or an allowed root, found {short_repr(path, 80)} outside them",
     )
     if storage.is_s3(path) or storage.is_s3(media_root):
         uri = path if storage.is_s3(path) else storage.join(media_root, path)
@@ -106,18 +103,19 @@ def read_media(uri: str, max_bytes: int, *, sample_id: str, field: str, shown: s
         size = storage.file_size(uri)
         if size is None:
             raise MediaError(
-                "missing_media", f"{where}: expected a readable file, found none at {_short(shown)}"
+                "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
             )
     else:
         try:
             info = os.stat(uri)  # a FIFO or a device is stat'ed, never opened
         except OSError as e:
             raise MediaError(
-                "missing_media", f"{where}: expected a readable file, found none at {_short(shown)}"
+                "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
             ) from e
         if not stat.S_ISREG(info.st_mode):
             raise MediaError(
-                "not_a_file", f"{where}: expected a regular file, found something else at {_short(shown)}"
+                "not_a_file",
+                f"{where}: expected a regular file, found something else at {short_repr(shown, 80)}",
             )
         size = info.st_size
     if size > max_bytes:
@@ -126,7 +124,7 @@ def read_media(uri: str, max_bytes: int, *, sample_id: str, field: str, shown: s
         data = storage.read_bytes(uri)
     except (storage.StorageError, OSError) as e:
         raise MediaError(
-            "missing_media", f"{where}: expected a readable file, found none at {_short(shown)}"
+            "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
         ) from e
     if len(data) > max_bytes:  # it grew while we looked
         raise MediaError("too_large", f"{where}: expected at most {max_bytes} bytes, found more")
