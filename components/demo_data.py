@@ -359,7 +359,10 @@ def check_demo_world(out_dir: str, tile_size: int) -> None:
     tile size (a stale ``demo_out`` after an update would train on old tasks and be scored on new ones).
     Its amounts may differ: the tests make small worlds."""
     path = os.path.join(out_dir, "world.json")
-    found = json.load(open(path)) if os.path.exists(path) else {}
+    found = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            found = json.load(f)
     version, tile = found.get("version", "none (no world.json)"), found.get("config", {}).get("tile_size")
     if (version, tile) != (WORLD_VERSION, tile_size):
         raise ValueError(

@@ -69,10 +69,12 @@ def test_onevision_killed_after_a_checkpoint_resumes_there_in_its_mlflow_run(dem
     """The tiny OneVision recipe through the DAG (its four stages, 4 steps each), killed in the last right
     after its step-2 checkpoint (a step hook), fails with every MLflow run FAILED and the error tagged; the
     re-run skips the three done stages and resumes the last from that checkpoint: its history continues at
-    step 3 in the same MLflow run, and the run ends. This is the OneVision recipe's run in the e2e tier. Checked once with the step hook run before the step's checkpoint instead of after it:
-    the resumed attempts all started at step 0 ([0, 0, 0, 0]) and this test failed. Afterwards no run is left RUNNING, each stage has one run with its mixture manifest, the
-    registered model version links to its run and its files, and the export loads in transformers. A
-    third run skips everything and changes nothing."""
+    step 3 in the same MLflow run, and the run ends. This is the OneVision recipe's run in the e2e tier.
+    Checked once (on the earlier two-stage recipe) with the step hook run before the step's checkpoint
+    instead of after it: the resumed attempts all started at step 0 ([0, 0, 0, 0]) and this test failed.
+    Afterwards no run is left RUNNING, each stage has one run with its mixture manifest, the registered
+    model version links to its run and its files, and the export loads in transformers. A third run
+    skips everything and changes nothing."""
     from mlflow.tracking import MlflowClient
 
     from components.tracking import TrackingConfig, audit_pipeline_run
