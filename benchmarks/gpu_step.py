@@ -84,7 +84,7 @@ def make_manifest(root: str, s: Shape, images: int, videos: int) -> str:
 
     import numpy as np
 
-    from components.demo_data import COLORS, motion_frames, shape_image, write_video
+    from components.demo_data import COLORS, color_change_frames, shape_image, write_video
     from components.demo_data import DemoConfig as Demo
 
     rng = random.Random(0)
@@ -100,7 +100,7 @@ def make_manifest(root: str, s: Shape, images: int, videos: int) -> str:
             {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]})  # fmt: skip
     demo = Demo(video_frames=32, video_size=s.video_size)
     for i in range(videos):
-        frames = motion_frames(rng, "red", "square", "right", demo)
+        frames = color_change_frames(rng, "red", "blue", "square", demo)
         write_video(os.path.join(root, "media", f"v{i}.mp4"), np.ascontiguousarray(frames), fps=1)
         answer = " ".join(rng.choice(words) for _ in range(s.answer_words))
         records.append({"id": f"v{i}", "video": f"media/v{i}.mp4", "conversations": [

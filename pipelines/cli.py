@@ -63,7 +63,7 @@ def _pipeline_config(args: argparse.Namespace, **over):
     return PipelineConfig(
         recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
         tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
-        data_mode=args.data_mode, seed=args.seed, workers=args.workers, **over,
+        data_mode=args.data_mode, seed=args.seed, workers=args.workers, local=args.local, **over,
     )  # fmt: skip
 
 
@@ -74,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
     select_stages(
         load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir), args.from_stage, args.until_stage
     )
-    _init_ray(args)
+    if not args.local:
+        _init_ray(args)
     summary = run_pipeline(_pipeline_config(args, from_stage=args.from_stage, until_stage=args.until_stage))
     print(format_summary(summary))
     return 0
@@ -86,7 +87,8 @@ def _stage(args: argparse.Namespace) -> int:
     from pipelines.recipes import load_recipe
 
     load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir).stage(args.name)  # a bad name: before Ray
-    _init_ray(args)
+    if not args.local:
+        _init_ray(args)
     summary = run_pipeline(_pipeline_config(args, from_stage=args.name, until_stage=args.name))
     print(format_summary(summary))
     return 0
@@ -124,6 +126,8 @@ def _submit(args: argparse.Namespace) -> int:
         common += ["--seed", str(args.seed)]
     if args.workers:
         common += ["--workers", str(args.workers)]
+    if args.local:
+        common += ["--local"]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
     return submit(args.address, target, python=args.python, follow=not args.no_follow)
 
@@ -202,6 +206,11 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers", type=int, default=None, help="train on this many workers; default: the profile's"
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="no Ray: every node in this process, training on one rank (small runs, debugging)",
     )
     p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")

@@ -53,6 +53,10 @@ class PipelineConfig:
     recipe's. The global batch stays the recipe's: fewer workers accumulate more micro-batches."""
     seed: int | None = None
     """The model's initialisation and every stage's seed (data order, mixture sampling); None: the recipe's."""
+    local: bool = False
+    """Run every node in this process, without Ray: preprocessing in-process and training on one rank
+    (the global batch kept by accumulation). For small runs, debugging and a machine without a cluster;
+    the run state, MLflow runs, exports and resume are the same."""
     step_hooks: dict[str, tuple[StepHook, ...]] = field(default_factory=dict)
     """Per stage name, hooks run on every rank after each step (tests inject faults with them)."""
 
@@ -113,8 +117,8 @@ def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
         recipe = replace(recipe, stages=[replace(s, max_steps=min(s.max_steps or cap, cap),
                                                  checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)))
                                          for s in recipe.stages])  # fmt: skip
-    if cfg.workers:
-        recipe = replace(recipe, workers=cfg.workers)
+    if cfg.workers or cfg.local:
+        recipe = replace(recipe, workers=1 if cfg.local else cfg.workers)
     if cfg.seed is not None:
         recipe = replace(recipe, model=replace(recipe.model, seed=cfg.seed),
                          stages=[replace(s, seed=cfg.seed) for s in recipe.stages])  # fmt: skip
@@ -173,7 +177,7 @@ def _run_stages(recipe, stages, cfg, layout, state, tracking, parent) -> tuple[l
             config = PreprocessConfig(
                 manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
             )
-            summary = preprocess(config, stage_layout)
+            summary = preprocess(config, stage_layout, local=cfg.local)
             state.set(pre_name, status="completed", output_uri=stage_layout.root, accepted=summary["accepted"],
                       rejected=summary["rejected"], mixture_digest=summary["mixture_digest"])  # fmt: skip
             state.event(pre_name, "completed")
@@ -205,7 +209,8 @@ def _train(recipe, stage, stage_layout, cfg, state, tracking, parent, *, init_fr
     state.set(name, status="started", mlflow_run_id=run_id, init_from=init_from)
     record = train_stage(recipe, stage, stage_layout, init_from=init_from, tracking=tracking,
                          parent_run_id=parent.run_id, mlflow_run_id=run_id, max_failures=cfg.max_failures,
-                         data_mode=cfg.data_mode or stage.data_mode, step_hooks=cfg.step_hooks.get(stage.name, ()))  # fmt: skip
+                         data_mode=cfg.data_mode or stage.data_mode, step_hooks=cfg.step_hooks.get(stage.name, ()),
+                         local=cfg.local)  # fmt: skip
     state.set(name, status="completed", hf_uri=record["hf_uri"], checkpoint_uri=record["checkpoint_uri"],
               mlflow_run_id=record["mlflow_run_id"])  # fmt: skip
     state.event(name, "completed")

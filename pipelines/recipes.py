@@ -92,6 +92,10 @@ class StageSpec:
     """memory (every worker reads the shards once and keeps its rows), stream (Ray Data every epoch), or
     auto (memory when the shards are under a tenth of the object store)."""
     seed: int = 0
+    stall_timeout_s: float = 1800.0
+    """A worker that makes no progress (no step, no set-up phase ends) for this long ends the stage with an
+    error naming what each worker was doing last, instead of hanging; a first DeepSpeed op build on a fresh
+    node takes ~90 s of it, a large checkpoint's load or export some minutes."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -108,6 +112,10 @@ class StageSpec:
         if unknown or not self.trainable:
             raise ValueError(
                 f"stage {self.name}: trainable: expected a non-empty subset of {PARTS}, found {self.trainable}"
+            )
+        if not self.stall_timeout_s > 0:
+            raise ValueError(
+                f"stage {self.name}: stall_timeout_s: expected > 0, found {self.stall_timeout_s}"
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"stage {self.name}: zero_stage: expected 0-3, found {self.zero_stage}")

@@ -38,6 +38,9 @@ DATA_MODES = ("auto", "memory", "stream")
 SMALL_DATA_SHARE = 0.1
 """In ``auto`` mode, shards smaller than this share of the object store are read into memory."""
 
+STALL_EXIT = 75
+"""A worker's exit status when its watchdog ended it (EX_TEMPFAIL)."""
+
 StepHook = Callable[[int, int], None]
 """Called on every rank after each optimizer step (and its checkpoint, when one is due): hook(step, rank)."""
 
@@ -251,14 +254,125 @@ class StreamedSteps:
 # ---- the worker side ----------------------------------------------------------------------------
 
 
+class StageStalled(Exception):
+    """A stage's workers made no progress for ``stall_timeout_s``; the message names what each was doing."""
+
+
+class ProgressBoard:
+    """Every rank's last phase and when it began, and the stalls its watchdogs reported: one Ray actor per
+    stage attempt (``num_cpus=0``), so that the driver can name what each worker was doing when a stage
+    stalled, whichever node it ran on."""
+
+    def __init__(self):
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stalls: dict[int, str] = {}
+
+    def note(self, rank: int, phase: str, at: float) -> None:
+        self.last[rank] = (phase, at)
+
+    def stalled(self, rank: int, message: str) -> None:
+        self.stalls[rank] = message
+
+    def read(self) -> tuple[dict, dict]:
+        return self.last, self.stalls
+
+
+def stall_message(stage: str, timeout_s: float, last: dict, stalls: dict, now: float) -> str:
+    ranks = "; ".join(
+        f"rank {rank}: {phase!r} for {now - at:.0f} s" + (" (its watchdog fired)" if rank in stalls else "")
+        for rank, (phase, at) in sorted(last.items())
+    )
+    return (
+        f"stage {stage}: expected every worker to make progress within stall_timeout_s={timeout_s:g} s, "
+        f"found none for that long; last phase per worker: {ranks or 'none reported'}"
+    )
+
+
+class Watchdog:
+    """What this rank is doing now (``phase``) and since when. A daemon thread acts when one phase lasts
+    longer than ``timeout_s`` (a stale build lock, a peer lost in a collective, a hung read): it tells the
+    context (``stalled``: a Ray Train worker records it and ends its process), and where the rank runs in
+    this process's main thread (``LocalContext``) it raises StageStalled there, through a signal that
+    also interrupts a blocking sleep or wait. Every phase is also sent to the context (``note``)."""
+
+    def __init__(self, context, timeout_s: float, stage: str):
+        import threading
+
+        self.context, self.timeout_s, self.stage = context, timeout_s, stage
+        self.phase, self.since, self.fired = "starting", time.monotonic(), None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="llava-ray-watchdog", daemon=True)
+        in_main = threading.current_thread() is threading.main_thread()
+        self._main = threading.main_thread().ident if in_main and not context.ends_process else None
+        self._previous = None
+
+    def __call__(self, phase: str) -> None:
+        self.phase, self.since = phase, time.monotonic()
+        self.context.note(phase)
+
+    def __enter__(self):
+        import signal
+
+        if self._main is not None:
+            self._previous = signal.signal(signal.SIGUSR1, self._raise)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self._done.set()
+        if self._main is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+
+    def _raise(self, signum, frame) -> None:
+        if self.fired and not self._done.is_set():
+            raise StageStalled(f"stage {self.stage}: {self.fired}")
+
+    def _watch(self) -> None:
+        import signal
+
+        while not self._done.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.since
+            if idle > self.timeout_s:
+                self.fired = f"rank {self.context.rank}: no progress for {idle:.0f} s in {self.phase!r}"
+                self.context.stalled(self.fired)
+                if self._main is not None:
+                    signal.pthread_kill(self._main, signal.SIGUSR1)
+                return
+
+
 class RayTrainContext:
     """The recipe's view of Ray Train: rank, world, the checkpoint to resume from, and reports."""
 
-    def __init__(self):
+    ends_process = True
+    """A stalled rank ends its worker process (Ray Train then sees the worker lost)."""
+
+    def __init__(self, board=None):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.board = board
+
+    def note(self, phase: str) -> None:
+        if self.board is not None:
+            self.board.note.remote(self.rank, phase, time.time())
+
+    def stalled(self, message: str) -> None:
+        """Record the stall on the board, print every thread's stack to the worker's log, end the worker
+        (a thread cannot interrupt a rank blocked in C: a collective, a lock wait)."""
+        import faulthandler
+        import sys
+
+        import ray
+
+        print(f"llava-ray watchdog: {message}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        if self.board is not None:
+            with contextlib.suppress(Exception):
+                ray.get(self.board.stalled.remote(self.rank, message), timeout=10)
+        os._exit(STALL_EXIT)
 
     @contextlib.contextmanager
     def resume_dir(self):
@@ -301,21 +415,41 @@ def init_one_rank_group(cuda: bool) -> bool:
 
 
 class LocalContext:
-    """One process and no Ray (tests, the GPU machine): checkpoints go to ``root/<step>``, the newest
-    is resumed from."""
+    """One process and no Ray (``llava-ray run --local``, tests, the GPU machine): checkpoints go to
+    ``root/<step>`` (a local directory or s3://, through the URI layer, published with a manifest), and
+    the newest complete one is resumed from."""
+
+    ends_process = False
+    """A stalled rank raises StageStalled: the process is the caller's."""
 
     def __init__(self, root: str, rank: int = 0, world: int = 1):
-        self.root, self.rank, self.world = root, rank, world
+        self.root, self.rank, self.world = storage.absolute(root), rank, world
+        self.stall = None
+
+    def note(self, phase: str) -> None:
+        pass
+
+    def stalled(self, message: str) -> None:
+        """Kept: this process is the caller's, so it goes on; the watchdog raises StageStalled in the rank."""
+        self.stall = message
+
+    def checkpoints(self) -> list[int]:
+        """Steps with a complete (published) checkpoint, oldest first."""
+        steps = {rel.split("/")[0] for rel in storage.list_files(self.root)}
+        done = [int(s) for s in steps if s.isdigit() and storage.is_complete(storage.join(self.root, s))]
+        return sorted(done)
 
     @contextlib.contextmanager
     def resume_dir(self):
-        done = sorted(int(d) for d in os.listdir(self.root)) if os.path.isdir(self.root) else []
-        yield os.path.join(self.root, str(done[-1])) if done else None
+        done = self.checkpoints()
+        if not done:
+            yield None
+            return
+        with tempfile.TemporaryDirectory() as scratch:  # s3:// is copied here; a local path is used in place
+            yield storage.download_dir(storage.join(self.root, str(done[-1])), scratch)
 
     def report(self, metrics: dict, directory: str) -> None:
-        import shutil
-
-        shutil.copytree(directory, os.path.join(self.root, str(metrics["step"])))
+        storage.upload_dir(directory, storage.join(self.root, str(metrics["step"])))
 
 
 class StageRecipe:
@@ -326,13 +460,27 @@ class StageRecipe:
         self.rank, self.world = context.rank, context.world
 
     def train(self) -> None:
+        """The stage on this rank, under a watchdog (``stall_timeout_s``) that names the phase it stalled in."""
+        with Watchdog(self.context, self.plan.stage.stall_timeout_s, self.plan.stage.name) as self.progress:
+            self._train()
+
+    def _train(self) -> None:
         import torch
 
+        from components.deepspeed_ops import ensure_ops
+
+        progress = self.progress
         torch.set_num_threads(self.plan.torch_threads)
         torch.manual_seed(self.plan.stage.seed + self.rank)
+        progress("setting up: DeepSpeed's ops (built once per node, under a lock a dead holder releases)")
+        ensure_ops(on_wait=progress)
+        progress("setting up: the model")
         model, processor = self.setup_model()
+        progress("setting up: the optimizer (deepspeed.initialize)")
         engine, optimizer = self.setup_optimizer(model)
+        progress("setting up: the data")
         source = self.setup_data()
+        progress("resuming from the last checkpoint")
         step = self.resume(engine)
         attempt = self.setup_step(engine, optimizer, processor, start_step=step)
         tracker, history = self.tracker(), []
@@ -344,17 +492,22 @@ class StageRecipe:
             last_end = time.perf_counter()
             for micro_batches in steps:
                 waited = time.perf_counter() - last_end
+                progress(f"step {step + 1}")
                 step, metrics = attempt.train_step(micro_batches, step, waited, last_end)
                 history.append(metrics)
                 tracker.log_metrics(_loggable(metrics), step=step)
                 if step % self.plan.stage.checkpoint_every == 0 or step == self.plan.total_steps:
+                    progress(f"saving the checkpoint of step {step}")
                     self.save_checkpoint(engine, step, metrics, history)
                     history = []
+                progress(f"step hooks after step {step}")
                 for hook in self.plan.step_hooks:
                     hook(step, self.rank)
                 last_end = time.perf_counter()
                 if step == self.plan.total_steps or step % self.plan.steps_per_epoch == 0:
                     break
+            progress(f"reading the data of epoch {step // self.plan.steps_per_epoch}")
+        progress("exporting the HF checkpoint")
         self.export(engine, processor)
 
     def setup_model(self):
@@ -536,7 +689,7 @@ def _loggable(metrics: dict) -> dict:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    StageRecipe(config["plan"], RayTrainContext()).train()
+    StageRecipe(config["plan"], RayTrainContext(config.get("board"))).train()
 
 
 @dataclass
@@ -614,6 +767,20 @@ class FailOnce:
             os._exit(1)
 
 
+@dataclass(frozen=True)
+class HangOnce:
+    """A step hook for tests: ``rank`` stops making progress for ``seconds`` right after ``step`` (a hung
+    worker: a lost peer, a stale lock), once per process."""
+
+    step: int
+    rank: int
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank:
+            time.sleep(self.seconds)
+
+
 # ---- the driver side ----------------------------------------------------------------------------
 
 
@@ -653,9 +820,11 @@ def data_stats(layout: StageLayout) -> tuple[list[int], dict[str, int]]:
 def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_from: str | None,
                 tracking: TrackingConfig | None = None, parent_run_id: str | None = None,
                 mlflow_run_id: str | None = None, max_failures: int = 1, data_mode: str = "auto",
-                step_hooks: tuple[StepHook, ...] = ()) -> dict:  # fmt: skip
+                step_hooks: tuple[StepHook, ...] = (), local: bool = False) -> dict:  # fmt: skip
     """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval).
-    ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run)."""
+    ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run).
+    ``local``: in this process on one rank (the recipe's workers must be 1), no Ray: small runs, debugging,
+    a machine without a cluster; an interrupted local stage resumes from its last checkpoint too."""
     from components.tracking import make_tracker
 
     start = time.monotonic()
@@ -667,11 +836,16 @@ def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_f
         tracker.start_run(stage.name, parent_run_id=parent_run_id, tags={"llava_ray.recipe": recipe.name})
     try:
         positions, modalities = data_stats(layout)
+        if local and recipe.workers != 1:
+            raise ValueError(f"stage {stage.name}: a local run trains on one rank: expected workers 1, "
+                             f"found {recipe.workers}")  # fmt: skip
+        if local and data_mode == "auto":
+            data_mode = "memory"  # no Ray to stream with, nor an object store to size against
         plan = plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=init_from,
                           data_mode=data_mode, tracking=tracking, mlflow_run_id=tracker.run_id,
                           step_hooks=step_hooks)  # fmt: skip
         _log_plan(plan, tracker)
-        checkpoint_uri = _fit(plan, max_failures)
+        checkpoint_uri = _fit_here(plan) if local else _fit(plan, max_failures)
         record = _finish(recipe, plan, tracker, checkpoint_uri)
     except BaseException as e:
         tracker.fail(e)
@@ -692,16 +866,59 @@ def _log_plan(plan: StagePlan, tracker) -> None:
         tracker.log_dict(json.loads(storage.read_text(plan.layout.mixture)), "mixture.json")
 
 
+def _fit_here(plan: StagePlan) -> str | None:
+    """The stage in this process, one rank, no Ray Train (``--local``); returns its last checkpoint's URI.
+    The process group (gloo, or NCCL on a GPU) is made once and kept for the process: DeepSpeed keeps the
+    group it first saw. The caller's torch thread count is restored afterwards."""
+    import torch
+
+    init_one_rank_group(plan.use_gpu)
+    context = LocalContext(storage.join(plan.layout.checkpoints, "local"))
+    threads = torch.get_num_threads()
+    try:
+        StageRecipe(plan, context).train()
+    finally:
+        torch.set_num_threads(threads)
+    done = context.checkpoints()
+    return storage.join(context.root, str(done[-1])) if done else None
+
+
+def _waited_in_python(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a daemon thread, waited for in short joins. A ``ray.get`` runs no signal handler until its
+    object arrives (measured: an alarm during a 30 s get fired only after it), so a driver blocked in
+    ``fit()`` would ignore Ctrl-C and a test's timeout for a whole stage; waiting here keeps this thread in
+    Python, where both are handled."""
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # handed to the waiting thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="llava-ray-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def _fit(plan: StagePlan, max_failures: int) -> str | None:
     """The TorchTrainer of the stage; returns its last checkpoint's URI. The same run name and storage
     path make Ray Train restore an interrupted run from its latest checkpoint."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     fs, path = storage.resolve(plan.layout.checkpoints)
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "board": board},
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                                resources_per_worker={"CPU": plan.cpus_per_worker}),
@@ -709,7 +926,17 @@ def _fit(plan: StagePlan, max_failures: int) -> str | None:
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )  # fmt: skip
-    result = trainer.fit()
+    try:
+        result = _waited_in_python(trainer.fit)
+    except Exception as e:
+        last, stalls = ray.get(board.read.remote())
+        if stalls:
+            raise StageStalled(
+                stall_message(plan.stage.name, plan.stage.stall_timeout_s, last, stalls, time.time())
+            ) from e
+        raise
+    finally:
+        ray.kill(board)
     uri = result.checkpoint.path if result.checkpoint else None
     if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
         uri = "s3://" + uri

@@ -9,6 +9,7 @@ Generate calls are batched (``serve.batch``); streaming requests take a token st
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -119,6 +120,7 @@ class LlavaModel:
         self.batch_seconds = 0.0
         self.batches, self.largest_batch = 0, 0
         self.longest_batch_wait_s = 0.0
+        self.queue_waits: collections.deque = collections.deque(maxlen=256)
         self.idle: asyncio.Event | None = None
         self._set_batch_wait()
 
@@ -132,9 +134,11 @@ class LlavaModel:
         self.generate_batched.set_batch_wait_timeout_s(wait)
 
     def stats(self) -> dict:
-        """This replica's batching so far (for operators and tests)."""
+        """This replica's batching so far (for operators and tests); ``queue_waits_s``: the latest requests'
+        (batch size, seconds from reaching the replica to their batch's start), measured."""
         return {"batches": self.batches, "largest_batch": self.largest_batch, "batch_wait_s": self.batch_wait_s,
-                "longest_batch_wait_s": self.longest_batch_wait_s, "batch_seconds": self.batch_seconds}  # fmt: skip
+                "longest_batch_wait_s": self.longest_batch_wait_s, "batch_seconds": self.batch_seconds,
+                "queue_waits_s": list(self.queue_waits)}  # fmt: skip
 
     def _row(self, request: ChatRequest) -> dict:
         try:
@@ -202,8 +206,12 @@ class LlavaModel:
         return self.idle
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batched(self, requests: list[ChatRequest]) -> list[dict]:
+    async def generate_batched(self, arrivals: list[tuple[float, ChatRequest]]) -> list[dict]:
+        """``arrivals``: (when the request reached this replica, the request); the time from there to its
+        batch's start is measured (``stats()['queue_waits_s']``)."""
         start = time.perf_counter()
+        self.queue_waits.extend((len(arrivals), start - arrived) for arrived, _ in arrivals)
+        requests = [request for _, request in arrivals]
         self._idle().clear()
         try:
             out = await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
@@ -225,8 +233,9 @@ class LlavaModel:
                 # Serve forms the next batch as soon as a request arrives, even while a batch runs: requests
                 # that came during a long batch would each become a batch of one, queued behind it. So a
                 # request waits here for the running batch to end, and all that waited join the next one.
+                arrived = time.perf_counter()
                 await self._idle().wait()
-                return await self.generate_batched(request)
+                return await self.generate_batched((arrived, request))
             finally:
                 self.ongoing -= 1
         return (await asyncio.get_running_loop().run_in_executor(None, self._run, [request]))[0]

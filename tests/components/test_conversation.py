@@ -109,6 +109,9 @@ def test_front_layout_moves_media_first(tok):
     front = tok.decode(tokenize(sample, tok, "chatml", [1, 1], layout="front").input_ids.tolist())
     assert "Look: <image> then <image> ok?" in inter
     assert "user\n<image><image>\nLook:  then  ok?" in front
+    user = front[front.index("user\n") :]
+    assert user.count("<image>") == 2
+    assert user.index("<image><image>") < user.index("Look:")  # the media block, then the text
 
 
 def test_video_placeholder_uses_video_token(tok):

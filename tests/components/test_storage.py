@@ -16,14 +16,21 @@ def test_roundtrip_and_listing(tmp_path, prefix):
         storage.read_bytes(storage.join(base, "missing"))
 
 
-def test_upload_writes_manifest_last_and_detects_incomplete(tmp_path):
+def test_upload_writes_manifest_last_and_detects_incomplete(tmp_path, monkeypatch):
+    """The manifest is the last write (a reader that sees it sees every file); a file cut short after it
+    makes the directory incomplete. Checked once with the manifest written before the files: the order
+    assertion failed."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "w.bin").write_bytes(b"x" * 100)
     (src / "sub" / "c.json").write_text("{}")
     dest = str(tmp_path / "dest")
     assert not storage.is_complete(dest)
+    written, write = [], storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (written.append(uri), write(uri, data)))
     record = storage.upload_dir(str(src), dest)
+    names = [uri.removeprefix(dest + "/") for uri in written]
+    assert names[-1] == storage.MANIFEST and sorted(names[:-1]) == ["sub/c.json", "w.bin"]
     assert set(record["files"]) == {"w.bin", "sub/c.json"} and record["files"]["w.bin"]["size"] == 100
     assert storage.is_complete(dest)
     (tmp_path / "dest" / "w.bin").write_bytes(b"short")

@@ -88,3 +88,39 @@ def test_runtime_env_carries_no_secrets():
     for key in env.get("env_vars", {}):
         for word in ("SECRET", "PASSWORD", "AUTH_TOKEN", "ACCESS_KEY", "API_KEY"):
             assert word not in key.upper(), key
+
+
+def test_local_default_is_the_demo_run_and_its_serve_command():
+    """cluster/local.yaml: its command is the run its fields describe (the recipe's tiny profile, the
+    storage, the tracking store, the workers), and its serve command serves that run's last export."""
+    from pipelines.recipes import load_recipe
+
+    with open(os.path.join(ROOT, "local.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    pipeline, run = cfg["pipeline"], _parse(cfg["pipeline"]["command"])
+    assert (run.recipe, run.profile, run.storage, run.tracking_uri) == (
+        pipeline["recipe"], pipeline["profile"], pipeline["storage"], pipeline["tracking_uri"]
+    )  # fmt: skip
+    recipe = load_recipe(run.recipe, run.profile)
+    assert pipeline["workers"] == recipe.workers and cfg["ray"]["num_cpus"] == 2
+    serve = _parse(cfg["serve"]["command"])
+    assert serve.checkpoint == f"{run.storage}/{run.run_id}/{recipe.stages[-1].name}/hf"
+
+
+def test_runtime_env_is_what_submit_sends():
+    """cluster/runtime_env.yaml says pipelines/submit.py builds the same: the same excludes, and only
+    environment variables that submit passes on (never a credential)."""
+    from pipelines.submit import EXCLUDES, SAFE_ENV
+
+    with open(os.path.join(ROOT, "runtime_env.yaml")) as f:
+        env = yaml.safe_load(f)
+    assert env["working_dir"] == "." and env["excludes"] == EXCLUDES
+    assert set(env["env_vars"]) <= set(SAFE_ENV), set(env["env_vars"]) - set(SAFE_ENV)
+
+
+def test_ray_up_starts_every_node_with_token_auth():
+    with open(os.path.join(ROOT, "aws", "ray-up.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), (key, starts)

@@ -28,13 +28,10 @@ DEVICES = [
 
 @pytest.fixture(scope="module")
 def process_group():
-    """One rank of a process group (DeepSpeed keeps the group it first saw: one per test process)."""
-    import torch.distributed as dist
-
-    made = init_one_rank_group(torch.cuda.is_available())
-    yield
-    if made:
-        dist.destroy_process_group()
+    """One rank of a process group, kept for the test process: DeepSpeed keeps the group it first saw (its
+    cloned world group), so a group destroyed and made again breaks every later in-process stage (the
+    ``--local`` DAG runs, the stall tests: "Group ... is not registered")."""
+    init_one_rank_group(torch.cuda.is_available())
 
 
 class Interrupt(Exception):
@@ -114,9 +111,11 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
 def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, process_group):
     """Under ZeRO-3 the recipe's setup_model builds the base model, and loads a previous stage's export,
     straight into DeepSpeed's partitions (transformers' zero.Init path, ``partitioned_build``): every
-    parameter is partitioned before DeepSpeed wraps the model, and the gathered values equal the export's.
-    Checked once with partitioned_build made a no-op (a plain build): no parameter was partitioned and
-    this test failed."""
+    parameter is partitioned before DeepSpeed wraps the model, and the gathered values equal the export's,
+    whose every weight was moved away from the stage's own base model before it was saved. Checked once
+    with partitioned_build made a no-op (a plain build): no parameter was partitioned and this test failed;
+    and once with setup_model ignoring init_from (building the base model): the gathered values differed
+    and this test failed."""
     import deepspeed
 
     from components.model import build_model, save_model
@@ -133,7 +132,10 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
     built, _ = StageRecipe(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert all(hasattr(p, "ds_id") for p in built.parameters()), "built whole, then partitioned"
 
-    reference, processor = build_model(recipe.model)
+    reference, processor = build_model(recipe.model)  # the stage's own base model, then every weight moved:
+    with torch.no_grad():  # a load that ignored init_from (a fresh build, same seed) cannot match it
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     save_model(reference, processor, str(tmp_path / "export"))
     loaded_plan = dataclasses.replace(plan, init_from=str(tmp_path / "export"))
     loaded, _ = StageRecipe(loaded_plan, LocalContext(str(tmp_path / "c"))).setup_model()
