@@ -20,7 +20,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 --junitxml=.pytest_cache/junit.xml tests
+	$(PY) .ci/tier_times.py .pytest_cache/junit.xml
 
 # every benchmark's --quick run, its output shown as it runs
 bench: $(STAMP)

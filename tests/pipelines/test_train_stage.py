@@ -180,7 +180,7 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
     order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
     per-step loss and token count of an uninterrupted run of the same seed, exactly (fp32, CPU). Checked
     once with the resume switched off (StageRecipe.resume returning step 0 without loading the
-    checkpoint): the history repeated steps 1-2 and this test failed; Ray Data's arrival order (a
+    checkpoint): the attempts started at [0, 0, 0, 0] and this test failed; Ray Data's arrival order (a
     streaming_split) gives no such guarantee. The stage's MLflow run (a real server) holds exactly one
     loss curve, steps 1-4 (none twice, none lost), the mixture manifest and the resolved plan, and ends
     FINISHED. This test also guards the streamed path's resume that a separate two-worker test did."""
@@ -306,8 +306,8 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     composed model keeps SigLIP's first layers only (vision_layers, as OneVision drops the last) and gives
     before any step the vision features and text logits of the parts themselves, and the recipe's Stage-1,
     through the stage's own path (plan_stage, then StageRecipe.setup_model, as every worker runs it),
-    builds the same weights with the vision tower frozen. Checked once with setup_model building the
-    recipe's tiny spec instead of the plan's: the layer counts differed and this test failed. (That Stage-1
+    builds the same weights with the vision tower frozen. Checked once with plan_stage taking a default
+    ModelSpec instead of the recipe's: the vision tower's weights differed and this test failed. (That Stage-1
     then trains the projector alone is test_stage1_changes_only_the_projector; a Ray Train run here again
     would cost a minute and check nothing new.)"""
     from transformers import (
