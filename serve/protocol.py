@@ -163,20 +163,24 @@ class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _http_get(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
-    """GET with one deadline for everything (checked between reads; no single read waits longer than the
-    deadline itself), redirects only within the allow-list; an upstream failure is a 4xx naming the host,
-    never our 500."""
+    """GET with one deadline for everything: connect, redirects and every read. Each read takes what has
+    arrived (``read1``: one receive, not "until the buffer fills") and waits at most the time left, so an
+    upstream that trickles a byte every few seconds is cut at the deadline too. Redirects only within the
+    allow-list; an upstream failure is a 4xx naming the host, never our 500."""
     host = urllib.parse.urlparse(url).hostname
     deadline = time.monotonic() + limits.fetch_timeout_s
     opener = urllib.request.build_opener(_AllowListedRedirects(limits.allowed_media_prefixes, param))
     chunks, size = [], 0
     try:
         with opener.open(url, timeout=limits.fetch_timeout_s) as response:  # noqa: S310 (allow-listed)
+            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # http.client's socket
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
-                chunk = response.read(min(1 << 16, limit_bytes + 1 - size))
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = response.read1(min(1 << 16, limit_bytes + 1 - size))
                 if not chunk:
                     break
                 chunks.append(chunk)

@@ -192,21 +192,25 @@ HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNext
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_tiny_recipe_model_exports_a_transformers_checkpoint(name, demo_dir, tmp_path):
     """Each recipe's tiny model, saved as its stages export it, loads with AutoModelForImageTextToText into
-    its architecture's transformers class with no missing or unexpected keys, and gives our loader's
-    logits on its processor's probe batch (the e2e DAG runs two of the recipes through every stage)."""
+    its architecture's transformers class with no missing or unexpected keys, and gives the logits of the
+    model that was saved (the in-memory one, an independent reference: a weight or config field lost on
+    save shows) on its processor's probe batch. Untrained, without a stage: the e2e DAG test checks every
+    recipe's trained exports against their training-time logits. Checked once with image_newline zeroed
+    on save: the three recipes with a row newline failed here."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from components.model import build_model, load_model, save_model
+    from components.model import build_model, save_model
 
     root, _ = demo_dir
     recipe = load_recipe(name, "tiny", demo_dir=str(root))
     model, processor = build_model(recipe.model)
+    batch = processor.probe_batch()
+    with torch.no_grad():
+        saved = model.eval()(**batch).logits
     save_model(model, processor, str(tmp_path / "hf"))
     hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values()), info
     assert type(hf).__name__ == HF_CLASSES[recipe.model.arch]
-    ours, processor = load_model(str(tmp_path / "hf"))
-    batch = processor.probe_batch()
     with torch.no_grad():
-        assert torch.equal(hf.eval()(**batch).logits, ours.eval()(**batch).logits)
+        assert torch.allclose(hf.eval()(**batch).logits, saved, atol=1e-5)

@@ -41,8 +41,8 @@ def checkpoint(tmp_path_factory):
 
 
 class _Upstream:
-    """A media host on 127.0.0.1: /slow answers after 30 s, /missing is a 404, /broken a 500, /away
-    redirects off the allow-list, /image.png is an image."""
+    """A media host on 127.0.0.1: /slow answers after 30 s, /trickle sends a byte a second, /missing is a
+    404, /broken a 500, /away redirects off the allow-list, /image.png is an image."""
 
     def __init__(self):
         import http.server
@@ -54,6 +54,19 @@ class _Upstream:
             def do_GET(self):  # noqa: N802 (the stdlib's name)
                 if self.path.startswith("/slow"):
                     time.sleep(30)
+                if self.path == "/trickle":  # a byte every second, for a minute: each read gets data
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    try:
+                        for i in range(60):
+                            self.wfile.write(image[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(1.0)
+                    except OSError:
+                        pass
+                    return
                 if self.path == "/missing":
                     return self.send_error(404)
                 if self.path == "/broken":
@@ -308,6 +321,28 @@ def test_a_slow_upstream_delays_only_its_own_requests(client, endpoint, upstream
         for status, error, seconds in (f.result() for f in pending):
             assert status == 400 and error["code"] == "media_fetch_failed" and "127.0.0.1" in error["message"]
             assert seconds < 3 * 4 + 10  # the deadline (4 s), behind at most two rounds of the 3-thread pool
+
+
+def test_an_upstream_that_trickles_is_cut_at_the_fetch_deadline(endpoint, upstream):
+    """One deadline for the whole fetch, read by read: an allow-listed upstream that sends a byte every
+    second (each read gets data, so no single read times out) is cut at fetch_timeout_s (4 s) with a 400
+    naming the host, and the server answers the next request. Checked once with ``read`` in place of
+    ``read1`` and no per-read socket timeout (the loop's deadline checked only between reads): the request
+    took the whole trickle (about a minute) and this test failed."""
+    body = _body(
+        [
+            {"type": "image_url", "image_url": {"url": f"{upstream.url}/trickle"}},
+            {"type": "text", "text": "q"},
+        ]
+    )
+    start = time.monotonic()
+    r = requests.post(f"{endpoint}/v1/chat/completions", json=body, timeout=120)
+    seconds = time.monotonic() - start
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "media_fetch_failed", r.text
+    assert "127.0.0.1" in error["message"] and "within 4" in error["message"], error
+    assert seconds < 4 + 3, seconds  # the deadline, plus one read's wait at most and the request's own time
+    assert requests.get(f"{endpoint}/health", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("path, code, words", [("/missing", "media_fetch_failed", "HTTP 404"),
