@@ -424,14 +424,12 @@ class LocalContext:
 
     def __init__(self, root: str, rank: int = 0, world: int = 1):
         self.root, self.rank, self.world = storage.absolute(root), rank, world
-        self.stall = None
 
     def note(self, phase: str) -> None:
         pass
 
     def stalled(self, message: str) -> None:
-        """Kept: this process is the caller's, so it goes on; the watchdog raises StageStalled in the rank."""
-        self.stall = message
+        """Nothing to end: this process is the caller's; the watchdog raises StageStalled in the rank."""
 
     def checkpoints(self) -> list[int]:
         """Steps with a complete (published) checkpoint, oldest first."""
