@@ -27,8 +27,9 @@ def check(path: str) -> tuple[bool, float, str]:
     name = os.path.splitext(os.path.basename(path))[0]
     start = time.monotonic()
     try:
-        out = subprocess.run([sys.executable, path, "--quick"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=TIMEOUT_S)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, path, "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as e:
         tail = (e.stdout or b"")[-2000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-2000:]
         return False, time.monotonic() - start, f"hung: no exit within {TIMEOUT_S} s; output tail: {tail!r}"

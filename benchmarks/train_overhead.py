@@ -102,8 +102,19 @@ def main() -> None:
     work = scratch("llava-ray-train-bench-")
     if args.quick:  # only what the 80 rows need: the full demo world takes ~20 s to draw and encode
         demo = os.path.join(work, "demo")
-        make_demo_data(demo, DemoConfig(captions=4, details=4, single_image=80, multi_image=2, multi_view=2,
-                                        videos=1, text=2, eval_per_kind=1))  # fmt: skip
+        make_demo_data(
+            demo,
+            DemoConfig(
+                captions=4,
+                details=4,
+                single_image=80,
+                multi_image=2,
+                multi_view=2,
+                videos=1,
+                text=2,
+                eval_per_kind=1,
+            ),
+        )
     else:
         demo = ensure_demo_data(os.path.join(work, "demo"))
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)

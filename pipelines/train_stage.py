@@ -835,8 +835,10 @@ def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_f
     try:
         positions, modalities = data_stats(layout)
         if local and recipe.workers != 1:
-            raise ValueError(f"stage {stage.name}: a local run trains on one rank: expected workers 1, "
-                             f"found {recipe.workers}")  # fmt: skip
+            raise ValueError(
+                f"stage {stage.name}: a local run trains on one rank: expected workers 1, "
+                f"found {recipe.workers}"
+            )
         if local and data_mode == "auto":
             data_mode = "memory"  # no Ray to stream with, nor an object store to size against
         plan = plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=init_from,

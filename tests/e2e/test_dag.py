@@ -52,8 +52,9 @@ def _loads_in_transformers(record: dict) -> str:
     return type(hf).__name__
 
 
-@pytest.mark.parametrize("name", ["llava_v1", "llava_v1_5", "llava_v1_5_hd", "llava_next_interleave",
-                                  "llava_onevision"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["llava_v1", "llava_v1_5", "llava_v1_5_hd", "llava_next_interleave", "llava_onevision"]
+)
 @pytest.mark.timeout(600)
 def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, tmp_path):
     """The whole recipe through the DAG in this process (``local``): every stage preprocessed, trained

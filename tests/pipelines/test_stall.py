@@ -53,8 +53,24 @@ def test_a_stage_starts_despite_the_lock_a_killed_op_build_left(demo_dir, tmp_pa
     op_dir.mkdir(parents=True, exist_ok=True)
     (op_dir / "lock").touch()  # what a build killed mid-way leaves behind
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
-    cmd = [f"{BIN}/llava-ray", "stage", "stage1", "--recipe", "llava_onevision", "--profile", "tiny", "--local",
-           "--storage", str(tmp_path / "runs"), "--run-id", "r", "--demo-dir", str(root), "--max-steps", "1"]  # fmt: skip
+    cmd = [
+        f"{BIN}/llava-ray",
+        "stage",
+        "stage1",
+        "--recipe",
+        "llava_onevision",
+        "--profile",
+        "tiny",
+        "--local",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--run-id",
+        "r",
+        "--demo-dir",
+        str(root),
+        "--max-steps",
+        "1",
+    ]
     start = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -69,8 +85,15 @@ def _tiny_stage(demo_dir, tmp_path, workers: int, **over):
     recipe = dataclasses.replace(
         recipe, workers=workers, eval=dataclasses.replace(recipe.eval, manifest=None)
     )
-    stage = dataclasses.replace(recipe.stage("stage1"), data={"datasets": [{"json_path": manifests["stage1_captions"]}]},
-                                micro_batch=1, global_batch=workers, max_steps=3, checkpoint_every=3, **over)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage1"),
+        data={"datasets": [{"json_path": manifests["stage1_captions"]}]},
+        micro_batch=1,
+        global_batch=workers,
+        max_steps=3,
+        checkpoint_every=3,
+        **over,
+    )
     layout = RunLayout(tmp_path, "r").stage(stage.name)
     config = PreprocessConfig(
         manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
