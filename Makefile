@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-smoke clean
+.PHONY: demo test cluster-test lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q --durations=15 --junitxml=.pytest_cache/junit.xml tests
-	$(PY) .ci/tier_times.py .pytest_cache/junit.xml
+	$(PY) -m pytest -q --durations=15 --junitxml=.pytest_cache/junit.xml --ignore=tests/cluster tests
+	$(PY) -m pytest -q --durations=5 --junitxml=.pytest_cache/junit-cluster.xml tests/cluster
+	$(PY) .ci/tier_times.py .pytest_cache/junit.xml .pytest_cache/junit-cluster.xml
+
+# the two-node tier alone: a real second Ray node in network and mount namespaces (needs root)
+cluster-test: $(STAMP)
+	$(PY) -m pytest -q --durations=5 tests/cluster
 
 # every benchmark's --quick run, its output shown as it runs
 bench: $(STAMP)

@@ -1,5 +1,5 @@
 """Per-tier test times from pytest's JUnit report (`make test` writes it): tests, seconds and the slowest
-test of each tier (tests/components, pipelines, serve, e2e), as in the README's table."""
+test of each tier (tests/components, pipelines, serve, e2e, cluster; one report per pytest run), as in the README's table."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 
 
-def main(path: str) -> int:
+def main(paths: list[str]) -> int:
     tiers: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for case in ET.parse(path).getroot().iter("testcase"):
+    cases = [case for path in paths for case in ET.parse(path).getroot().iter("testcase")]
+    for case in cases:
         parts = case.get("classname", "").split(".")
         tier = parts[1] if len(parts) > 1 and parts[0] == "tests" else "other"
         tiers[tier].append((float(case.get("time", 0)), f"{parts[-1]}::{case.get('name')}"))
@@ -24,4 +25,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ".pytest_cache/junit.xml"))
+    sys.exit(main(sys.argv[1:] or [".pytest_cache/junit.xml"]))

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from components import storage
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -358,11 +360,8 @@ def check_demo_world(out_dir: str, tile_size: int) -> None:
     """Raise when ``out_dir`` holds a demo world made by another version of this generator or for another
     tile size (a stale ``demo_out`` after an update would train on old tasks and be scored on new ones).
     Its amounts may differ: the tests make small worlds."""
-    path = os.path.join(out_dir, "world.json")
-    found = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f)
+    path = storage.join(out_dir, "world.json")
+    found = json.loads(storage.read_text(path)) if storage.exists(path) else {}
     version, tile = found.get("version", "none (no world.json)"), found.get("config", {}).get("tile_size")
     if (version, tile) != (WORLD_VERSION, tile_size):
         raise ValueError(

@@ -63,7 +63,8 @@ def _pipeline_config(args: argparse.Namespace, **over):
     return PipelineConfig(
         recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
         tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
-        data_mode=args.data_mode, seed=args.seed, workers=args.workers, local=args.local, **over,
+        data_mode=args.data_mode, seed=args.seed, workers=args.workers, local=args.local,
+        placement=args.placement, **over,
     )  # fmt: skip
 
 
@@ -126,6 +127,8 @@ def _submit(args: argparse.Namespace) -> int:
         common += ["--seed", str(args.seed)]
     if args.workers:
         common += ["--workers", str(args.workers)]
+    if args.placement:
+        common += ["--placement", args.placement]
     if args.local:
         common += ["--local"]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
@@ -206,6 +209,12 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers", type=int, default=None, help="train on this many workers; default: the profile's"
+    )
+    p.add_argument(
+        "--placement",
+        choices=("PACK", "SPREAD", "STRICT_SPREAD"),
+        help="where the training workers go: fewest nodes (PACK, the default), across nodes (SPREAD), "
+        "one per node (STRICT_SPREAD)",
     )
     p.add_argument(
         "--local",

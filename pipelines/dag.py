@@ -53,6 +53,8 @@ class PipelineConfig:
     recipe's. The global batch stays the recipe's: fewer workers accumulate more micro-batches."""
     seed: int | None = None
     """The model's initialisation and every stage's seed (data order, mixture sampling); None: the recipe's."""
+    placement: str | None = None
+    """PACK, SPREAD or STRICT_SPREAD for every stage's training workers; None: the recipe's (PACK)."""
     local: bool = False
     """Run every node in this process, without Ray: preprocessing in-process and training on one rank
     (the global batch kept by accumulation). For small runs, debugging and a machine without a cluster;
@@ -119,16 +121,69 @@ def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
                                          for s in recipe.stages])  # fmt: skip
     if cfg.workers or cfg.local:
         recipe = replace(recipe, workers=1 if cfg.local else cfg.workers)
+    if cfg.placement:
+        recipe = replace(recipe, placement=cfg.placement)
     if cfg.seed is not None:
         recipe = replace(recipe, model=replace(recipe.model, seed=cfg.seed),
                          stages=[replace(s, seed=cfg.seed) for s in recipe.stages])  # fmt: skip
     return recipe
 
 
+class ClusterPathError(RecipeError):
+    """A run on a cluster of several nodes was given a location that only one node's disk has."""
+
+
+def _is_local(uri: str | None) -> bool:
+    return bool(uri) and not storage.is_s3(uri) and "://" not in uri.replace("file://", "", 1)
+
+
+def local_locations(recipe: Recipe, stages, cfg: PipelineConfig) -> list[str]:
+    """Each setting of the run that names a path on one machine's disk, with what to use instead: on a
+    cluster, the workers that read the data, the ranks that log to MLflow and write checkpoints, and the
+    replicas that load the export run on other nodes, which cannot see it."""
+    found = []
+    if _is_local(cfg.storage):
+        found.append(f"storage: expected s3://BUCKET/PREFIX, found the local path {cfg.storage!r}")
+    tracking = cfg.tracking_uri or ""
+    if tracking and (tracking.startswith(("sqlite:", "file:")) or "://" not in tracking):
+        found.append(
+            f"tracking_uri: expected an MLflow server (http://HOST:5000), found the local store {tracking!r}"
+        )
+    if _is_local(recipe.data_root):
+        found.append(f"data_root: expected s3://..., found the local path {recipe.data_root!r}")
+    for stage in stages:
+        for dataset in (stage.data or {}).get("datasets", []):
+            path = dataset.get("json_path") or dataset.get("parquet_path")
+            if _is_local(path):
+                found.append(f"stage {stage.name} manifest: expected s3://..., found the local path {path!r}")
+    if _is_local(recipe.eval.manifest):
+        found.append(f"eval manifest: expected s3://..., found the local path {recipe.eval.manifest!r}")
+    return found
+
+
+def check_cluster_locations(recipe: Recipe, stages, cfg: PipelineConfig) -> None:
+    """On a Ray cluster of more than one node, refuse local paths before any work, naming each; a single
+    node (the demo, a laptop) and ``--local`` keep them."""
+    if cfg.local:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    found = local_locations(recipe, stages, cfg) if nodes > 1 else []
+    if found:
+        raise ClusterPathError(
+            f"run {cfg.run_id!r} on a cluster of {nodes} nodes: every location must be reachable from every "
+            "node (the nodes share no disk):\n  " + "\n  ".join(found)
+        )
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the recipe's DAG; returns the summary with one record per stage."""
     recipe = with_overrides(load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir), cfg)
     stages = select_stages(recipe, cfg.from_stage, cfg.until_stage)
+    check_cluster_locations(recipe, stages, cfg)
     if cfg.profile == "tiny":
         ensure_demo_data(cfg.demo_dir, recipe.model.anyres.tile_size)
     log.info("pipeline config: %s", json.dumps({**asdict(cfg), "step_hooks": list(cfg.step_hooks)}))

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from components import storage
 from components.anyres import AnyResConfig
 from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec
 from components.processor import ProcessorConfig, VideoSampling
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,15 @@ class Recipe:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """CPUs per training worker; the tiny profiles use 0.5 so that Ray Data keeps a CPU to feed them."""
+    placement: str = "PACK"
+    """Ray's placement strategy for the training workers: PACK (fewest nodes: NVLink, one node's disk
+    cache), SPREAD (across nodes, soft) or STRICT_SPREAD (one per node, or wait)."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """The held-out split for post-stage evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise RecipeError(f"placement: expected one of {PLACEMENTS}, found {self.placement!r}")
 
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
@@ -185,10 +194,18 @@ def stage_config(recipe: Recipe, stage: StageSpec):
 def ensure_demo_data(demo_dir: str, tile_size: int = 56) -> str:
     """Make the demo world once (idempotent): the tiny profiles read from it. One made by another version of
     the generator or another tile size is refused, not silently reused."""
+    import tempfile
+
+    from components import storage
     from components.demo_data import DemoConfig, check_demo_world, make_demo_data
 
-    if not os.path.exists(os.path.join(demo_dir, "eval.jsonl")):
-        make_demo_data(demo_dir, DemoConfig(tile_size=tile_size))
+    if not storage.exists(storage.join(demo_dir, "eval.jsonl")):
+        if storage.is_s3(demo_dir):  # made here, then uploaded: every node reads it from there
+            with tempfile.TemporaryDirectory() as scratch:
+                make_demo_data(scratch, DemoConfig(tile_size=tile_size))
+                storage.upload_dir(scratch, demo_dir, manifest=False)
+        else:
+            make_demo_data(demo_dir, DemoConfig(tile_size=tile_size))
     check_demo_world(demo_dir, tile_size)
     return demo_dir
 
@@ -240,10 +257,8 @@ def load_recipe(
         )
     merged = _merge({k: v for k, v in raw.items() if k != "profiles"}, profiles[profile])
     root = data_root or merged.get("data_root", ".")
-    merged = _subst(
-        merged,
-        {"demo": os.path.abspath(demo_dir), "data_root": _subst(root, {"demo": os.path.abspath(demo_dir)})},
-    )
+    demo = storage.absolute(demo_dir)  # s3:// kept as it is
+    merged = _subst(merged, {"demo": demo, "data_root": _subst(root, {"demo": demo})})
     model = dict(merged["model"])
     if model.get("vision") == "tiny":
         model["vision"] = dict(TINY_VISION)
@@ -267,5 +282,6 @@ def load_recipe(
         workers=int(merged.get("workers", 2)),
         use_gpu=bool(merged.get("use_gpu", False)),
         cpus_per_worker=float(merged.get("cpus_per_worker", 1.0)),
+        placement=str(merged.get("placement", "PACK")),
         eval=EvalSpec(**merged.get("eval", {})),
     )

@@ -69,6 +69,7 @@ class StagePlan:
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement: str = "PACK"
     torch_threads: int = 1
     tracking: TrackingConfig | None = None
     mlflow_run_id: str | None = None
@@ -120,7 +121,7 @@ def plan_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, positions:
         init_from=init_from, workers=workers, micro_batch=micro, grad_accum=accum, rows_per_rank=rows_per_rank,
         steps_per_epoch=steps_per_epoch, total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
         data_mode=data_mode, has_video=has_video, use_gpu=recipe.use_gpu, cpus_per_worker=recipe.cpus_per_worker,
-        torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking, mlflow_run_id=mlflow_run_id,
+        placement=recipe.placement,        torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking, mlflow_run_id=mlflow_run_id,
         step_hooks=tuple(step_hooks),
     )  # fmt: skip
 
@@ -266,6 +267,14 @@ class ProgressBoard:
     def __init__(self):
         self.last: dict[int, tuple[str, float]] = {}
         self.stalls: dict[int, str] = {}
+        self.placed: list[dict] = []
+
+    def place(self, rank: int, node_id: str, node_ip: str, at: float) -> None:
+        """Where a rank's worker runs: recorded by each rank of each attempt, in the stage's record."""
+        self.placed.append({"rank": rank, "node_id": node_id, "node_ip": node_ip, "time": round(at, 3)})
+
+    def placements(self) -> list[dict]:
+        return self.placed
 
     def note(self, rank: int, phase: str, at: float) -> None:
         self.last[rank] = (phase, at)
@@ -354,6 +363,11 @@ class RayTrainContext:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.board = board
+        if board is not None:
+            import ray
+
+            node = ray.get_runtime_context()
+            board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
 
     def note(self, phase: str) -> None:
         if self.board is not None:
@@ -751,18 +765,36 @@ class _Attempt:
 @dataclass(frozen=True)
 class FailOnce:
     """A step hook for tests: kills ``rank`` once, right after ``step`` (and its checkpoint, when one is
-    due); ``marker`` (a file) records that it happened. Ray Train then restarts the worker group from the
-    last checkpoint, as after a lost node."""
+    due); ``marker`` (a path or s3:// URI, which every node reaches) records that it happened. Ray Train
+    then restarts the worker group from the last checkpoint, as after a lost node."""
 
     step: int
     rank: int
     marker: str
 
     def __call__(self, step: int, rank: int) -> None:
-        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
+        if step == self.step and rank == self.rank and not storage.exists(self.marker):
+            storage.write_text(self.marker, "")
             time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
             os._exit(1)
+
+
+@dataclass(frozen=True)
+class PauseOnce:
+    """A step hook for tests: every rank stops for ``seconds`` right after ``step`` (and its checkpoint),
+    unless ``marker`` (a path or s3:// URI) exists; rank 0 writes it first. A test waits for the marker and
+    then does something to the cluster (kills a node), at a known point of the stage."""
+
+    step: int
+    marker: str
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or storage.exists(self.marker):
+            return
+        if rank == 0:
+            storage.write_text(self.marker, str(time.time()))
+        time.sleep(self.seconds)
 
 
 @dataclass(frozen=True)
@@ -845,8 +877,12 @@ def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_f
                           data_mode=data_mode, tracking=tracking, mlflow_run_id=tracker.run_id,
                           step_hooks=step_hooks)  # fmt: skip
         _log_plan(plan, tracker)
-        checkpoint_uri = _fit_here(plan) if local else _fit(plan, max_failures)
+        if local:
+            checkpoint_uri, placements = _fit_here(plan), [{"rank": 0, "node_id": None, "node_ip": "local"}]
+        else:
+            checkpoint_uri, placements = _fit(plan, max_failures)
         record = _finish(recipe, plan, tracker, checkpoint_uri)
+        record["workers"] = placements
     except BaseException as e:
         tracker.fail(e)
         raise
@@ -907,27 +943,78 @@ def _waited_in_python(fn: Callable[[], Any]) -> Any:
     return out["result"]
 
 
-def _fit(plan: StagePlan, max_failures: int) -> str | None:
-    """The TorchTrainer of the stage; returns its last checkpoint's URI. The same run name and storage
-    path make Ray Train restore an interrupted run from its latest checkpoint."""
+def node_interface(ip: str) -> str | None:
+    """The network interface that holds ``ip`` on this machine (None: none does)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addresses):
+            return name
+    return None
+
+
+def bind_to_node_address() -> dict[str, str]:
+    """In a training worker, before its process group forms: gloo and NCCL's bootstrap use the interface of
+    the node's Ray address. Left alone, gloo binds the address of the machine's hostname, and where that
+    names loopback (Debian's /etc/hosts maps the hostname to 127.0.1.1) or an address other nodes cannot
+    route to, every rank on another node times out connecting ("Gloo connectFullMesh failed ... remote=
+    [127.0.0.1]", seen on the two-node rig). A user's own GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME wins."""
+    import ray
+
+    name = node_interface(ray.util.get_node_ip_address())
+    chosen = {}
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if name and not os.environ.get(var):
+            os.environ[var] = chosen[var] = name
+    return chosen
+
+
+def _torch_config(plan: StagePlan):
+    """Ray Train's TorchConfig whose backend first binds each worker to its node's address."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class NodeAddressBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            worker_group.execute(bind_to_node_address)
+            super().on_start(worker_group, backend_config)
+
+    class NodeAddressTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return NodeAddressBackend
+
+    return NodeAddressTorchConfig(backend="nccl" if plan.use_gpu else "gloo")
+
+
+def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
+    """The TorchTrainer of the stage; returns its last checkpoint's URI and where each rank of each attempt
+    ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
+    checkpoint. The progress board lives on the driver's node: a lost worker node must not take with it
+    what the driver reads afterwards."""
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     fs, path = storage.resolve(plan.layout.checkpoints)
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    # hard: a soft affinity let it land on a worker node (seen on the two-node rig), which then took it along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"plan": plan, "board": board},
-        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        torch_config=_torch_config(plan),
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                               resources_per_worker={"CPU": plan.cpus_per_worker}),
+                                               resources_per_worker={"CPU": plan.cpus_per_worker},
+                                               placement_strategy=plan.placement),
         run_config=ray.train.RunConfig(name="train", storage_path=path, storage_filesystem=fs,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )  # fmt: skip
     try:
         result = _waited_in_python(trainer.fit)
+        placements = ray.get(board.placements.remote())
     except Exception as e:
         last, stalls = ray.get(board.read.remote())
         if stalls:
@@ -940,7 +1027,7 @@ def _fit(plan: StagePlan, max_failures: int) -> str | None:
     uri = result.checkpoint.path if result.checkpoint else None
     if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
         uri = "s3://" + uri
-    return uri
+    return uri, placements
 
 
 def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None) -> dict:

@@ -61,6 +61,8 @@ class ServeConfig:
     downscale_delay_s: float = 60.0
     max_ongoing_requests: int = 32
     request_timeout_s: float = 120.0
+    max_replicas_per_node: int | None = None
+    """At most this many model replicas on one node (1: one per node, e.g. one per GPU host); None: any."""
     replica_cpus: float = 0.5
     replica_gpus: float = 0.0
     """GPUs per replica (Ray's ``num_gpus``); above 0 the replica loads the model on its GPU in bf16."""
@@ -123,6 +125,11 @@ class LlavaModel:
         self.queue_waits: collections.deque = collections.deque(maxlen=256)
         self.idle: asyncio.Event | None = None
         self._set_batch_wait()
+        import ray
+
+        # which replica answered, and on which node: a response header (operators tracing a request)
+        self.where = {"replica": serve.get_replica_context().replica_id.unique_id,
+                      "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
 
     def _set_batch_wait(self) -> None:
         wait = self.config.batch_wait_timeout_s
@@ -225,6 +232,9 @@ class LlavaModel:
         return out
 
     async def generate(self, request: ChatRequest) -> dict:
+        return {**await self._generate(request), "where": self.where}
+
+    async def _generate(self, request: ChatRequest) -> dict:
         if self.config.batching:
             self.ongoing += 1
             if self.ongoing > 1:
@@ -415,7 +425,7 @@ class Ingress:
                                 status_code=504)  # fmt: skip
         if "error" in result:
             return JSONResponse(result["error"], status_code=result["status"])
-        return {
+        body = {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -425,6 +435,9 @@ class Ingress:
             "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
                       "total_tokens": result["prompt_tokens"] + result["completion_tokens"]},
         }  # fmt: skip
+        where = result.get("where", {})
+        headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
+        return JSONResponse(body, headers=headers)
 
     async def _sse(self, parsed: ChatRequest, completion_id: str):
         created = int(time.time())
@@ -470,6 +483,7 @@ def build_app(config: ServeConfig):
             "look_back_period_s": 2.0,
         },
         max_ongoing_requests=config.max_ongoing_requests,
+        max_replicas_per_node=config.max_replicas_per_node,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
     ).bind(asdict(config))
     # the ingress only parses and awaits: it must admit every request the model replicas can hold (Serve's

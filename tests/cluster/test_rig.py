@@ -1,0 +1,66 @@
+"""The rig leaves nothing behind: not after a failed start, not after an interrupt, not after a test run
+that was SIGKILLed (the next rig sweeps what it left). Seconds: network and processes only, no Ray. These
+rigs are owned by this process's parent (alive), so their names differ from the tier's own rig."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.cluster import rig as rig_module
+from tests.cluster.rig import Rig, sweep
+
+pytestmark = pytest.mark.cluster
+DEAD = 4_000_000  # above any pid_max here: a rig "owned" by a process that is gone
+
+
+def _worker_process(rig: Rig) -> subprocess.Popen:
+    """A long process inside the worker node's namespaces, as the worker node's raylet would be."""
+    return subprocess.Popen(["ip", "netns", "exec", rig.netns, "unshare", "--mount", "sleep", "600"],
+                            start_new_session=True)  # fmt: skip
+
+
+def test_a_failed_start_removes_what_it_made(tmp_path, monkeypatch):
+    """The head cannot start (no `ray` binary): the namespace and link made before it are removed, and the
+    error reaches the caller. (With stop() left out of __enter__'s failure path, the namespace stayed.)"""
+    monkeypatch.setattr(rig_module, "BIN", str(tmp_path / "no-such-bin"))
+    rig = Rig(tmp_path / "rig", with_services=False, owner=os.getppid())
+    with pytest.raises(FileNotFoundError), rig:
+        pass
+    assert rig.leftovers() == []
+
+
+def test_an_interrupt_removes_processes_namespace_and_link(tmp_path):
+    rig = Rig(tmp_path / "rig", with_services=False, owner=os.getppid())
+    rig._network()
+    proc = _worker_process(rig)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                raise KeyboardInterrupt  # Ctrl-C while the rig is up
+            finally:
+                rig.stop()
+        assert proc.wait(timeout=10) != 0
+        assert rig.leftovers() == []
+    finally:
+        proc.kill()
+
+
+def test_what_a_killed_run_left_is_swept_by_the_next(tmp_path):
+    """A rig whose owner is gone (its test process SIGKILLed before any teardown): the next sweep removes
+    its namespace, its link and the processes still inside; a live owner's rig is left alone."""
+    orphan = Rig(tmp_path / "orphan", with_services=False, owner=DEAD)
+    orphan._network()
+    proc = _worker_process(orphan)
+    mine = Rig(tmp_path / "mine", with_services=False, owner=os.getppid())  # a live owner
+    mine._network()
+    try:
+        assert f"{orphan.netns}" in sweep()
+        assert orphan.leftovers() == []
+        assert proc.wait(timeout=10) != 0
+        assert mine.leftovers() != [], "a live owner's rig must be kept"
+    finally:
+        proc.kill()
+        mine.stop()
+        orphan.stop()
+    assert mine.leftovers() == []
