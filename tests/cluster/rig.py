@@ -192,10 +192,17 @@ class Rig:
         sweep()
         self.root.mkdir(parents=True, exist_ok=True)
         self._network()
-        if self.with_services:
+        if self.with_services:  # every process started first, then each waited for: ~15 s less
             self._s3()
             self._mlflow()
         self._head()
+        if self.with_services:
+            self._wait_http("s3", self.s3)
+            import boto3
+
+            boto3.client("s3", endpoint_url=self.s3, **self._credentials()).create_bucket(Bucket="llava")
+            self._wait_http("mlflow", f"{self.mlflow}/health")
+        self._wait_http("head", f"{self.dashboard}/api/version")
         self.start_worker()
 
     def _network(self) -> None:
@@ -245,10 +252,6 @@ class Rig:
         code = ("import sys, time; from moto.server import ThreadedMotoServer as S; "
                 "S(ip_address=sys.argv[1], port=int(sys.argv[2]), verbose=False).start(); time.sleep(1e9)")  # fmt: skip
         self._spawn("s3", [sys.executable, "-c", code, self.head_ip, str(self.s3_port)])
-        self._wait_http("s3", self.s3)
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.s3, **self._credentials()).create_bucket(Bucket="llava")
 
     @staticmethod
     def _credentials() -> dict:
@@ -266,7 +269,6 @@ class Rig:
                                str(self.mlflow_port), "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
                                "--artifacts-destination", str(store / "artifacts"), "--workers", "1",
                                "--allowed-hosts", f"{self.head_ip}:{self.mlflow_port},{self.head_ip}"])  # fmt: skip
-        self._wait_http("mlflow", f"{self.mlflow}/health")
 
     def _ray_ports(self, host: str) -> list[str]:
         names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -280,10 +282,10 @@ class Rig:
                              f"--dashboard-host={self.head_ip}", f"--dashboard-port={self.dashboard_port}",
                              f"--temp-dir={self.root / 'ray'}", "--object-store-memory=400000000",
                              "--disable-usage-stats", *self._ray_ports(self.head_ip)])  # fmt: skip
-        self._wait_http("head", f"{self.dashboard}/api/version")
 
-    def start_worker(self) -> None:
-        """The worker node (again, after ``kill_worker``): `ray start --address` inside the namespaces."""
+    def start_worker(self, wait: bool = True) -> None:
+        """The worker node (again, after ``kill_worker``): `ray start --address` inside the namespaces;
+        ``wait``: until the cluster has both nodes (else ``wait_nodes(2)`` later)."""
         home = os.path.expanduser("~")
         ext = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(home, ".cache", "torch_extensions")
         keep = [PROJECT, os.path.realpath(sys.base_prefix)]
@@ -305,7 +307,8 @@ class Rig:
         cmd = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
                script, "worker-node", str(self.staging), home, os.path.join(home, ".cache", "torch_extensions"), *ray]  # fmt: skip
         self._spawn("worker", cmd, env)
-        self.wait_nodes(2)
+        if wait:
+            self.wait_nodes(2)
 
     def nodes(self) -> list[dict]:
         """The cluster's alive nodes, from the dashboard's API (no Ray client needed)."""
@@ -354,7 +357,9 @@ class Rig:
         for name in ("head", "mlflow", "s3"):
             proc = self.procs.pop(name, None)
             if proc is not None:
-                _kill_group(proc.pid, grace_s=5)
+                _kill_group(
+                    proc.pid, grace_s=0
+                )  # test services: nothing to save; SIGTERM'd heads took 5-30 s
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=30)
         _run("ip", "netns", "del", self.netns, check=False)

@@ -190,7 +190,7 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
         runner.join(timeout=300)
         resumed_in = time.monotonic() - killed_at
     finally:
-        rig.start_worker()  # the node back, for the Serve test
+        rig.start_worker(wait=False)  # the node back, for the Serve test (which waits for it)
     assert not runner.is_alive(), "the stage did not finish within 300 s of the node's loss"
     if "error" in result:
         raise result["error"]
@@ -246,6 +246,7 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
                          target_ongoing_requests=1.0, max_batch_size=4, replica_cpus=0.5)  # fmt: skip
     serve.run(build_app(config), name="final", route_prefix="/")
     assert len(_replicas("final")) == 1
+    rig.wait_nodes(2)
     client = openai.OpenAI(
         base_url=f"http://{rig.head_ip}:{port}/v1", api_key="unused", max_retries=0, timeout=120
     )
