@@ -4,6 +4,7 @@ mid-stage, the final export served with one replica per node, and the guard agai
 
 The tests run in order and share the job's run (``run``); each says what it guards."""
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -111,7 +112,8 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
         assert sorted(placed.values()) == ["head", "worker"], (record["stage"], record["workers"])
         assert record["steps"] == STEPS and record["checkpoint_uri"].startswith(RUNS)
         assert storage.is_complete(record["hf_uri"]) and record["hf_uri"].startswith(RUNS)
-        assert record["eval"]["overall"]["n"] > 0
+        stored = json.loads(storage.read_text(RunLayout(RUNS, "ov").stage(record["stage"]).result))
+        assert stored["eval"] == record["eval"] and record["eval"]["overall"]["n"] > 0  # evaluations in S3
     from pipelines.stages import read_rejects
 
     rejects = read_rejects(RunLayout(RUNS, "ov").stage("stage1").rejects)
@@ -120,8 +122,14 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     from ray.util.state import list_tasks
 
     tasks = list_tasks(limit=10000, raise_on_missing_output=False)
-    data_nodes = {nodes.get(t.node_id) for t in tasks if "MapBatches" in t.name or t.name.startswith("Write")}
-    assert {"head", "worker"} <= data_nodes, sorted({t.name for t in tasks})
+    data = [
+        (t.name, nodes.get(t.node_id)) for t in tasks if "MapBatches" in t.name or t.name.startswith("Write")
+    ]
+    assert {"head", "worker"} <= {node for _, node in data}, sorted({t.name for t in tasks})
+    for record in summary["stages"]:
+        print(f"placement {record['stage']}: " + ", ".join(f"rank {w['rank']} on {nodes.get(w['node_id'])}"
+                                                          for w in record["workers"]))  # fmt: skip
+    print("placement Ray Data:", dict(collections.Counter(data)))
 
     from components.tracking import TrackingConfig, audit_pipeline_run
 
@@ -218,6 +226,8 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
         "losses, uninterrupted vs killed:",
         [(a["loss"], b["loss"]) for a, b in zip(reference, history, strict=True)],
     )
+    placed = [(w["rank"], nodes.get(w["node_id"], "worker (gone)")) for w in record["workers"]]
+    print("placement node-loss stage1 (rank, node) by attempt:", placed)
 
 
 def _replicas(app: str) -> dict[str, str]:
@@ -290,4 +300,7 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
     assert down_s is not None, "Serve did not scale back down within 90 s"
     print(f"autoscale across nodes: 1 -> 2 replicas in {up_s:.1f} s of load; 2 -> 1 in {down_s:.1f} s idle "
           f"(downscale_delay_s 4)")  # fmt: skip
+    print(
+        "placement Serve replicas that answered:", {r[:8]: nodes.get(n, n[:8]) for r, n in answered.items()}
+    )
     serve.delete("final")
