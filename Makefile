@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-compile -e '.[test]'  # .pyc written on first import, for what is imported
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,12 +21,12 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=15 --junitxml=.pytest_cache/junit.xml --ignore=tests/cluster tests
-	$(PY) -m pytest -q -rP --durations=5 --junitxml=.pytest_cache/junit-cluster.xml tests/cluster
+	$(PY) -m pytest -q --durations=5 --junitxml=.pytest_cache/junit-cluster.xml tests/cluster
 	$(PY) .ci/tier_times.py .pytest_cache/junit.xml .pytest_cache/junit-cluster.xml
 
 # the two-node tier alone: a real second Ray node in network and mount namespaces (needs root)
 cluster-test: $(STAMP)
-	$(PY) -m pytest -q -rP --durations=5 tests/cluster
+	$(PY) -m pytest -q --durations=5 tests/cluster
 
 # every benchmark's --quick run, its output shown as it runs
 bench: $(STAMP)

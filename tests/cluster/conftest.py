@@ -10,8 +10,23 @@ import shutil
 import pytest
 
 TOKEN = secrets.token_hex(24)
+REPORT: list[str] = []
+"""Where each train rank, Ray Data task and Serve replica ran, and the measured figures: printed at the end
+of the tier (`make test` shows them; the captured output of a passing test is not)."""
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
 os.environ.pop("RAY_ADDRESS", None)
+
+
+def report(line: str) -> None:
+    REPORT.append(line)
+    print(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if REPORT:
+        terminalreporter.section("cluster tier: placements and figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)
 
 
 def _can_make_namespaces() -> str | None:

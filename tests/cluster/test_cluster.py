@@ -17,6 +17,7 @@ import pytest
 
 from components import storage
 from pipelines.layout import RunLayout
+from tests.cluster.conftest import report
 from tests.cluster.rig import BIN, PROJECT
 
 pytestmark = pytest.mark.cluster
@@ -61,7 +62,10 @@ def _node_ids(rig) -> dict[str, str]:
 def test_local_paths_are_refused_on_a_cluster_before_any_work(rig, tmp_path):
     """On the two-node cluster, a run whose storage, tracking URI, data root and manifests are local paths
     fails before anything is written, with one error naming each setting and what to use instead.
-    (Checked once with the guard's call removed from run_pipeline: the run started and wrote its state.)"""
+    (Checked once with the guard's call removed from run_pipeline: the run made its demo world on this
+    node's disk, then failed in preprocessing with "expected read == accepted + rejected, found read 96,
+    accepted 0, rejected 0": the worker node's tasks could not read the data, nor could their rejects reach
+    the driver.)"""
     from pipelines.dag import ClusterPathError, PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(recipe="llava_onevision", storage=str(tmp_path / "runs"), run_id="local",
@@ -127,9 +131,9 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     ]
     assert {"head", "worker"} <= {node for _, node in data}, sorted({t.name for t in tasks})
     for record in summary["stages"]:
-        print(f"placement {record['stage']}: " + ", ".join(f"rank {w['rank']} on {nodes.get(w['node_id'])}"
+        report(f"placement {record['stage']}: " + ", ".join(f"rank {w['rank']} on {nodes.get(w['node_id'])}"
                                                           for w in record["workers"]))  # fmt: skip
-    print("placement Ray Data:", dict(collections.Counter(data)))
+    report(f"placement Ray Data (task, node): count: {dict(collections.Counter(data))}")
 
     from components.tracking import TrackingConfig, audit_pipeline_run
 
@@ -156,7 +160,7 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     there, listing = ray.get(look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(worker_id, soft=False))
                              .remote(head_files))  # fmt: skip
     assert here[str(rig.root / "mlflow")] and not any(there.values()), (there, listing)
-    print(f"job: {job['seconds']:.0f} s; worker /tmp holds {listing}")
+    report(f"job: {job['seconds']:.0f} s; worker /tmp holds {listing}")
 
 
 def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
@@ -221,13 +225,11 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     )
     assert [(r.info.run_name, r.info.status) for r in runs] == [("stage1", "FINISHED")]
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == [1, 2, 3, 4]
-    print(f"node lost: {len(killed)} processes killed; stage resumed and finished {resumed_in:.0f} s later")
-    print(
-        "losses, uninterrupted vs killed:",
-        [(a["loss"], b["loss"]) for a, b in zip(reference, history, strict=True)],
-    )
+    report(f"node lost: {len(killed)} processes killed; stage resumed and finished {resumed_in:.0f} s later")
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(reference, history, strict=True)]
+    report(f"losses per step, uninterrupted vs killed: {pairs}")
     placed = [(w["rank"], nodes.get(w["node_id"], "worker (gone)")) for w in record["workers"]]
-    print("placement node-loss stage1 (rank, node) by attempt:", placed)
+    report(f"placement node-loss stage1 (rank, node), both attempts: {placed}")
 
 
 def _replicas(app: str) -> dict[str, str]:
@@ -298,9 +300,8 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
             break
         time.sleep(0.25)
     assert down_s is not None, "Serve did not scale back down within 90 s"
-    print(f"autoscale across nodes: 1 -> 2 replicas in {up_s:.1f} s of load; 2 -> 1 in {down_s:.1f} s idle "
-          f"(downscale_delay_s 4)")  # fmt: skip
-    print(
-        "placement Serve replicas that answered:", {r[:8]: nodes.get(n, n[:8]) for r, n in answered.items()}
+    report(f"autoscale across nodes: 1 -> 2 replicas in {up_s:.1f} s of load; 2 -> 1 in {down_s:.1f} s idle")
+    report(
+        f"placement Serve replicas that answered: { ({r[:8]: nodes.get(n, n[:8]) for r, n in answered.items()}) }"
     )
     serve.delete("final")
