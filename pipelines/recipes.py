@@ -196,7 +196,6 @@ def ensure_demo_data(demo_dir: str, tile_size: int = 56) -> str:
     the generator or another tile size is refused, not silently reused."""
     import tempfile
 
-    from components import storage
     from components.demo_data import DemoConfig, check_demo_world, make_demo_data
 
     if not storage.exists(storage.join(demo_dir, "eval.jsonl")):

@@ -121,8 +121,8 @@ def plan_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, positions:
         init_from=init_from, workers=workers, micro_batch=micro, grad_accum=accum, rows_per_rank=rows_per_rank,
         steps_per_epoch=steps_per_epoch, total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
         data_mode=data_mode, has_video=has_video, use_gpu=recipe.use_gpu, cpus_per_worker=recipe.cpus_per_worker,
-        placement=recipe.placement,        torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking, mlflow_run_id=mlflow_run_id,
-        step_hooks=tuple(step_hooks),
+        placement=recipe.placement, torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking,
+        mlflow_run_id=mlflow_run_id, step_hooks=tuple(step_hooks),
     )  # fmt: skip
 
 
@@ -363,9 +363,7 @@ class RayTrainContext:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.board = board
-        if board is not None:
-            import ray
-
+        if board is not None:  # `import ray.train` above bound `ray`
             node = ray.get_runtime_context()
             board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
 
