@@ -985,6 +985,34 @@ def _torch_config(plan: StagePlan):
     return NodeAddressTorchConfig(backend="nccl" if plan.use_gpu else "gloo")
 
 
+def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
+    """Under SPREAD (a soft strategy), wait until each of up to ``plan.workers`` live nodes has room for one
+    worker, so the stage's placement group really spreads. The actors of the stage's own Ray Data step give
+    their CPUs back asynchronously; a placement group made at that moment packed every rank onto the head
+    (seen on the two-node rig). Probed with a STRICT_SPREAD group of one worker's bundle per node, removed at
+    once. False (and the stage goes on, soft) when the room did not come within ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if plan.placement != "SPREAD" or plan.workers < 2 or nodes < 2:
+        return True
+    bundle = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    probe = placement_group([dict(bundle)] * min(plan.workers, nodes), strategy="STRICT_SPREAD")
+    try:
+        ready = probe.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(probe)
+    if not ready:
+        log.warning(
+            "stage %s: no room for one worker on each of %d nodes after %.0f s; placing softly",
+            plan.stage.name,
+            min(plan.workers, nodes),
+            timeout_s,
+        )
+    return ready
+
+
 def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
     """The TorchTrainer of the stage; returns its last checkpoint's URI and where each rank of each attempt
     ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
@@ -999,6 +1027,7 @@ def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
     # hard: a soft affinity let it land on a worker node (seen on the two-node rig), which then took it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
+    _wait_for_room_to_spread(plan)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"plan": plan, "board": board},

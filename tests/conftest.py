@@ -1,3 +1,4 @@
+import logging
 import os
 import socket
 import subprocess
@@ -7,6 +8,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Data's usage poller queries a Prometheus that tests never run, every 10 s, in a daemon thread; its debug
+# record of each failure outlived pytest's log capture and printed a logging traceback at the end of a session
+logging.getLogger("ray.data._internal.usage").setLevel(logging.INFO)
 
 
 @pytest.fixture(scope="session")

@@ -197,6 +197,8 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     while not storage.exists(marker) and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.5)
     assert storage.exists(marker), f"stage 1 never reached its step-2 checkpoint: {result}"
+    ranks_on = sorted(_node_ids(rig).get(n, n) for n in _train_worker_nodes())
+    assert ranks_on == ["head", "worker"], f"the stage's ranks did not spread, nothing to lose: {ranks_on}"
     killed_at = time.monotonic()
     killed = rig.kill_worker()
     try:
@@ -212,12 +214,13 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     nodes = _node_ids(rig)
     history = read_history(RunLayout(RUNS, "lost").stage("stage1").history)
     reference = read_history(RunLayout(RUNS, "ov").stage("stage1").history)
+    first, second = record["workers"][:2], record["workers"][2:]
+    where = [nodes.get(w["node_id"], "worker (gone)") for w in first]
+    assert sorted(where) == ["head", "worker (gone)"], f"the first attempt did not spread: {record['workers']}"
+    assert [nodes.get(w["node_id"]) for w in second] == ["head", "head"], record["workers"]
     assert [m["step"] for m in history] == [1, 2, 3, 4]
     assert [m["attempt_start_step"] for m in history] == [0, 0, 2, 2], "resumed from the step-2 checkpoint"
     assert [m["loss"] for m in history] == [m["loss"] for m in reference]
-    first, second = record["workers"][:2], record["workers"][2:]
-    assert sorted(nodes.get(w["node_id"], "worker (gone)") for w in first) == ["head", "worker (gone)"]
-    assert [nodes.get(w["node_id"]) for w in second] == ["head", "head"], record["workers"]
 
     client = MlflowClient(tracking_uri=rig.mlflow)
     parent = client.get_run(result["summary"]["mlflow_parent_run_id"])
@@ -231,6 +234,14 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     report(f"losses per step, uninterrupted vs killed: {pairs}")
     placed = [(w["rank"], nodes.get(w["node_id"], "worker (gone)")) for w in record["workers"]]
     report(f"placement node-loss stage1 (rank, node), both attempts: {placed}")
+
+
+def _train_worker_nodes() -> list[str]:
+    """The node ids of the live Ray Train worker actors."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+    return [a.node_id for a in actors if a.class_name.endswith("RayTrainWorker")]
 
 
 def _replicas(app: str) -> dict[str, str]:
