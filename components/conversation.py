@@ -185,6 +185,43 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
     return Sample(id=sample_id, turns=turns, images=list(images), video=video, source=source)
 
 
+# ---- a message's content parts -------------------------------------------------------------
+
+
+MEDIA_PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+
+
+def content_text(parts: list[tuple[str, str]]) -> str:
+    """One message's content parts, ``(kind, text)`` with kind text, image or video, as our text: the rule
+    the endpoint and the exported chat template share, so that what clients send is the training layout.
+
+    - Text that carries ``<image>``/``<video>`` placeholders is the text: the parts' texts concatenated,
+      the media parts filling the placeholders in order (their positions do not matter).
+    - Media before any text (images first, then the question): two or more images are labelled
+      ``Image 1: <image>`` ... as multi-image samples are (LLaVA-NeXT-Interleave's layout).
+    - Otherwise the parts are concatenated in order. Where a media part meets text (or another media
+      part) with no whitespace on either side, a newline goes between: ``<image>`` then "What is it?"
+      is ``<image>\nWhat is it?``, and "Image 1: " then ``<image>`` stays ``Image 1: <image>``.
+    """
+    parts = [(kind, text) for kind, text in parts if kind != "text" or text]
+    texts = "".join(text for kind, text in parts if kind == "text")
+    if _PLACEHOLDER_RE.search(texts):
+        return texts
+    media = [kind for kind, _ in parts if kind != "text"]
+    lead = next((i for i, (kind, _) in enumerate(parts) if kind == "text"), len(parts))
+    if lead == len(media) >= 2 and set(media) == {"image"}:
+        labelled = [piece for k in range(lead) for piece in (("text", f"Image {k + 1}: "), parts[k])]
+        parts = labelled + parts[lead:]
+    out, previous = "", None
+    for kind, text in parts:
+        piece = text if kind == "text" else MEDIA_PLACEHOLDERS[kind]
+        touches_media = previous is not None and "media" in (previous, "text" if kind == "text" else "media")
+        if touches_media and not (out[-1:].isspace() or piece[:1].isspace()):
+            out += "\n"
+        out, previous = out + piece, "text" if kind == "text" else "media"
+    return out
+
+
 # ---- templates -------------------------------------------------------------------------------
 
 

@@ -61,6 +61,17 @@ class VideoSampling:
         if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
             raise ValueError(f"VideoSampling.max_frames: expected a positive int, found {self.max_frames!r}")
 
+    def read(self, source: VideoSource, *, max_pixels: int | None = None) -> VideoClip:
+        """Decode only the frames this sampling takes (preprocessing, serving and evaluation all read video
+        here); ``max_pixels``: the most sampled frames x height x width (VideoTooLargeError past it)."""
+        return read_frames(
+            source,
+            fps=self.fps,
+            max_frames=self.max_frames,
+            force_uniform=self.uniform,
+            max_pixels=max_pixels,
+        )
+
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -177,8 +188,7 @@ class LlavaProcessor:
 
     def sample_video(self, source: VideoSource) -> VideoClip:
         """Decode only the frames this checkpoint was trained to see."""
-        v = self.video
-        return read_frames(source, fps=v.fps, max_frames=v.max_frames, force_uniform=v.uniform)
+        return self.video.read(source)
 
     def media(
         self,
@@ -374,9 +384,10 @@ def chat_template(template: Template) -> str:
     """A Jinja chat template that renders exactly what ``tokenize`` builds, for HF's apply_chat_template.
 
     A message's content is a string, or a list of parts (``text``, ``image``/``image_url``,
-    ``video``/``video_url``) joined by newlines when any is media (what the endpoint does with the same
-    parts). The assistant's answer and its stop sit in ``{% generation %}`` (HF's assistant mask equals
-    our labels), and ``add_generation_prompt`` adds the assistant's prompt after a last user turn."""
+    ``video``/``video_url``) that become text by ``content_text`` (components/conversation.py), the rule
+    the endpoint applies to the same parts. The assistant's answer and its stop sit in ``{% generation %}``
+    (HF's assistant mask equals our labels), and ``add_generation_prompt`` adds the assistant's prompt
+    after a last user turn."""
 
     def q(s: str) -> str:
         return json.dumps(s)
@@ -389,18 +400,40 @@ def chat_template(template: Template) -> str:
     user_text = "text" if template.text_in_user else media
     return "".join(
         [
+            # content_text (components/conversation.py) in Jinja: placeholders in the text; images first,
+            # labelled; the parts in order, a newline where media meets text without whitespace
             "{%- macro render(content) -%}",
             "{%- if content is string -%}{{ content }}{%- else -%}",
-            "{%- set ns = namespace(parts=[], media=false) -%}",
+            "{%- set ns = namespace(texts='', parts=[], media=[], lead=-1, out='', prev='', labelled=[]) -%}",
             "{%- for p in content -%}",
-            "{%- if p['type'] == 'text' -%}{%- set ns.parts = ns.parts + [p['text']] -%}",
+            "{%- if p['type'] == 'text' and p['text'] -%}",
+            "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
+            "{%- set ns.texts = ns.texts + p['text'] -%}{%- set ns.parts = ns.parts + [['text', p['text']]] -%}",
             "{%- elif p['type'] in ['image', 'image_url'] -%}",
-            "{%- set ns.parts = ns.parts + ['" + IMAGE_PLACEHOLDER + "'] -%}{%- set ns.media = true -%}",
+            "{%- set ns.parts = ns.parts + [['media', '" + IMAGE_PLACEHOLDER + "']] -%}",
+            "{%- set ns.media = ns.media + ['image'] -%}",
             "{%- elif p['type'] in ['video', 'video_url'] -%}",
-            "{%- set ns.parts = ns.parts + ['" + VIDEO_PLACEHOLDER + "'] -%}{%- set ns.media = true -%}",
+            "{%- set ns.parts = ns.parts + [['media', '" + VIDEO_PLACEHOLDER + "']] -%}",
+            "{%- set ns.media = ns.media + ['video'] -%}",
             "{%- endif -%}{%- endfor -%}",
-            "{{ ns.parts | join('\\n' if ns.media else '') }}",
-            "{%- endif -%}{%- endmacro -%}",
+            "{%- if '" + IMAGE_PLACEHOLDER + "' in ns.texts or '" + VIDEO_PLACEHOLDER + "' in ns.texts -%}",
+            "{{ ns.texts }}{%- else -%}",
+            "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
+            "{%- if ns.lead == ns.media | length and ns.lead >= 2 and 'video' not in ns.media -%}",
+            "{%- for k in range(ns.lead) -%}",
+            "{%- set ns.labelled = ns.labelled + [['text', 'Image ' ~ (k + 1) ~ ': '], ns.parts[k]] -%}",
+            "{%- endfor -%}",
+            "{%- set ns.parts = ns.labelled + ns.parts[ns.lead:] -%}",
+            "{%- endif -%}",
+            "{%- for kind, piece in ns.parts -%}",
+            "{%- if ns.prev and (ns.prev == 'media' or kind == 'media')"
+            " and not (ns.out[-1:].isspace() or piece[:1].isspace()) -%}",
+            "{%- set ns.out = ns.out + '\\n' -%}",
+            "{%- endif -%}",
+            "{%- set ns.out = ns.out + piece -%}{%- set ns.prev = kind -%}",
+            "{%- endfor -%}",
+            "{{ ns.out }}",
+            "{%- endif -%}{%- endif -%}{%- endmacro -%}",
             "{%- set sys = namespace(text=" + q(template.system) + ") -%}",
             "{%- for m in messages if m['role'] == 'system' -%}{%- set sys.text = render(m['content']) -%}{%- endfor -%}",
             "{{ bos_token }}" if template.add_bos else "",

@@ -17,13 +17,17 @@ VideoSource = str | os.PathLike | bytes | bytearray | BinaryIO
 
 
 class VideoDecodeError(ValueError):
-    """A video could not be decoded: corrupt, truncated, empty, or not a video at all. ``reason`` is ours,
-    never the decoder's own log text (which carries timestamps and source paths)."""
+    """A video could not be decoded: corrupt, truncated, empty, or not a video at all. ``expected`` and
+    ``found`` are ours, never the decoder's own log text (which carries timestamps and source paths);
+    ``reason`` is the two as one phrase, for callers that prefix their own subject."""
 
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"video {source}: {reason}")
-        self.source = source
-        self.reason = reason
+    def __init__(self, source: str, expected: str, found: str):
+        self.source, self.expected, self.found = source, expected, found
+        super().__init__(f"video {source}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        return f"expected {self.expected}, found {self.found}"
 
 
 class VideoTooLargeError(VideoDecodeError):
@@ -93,7 +97,9 @@ def _read_bytes(source: VideoSource) -> tuple[str, bytes]:
             with open(name, "rb") as f:
                 return name, f.read()
         except OSError as e:
-            raise VideoDecodeError(name, f"cannot be read ({e.strerror or e})") from e
+            raise VideoDecodeError(
+                name, "a readable file", f"one that cannot be read ({e.strerror or e})"
+            ) from e
     name = getattr(source, "name", "<file-like>")
     return str(name), source.read()
 
@@ -101,13 +107,11 @@ def _read_bytes(source: VideoSource) -> tuple[str, bytes]:
 def probe_container(name: str, data: bytes) -> None:
     """Raise VideoDecodeError unless ``data`` starts like a known video container."""
     if not data:
-        raise VideoDecodeError(name, "expected video bytes, found an empty file (0 bytes)")
+        raise VideoDecodeError(name, "video bytes", "an empty file (0 bytes)")
     for offset, magic in _SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
             return
-    raise VideoDecodeError(
-        name, f"expected a video container (mp4, mkv/webm, avi, mpeg), found bytes {data[:12]!r}"
-    )
+    raise VideoDecodeError(name, "a video container (mp4, mkv/webm, avi, mpeg)", f"bytes {data[:12]!r}")
 
 
 def read_frames(
@@ -131,12 +135,12 @@ def read_frames(
         native_fps = float(reader.get_avg_fps())
     except (decord.DECORDError, RuntimeError) as e:
         raise VideoDecodeError(
-            name, "a video stream the decoder can open, found none (corrupt, or no video track)"
+            name, "a video stream the decoder can open", "none (corrupt, or no video track)"
         ) from e
     if total < 1:
-        raise VideoDecodeError(name, "expected at least one frame, found 0")
+        raise VideoDecodeError(name, "at least one frame", "0")
     if not native_fps > 0:
-        raise VideoDecodeError(name, f"expected a positive frame rate, found {native_fps}")
+        raise VideoDecodeError(name, "a positive frame rate", f"{native_fps}")
     indices = sample_frame_indices(
         total, native_fps, fps=fps, max_frames=max_frames, force_uniform=force_uniform
     )
@@ -144,20 +148,23 @@ def read_frames(
         try:
             height, width = reader[0].shape[:2]
         except (decord.DECORDError, RuntimeError) as e:
-            raise VideoDecodeError(name, "a decodable first frame, found none (truncated or corrupt)") from e
+            raise VideoDecodeError(name, "a decodable first frame", "none (truncated or corrupt)") from e
         if len(indices) * height * width > max_pixels:
-            raise VideoTooLargeError(name, f"at most {max_pixels} pixels in the sampled frames, found "
-                                           f"{len(indices)} frames of {width}x{height}")  # fmt: skip
+            raise VideoTooLargeError(
+                name,
+                f"at most {max_pixels} pixels in the sampled frames",
+                f"{len(indices)} frames of {width}x{height}",
+            )
     try:
         frames = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError) as e:
         raise VideoDecodeError(
-            name, f"frames {indices[0]}..{indices[-1]} of {total} cannot be decoded (truncated or corrupt)"
+            name,
+            f"frames {indices[0]}..{indices[-1]} of {total} decodable",
+            "frames that cannot be decoded (truncated or corrupt)",
         ) from e
     if frames.shape[0] != len(indices) or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise VideoDecodeError(
-            name, f"expected {len(indices)} RGB frames, found array of shape {frames.shape}"
-        )
+        raise VideoDecodeError(name, f"{len(indices)} RGB frames", f"an array of shape {frames.shape}")
     return VideoClip(
         frames=frames,
         indices=indices,

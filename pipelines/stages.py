@@ -30,7 +30,7 @@ from components.conversation import SampleError, parse_sample
 from components.media import MediaError, MediaPolicy, deadline, read_media, resolve_media
 from components.model import ModelSpec, build_tokenizer
 from components.processor import LlavaProcessor, ProcessorConfig, media_inputs
-from components.video import VideoDecodeError, VideoTooLargeError, read_frames
+from components.video import VideoDecodeError, VideoTooLargeError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
@@ -143,7 +143,7 @@ def _classify(exc: Exception, sample_id: str) -> tuple[str, str]:
     if isinstance(exc, (SampleError, MediaError)):
         return exc.kind, str(exc)[:1000]
     if isinstance(exc, VideoDecodeError):
-        return "corrupt_video", f"sample {sample_id!r}, field 'video': expected {exc.reason}"
+        return "corrupt_video", f"sample {sample_id!r}, field 'video': {exc.reason}"
     return (
         f"unexpected_{type(exc).__name__}",
         f"sample {sample_id!r}: expected to be processed, found {type(exc).__name__}",
@@ -258,15 +258,12 @@ class DecodeVideo(Stage):
             return row
         video = self.config.processor.video  # the sampling the checkpoint records and serving repeats
         try:
-            clip = read_frames(row["video_data"], fps=video.fps, max_frames=video.max_frames,
-                               force_uniform=video.uniform, max_pixels=self.config.media.max_video_pixels)  # fmt: skip
+            clip = video.read(row["video_data"], max_pixels=self.config.media.max_video_pixels)
         except VideoTooLargeError as e:
-            raise MediaError(
-                "too_large", f"sample {row['sample_id']!r}, field 'video': expected {e.reason}"
-            ) from e
+            raise MediaError("too_large", f"sample {row['sample_id']!r}, field 'video': {e.reason}") from e
         except VideoDecodeError as e:
             raise MediaError(
-                "corrupt_video", f"sample {row['sample_id']!r}, field 'video': expected {e.reason}"
+                "corrupt_video", f"sample {row['sample_id']!r}, field 'video': {e.reason}"
             ) from e
         row["frames"] = clip.frames.tobytes()
         row["frames_shape"] = list(clip.frames.shape)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import time
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from PIL import Image, UnidentifiedImageError
 
 from components import storage
-from components.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
+from components.conversation import MEDIA_PLACEHOLDERS, Turn, content_text
 from components.processor import Prompt, VideoSampling
-from components.video import VideoDecodeError, VideoTooLargeError, read_frames
+from components.video import VideoDecodeError, VideoTooLargeError
 
 
 class RequestError(ValueError):
@@ -82,6 +83,8 @@ class ChatRequest:
     seed: int | None
     stream: bool
     num_media: int = 0
+    media_digests: tuple[str, ...] = ()
+    """SHA-256 of each medium's bytes, in the prompt's order."""
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
@@ -285,6 +288,10 @@ def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limit
     return count
 
 
+def _has_placeholder(text: str) -> bool:
+    return any(marker in text for marker in MEDIA_PLACEHOLDERS.values())
+
+
 def _url_of(part: dict, key: str, param: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
@@ -293,12 +300,106 @@ def _url_of(part: dict, key: str, param: str) -> str:
     return url
 
 
+@dataclass
+class _Media:
+    """What a request's parts have loaded so far: its images, its one video's frames, and the SHA-256 of
+    each medium's bytes in order (the replica's feature cache keys on them)."""
+
+    images: list = field(default_factory=list)
+    video: object = None
+    digests: list[str] = field(default_factory=list)
+
+
+def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSampling, media: _Media):
+    """One content part as ``(kind, text)`` for ``content_text``; its medium fetched and decoded."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{pparam}.text: expected a string, found {part.get('text')!r:.40}", pparam)
+        _valid_text(part["text"], f"{pparam}.text")
+        if role != "user" and _has_placeholder(part["text"]):
+            raise RequestError(
+                f"{pparam}.text: expected <image>/<video> markers only in user messages, found one in a "
+                f"{role} message",
+                pparam,
+            )
+        return "text", part["text"]
+    if kind not in ("image_url", "video_url"):
+        raise RequestError(f"{pparam}.type: expected text, image_url or video_url, found {kind!r}", pparam)
+    if role != "user":
+        raise RequestError(
+            f"{pparam}: expected media only in user messages, found it in a {role} message", pparam
+        )
+    if kind == "image_url":
+        if len(media.images) >= limits.max_images:
+            raise RequestError(
+                f"{pparam}: expected at most {limits.max_images} images, found more",
+                pparam,
+                413,
+                "too_many_images",
+            )
+        data = _fetch(_url_of(part, "image_url", pparam), limits, limits.max_image_bytes, pparam)
+        media.images.append(_image(data, limits, pparam))
+    else:
+        if media.video is not None:
+            raise RequestError(f"{pparam}: expected at most one video, found a second", pparam)
+        data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
+        media.video = _video(data, limits, sampling, pparam)
+    media.digests.append(hashlib.sha256(data).hexdigest())
+    return ("image" if kind == "image_url" else "video"), ""
+
+
+def _parse_message(message, param: str, limits: Limits, sampling: VideoSampling, media: _Media) -> Turn:
+    """One message as a turn: its role, and its content parts made text by the training layout's rule."""
+    if not isinstance(message, dict):
+        raise RequestError(f"{param}: expected an object with role and content, found {message!r:.40}", param)
+    role = message.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise RequestError(
+            f"{param}.role: expected system, user or assistant, found {role!r}", f"{param}.role"
+        )
+    content = message.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    elif not isinstance(content, list) or not content:
+        raise RequestError(
+            f"{param}.content: expected a string or a list of parts, found {content!r:.60}",
+            f"{param}.content",
+        )
+    parts = [
+        _parse_part(part, f"{param}.content[{k}]", role, limits, sampling, media)
+        for k, part in enumerate(content)
+    ]
+    for kind, marker in MEDIA_PLACEHOLDERS.items():
+        markers = sum(text.count(marker) for k, text in parts if k == "text")
+        given = sum(1 for k, _ in parts if k == kind)
+        if markers and markers != given:
+            raise RequestError(
+                f"{param}.content: expected one {kind}_url part for each {marker} marker ({markers}), "
+                f"found {given}",
+                f"{param}.content",
+            )
+    text = content_text(parts)
+    if not text.strip():
+        raise RequestError(f"{param}.content: expected non-empty content, found none", f"{param}.content")
+    return Turn(role, text)
+
+
+def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
+    """The video's frames as the checkpoint was trained (its sampling); 413 past the frame budget."""
+    try:
+        return sampling.read(data, max_pixels=limits.max_video_pixels).frames
+    except VideoTooLargeError as e:
+        raise RequestError(f"{param}: {e.reason}", param, 413, "too_large") from e
+    except VideoDecodeError as e:
+        raise RequestError(f"{param}: {e.reason}", param) from e
+
+
 def parse_chat_request(
     body, served_models: list[str], limits: Limits, video: VideoSampling | None = None
 ) -> ChatRequest:
     """Validate an OpenAI chat-completions body and load its media; raises RequestError. Video frames are
     sampled as the checkpoint was trained (``video``: its processor's VideoSampling)."""
-    video_sampling = video or VideoSampling()
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, found {type(body).__name__}")
     model = body.get("model")
@@ -313,76 +414,12 @@ def parse_chat_request(
         )
     if body.get("n", 1) != 1:
         raise RequestError(f"n: expected 1, found {body.get('n')!r}", "n")
-    turns, images, video = [], [], None
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"{param}: expected an object with role and content", param)
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise RequestError(
-                f"{param}.role: expected system, user or assistant, found {role!r}", f"{param}.role"
-            )
-        content = message.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list) and content:
-            parts = content
-        else:
-            raise RequestError(
-                f"{param}.content: expected a string or a list of parts, found {content!r:.60}",
-                f"{param}.content",
-            )
-        text = []
-        for k, part in enumerate(parts):
-            pparam = f"{param}.content[{k}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise RequestError(f"{pparam}.text: expected a string", pparam)
-                _valid_text(part["text"], f"{pparam}.text")
-                if IMAGE_PLACEHOLDER in part["text"] or VIDEO_PLACEHOLDER in part["text"]:
-                    raise RequestError(
-                        f"{pparam}.text: expected no <image>/<video> markers (send image_url parts)", pparam
-                    )
-                text.append(part["text"])
-            elif kind in ("image_url", "video_url") and role != "user":
-                raise RequestError(
-                    f"{pparam}: expected media only in user messages, found it in a {role} message", pparam
-                )
-            elif kind == "image_url":
-                if len(images) >= limits.max_images:
-                    raise RequestError(f"{pparam}: expected at most {limits.max_images} images, found more",
-                                       pparam, 413, "too_many_images")  # fmt: skip
-                data = _fetch(_url_of(part, "image_url", pparam), limits, limits.max_image_bytes, pparam)
-                images.append(_image(data, limits, pparam))
-                text.append(IMAGE_PLACEHOLDER)
-            elif kind == "video_url":
-                if video is not None:
-                    raise RequestError(f"{pparam}: expected at most one video, found a second", pparam)
-                data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
-                try:
-                    video = read_frames(data, fps=video_sampling.fps, max_frames=video_sampling.max_frames,
-                                        force_uniform=video_sampling.uniform, max_pixels=limits.max_video_pixels).frames  # fmt: skip
-                except VideoTooLargeError as e:
-                    raise RequestError(f"{pparam}: expected {e.reason}", pparam, 413, "too_large") from e
-                except VideoDecodeError as e:
-                    raise RequestError(
-                        f"{pparam}: expected a decodable video, found {e.reason}", pparam
-                    ) from e
-                text.append(VIDEO_PLACEHOLDER)
-            else:
-                raise RequestError(
-                    f"{pparam}.type: expected text, image_url or video_url, found {kind!r}", pparam
-                )
-        joined = (
-            "\n".join(t for t in text)
-            if any(t in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) for t in text)
-            else "".join(text)
-        )
-        if not joined.strip():
-            raise RequestError(f"{param}.content: expected non-empty content", f"{param}.content")
-        turns.append(Turn(role, joined))
+    media = _Media()
+    turns = [
+        _parse_message(m, f"messages[{i}]", limits, video or VideoSampling(), media)
+        for i, m in enumerate(messages)
+    ]
+    images, video = media.images, media.video
     if video is not None and images:
         raise RequestError("messages: expected images or one video, found both", "messages")
     roles = [t.role for t in turns if t.role != "system"]
@@ -417,6 +454,7 @@ def parse_chat_request(
     request = ChatRequest(
         model=model,
         prompt=Prompt(turns=turns, images=images, video_frames=video),
+        media_digests=tuple(media.digests),
         max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_tokens, int),
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from components.anyres import AnyResConfig
-from components.conversation import IGNORE_INDEX, TEMPLATES, Turn, parse_sample
+from components.conversation import IGNORE_INDEX, TEMPLATES, Turn, content_text, parse_sample
 from components.generation import generate
 from components.model import ModelSpec, build_model, load_model, save_model
 from components.processor import LlavaProcessor, Prompt, VideoSampling
@@ -89,18 +91,37 @@ def hf_onevision_processor(path):
 
 
 def hf_messages(sample):
-    """The sample's first question as HF content parts, in order (text around each placeholder), and the
-    same question as one string by the rule the chat template and the endpoint share: with any media
-    part, the parts joined by newlines."""
+    """The sample's first question as HF content parts in the natural interleaved form (its text around
+    each placeholder, whitespace kept, a media part for each placeholder), and the question's text, which
+    the parts must give (content_text, the rule the chat template and the endpoint share)."""
     question = next(t.text for t in sample.turns if t.role == "user")
+    return [{"role": "user", "content": interleaved_parts(question)}], question
+
+
+def interleaved_parts(question: str) -> list[dict]:
     parts = []
     for piece in re.split(r"(<image>|<video>)", question):
         if piece in ("<image>", "<video>"):
             parts.append({"type": piece[1:-1]})
-        elif piece.strip():
-            parts.append({"type": "text", "text": piece.strip()})
-    joined = "\n".join(p.get("text", f"<{p['type']}>") for p in parts)
-    return [{"role": "user", "content": parts}], joined
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def content_forms(question: str, modality: str) -> dict[str, list[dict]]:
+    """The ways clients send one question with its media: interleaved as the text reads; our own
+    placeholders in one text part, the media parts after it; and images first, then the question (not for
+    multi-view samples: their "View k:" labels are not in such a request, and Image k: is what we add)."""
+    media = [{"type": piece[1:-1]} for piece in re.findall(r"<image>|<video>", question)]
+    forms = {"interleaved": interleaved_parts(question), "placeholders": [{"type": "text", "text": question}, *media]}
+    if "View 1:" not in question:
+        rest = re.split(r"<image>\n|<video>\n", question)[-1]
+        forms["images first"] = [*media, {"type": "text", "text": rest}]
+    return forms
+
+
+def as_pairs(parts: list[dict]) -> list[tuple[str, str]]:
+    return [(p["type"], p.get("text", "")) for p in parts]
 
 
 def test_export_has_every_file_transformers_needs(export):
@@ -194,6 +215,82 @@ def test_hf_generate_stops_by_itself_with_our_answers(export, demo_dir):
         assert new[-1] == stop and len(new) < 16, (sample.modality, new)
         assert ours.tokenizer.decode(new[:-1]) == ours_out["text"] == record["answer"], sample.modality
         assert ours_out["finish_reason"] == "stop"
+
+
+def test_every_content_form_of_a_demo_question_gives_its_training_ids(export, demo_dir):
+    """Each held-out demo question with media (single image, multi-image, multi-view, video), sent the ways
+    clients send it (interleaved, our placeholders, images first), becomes the sample's own training text
+    (content_text, the endpoint's rule), and the export's chat template renders the same parts to the
+    training ids through transformers. Checked once with parts joined by newlines (the old rule): the
+    interleaved multi-image form read "Image 1: \\n<image>\\n\\nImage 2: ..." and this test failed."""
+    from transformers import AutoTokenizer
+
+    root, manifests = demo_dir
+    path, ours = export
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    seen = set()
+    for line in open(manifests["eval"]):
+        record = json.loads(line)
+        sample = parse_sample(record)
+        if sample.modality == "text" or record["task"] in seen:
+            continue
+        seen.add(record["task"])
+        question = next(t.text for t in sample.turns if t.role == "user")
+        images = [Image.open(root / p).convert("RGB") for p in sample.images]
+        frames = ours.sample_video(root / sample.video).frames if sample.video else None
+        training = ours.prompt_row(Prompt([Turn("user", question)], images, frames))["input_ids"].tolist()
+        counts = ours.media(images, frames).token_counts
+        for form, parts in content_forms(question, sample.modality).items():
+            assert content_text(as_pairs(parts)) == question, (record["task"], form)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+            for count, marker in zip(counts, re.findall(r"<image>|<video>", question), strict=True):
+                text = text.replace(marker, "\0" * count, 1)
+            marker_id = ours.video_token_id if sample.video else ours.image_token_id
+            ids = [marker_id if t == "\0" else t for t in _encode_with_markers(tokenizer, text)]
+            assert ids == training, (record["task"], form)
+    assert {"color", "shape_mc", "first_color", "last_color", "multiview", "end_color"} <= seen
+
+
+def _encode_with_markers(tokenizer, text: str) -> list:
+    """Ids of ``text`` in which each NUL stands for one media token (kept as the string)."""
+    out = []
+    for k, piece in enumerate(text.split("\0")):
+        if k:
+            out.append("\0")
+        if piece:
+            out.extend(tokenizer.encode(piece, add_special_tokens=False))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("text"), st.text(alphabet="ab :\n?", max_size=6)),
+            st.tuples(st.sampled_from(["image", "video"]), st.just("")),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_chat_template_joins_parts_by_the_endpoints_rule(chatml_tokenizer, parts):
+    """Any list of text, image and video parts renders in the exported chat template exactly as
+    content_text (the endpoint's rule) joins it: one rule, in Python and in Jinja."""
+    hf_parts = [{"type": kind, "text": text} if kind == "text" else {"type": kind} for kind, text in parts]
+    rendered = chatml_tokenizer.apply_chat_template([{"role": "user", "content": hf_parts}], tokenize=False)
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert rendered == head + content_text(parts) + "<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    _, processor = build_model(ModelSpec(template="chatml"))
+    path = tmp_path_factory.mktemp("chatml")
+    processor.save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
