@@ -233,9 +233,9 @@ class LlavaProcessor:
             "image_sizes": media.image_sizes,
         }
 
-    def count_tokens(self, prompt: Prompt) -> int:
-        """The prompt's length as ``prompt_row`` builds it, from the media's sizes alone (no tiling): what
-        serving checks against the context before a request joins a batch."""
+    def prompt_ids(self, prompt: Prompt) -> np.ndarray:
+        """The ids ``prompt_row`` builds, from the media's sizes alone (no tiling): what serving counts
+        against the context, and the row of a prompt whose media features are cached."""
         if prompt.video_frames is not None:
             counts = [self.arch.video_tokens(len(prompt.video_frames), self.anyres)]
         else:
@@ -244,7 +244,11 @@ class LlavaProcessor:
             )
         sample = Sample(id=prompt.id, turns=prompt.turns, images=[f"image-{i}" for i in range(len(prompt.images))],
                         video="video" if prompt.video_frames is not None else None)  # fmt: skip
-        return len(self.tokenize(sample, counts).input_ids)
+        return self.tokenize(sample, counts).input_ids
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """The prompt's length as ``prompt_row`` builds it (checked before a request joins a batch)."""
+        return len(self.prompt_ids(prompt))
 
     def collate(self, rows: list[dict], *, left_pad: bool = False) -> dict:
         """Padded ids, labels and attention mask plus the media tensors this architecture's HF model takes."""

@@ -1,20 +1,20 @@
-"""Ray Serve: an OpenAI-compatible ingress in front of an autoscaling, batching LLaVA model deployment.
+"""Ray Serve: an OpenAI-compatible ingress in front of an autoscaling LLaVA model deployment.
 
     llava-ray serve --checkpoint runs/demo/stage2_ov/hf --config serve/serve.yaml
     serve run serve/serve_config.yaml        # or: serve deploy serve/serve_config.yaml
 
 The model deployment loads an HF checkpoint (a path or s3:// URI, safetensors only) in ``__init__``
 and prompts with the very components training used (tiling, templates), so the two cannot drift.
-Generate calls are batched (``serve.batch``); streaming requests take a token streamer.
+Each replica runs an engine (components/engine.py) that batches at every decode step: requests join at
+the next step and leave when they finish, streamed and non-streamed alike; a bounded queue answers 429
+beyond it. Vision features of media seen before come from a per-replica cache (components/feature_cache.py).
 """
 
 import asyncio
-import collections
 import concurrent.futures
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,6 +26,8 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from components.conversation import SampleTooLongError
+from components.engine import Engine, EngineConfig, Job, QueueFull
+from components.feature_cache import FeatureCache, features_fingerprint
 from serve.protocol import (
     ChatRequest,
     Limits,
@@ -46,14 +48,15 @@ class ServeConfig:
     checkpoint: str
     """An HF export of ours (path or s3:// URI)."""
     model_name: str = "llava-ray"
-    batching: bool = True
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.05
-    """The longest a batch waits for more requests after its first one."""
-    adaptive_batch_wait: bool = True
-    """Wait only when it pays: while requests overlap (two or more at the replica within the last second),
-    up to half the recent batch run time (at most batch_wait_timeout_s), so that requests on their way
-    back join the next batch; with one request at a time, 1 ms (nothing else is coming)."""
+    """Sequences a replica decodes together at most (requests join and leave at every decode step)."""
+    max_batch_tokens: int = 8192
+    """Prompt + max_tokens of a replica's active sequences together at most; the rest wait."""
+    max_queue: int = 64
+    """Requests waiting at a replica at most; past it they get a 429 (the client retries, or another
+    replica takes them)."""
+    feature_cache_mb: float = 256.0
+    """Vision features of recently seen media kept per replica (LRU; 0: none)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 2.0
@@ -77,13 +80,13 @@ class ServeConfig:
             raise ValueError(
                 f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
             )
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, found {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServeConfig":
         return cls(**data)
-
-
-IDLE_BATCH_WAIT_S = 0.001
 
 
 def _error(exc: RequestError) -> JSONResponse:
@@ -96,11 +99,19 @@ def _internal(where: str, exc: BaseException) -> dict:
                       "type": "server_error", "param": None, "code": "internal_error"}}  # fmt: skip
 
 
+def _rate_limited(exc: QueueFull) -> dict:
+    """OpenAI's shape for a 429: clients (the openai package included) back off and retry."""
+    return {"error": {"message": f"{exc}; retry later", "type": "requests", "param": None,
+                      "code": "rate_limit_exceeded"}}  # fmt: skip
+
+
 @serve.deployment
 class LlavaModel:
-    """One replica: the model, its tokenizer, and a batched generate."""
+    """One replica: the model, and the engine (components/engine.py) whose loop owns it. Every request,
+    streamed or not, joins the engine's batch at its next decode step and leaves it when it finishes."""
 
     def __init__(self, config: dict):
+        import ray
         import torch
 
         from components.model import load_model
@@ -111,45 +122,32 @@ class LlavaModel:
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
         # the checkpoint's processor: the template, tiling and video sampling it was trained with
         self.model, self.processor = load_model(self.config.checkpoint)
-        self.tokenizer = self.processor.tokenizer
         if self.config.replica_gpus > 0:  # Ray set CUDA_VISIBLE_DEVICES to this replica's GPU
             self.model.to("cuda", torch.bfloat16)
         self.model.eval()
-        self.generate_batched.set_max_batch_size(self.config.max_batch_size)
-        self.lock = threading.Lock()
-        self.ongoing = 0
-        self.overlapped_at = -1e9
-        self.batch_seconds = 0.0
-        self.batches, self.largest_batch = 0, 0
-        self.longest_batch_wait_s = 0.0
-        self.queue_waits: collections.deque = collections.deque(maxlen=256)
-        self.idle: asyncio.Event | None = None
-        self._set_batch_wait()
-        import ray
-
+        features = None
+        if self.config.feature_cache_mb > 0:
+            features = FeatureCache(
+                int(self.config.feature_cache_mb * 2**20), features_fingerprint(self.model)
+            )
+        engine = EngineConfig(self.config.max_batch_size, self.config.max_batch_tokens, self.config.max_queue)
+        self.engine = Engine(self.model, self.processor, engine, features=features).start()
+        # tiling and tokenizing off the engine's thread, so that decode steps go on meanwhile
+        self.rows = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rows")
         # which replica answered, and on which node: a response header (operators tracing a request)
         self.where = {"replica": serve.get_replica_context().replica_id.unique_id,
                       "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
 
-    def _set_batch_wait(self) -> None:
-        wait = self.config.batch_wait_timeout_s
-        if self.config.adaptive_batch_wait:
-            overlapping = time.monotonic() - self.overlapped_at < 1.0
-            wait = min(wait, 0.5 * self.batch_seconds) if overlapping else IDLE_BATCH_WAIT_S
-        self.batch_wait_s = wait
-        self.longest_batch_wait_s = max(self.longest_batch_wait_s, wait)
-        self.generate_batched.set_batch_wait_timeout_s(wait)
-
     def stats(self) -> dict:
-        """This replica's batching so far (for operators and tests); ``queue_waits_s``: the latest requests'
-        (batch size, seconds from reaching the replica to their batch's start), measured."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "batch_wait_s": self.batch_wait_s,
-                "longest_batch_wait_s": self.longest_batch_wait_s, "batch_seconds": self.batch_seconds,
-                "queue_waits_s": list(self.queue_waits)}  # fmt: skip
+        """The engine's recent decode steps (batch sizes), its queue, and the feature cache's counts."""
+        out = self.engine.stats()
+        if self.engine.features is not None:
+            out["features"] = self.engine.features.stats()
+        return out
 
     def _row(self, request: ChatRequest) -> dict:
         try:
-            return self.processor.prompt_row(request.prompt)
+            return self.engine.row(request.prompt, request.media_digests)
         except SampleTooLongError as e:
             raise RequestError(
                 f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
@@ -158,155 +156,61 @@ class LlavaModel:
                 "context_length_exceeded",
             ) from e
 
-    def _run(self, requests: list[ChatRequest]) -> list[dict]:
-        """Sub-batches of compatible requests (sampling, seed, video frame count), greedy ones together."""
-        from components.generation import generate
-
-        out: list[dict | None] = [None] * len(requests)
-        rows = {}
-        for i, r in enumerate(requests):
-            try:
-                rows[i] = self._row(r)
-            except RequestError as e:
-                out[i] = {"error": e.body(), "status": e.status}
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            if i in rows:
-                frames = len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
-                key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
-                groups.setdefault(key, []).append(i)
-        for (temperature, top_p, seed, _, stop), members in groups.items():
-
-            def run(ids, temperature=temperature, top_p=top_p, seed=seed, stop=stop):
-                with self.lock:
-                    return generate(self.model, self.processor, [rows[i] for i in ids],
-                                    max_new_tokens=max(requests[i].max_tokens for i in ids), temperature=temperature,
-                                    top_p=top_p, stop=list(stop), seed=seed)  # fmt: skip
-
-            try:
-                results = dict(zip(members, run(members), strict=True))
-            except Exception:  # one request's failure must not fail the others: each again, alone
-                results = {}
-                for i in members:
-                    try:
-                        results[i] = run([i])[0]
-                    except Exception as e:
-                        log.exception("request %s failed", i)
-                        out[i] = {"error": _internal("generate", e), "status": 500}
-            for i, res in results.items():
-                out[i] = self._trim(res, requests[i].max_tokens)
-        return out
-
-    def _trim(self, result: dict, max_tokens: int) -> dict:
-        """A request batched with longer ones keeps only its own max_tokens (greedy: the same tokens)."""
-        if result["completion_tokens"] > max_tokens:
-            ids = self.tokenizer.encode(result["text"], add_special_tokens=False)[:max_tokens]
-            result = {**result, "text": self.tokenizer.decode(ids, skip_special_tokens=True),
-                      "completion_tokens": max_tokens, "finish_reason": "length"}  # fmt: skip
-        return result
-
-    def _idle(self) -> asyncio.Event:
-        """Set while no batch runs (made on the replica's event loop, at its first request)."""
-        if self.idle is None:
-            self.idle = asyncio.Event()
-            self.idle.set()
-        return self.idle
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batched(self, arrivals: list[tuple[float, ChatRequest]]) -> list[dict]:
-        """``arrivals``: (when the request reached this replica, the request); the time from there to its
-        batch's start is measured (``stats()['queue_waits_s']``)."""
-        start = time.perf_counter()
-        self.queue_waits.extend((len(arrivals), start - arrived) for arrived, _ in arrivals)
-        requests = [request for _, request in arrivals]
-        self._idle().clear()
-        try:
-            out = await asyncio.get_running_loop().run_in_executor(None, self._run, requests)
-        finally:
-            self.idle.set()
-        took = time.perf_counter() - start
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(requests))
-        self.batch_seconds = took if not self.batch_seconds else 0.7 * self.batch_seconds + 0.3 * took
-        self._set_batch_wait()
-        return out
+    async def _submit(self, request: ChatRequest) -> tuple[asyncio.Queue, Job]:
+        """The request's row (built in a worker thread) handed to the engine; its events arrive on the
+        returned queue. Raises RequestError, or QueueFull past the engine's queue."""
+        loop = asyncio.get_running_loop()
+        row = await loop.run_in_executor(self.rows, self._row, request)
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(row=row, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                  seed=request.seed, stop=tuple(request.stop), stream=request.stream,
+                  media_keys=request.media_digests,
+                  emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))  # fmt: skip
+        self.engine.submit(job)
+        return events, job
 
     async def generate(self, request: ChatRequest) -> dict:
-        return {**await self._generate(request), "where": self.where}
-
-    async def _generate(self, request: ChatRequest) -> dict:
-        if self.config.batching:
-            self.ongoing += 1
-            if self.ongoing > 1:
-                self.overlapped_at = time.monotonic()
-            try:
-                # Serve forms the next batch as soon as a request arrives, even while a batch runs: requests
-                # that came during a long batch would each become a batch of one, queued behind it. So a
-                # request waits here for the running batch to end, and all that waited join the next one.
-                arrived = time.perf_counter()
-                await self._idle().wait()
-                return await self.generate_batched((arrived, request))
-            finally:
-                self.ongoing -= 1
-        return (await asyncio.get_running_loop().run_in_executor(None, self._run, [request]))[0]
+        try:
+            events, job = await self._submit(request)
+        except RequestError as e:
+            return {"error": e.body(), "status": e.status}
+        except QueueFull as e:
+            return {"error": _rate_limited(e), "status": 429}
+        try:
+            while True:
+                event = await events.get()
+                if "done" in event:
+                    return {**event["done"], "where": self.where}
+                if "error" in event:
+                    return {"error": _internal("generate", event["error"]), "status": 500}
+        finally:
+            job.cancelled = True  # the caller gave up (a timeout): the engine drops it at its next step
 
     async def stream(self, request: ChatRequest):
-        """Text deltas as the model produces them (HF's TextIteratorStreamer in a worker thread)."""
-        from transformers import TextIteratorStreamer
-
+        """First ``{"accepted": true}`` (or the error that refused it), then text deltas as the engine
+        produces them, then ``{"finish": reason}``."""
         try:
-            row = self._row(request)
+            events, job = await self._submit(request)
         except RequestError as e:
             yield json.dumps({"error": e.body(), "status": e.status})
             return
-        import torch
-
-        from components.batching import to_device
-
-        batch = self.processor.collate([row], left_pad=True)
-        batch.pop("labels")
-        batch = to_device(batch, self.model.device, self.model.dtype)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**batch, max_new_tokens=request.max_tokens, streamer=streamer,
-                      eos_token_id=self.processor.stop_ids, pad_token_id=self.processor.pad_token_id,
-                      do_sample=request.temperature > 0)  # fmt: skip
-        if request.temperature > 0:
-            kwargs.update(temperature=request.temperature, top_p=request.top_p)
-
-        failure = []
-
-        def work():
-            try:
-                with self.lock:
-                    if request.seed is not None:
-                        torch.manual_seed(request.seed)  # a seeded stream samples as the same seeded request
-                    self.model.generate(**kwargs)
-            except Exception as e:  # the stream ends with an error event, not a cut connection
-                log.exception("stream failed")
-                failure.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        loop = asyncio.get_running_loop()
-        stops = [s for s in request.stop if s]
-        produced = ""
-        while True:
-            piece = await loop.run_in_executor(None, lambda: next(streamer, None))
-            if piece is None:
-                break
-            produced += piece
-            cut = min((produced.index(s) for s in stops if s in produced), default=None)
-            if cut is not None:
-                yield json.dumps(
-                    {"delta": piece[: max(0, len(piece) - (len(produced) - cut))], "finish": "stop"}
-                )
-                break
-            if piece:
-                yield json.dumps({"delta": piece})
-        thread.join()
-        if failure:
-            yield json.dumps({"error": _internal("stream", failure[0]), "status": 500})
+        except QueueFull as e:
+            yield json.dumps({"error": _rate_limited(e), "status": 429})
+            return
+        yield json.dumps({"accepted": True})
+        try:
+            while True:
+                event = await events.get()
+                if "delta" in event:
+                    yield json.dumps({"delta": event["delta"]})
+                elif "done" in event:
+                    yield json.dumps({"finish": event["done"]["finish_reason"]})
+                    return
+                else:
+                    yield json.dumps({"error": _internal("stream", event["error"]), "status": 500})
+                    return
+        finally:
+            job.cancelled = True  # a client that hung up frees its place in the batch
 
 
 app = FastAPI(title="llava-ray", description="OpenAI-compatible LLaVA endpoint")
@@ -414,7 +318,11 @@ class Ingress:
             return _error(e)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if parsed.stream:
-            return StreamingResponse(self._sse(parsed, completion_id), media_type="text/event-stream")
+            items = self.model.options(stream=True).stream.remote(parsed)
+            first = json.loads(await items.__anext__())  # accepted, or refused (4xx/429) before any event
+            if "error" in first:
+                return JSONResponse(first["error"], status_code=first["status"])
+            return StreamingResponse(self._sse(parsed, completion_id, items), media_type="text/event-stream")
         try:
             result = await asyncio.wait_for(
                 self.model.generate.remote(parsed), timeout=self.config.request_timeout_s
@@ -439,7 +347,7 @@ class Ingress:
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
         return JSONResponse(body, headers=headers)
 
-    async def _sse(self, parsed: ChatRequest, completion_id: str):
+    async def _sse(self, parsed: ChatRequest, completion_id: str, items):
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -450,7 +358,7 @@ class Ingress:
         yield chunk({"role": "assistant", "content": ""})
         finish = "length"
         try:
-            async for piece in self.model.options(stream=True).stream.remote(parsed):
+            async for piece in items:
                 item = json.loads(piece)
                 if "error" in item:  # an error mid-stream: an error event, then the end of the stream
                     yield f"data: {json.dumps(item['error'])}\n\n"
