@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from components.batching import to_device
 from components.conversation import IGNORE_INDEX
+from components.feature_cache import features_fingerprint
 from components.processor import LlavaProcessor, Prompt
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Engine:
         self.tokenizer = processor.tokenizer
         self.eos = set(processor.stop_ids)
         self.settings = processor.config.to_dict()
+        self.weights = features_fingerprint(model) if features is not None else ""
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[_Sequence] = []
         self.cache = None
@@ -181,7 +183,7 @@ class Engine:
         if self.features is None or not digests:
             return self.processor.prompt_row(prompt)
         kind = "video" if prompt.video_frames is not None else "image"
-        keys = self.features.keys(digests, kind, self.settings)
+        keys = self.features.keys(digests, kind, self.settings, self.weights)
         cached = self.features.get(keys)
         if cached is not None:
             ids = self.processor.prompt_ids(prompt)

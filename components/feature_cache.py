@@ -39,19 +39,18 @@ def features_fingerprint(model) -> str:
 class FeatureCache:
     """Per-medium features under a byte budget, least recently used out first; thread-safe."""
 
-    def __init__(self, budget_bytes: int, fingerprint: str):
+    def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.fingerprint = fingerprint
         self.entries: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.lock = threading.Lock()
 
-    def keys(self, digests: tuple[str, ...], kind: str, settings: dict) -> list[str]:
+    def keys(self, digests: tuple[str, ...], kind: str, settings: dict, weights: str) -> list[str]:
         """One key per medium: its bytes' digest, the kind and company it came in, the processor's
-        settings and the weights' fingerprint."""
+        settings and the fingerprint of the weights that encode it (``features_fingerprint``)."""
         context = json.dumps(
-            {"kind": kind, "alone": len(digests) == 1, "settings": settings, "weights": self.fingerprint},
+            {"kind": kind, "alone": len(digests) == 1, "settings": settings, "weights": weights},
             sort_keys=True,
             default=str,
         )

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from components.conversation import SampleTooLongError
 from components.engine import Engine, EngineConfig, Job, QueueFull
-from components.feature_cache import FeatureCache, features_fingerprint
+from components.feature_cache import FeatureCache
 from serve.protocol import (
     ChatRequest,
     Limits,
@@ -127,9 +127,7 @@ class LlavaModel:
         self.model.eval()
         features = None
         if self.config.feature_cache_mb > 0:
-            features = FeatureCache(
-                int(self.config.feature_cache_mb * 2**20), features_fingerprint(self.model)
-            )
+            features = FeatureCache(int(self.config.feature_cache_mb * 2**20))
         engine = EngineConfig(self.config.max_batch_size, self.config.max_batch_tokens, self.config.max_queue)
         self.engine = Engine(self.model, self.processor, engine, features=features).start()
         # tiling and tokenizing off the engine's thread, so that decode steps go on meanwhile

@@ -1,0 +1,276 @@
+"""The serving engine (components/engine.py) and its feature cache, without Ray: every request batched at
+each decode step and still answered exactly as generate() answers it alone (fp32, CPU)."""
+
+import copy
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.conversation import Turn
+from components.engine import Engine, EngineConfig, Job, QueueFull, wait_for
+from components.feature_cache import FeatureCache
+from components.generation import generate
+from components.model import ModelSpec, build_model
+from components.processor import Prompt
+
+
+def _prompts() -> dict[str, Prompt]:
+    rng = np.random.default_rng(0)
+
+    def image(w, h):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    return {
+        "image": Prompt([Turn("user", "<image>\nWhat color is the shape?")], [image(120, 80)]),
+        "multi_image": Prompt(
+            [Turn("user", "Image 1: <image>\nImage 2: <image>\nWhich is red?")], [image(60, 60), image(90, 40)]
+        ),
+        "video": Prompt(
+            [Turn("user", "<video>\nWhat happens?")],
+            video_frames=rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8),
+        ),
+        "text": Prompt([Turn("user", "What is two plus three?")]),
+        "long": Prompt([Turn("user", "Tell me a long story about a circle and a square, please.")]),
+    }
+
+
+DIGESTS = {"image": ("img-a",), "multi_image": ("img-b", "img-c"), "video": ("vid-a",), "text": (), "long": ()}
+MAX_TOKENS = {"image": 12, "multi_image": 7, "video": 20, "text": 15, "long": 40}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, processor = build_model(ModelSpec())
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def alone(tiny):
+    """generate() on each request alone, greedy: the reference."""
+    model, processor = tiny
+    return {
+        name: generate(model, processor, [processor.prompt_row(p)], max_new_tokens=MAX_TOKENS[name])[0]
+        for name, p in _prompts().items()
+    }
+
+
+class Collector:
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+        self.first_at = self.done_at = None
+
+    def __call__(self, event):
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.events.append(event)
+        if "done" in event or "error" in event:
+            self.done_at = time.monotonic()
+            self.done.set()
+
+    @property
+    def result(self) -> dict:
+        assert self.done.wait(60), "no result within 60 s"
+        return self.events[-1]["done"]
+
+    @property
+    def streamed(self) -> str:
+        return "".join(e.get("delta", "") for e in self.events)
+
+
+def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, alone):
+    """Two requests start (one streamed); three more arrive while they decode and join at the next steps;
+    each leaves when it reaches its own max_tokens. Every answer (and every stream, joined) equals
+    generate() on that request alone. Checked once with the decode step's position_ids left out (every row
+    then takes the padded batch's positions): the joined requests' answers differed and this test failed."""
+    model, processor = tiny
+    prompts = _prompts()
+    engine = Engine(model, processor, EngineConfig(max_batch_size=8))
+    try:
+        got = {name: Collector() for name in prompts}
+        for name in ("long", "image"):
+            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=MAX_TOKENS[name],
+                              emit=got[name], stream=name == "long"))  # fmt: skip
+        engine.start()
+        while engine.stats()["steps"] < 3:
+            time.sleep(0.001)
+        for name in ("multi_image", "video", "text"):
+            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=MAX_TOKENS[name],
+                              emit=got[name], stream=name == "video"))  # fmt: skip
+        for name, collector in got.items():
+            assert collector.result["text"] == alone[name]["text"], name
+            assert collector.result["completion_tokens"] == alone[name]["completion_tokens"], name
+        assert got["long"].streamed.strip() == alone["long"]["text"]
+        assert got["video"].streamed.strip() == alone["video"]["text"]
+        sizes = engine.stats()["batch_sizes"]
+        assert sizes[:3] == [2, 2, 2] and max(sizes) == 5 and sizes[-1] == 1, sizes
+    finally:
+        engine.stop()
+
+
+def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step(tiny):
+    """A 3-token request beside a 30-token one: after its prefill token and 2 decode steps it is gone
+    (the batch is 1 from the third step); a request submitted mid-run gets its first token while the long
+    one still runs, not after it."""
+    model, processor = tiny
+    prompts = _prompts()
+    engine = Engine(model, processor)
+    try:
+        long, short, late = Collector(), Collector(), Collector()
+        engine.submit(Job(row=processor.prompt_row(prompts["long"]), max_tokens=30, emit=long))
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=3, emit=short))
+        engine.start()
+        assert short.result["completion_tokens"] == 3
+        while engine.stats()["steps"] < 10:
+            time.sleep(0.001)
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=2, emit=late))
+        assert late.result["completion_tokens"] == 2 and long.result["completion_tokens"] == 30
+        assert late.done_at < long.done_at, "the late request waited for the running one"
+        sizes = engine.stats()["batch_sizes"]
+        assert sizes[:2] == [2, 2] and sizes[2] == 1, sizes
+        assert 2 in sizes[3:], f"the late request never shared a step with the long one: {sizes}"
+        assert len(sizes) == 29, sizes  # the long one's 29 decode steps; the late one's one step was among them
+    finally:
+        engine.stop()
+
+
+def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
+    """temperature 0.9, top_p 0.8, seed 7: alone, beside two greedy requests, and beside another seeded
+    request, the same text; another seed gives another text."""
+    model, processor = tiny
+    prompts = _prompts()
+    sampled = dict(temperature=0.9, top_p=0.8, seed=7)
+    engine = Engine(model, processor).start()
+    try:
+        alone_text = wait_for(engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, **sampled))
+        others = [Collector(), Collector()]
+        for name, collector in zip(("long", "image"), others, strict=True):
+            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=25, emit=collector))
+        mine = Collector()
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=20, emit=mine, **sampled))
+        assert mine.result["text"] == alone_text["text"]
+        other_seed = wait_for(
+            engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, temperature=0.9, top_p=0.8, seed=8)
+        )
+        assert other_seed["text"] != alone_text["text"]
+        [c.result for c in others]
+    finally:
+        engine.stop()
+
+
+def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny, alone):
+    """A stop string taken from the middle of the greedy answer: the answer ends before it
+    (finish_reason stop), and the streamed deltas, joined, never contain any part of it."""
+    model, processor = tiny
+    prompts = _prompts()
+    reference = alone["long"]["text"]
+    stop = reference[len(reference) // 2 : len(reference) // 2 + 3]
+    engine = Engine(model, processor).start()
+    try:
+        got = Collector()
+        engine.submit(Job(row=processor.prompt_row(prompts["long"]), max_tokens=MAX_TOKENS["long"], emit=got,
+                          stream=True, stop=(stop,)))  # fmt: skip
+        result = got.result
+        assert result["finish_reason"] == "stop"
+        assert result["text"] == reference[: reference.index(stop)].strip()
+        assert stop not in got.streamed and got.streamed.strip() == result["text"]
+    finally:
+        engine.stop()
+
+
+def test_the_queue_is_bounded_and_a_cancelled_request_leaves(tiny):
+    """max_queue 2: a third waiting request raises QueueFull (the endpoint's 429); a cancelled request,
+    waiting or active, is dropped without an answer and frees its place."""
+    model, processor = tiny
+    row = processor.prompt_row(_prompts()["text"])
+    engine = Engine(model, processor, EngineConfig(max_batch_size=1, max_queue=2))  # not started: all wait
+    first, second = Job(row=row, max_tokens=5, emit=Collector()), Job(row=row, max_tokens=5, emit=Collector())
+    engine.submit(first)
+    engine.submit(second)
+    with pytest.raises(QueueFull, match="expected at most 2 waiting requests"):
+        engine.submit(Job(row=row, max_tokens=5, emit=Collector()))
+    second.cancelled = True
+    engine.start()
+    try:
+        assert first.emit.result["completion_tokens"] == 5
+        time.sleep(0.2)
+        assert second.emit.events == [] and engine.stats()["waiting"] == 0
+        running = Job(row=row, max_tokens=500, emit=Collector())
+        engine.submit(running)
+        while engine.stats()["active"] == 0:
+            time.sleep(0.001)
+        running.cancelled = True
+        while engine.stats()["active"]:
+            time.sleep(0.001)
+        assert not any("done" in e for e in running.emit.events)
+    finally:
+        engine.stop()
+
+
+def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alone, monkeypatch):
+    """Each media request twice through an engine with a feature cache: the first time a miss (tiled and
+    encoded, its features kept), the second a hit whose row carries the features (tiling and the tower not
+    called: both made to raise), and both answers equal generate() alone."""
+    model, processor = tiny
+    prompts = _prompts()
+    cache = FeatureCache(64 << 20)
+    engine = Engine(model, processor, features=cache).start()
+    try:
+        for name in ("image", "multi_image", "video"):
+            row = engine.row(prompts[name], DIGESTS[name])
+            assert "features" not in row
+            first = wait_for(engine, dict(row=row, max_tokens=MAX_TOKENS[name], media_keys=DIGESTS[name]))
+            assert first["text"] == alone[name]["text"], name
+        assert cache.stats()["entries"] == 4  # one per medium
+        with monkeypatch.context() as m:
+            m.setattr(type(processor), "media", lambda *a, **k: pytest.fail("tiled on a hit"))
+            m.setattr(type(model.model.vision_tower), "forward", lambda *a, **k: pytest.fail("encoded on a hit"))
+            for name in ("image", "multi_image", "video"):
+                row = engine.row(prompts[name], DIGESTS[name])
+                assert "features" in row, name
+                again = wait_for(engine, dict(row=row, max_tokens=MAX_TOKENS[name], media_keys=DIGESTS[name]))
+                assert again["text"] == alone[name]["text"], name
+        assert cache.stats()["hits"] == 3
+    finally:
+        engine.stop()
+
+
+def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
+    """Two checkpoints (different weights) share one cache: the second, asked about the image the first
+    has cached, misses and answers as it does alone. Checked once with the weights' fingerprint left out
+    of the key: the second took the first one's features, and its answer differed from its own."""
+    model_a, processor = tiny
+    model_b = copy.deepcopy(model_a)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model_b.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    prompt = _prompts()["image"]
+    reference = generate(model_b, processor, [processor.prompt_row(prompt)], max_new_tokens=12)[0]["text"]
+    cache = FeatureCache(64 << 20)
+    for model in (model_a, model_b):
+        engine = Engine(model, processor, features=cache).start()
+        try:
+            out = wait_for(engine, dict(row=engine.row(prompt, ("same",)), max_tokens=12, media_keys=("same",)))
+        finally:
+            engine.stop()
+    assert cache.stats()["hits"] == 0 and cache.stats()["entries"] == 2
+    assert out["text"] == reference
+
+
+def test_the_cache_keeps_to_its_budget_least_recently_used_out():
+    cache = FeatureCache(3 * 4 * 100)  # three entries of 100 float32
+    keys = cache.keys(("a", "b", "c", "d"), "image", {}, "w")
+    for k in keys[:3]:
+        cache.put([k], [torch.zeros(100)])
+    assert cache.get([keys[0]]) is not None  # a is now the most recent
+    cache.put([keys[3]], [torch.zeros(100)])  # b goes
+    assert cache.get([keys[1]]) is None and cache.get([keys[0]]) is not None
+    assert cache.stats()["bytes"] <= 1200 and cache.stats()["evictions"] == 1
+    assert cache.keys(("a",), "image", {}, "w") != cache.keys(("a",), "image", {}, "other weights")
+    assert cache.keys(("a",), "image", {"anyres": 1}, "w") != cache.keys(("a",), "image", {}, "w")
