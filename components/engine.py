@@ -69,6 +69,8 @@ class Job:
     stream: bool = False
     media_keys: tuple[str, ...] = ()
     """The digest of each medium's bytes, in order; empty: its features are not cached."""
+    logprobs: bool = False
+    """Also return each chosen token's log-probability (``token_logprobs``), OpenAI's ``logprobs``."""
     cancelled: bool = False
     """Set by the caller that gave up (a client gone): the engine drops it at its next step, silently."""
 
@@ -87,6 +89,7 @@ class _Sequence:
         self.eos = eos
         self.sent = 0
         self.finish: str | None = None
+        self.logprobs: list[float] = []
         self.generator = None
         if job.temperature > 0:
             self.generator = torch.Generator()
@@ -289,6 +292,8 @@ class Engine:
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
         token = seq.pick(logits)
+        if seq.job.logprobs:
+            seq.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
         row = self.active.index(seq)
         self.last[row, 0] = token
         finish = None
@@ -310,7 +315,8 @@ class Engine:
         if finish:
             seq.finish = finish
             seq.job.emit({"done": {"text": text.strip(), "prompt_tokens": len(seq.job.row["input_ids"]),
-                                   "completion_tokens": len(seq.tokens), "finish_reason": finish}})  # fmt: skip
+                                   "completion_tokens": len(seq.tokens), "finish_reason": finish,
+                                   **({"token_logprobs": seq.logprobs} if seq.job.logprobs else {})}})  # fmt: skip
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.active) if s.finish is None]

@@ -27,7 +27,8 @@ def _prompts() -> dict[str, Prompt]:
     return {
         "image": Prompt([Turn("user", "<image>\nWhat color is the shape?")], [image(120, 80)]),
         "multi_image": Prompt(
-            [Turn("user", "Image 1: <image>\nImage 2: <image>\nWhich is red?")], [image(60, 60), image(90, 40)]
+            [Turn("user", "Image 1: <image>\nImage 2: <image>\nWhich is red?")],
+            [image(60, 60), image(90, 40)],
         ),
         "video": Prompt(
             [Turn("user", "<video>\nWhat happens?")],
@@ -38,7 +39,13 @@ def _prompts() -> dict[str, Prompt]:
     }
 
 
-DIGESTS = {"image": ("img-a",), "multi_image": ("img-b", "img-c"), "video": ("vid-a",), "text": (), "long": ()}
+DIGESTS = {
+    "image": ("img-a",),
+    "multi_image": ("img-b", "img-c"),
+    "video": ("vid-a",),
+    "text": (),
+    "long": (),
+}
 MAX_TOKENS = {"image": 12, "multi_image": 7, "video": 20, "text": 15, "long": 40}
 
 
@@ -51,12 +58,25 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def alone(tiny):
-    """generate() on each request alone, greedy: the reference."""
+    """generate() on each request alone, greedy: the reference, with transformers' own generate's raw
+    logits (log-softmaxed) of each chosen token."""
     model, processor = tiny
-    return {
-        name: generate(model, processor, [processor.prompt_row(p)], max_new_tokens=MAX_TOKENS[name])[0]
-        for name, p in _prompts().items()
-    }
+    out = {}
+    for name, prompt in _prompts().items():
+        row = processor.prompt_row(prompt)
+        out[name] = generate(model, processor, [row], max_new_tokens=MAX_TOKENS[name])[0]
+        batch = processor.collate([row], left_pad=True)
+        batch.pop("labels")
+        with torch.no_grad():
+            hf = model.generate(**batch, max_new_tokens=MAX_TOKENS[name], do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=processor.stop_ids,
+                                pad_token_id=processor.pad_token_id)  # fmt: skip
+        chosen = hf.sequences[0, batch["input_ids"].shape[1] :]
+        out[name]["token_logprobs"] = [
+            float(torch.log_softmax(step[0].float(), -1)[t])
+            for step, t in zip(hf.logits, chosen, strict=False)
+        ][: out[name]["completion_tokens"]]
+    return out
 
 
 class Collector:
@@ -85,8 +105,10 @@ class Collector:
 def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, alone):
     """Two requests start (one streamed); three more arrive while they decode and join at the next steps;
     each leaves when it reaches its own max_tokens. Every answer (and every stream, joined) equals
-    generate() on that request alone. Checked once with the decode step's position_ids left out (every row
-    then takes the padded batch's positions): the joined requests' answers differed and this test failed."""
+    generate() on that request alone, and the joined ones' token log-probabilities equal those of
+    transformers' generate alone (1e-4). Checked once with the decode step's position_ids left out (every
+    row then takes the padded batch's positions): the texts of this random model stayed equal, their
+    log-probabilities did not, and this test failed on them."""
     model, processor = tiny
     prompts = _prompts()
     engine = Engine(model, processor, EngineConfig(max_batch_size=8))
@@ -100,10 +122,13 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
             time.sleep(0.001)
         for name in ("multi_image", "video", "text"):
             engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=MAX_TOKENS[name],
-                              emit=got[name], stream=name == "video"))  # fmt: skip
+                              emit=got[name], stream=name == "video", logprobs=True))  # fmt: skip
         for name, collector in got.items():
             assert collector.result["text"] == alone[name]["text"], name
             assert collector.result["completion_tokens"] == alone[name]["completion_tokens"], name
+            if name in ("multi_image", "video", "text"):  # joined a running batch: padded, own positions
+                ours = collector.result["token_logprobs"][: len(alone[name]["token_logprobs"])]
+                assert np.allclose(ours, alone[name]["token_logprobs"], atol=1e-4), name
         assert got["long"].streamed.strip() == alone["long"]["text"]
         assert got["video"].streamed.strip() == alone["video"]["text"]
         sizes = engine.stats()["batch_sizes"]
@@ -133,7 +158,9 @@ def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step
         sizes = engine.stats()["batch_sizes"]
         assert sizes[:2] == [2, 2] and sizes[2] == 1, sizes
         assert 2 in sizes[3:], f"the late request never shared a step with the long one: {sizes}"
-        assert len(sizes) == 29, sizes  # the long one's 29 decode steps; the late one's one step was among them
+        assert len(sizes) == 29, (
+            sizes
+        )  # the long one's 29 decode steps; the late one's one step was among them
     finally:
         engine.stop()
 
@@ -146,7 +173,9 @@ def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
     sampled = dict(temperature=0.9, top_p=0.8, seed=7)
     engine = Engine(model, processor).start()
     try:
-        alone_text = wait_for(engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, **sampled))
+        alone_text = wait_for(
+            engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, **sampled)
+        )
         others = [Collector(), Collector()]
         for name, collector in zip(("long", "image"), others, strict=True):
             engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=25, emit=collector))
@@ -154,7 +183,10 @@ def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
         engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=20, emit=mine, **sampled))
         assert mine.result["text"] == alone_text["text"]
         other_seed = wait_for(
-            engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, temperature=0.9, top_p=0.8, seed=8)
+            engine,
+            dict(
+                row=processor.prompt_row(prompts["text"]), max_tokens=20, temperature=0.9, top_p=0.8, seed=8
+            ),
         )
         assert other_seed["text"] != alone_text["text"]
         [c.result for c in others]
@@ -228,7 +260,9 @@ def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alo
         assert cache.stats()["entries"] == 4  # one per medium
         with monkeypatch.context() as m:
             m.setattr(type(processor), "media", lambda *a, **k: pytest.fail("tiled on a hit"))
-            m.setattr(type(model.model.vision_tower), "forward", lambda *a, **k: pytest.fail("encoded on a hit"))
+            m.setattr(
+                type(model.model.vision_tower), "forward", lambda *a, **k: pytest.fail("encoded on a hit")
+            )
             for name in ("image", "multi_image", "video"):
                 row = engine.row(prompts[name], DIGESTS[name])
                 assert "features" in row, name
@@ -256,7 +290,9 @@ def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
     for model in (model_a, model_b):
         engine = Engine(model, processor, features=cache).start()
         try:
-            out = wait_for(engine, dict(row=engine.row(prompt, ("same",)), max_tokens=12, media_keys=("same",)))
+            out = wait_for(
+                engine, dict(row=engine.row(prompt, ("same",)), max_tokens=12, media_keys=("same",))
+            )
         finally:
             engine.stop()
     assert cache.stats()["hits"] == 0 and cache.stats()["entries"] == 2
