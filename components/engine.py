@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    """More requests wait than the queue holds: the caller answers 429."""
+    """More requests wait beyond the batch than the queue holds: the caller answers 429."""
 
     def __init__(self, waiting: int, limit: int):
         super().__init__(
@@ -139,10 +139,12 @@ class Engine:
     # ---- the outside: submit, and the loop's thread ----------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue a request; raises QueueFull past ``max_queue`` waiting."""
+        """Queue a request; raises QueueFull when ``max_queue`` already wait beyond the batch's free places
+        (those that will join at the next step are not counted as waiting)."""
         with self.cond:
-            if len(self.waiting) >= self.config.max_queue:
-                raise QueueFull(len(self.waiting) + 1, self.config.max_queue)
+            free = max(0, self.config.max_batch_size - len(self.active))
+            if len(self.waiting) - free >= self.config.max_queue:
+                raise QueueFull(len(self.waiting) - free + 1, self.config.max_queue)
             self.waiting.append(job)
             self.cond.notify()
 

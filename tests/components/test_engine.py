@@ -215,14 +215,16 @@ def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny, alone):
 
 
 def test_the_queue_is_bounded_and_a_cancelled_request_leaves(tiny):
-    """max_queue 2: a third waiting request raises QueueFull (the endpoint's 429); a cancelled request,
-    waiting or active, is dropped without an answer and frees its place."""
+    """max_batch_size 1, max_queue 2: one request has the batch's place, two wait, a fourth raises
+    QueueFull (the endpoint's 429); a cancelled request, waiting or active, is dropped without an answer
+    and frees its place."""
     model, processor = tiny
     row = processor.prompt_row(_prompts()["text"])
     engine = Engine(model, processor, EngineConfig(max_batch_size=1, max_queue=2))  # not started: all wait
     first, second = Job(row=row, max_tokens=5, emit=Collector()), Job(row=row, max_tokens=5, emit=Collector())
     engine.submit(first)
     engine.submit(second)
+    engine.submit(Job(row=row, max_tokens=5, emit=Collector()))
     with pytest.raises(QueueFull, match="expected at most 2 waiting requests"):
         engine.submit(Job(row=row, max_tokens=5, emit=Collector()))
     second.cancelled = True

@@ -16,6 +16,7 @@ from components.model import build_model, save_model
 from tests.conftest import TEST_API_KEY, free_port
 
 pytestmark = pytest.mark.slow
+ENDPOINT: dict[str, str] = {}
 
 
 def png_url(color=(220, 30, 30), size=(120, 80)) -> str:
@@ -117,9 +118,10 @@ def endpoint(ray_local, checkpoint, upstream):
                                       "fetch_concurrency": 3})  # fmt: skip
     serve.run(build_app(open_config), name="open", route_prefix="/")
     secured = ServeConfig(checkpoint=checkpoint, api_key_env="LLAVA_RAY_TEST_API_KEY", replica_cpus=0.25,
-                          min_replicas=1, max_replicas=1)  # fmt: skip
+                          min_replicas=1, max_replicas=1, max_batch_size=4, max_queue=2)  # fmt: skip
     serve.run(build_app(secured), name="secured", route_prefix="/secured")
-    yield f"http://127.0.0.1:{port}"
+    ENDPOINT["url"] = f"http://127.0.0.1:{port}"
+    yield ENDPOINT["url"]
     serve.shutdown()
 
 
@@ -397,38 +399,96 @@ def test_auth_on(endpoint):
     assert out.choices[0].message.role == "assistant"
 
 
-def test_batches_fill_under_concurrent_load_and_serial_requests_do_not_wait(endpoint):
-    """One replica, max_batch_size 8: serial requests run alone, each starting within 25 ms of reaching the
-    replica (measured; a fixed 50 ms batch wait fails this: checked with adaptive_batch_wait off); requests that arrive
-    while a batch runs all join the next one (7 here), beyond 5 (Serve's default max_ongoing_requests on
-    the ingress, which used to cap them). A long request (200 tokens) keeps the replica busy while 7 others
-    come in. This guards the replica's idle gate: Serve forms a batch as soon as a request arrives, even
-    while another batch runs, and without the gate (checked: generate calling generate_batched at once)
-    the 7 became batches of 1 to 3 queued behind the long one, and this test failed."""
+def _secured():
+    return openai.OpenAI(base_url=f"{ENDPOINT['url']}/secured/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120)
+
+
+def test_streams_and_requests_share_the_replicas_batch_at_every_step(endpoint):
+    """One replica (max_batch_size 4): two long streams start; while both stream, four short requests
+    come and all finish before either stream ends (they joined the running batch at its next decode
+    step, and left when done); the two streams' deltas interleave in time (neither waits for the other);
+    the replica's decode steps held 3 and 4 sequences at once. With the old replica (a stream ran its own
+    generate under the model lock) the second stream started only after the first ended."""
     from ray import serve
 
     handle = serve.get_deployment_handle("LlavaModel", app_name="secured")
-    secured = openai.OpenAI(
-        base_url=f"{endpoint}/secured/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120
-    )
-    content = [
-        {"type": "text", "text": "What color?"},
-        {"type": "image_url", "image_url": {"url": png_url()}},
-    ]
-    time.sleep(1.1)  # no overlap within the last second: the replica is in its serial mode
-    for _ in range(4):
-        ask(secured, content)
-    serial = handle.stats.remote().result()
-    waits = serial["queue_waits_s"][-4:]  # measured: reaching the replica -> the batch's start
-    assert [size for size, _ in waits] == [1, 1, 1, 1] and serial["largest_batch"] == 1, waits
-    assert max(wait for _, wait in waits) < 0.025, waits  # the idle wait (1 ms), not the 50 ms bound
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for _ in range(2):
-            long = pool.submit(ask, secured, content, max_tokens=200)
-            time.sleep(0.5)  # the long request is on the replica
-            list(pool.map(lambda _: ask(secured, content, max_tokens=8), range(7)))
-            long.result()
-    loaded = handle.stats.remote().result()
-    assert loaded["largest_batch"] >= 6, loaded
-    joined = [size for size, _ in loaded["queue_waits_s"][-16:]]  # 2 x (the long one, then 7)
-    assert max(joined) >= 6 and joined.count(max(joined)) >= 6, joined  # the 7 waited together, then ran
+    client = _secured()
+    before = len(handle.stats.remote().result()["batch_sizes"])
+    arrivals: dict[int, list[float]] = {0: [], 1: []}
+
+    def stream(k):
+        out = client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": f"Story {k}."}],
+                                             max_tokens=300, stream=True)  # fmt: skip
+        for chunk in out:
+            if chunk.choices[0].delta.content:
+                arrivals[k].append(time.monotonic())
+        return time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(stream, k) for k in (0, 1)]
+        deadline = time.monotonic() + 60
+        while not (arrivals[0] and arrivals[1]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        shorts = list(pool.map(lambda _: (ask(client, "Quick?", max_tokens=6), time.monotonic())[1], range(4)))
+        ends = [f.result() for f in streams]
+    assert max(shorts) < min(ends), "a short request waited for a stream to end"
+    first_end = min(ends)
+    assert min(arrivals[0]) < first_end and min(arrivals[1]) < first_end
+    assert len(arrivals[0]) > 20 and len(arrivals[1]) > 20
+    sizes = handle.stats.remote().result()["batch_sizes"][before:]
+    assert max(sizes) == 4 and sizes.count(3) + sizes.count(4) >= 5, sizes
+
+
+def test_past_the_queue_a_request_gets_429_and_the_server_stays_up(endpoint):
+    """One replica holds 4 sequences and 2 waiting (max_batch_size 4, max_queue 2): of 10 long requests at
+    once, those past that get 429 in OpenAI's error shape (the openai client's RateLimitError: type
+    requests, code rate_limit_exceeded), a stream past it too (a 429, not a broken event stream), and
+    afterwards the replica answers again."""
+    client = _secured()
+
+    def long(_):
+        try:
+            return ask(client, "Tell a long story.", max_tokens=500).choices[0].finish_reason
+        except openai.RateLimitError as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        futures = [pool.submit(long, k) for k in range(10)]
+        done, _ = concurrent.futures.wait(futures, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+        assert any(isinstance(f.result(), openai.RateLimitError) for f in done), [f.result() for f in done]
+        assert not all(f.done() for f in futures), "the long requests ended before the stream could be refused"
+        with pytest.raises(openai.RateLimitError):  # the queue is still full: the long ones are running
+            list(ask(client, "Stream?", max_tokens=4, stream=True))
+        results = [f.result() for f in futures]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert 1 <= len(refused) <= 10 - 6 + 1 and all(isinstance(r, str) for r in results if r not in refused)
+    error = refused[0]
+    assert error.status_code == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert "expected at most 2 waiting requests" in error.message
+    assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_every_content_form_of_a_question_is_its_training_prompt(client, checkpoint):
+    """A two-image question sent interleaved as its text reads, images first, and with our own <image>
+    placeholders: each prompt holds exactly the tokens of the training text (usage.prompt_tokens against
+    the checkpoint's processor on that text), and the three answers are one. With parts joined by
+    newlines (the old rule) the interleaved form's prompt was 4 tokens longer."""
+    from components.conversation import Turn
+    from components.processor import LlavaProcessor, Prompt
+
+    question = "Which color is the shape in the last image?"
+    training = f"Image 1: <image>\nImage 2: <image>\n{question}"
+    urls = [png_url((220, 30, 30)), png_url((30, 60, 220))]
+    images = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    forms = {
+        "interleaved": [{"type": "text", "text": "Image 1: "}, images[0], {"type": "text", "text": "\nImage 2: "},
+                        images[1], {"type": "text", "text": f"\n{question}"}],
+        "images first": [*images, {"type": "text", "text": question}],
+        "placeholders": [{"type": "text", "text": training}, *images],
+    }  # fmt: skip
+    processor = LlavaProcessor.from_pretrained(checkpoint)
+    pictures = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls]
+    expected = processor.count_tokens(Prompt([Turn("user", training)], pictures))
+    answers = {form: ask(client, parts, max_tokens=6) for form, parts in forms.items()}
+    assert {form: a.usage.prompt_tokens for form, a in answers.items()} == dict.fromkeys(forms, expected)
+    assert len({a.choices[0].message.content for a in answers.values()}) == 1
