@@ -372,8 +372,9 @@ def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 def _safe_prefix(text: str, stops: list[str]) -> int:
     """How much of ``text`` can be streamed: all but a tail that could begin a stop string, and never a
-    half-decoded character (U+FFFD at the end)."""
-    end = len(text.rstrip("\ufffd"))
+    half-decoded character: a last U+FFFD may be the start of a character whose other bytes are still to
+    come (an incomplete UTF-8 sequence decodes to one U+FFFD); any earlier one is final."""
+    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
     held = max(
         (
             k

@@ -37,6 +37,7 @@ from serve.protocol import (
     parse_body,
     parse_chat_request,
 )
+from serve.request_batching import RequestBatchedModel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ServeConfig:
     checkpoint: str
     """An HF export of ours (path or s3:// URI)."""
     model_name: str = "llava-ray"
+    scheduler: str = "iteration"
+    """"iteration": the engine, batching at every decode step; "request": the replica before it (batches
+    formed between batches, one stream at a time), kept only as benchmarks/serve.py's baseline."""
     max_batch_size: int = 8
     """Sequences a replica decodes together at most (requests join and leave at every decode step)."""
     max_batch_tokens: int = 8192
@@ -80,6 +84,8 @@ class ServeConfig:
             raise ValueError(
                 f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
             )
+        if self.scheduler not in ("iteration", "request"):
+            raise ValueError(f"scheduler: expected 'iteration' or 'request', found {self.scheduler!r}")
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, found {getattr(self, name)!r}")
@@ -377,7 +383,8 @@ class Ingress:
 
 def build_app(config: ServeConfig):
     """The Serve application: Ingress -> LlavaModel (autoscaling, batching, limits from the config)."""
-    model = LlavaModel.options(
+    deployment = LlavaModel if config.scheduler == "iteration" else RequestBatchedModel
+    model = deployment.options(
         autoscaling_config={
             "min_replicas": config.min_replicas,
             "max_replicas": config.max_replicas,
