@@ -59,7 +59,10 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
     ttfts, latencies, tokens, errors = [], [], [0], [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe the image."}]
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "Describe the image."},
+    ]
 
     def worker(k: int):
         stream = k % 2 == 1
@@ -112,7 +115,9 @@ def chat_ttfts(client, chats: int, cached: bool, text_only: bool = False) -> lis
         for turn in range(4):
             url = chat_image if cached else image_url((448, 336), dot=next(FRESH))
             parts = [{"type": "image_url", "image_url": {"url": url}}] if not text_only else []
-            history.append({"role": "user", "content": [*parts, {"type": "text", "text": f"Question {turn}?"}]})
+            history.append(
+                {"role": "user", "content": [*parts, {"type": "text", "text": f"Question {turn}?"}]}
+            )
             start = time.perf_counter()
             first, text = None, ""
             for chunk in client.chat.completions.create(model="llava-ray", messages=history[-1:], max_tokens=8,
@@ -150,14 +155,20 @@ def main() -> None:
                   max_ongoing_requests=64, limits={"max_tokens": 256})  # fmt: skip
     serve.run_many(  # both apps start together: replica start-up is most of --quick's time
         [
-            serve.RunTarget(build_app(ServeConfig(scheduler="iteration", **common)), name="iteration",
-                            route_prefix="/iteration"),
-            serve.RunTarget(build_app(ServeConfig(scheduler="request", **common)), name="request",
-                            route_prefix="/request"),
+            serve.RunTarget(
+                build_app(ServeConfig(scheduler="iteration", **common)),
+                name="iteration",
+                route_prefix="/iteration",
+            ),
+            serve.RunTarget(
+                build_app(ServeConfig(scheduler="request", **common)), name="request", route_prefix="/request"
+            ),
         ]  # fmt: skip
     )
     clients = {
-        mode: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{mode}/v1", api_key="-", max_retries=0, timeout=120)
+        mode: openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/{mode}/v1", api_key="-", max_retries=0, timeout=120
+        )
         for mode in ("iteration", "request")
     }
     seconds = 3 if args.quick else 30
@@ -179,7 +190,9 @@ def main() -> None:
     with_cache = chat_ttfts(clients["iteration"], chats, cached=True)
     floor = chat_ttfts(clients["iteration"], chats, cached=True, text_only=True)
     for name, values in (("no cache", without), ("cache", with_cache), ("text only", floor)):
-        print(f"{name:>10s} TTFT p50 {statistics.median(values) * 1e3:7.1f} ms  p99 {percentile(values, 0.99) * 1e3:7.1f} ms")
+        print(
+            f"{name:>10s} TTFT p50 {statistics.median(values) * 1e3:7.1f} ms  p99 {percentile(values, 0.99) * 1e3:7.1f} ms"
+        )
     ray.shutdown()  # no graceful drain of the replicas: the measurements are done
     throughput = results["iteration"]["tok_s"] / results["request"]["tok_s"]
     cache_ratio = statistics.median(without) / statistics.median(with_cache)
@@ -189,7 +202,11 @@ def main() -> None:
     print(f"throughput (iteration / request): {throughput:.2f}x (target >= 1x)")
     print(f"multi-turn TTFT p50 (no cache / cache): {cache_ratio:.2f}x (target 2x); above the text-only floor "
           f"(HTTP, Serve's two hops, the prompt's own prefill): {media:.2f}x")  # fmt: skip
-    print(final_line("serve", results["request"]["p99"] / results["iteration"]["p99"], "3x p99 TTFT, mixed load"))
+    print(
+        final_line(
+            "serve", results["request"]["p99"] / results["iteration"]["p99"], "3x p99 TTFT, mixed load"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -216,7 +216,9 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     reference = read_history(RunLayout(RUNS, "ov").stage("stage1").history)
     first, second = record["workers"][:2], record["workers"][2:]
     where = [nodes.get(w["node_id"], "worker (gone)") for w in first]
-    assert sorted(where) == ["head", "worker (gone)"], f"the first attempt did not spread: {record['workers']}"
+    assert sorted(where) == ["head", "worker (gone)"], (
+        f"the first attempt did not spread: {record['workers']}"
+    )
     assert [nodes.get(w["node_id"]) for w in second] == ["head", "head"], record["workers"]
     assert [m["step"] for m in history] == [1, 2, 3, 4]
     assert [m["attempt_start_step"] for m in history] == [0, 0, 2, 2], "resumed from the step-2 checkpoint"

@@ -113,7 +113,10 @@ def content_forms(question: str, modality: str) -> dict[str, list[dict]]:
     placeholders in one text part, the media parts after it; and images first, then the question (not for
     multi-view samples: their "View k:" labels are not in such a request, and Image k: is what we add)."""
     media = [{"type": piece[1:-1]} for piece in re.findall(r"<image>|<video>", question)]
-    forms = {"interleaved": interleaved_parts(question), "placeholders": [{"type": "text", "text": question}, *media]}
+    forms = {
+        "interleaved": interleaved_parts(question),
+        "placeholders": [{"type": "text", "text": question}, *media],
+    }
     if "View 1:" not in question:
         rest = re.split(r"<image>\n|<video>\n", question)[-1]
         forms["images first"] = [*media, {"type": "text", "text": rest}]

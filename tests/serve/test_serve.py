@@ -400,7 +400,9 @@ def test_auth_on(endpoint):
 
 
 def _secured():
-    return openai.OpenAI(base_url=f"{ENDPOINT['url']}/secured/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=f"{ENDPOINT['url']}/secured/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120
+    )
 
 
 def test_streams_and_requests_share_the_replicas_batch_at_every_step(endpoint):
@@ -429,7 +431,9 @@ def test_streams_and_requests_share_the_replicas_batch_at_every_step(endpoint):
         deadline = time.monotonic() + 60
         while not (arrivals[0] and arrivals[1]) and time.monotonic() < deadline:
             time.sleep(0.01)
-        shorts = list(pool.map(lambda _: (ask(client, "Quick?", max_tokens=6), time.monotonic())[1], range(4)))
+        shorts = list(
+            pool.map(lambda _: (ask(client, "Quick?", max_tokens=6), time.monotonic())[1], range(4))
+        )
         ends = [f.result() for f in streams]
     assert max(shorts) < min(ends), "a short request waited for a stream to end"
     first_end = min(ends)
@@ -456,7 +460,9 @@ def test_past_the_queue_a_request_gets_429_and_the_server_stays_up(endpoint):
         futures = [pool.submit(long, k) for k in range(10)]
         done, _ = concurrent.futures.wait(futures, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
         assert any(isinstance(f.result(), openai.RateLimitError) for f in done), [f.result() for f in done]
-        assert not all(f.done() for f in futures), "the long requests ended before the stream could be refused"
+        assert not all(f.done() for f in futures), (
+            "the long requests ended before the stream could be refused"
+        )
         with pytest.raises(openai.RateLimitError):  # the queue is still full: the long ones are running
             list(ask(client, "Stream?", max_tokens=4, stream=True))
         results = [f.result() for f in futures]
