@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -44,13 +45,17 @@ def checkpoint(tmp_path_factory):
 
 class _Upstream:
     """A media host on 127.0.0.1: /slow answers after 30 s, /trickle sends a byte a second, /missing is a
-    404, /broken a 500, /away redirects off the allow-list, /image.png is an image."""
+    404, /broken a 500, /away redirects off the allow-list, /files/... a test's directory, anything else an
+    image."""
 
     def __init__(self):
         import http.server
         import threading
 
         image = base64.b64decode(png_url().split(",", 1)[1])
+        self.files = None
+        """A directory whose files /files/<path> serves (set by a test)."""
+        up = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (the stdlib's name)
@@ -73,6 +78,16 @@ class _Upstream:
                     return self.send_error(404)
                 if self.path == "/broken":
                     return self.send_error(500)
+                if self.path.startswith("/files/") and up.files is not None:  # a directory lent by a test
+                    path = (up.files / self.path[len("/files/") :]).resolve()
+                    if not path.is_file() or up.files.resolve() not in path.parents:
+                        return self.send_error(404)
+                    body = path.read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path == "/away":
                     self.send_response(302)
                     self.send_header("Location", "http://example.invalid/x.png")
@@ -498,3 +513,81 @@ def test_every_content_form_of_a_question_is_its_training_prompt(client, checkpo
     answers = {form: ask(client, parts, max_tokens=6) for form, parts in forms.items()}
     assert {form: a.usage.prompt_tokens for form, a in answers.items()} == dict.fromkeys(forms, expected)
     assert len({a.choices[0].message.content for a in answers.values()}) == 1
+
+
+LMMS_TASK = """task: llava_ray_demo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_messages: !function utils.doc_to_messages
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lmms_evals_openai_backend_gets_our_own_evaluations_answers(
+    endpoint, upstream, checkpoint, demo_dir, tmp_path
+):
+    """lmms-eval 0.7.3 (the ``lmms`` extra), its ``openai`` chat backend pointed at the endpoint, on every
+    item of the demo's held-out split: each question sent as its text reads (text and media parts
+    interleaved; the video as a video_url from an allow-listed host, ``pass_video_url``), 8 tokens, greedy.
+    Every answer equals our own evaluation's (components/evaluation.py, the checkpoint in this process,
+    each item alone) on the same item, for text, single image, multi-image, multi-view and video. Checked
+    once with the endpoint joining parts by newlines (the old rule): the multi-image items' answers
+    differed and this test failed."""
+    import json
+    import shutil
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from components.evaluation import evaluate, read_records
+    from components.model import load_model
+
+    root, manifests = demo_dir
+    records = read_records(manifests["eval"])
+    rows = []
+    for record in records:
+        images = record.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        question = next(t["value"] for t in record["conversations"] if t["from"] == "human")
+        if record.get("video"):
+            question = question.replace("<image>", "<video>")
+        rows.append({"id": record["id"], "question": question, "answer": record["answer"],
+                     "images": [str(root / p) for p in images],
+                     "video_url": f"{upstream.url}/files/{record['video']}" if record.get("video") else ""})  # fmt: skip
+    task_dir = tmp_path / "task"
+    shutil.copytree(Path(__file__).parent / "lmms_task", task_dir)
+    (task_dir / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task_dir / "llava_ray_demo.yaml").write_text(LMMS_TASK.format(data=task_dir / "split.jsonl"))
+    upstream.files = root
+    try:
+        out = simple_evaluate(model="openai", model_args=f"model=llava-ray,base_url={endpoint}/v1,api_key=unused,"
+                              "pass_video_url=True,max_retries=1,timeout=120,num_concurrent=4",
+                              tasks=["llava_ray_demo"], task_manager=TaskManager(include_path=str(task_dir)),
+                              log_samples=True, batch_size=1)  # fmt: skip
+    finally:
+        upstream.files = None
+    theirs = {s["doc"]["id"]: s["filtered_resps"][0].strip() for s in out["samples"]["llava_ray_demo"]}
+
+    model, processor = load_model(checkpoint)
+    ours = evaluate(model, processor, records, str(root), max_new_tokens=8, batch_size=1)
+    mine = {p["id"]: p["prediction"] for p in ours["predictions"] if not p["probe"]}
+    modality = {p["id"]: p["modality"] for p in ours["predictions"]}
+    assert set(theirs) == set(mine) == {r["id"] for r in records}
+    differ = {i: (theirs[i], mine[i], modality[i]) for i in mine if theirs[i] != mine[i]}
+    assert not differ, differ
+    assert {"text", "image", "multi_image", "video"} <= set(modality.values())
