@@ -184,17 +184,21 @@ class Engine:
     def row(self, prompt: Prompt, digests: tuple[str, ...] = ()) -> dict:
         """The request's collate row (call it off the engine's thread: it tiles). With a feature cache and
         the media's digests: when every medium's features are cached, a row of ids alone that carries them
-        (no tiling, no encoding); otherwise the full row, whose features the prefill will keep."""
+        (no decoding, no tiling, no encoding); otherwise the full row (media decoded here, off the
+        engine's thread), whose features the prefill will keep."""
         if self.features is None or not digests:
-            return self.processor.prompt_row(prompt)
+            return self.processor.prompt_row(prompt.decoded(self.processor.video))
         kind = "video" if prompt.video_frames is not None else "image"
         keys = self.features.keys(digests, kind, self.settings, self.weights)
         cached = self.features.get(keys)
-        if cached is not None:
+        if cached is not None:  # the media stay encoded: their sizes give the token counts
             ids = self.processor.prompt_ids(prompt)
             return {"input_ids": ids, "labels": np.full(len(ids), IGNORE_INDEX, dtype=np.int32), "modality": "text",
                     "pixel_values": None, "image_sizes": None, "features": (kind, cached)}  # fmt: skip
-        return {**self.processor.prompt_row(prompt), "feature_keys": (kind, keys)}
+        return {
+            **self.processor.prompt_row(prompt.decoded(self.processor.video)),
+            "feature_keys": (kind, keys),
+        }
 
     # ---- one iteration ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ files, ``chat_template.jinja`` (string or content-part messages, ``add_generatio
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -124,12 +125,49 @@ def media_inputs(
 
 @dataclass
 class Prompt:
-    """One conversation to continue: turns ending with a user turn, and its media."""
+    """One conversation to continue: turns ending with a user turn, and its media (decoded, or still
+    encoded: see ``EncodedImage``, ``EncodedVideo`` and ``decoded``)."""
 
     turns: list[Turn]
-    images: list[Image.Image] = field(default_factory=list)
-    video_frames: np.ndarray | None = None
+    images: list = field(default_factory=list)
+    """PIL images, or EncodedImage."""
+    video_frames: object = None
+    """uint8 [F, H, W, 3] frames, an EncodedVideo, or None."""
     id: str = "request"
+
+    def decoded(self, sampling: VideoSampling) -> Prompt:
+        """This prompt with its media decoded (video frames sampled by ``sampling``)."""
+        images = [im.decode() if isinstance(im, EncodedImage) else im for im in self.images]
+        frames = self.video_frames
+        if isinstance(frames, EncodedVideo):
+            frames = sampling.read(frames.data).frames
+        return Prompt(self.turns, images, frames, self.id)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's file bytes and its size: what a serving replica gets, decoded only when its pixels are
+    needed (a feature-cache hit needs only the size, for the token count)."""
+
+    data: bytes
+    width: int
+    height: int
+
+    def decode(self) -> Image.Image:
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    """A video's file bytes and how many frames its sampling takes (``len``), decoded only when needed."""
+
+    data: bytes
+    frames: int
+
+    def __len__(self) -> int:
+        return self.frames
 
 
 class LlavaProcessor:

@@ -30,6 +30,7 @@ from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
 from serve.protocol import (
     ChatRequest,
+    KnownMedia,
     Limits,
     RequestError,
     check_prompt,
@@ -263,6 +264,9 @@ class Ingress:
             limits.fetch_concurrency, thread_name_prefix="media"
         )
         self.text_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="text")
+        self.known = (
+            KnownMedia()
+        )  # media seen valid before: not decoded again (see the replica's feature cache)
 
     def _check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -307,7 +311,7 @@ class Ingress:
         """Every check before a request reaches the model: fields, media (fetched, budgeted, decoded with the
         checkpoint's video sampling), and its prompt's tokens against the context."""
         limits = self.config.limits
-        parsed = parse_chat_request(body, [self.config.model_name], limits, self.processor.video)
+        parsed = parse_chat_request(body, [self.config.model_name], limits, self.processor.video, self.known)
         check_prompt(parsed, self.processor.count_tokens, self.context, limits)
         return parsed
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import io
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components import storage
 from components.conversation import MEDIA_PLACEHOLDERS, Turn, content_text
-from components.processor import Prompt, VideoSampling
+from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
 from components.video import VideoDecodeError, VideoTooLargeError
 
 
@@ -300,11 +302,36 @@ def _url_of(part: dict, key: str, param: str) -> str:
     return url
 
 
+class KnownMedia:
+    """Media this ingress has decoded and found valid, by content: an image's size or a video's sampled
+    frame count, for the most recent ``capacity`` of them. Seen again, a medium is not decoded here: it
+    goes to the replica as its bytes, and a replica that has its features cached never decodes it."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+            return self.entries.get(key)
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.entries[key] = value
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+
+
 @dataclass
 class _Media:
     """What a request's parts have loaded so far: its images, its one video's frames, and the SHA-256 of
     each medium's bytes in order (the replica's feature cache keys on them)."""
 
+    known: KnownMedia | None = None
     images: list = field(default_factory=list)
     video: object = None
     digests: list[str] = field(default_factory=list)
@@ -339,13 +366,29 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
                 "too_many_images",
             )
         data = _fetch(_url_of(part, "image_url", pparam), limits, limits.max_image_bytes, pparam)
-        media.images.append(_image(data, limits, pparam))
+        digest = hashlib.sha256(data).hexdigest()
+        size = media.known.get(("image", digest)) if media.known is not None else None
+        if size is None:  # first sight: decoded (that validates it), and sent decoded
+            image = _image(data, limits, pparam)
+            if media.known is not None:
+                media.known.put(("image", digest), image.size)
+        else:  # valid before: sent as its bytes, decoded by the replica only if its features are not cached
+            image = EncodedImage(data, *size)
+        media.images.append(image)
     else:
         if media.video is not None:
             raise RequestError(f"{pparam}: expected at most one video, found a second", pparam)
         data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
-        media.video = _video(data, limits, sampling, pparam)
-    media.digests.append(hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256(data).hexdigest()
+        key = ("video", digest, sampling)
+        frames = media.known.get(key) if media.known is not None else None
+        if frames is None:
+            media.video = _video(data, limits, sampling, pparam)
+            if media.known is not None:
+                media.known.put(key, len(media.video))
+        else:
+            media.video = EncodedVideo(data, frames)
+    media.digests.append(digest)
     return ("image" if kind == "image_url" else "video"), ""
 
 
@@ -396,10 +439,15 @@ def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
 
 
 def parse_chat_request(
-    body, served_models: list[str], limits: Limits, video: VideoSampling | None = None
+    body,
+    served_models: list[str],
+    limits: Limits,
+    video: VideoSampling | None = None,
+    known: KnownMedia | None = None,
 ) -> ChatRequest:
     """Validate an OpenAI chat-completions body and load its media; raises RequestError. Video frames are
-    sampled as the checkpoint was trained (``video``: its processor's VideoSampling)."""
+    sampled as the checkpoint was trained (``video``: its processor's VideoSampling); media in ``known``
+    are not decoded again."""
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, found {type(body).__name__}")
     model = body.get("model")
@@ -414,7 +462,7 @@ def parse_chat_request(
         )
     if body.get("n", 1) != 1:
         raise RequestError(f"n: expected 1, found {body.get('n')!r}", "n")
-    media = _Media()
+    media = _Media(known)
     turns = [
         _parse_message(m, f"messages[{i}]", limits, video or VideoSampling(), media)
         for i, m in enumerate(messages)

@@ -80,7 +80,7 @@ class RequestBatchedModel:
 
     def _row(self, request: ChatRequest) -> dict:
         try:
-            return self.processor.prompt_row(request.prompt)
+            return self.processor.prompt_row(request.prompt.decoded(self.processor.video))
         except SampleTooLongError as e:
             raise RequestError(
                 f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
@@ -103,7 +103,9 @@ class RequestBatchedModel:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             if i in rows:
-                frames = len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
+                frames = (
+                    len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
+                )  # EncodedVideo
                 key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
                 groups.setdefault(key, []).append(i)
         for (temperature, top_p, seed, _, stop), members in groups.items():

@@ -15,7 +15,7 @@ from components.engine import Engine, EngineConfig, Job, QueueFull, wait_for
 from components.feature_cache import FeatureCache
 from components.generation import generate
 from components.model import ModelSpec, build_model
-from components.processor import Prompt
+from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
 
 
 def _prompts() -> dict[str, Prompt]:
@@ -247,8 +247,9 @@ def test_the_queue_is_bounded_and_a_cancelled_request_leaves(tiny):
 
 def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alone, monkeypatch):
     """Each media request twice through an engine with a feature cache: the first time a miss (tiled and
-    encoded, its features kept), the second a hit whose row carries the features (tiling and the tower not
-    called: both made to raise), and both answers equal generate() alone."""
+    encoded, its features kept), the second a hit whose row carries the features, its media still as bytes
+    (decoding, tiling and the tower not called: all made to raise), and both answers equal generate()
+    alone."""
     model, processor = tiny
     prompts = _prompts()
     cache = FeatureCache(64 << 20)
@@ -265,14 +266,33 @@ def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alo
             m.setattr(
                 type(model.model.vision_tower), "forward", lambda *a, **k: pytest.fail("encoded on a hit")
             )
+            m.setattr(EncodedImage, "decode", lambda *a: pytest.fail("decoded on a hit"))
+            m.setattr(VideoSampling, "read", lambda *a, **k: pytest.fail("decoded on a hit"))
             for name in ("image", "multi_image", "video"):
-                row = engine.row(prompts[name], DIGESTS[name])
+                row = engine.row(_encoded(prompts[name]), DIGESTS[name])
                 assert "features" in row, name
                 again = wait_for(engine, dict(row=row, max_tokens=MAX_TOKENS[name], media_keys=DIGESTS[name]))
                 assert again["text"] == alone[name]["text"], name
         assert cache.stats()["hits"] == 3
     finally:
         engine.stop()
+
+
+def _encoded(prompt: Prompt) -> Prompt:
+    """The prompt as the ingress sends media it has seen before: file bytes and sizes, not pixels."""
+    import io
+
+    images = []
+    for image in prompt.images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        images.append(EncodedImage(buf.getvalue(), image.width, image.height))
+    video = (
+        None
+        if prompt.video_frames is None
+        else EncodedVideo(b"not decoded on a hit", len(prompt.video_frames))
+    )
+    return Prompt(prompt.turns, images, video, prompt.id)
 
 
 def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
