@@ -9,7 +9,7 @@ client) on 127.0.0.1, one replica each (1 CPU, one torch thread), the tiny OneVi
    turns 2-4 on the engine, with the feature cache (turn 1 encodes, 2-4 hit) against without it (each
    turn's image differs from the last by one pixel: the same shapes and work, never a hit).
 
-    python benchmarks/serve.py [--quick]    (--quick: 4 s of mixed load per mode, 3 chats)
+    python benchmarks/serve.py [--quick]    (--quick: 2.5 s of mixed load per mode, 2 chats)
 
 The last line is the p99 TTFT ratio under the mixed load (request / iteration).
 """
@@ -171,7 +171,7 @@ def main() -> None:
         )
         for mode in ("iteration", "request")
     }
-    seconds = 3 if args.quick else 30
+    seconds = 2.5 if args.quick else 30
     print(f"machine: {machine()}; tiny OneVision model, one replica per mode (1 CPU), real HTTP")
     print(f"mixed load: 16 clients (half streaming), max_tokens 8-256, {seconds} s per mode")
     print(f"{'mode':>10s} {'TTFT p50 ms':>11s} {'TTFT p99 ms':>11s} {'tokens/s':>9s} {'latency p50':>11s} "
