@@ -478,6 +478,17 @@ def parse_chat_request(
             raise RequestError(
                 f"messages: expected user and assistant turns to alternate, found two {a} turns", "messages"
             )
+    return ChatRequest(
+        model=model,
+        prompt=Prompt(turns=turns, images=images, video_frames=video),
+        media_digests=tuple(media.digests),
+        num_media=len(images) + (video is not None),
+        **_generation_fields(body, limits),
+    )
+
+
+def _generation_fields(body: dict, limits: Limits) -> dict:
+    """max_tokens, temperature, top_p, stop, seed and stream, each checked."""
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if (
@@ -488,6 +499,8 @@ def parse_chat_request(
         raise RequestError(
             f"stop: expected a string or up to {limits.max_stop} strings, found {body.get('stop')!r}", "stop"
         )
+    for k, s in enumerate(stop):
+        _valid_text(s, f"stop[{k}]")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, found {stream!r}", "stream")
@@ -496,19 +509,12 @@ def parse_chat_request(
         isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
     ):
         raise RequestError(f"seed: expected a 64-bit integer, found {str(seed)[:40]}", "seed")
-    for k, s in enumerate(stop):
-        _valid_text(s, f"stop[{k}]")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
-    request = ChatRequest(
-        model=model,
-        prompt=Prompt(turns=turns, images=images, video_frames=video),
-        media_digests=tuple(media.digests),
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_tokens, int),
-        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
-        stop=stop,
-        seed=seed,
-        stream=stream,
-        num_media=len(images) + (video is not None),
-    )
-    return request
+    return {
+        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_tokens, int),
+        "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 1e-6, 1.0),
+        "stop": stop,
+        "seed": seed,
+        "stream": stream,
+    }
