@@ -118,7 +118,7 @@ def stage_plan(
     worker, ZeRO-2, bf16 on the GPU: the plan our Ray Train workers would get."""
     from pipelines.layout import RunLayout
     from pipelines.preprocess import PreprocessConfig, preprocess
-    from pipelines.recipes import load_recipe, stage_config
+    from pipelines.recipes import load_recipe, step_config
     from pipelines.train_stage import data_stats, plan_stage
 
     recipe = load_recipe("llava_onevision", "full")
@@ -134,7 +134,7 @@ def stage_plan(
                                 max_length=16384, checkpoint_every=10**9)  # fmt: skip
     layout = RunLayout(root, "bench").stage(stage.name)
     if not os.path.exists(layout.preprocess_summary):
-        config = PreprocessConfig(manifest=stage.data, data_root=root, stage=stage_config(recipe, stage))
+        config = PreprocessConfig(manifest=stage.data, data_root=root, steps=step_config(recipe, stage))
         preprocess(config, layout, local=True)
     positions, modalities = data_stats(layout)
     return plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=None,

@@ -32,18 +32,18 @@ def main() -> None:
     from benchmarks._common import final_line, machine, scratch
     from components.batching import group_rows, padding_share
     from pipelines.preprocess import PreprocessConfig, resolve_entries, work_table
-    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
-    from pipelines.stages import STAGES, Emit
+    from pipelines.recipes import ensure_demo_data, load_recipe, step_config
+    from pipelines.steps import STEPS, Emit
 
     demo = ensure_demo_data(os.path.join(scratch("llava-ray-pad-"), "demo"))
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     stage = recipe.stage("stage2_ov")
     config = PreprocessConfig(
-        manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+        manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
     )
     table = work_table(resolve_entries(config))
-    for cls in STAGES:
-        table = cls(config.stage)(table)
+    for cls in STEPS:
+        table = cls(config.steps)(table)
     rows = [
         {k: r[k] for k in ("modality", "input_ids", "pixel_shape")}
         for r in Emit(scratch("llava-ray-pad-rejects-"))(table).to_pylist()

@@ -47,7 +47,7 @@ def main() -> None:
     import ray
 
     from pipelines.preprocess import PreprocessConfig, resolve_entries
-    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
+    from pipelines.recipes import ensure_demo_data, load_recipe, step_config
 
     work = scratch("llava-ray-bench-")
     demo = os.path.join(work, "demo")
@@ -65,7 +65,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     base = PreprocessConfig(
-        manifest=mix, data_root=recipe.data_root, stage=stage_config(recipe, stage), batch_size=8
+        manifest=mix, data_root=recipe.data_root, steps=step_config(recipe, stage), batch_size=8
     )
     entries = resolve_entries(base)
     repeats = 1 if args.quick else 3

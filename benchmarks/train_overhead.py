@@ -97,7 +97,7 @@ def main() -> None:
     from components.demo_data import DemoConfig, make_demo_data
     from pipelines.layout import RunLayout
     from pipelines.preprocess import PreprocessConfig, preprocess
-    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
+    from pipelines.recipes import ensure_demo_data, load_recipe, step_config
 
     work = scratch("llava-ray-train-bench-")
     if args.quick:  # only what the 80 rows need: the full demo world takes ~20 s to draw and encode
@@ -130,7 +130,7 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     layout = RunLayout(work, "bench").stage(stage.name)
     preprocess(
-        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
+        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)),
         layout,
         local=args.quick,
     )

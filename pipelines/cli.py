@@ -30,8 +30,8 @@ def _init_ray(args: argparse.Namespace) -> None:
 
 def _preprocess(args: argparse.Namespace) -> int:
     from pipelines.preprocess import PreprocessConfig, preprocess
-    from pipelines.recipes import ensure_demo_data, load_recipe, stage_config
-    from pipelines.stages import StageConfig
+    from pipelines.recipes import ensure_demo_data, load_recipe, step_config
+    from pipelines.steps import StepConfig
 
     if args.recipe:
         if not args.stage:
@@ -41,13 +41,13 @@ def _preprocess(args: argparse.Namespace) -> int:
             ensure_demo_data(args.demo_dir, recipe.model.anyres.tile_size)
         stage = recipe.stage(args.stage)
         config = PreprocessConfig(
-            manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+            manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
         )
     elif args.manifest:
         from components.model import ModelSpec
 
         config = PreprocessConfig(
-            manifest=args.manifest, stage=StageConfig(model=ModelSpec(template=args.template))
+            manifest=args.manifest, steps=StepConfig(model=ModelSpec(template=args.template))
         )
     else:
         raise SystemExit("preprocess: give --recipe and --stage, or --manifest")

@@ -20,7 +20,7 @@ from components import storage
 from components.tracking import TrackingConfig, make_tracker
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
-from pipelines.recipes import Recipe, RecipeError, ensure_demo_data, load_recipe, stage_config
+from pipelines.recipes import Recipe, RecipeError, ensure_demo_data, load_recipe, step_config
 from pipelines.train_stage import StepHook, train_stage
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def _run_stages(recipe, stages, cfg, layout, state, tracking, parent) -> tuple[l
         else:
             state.event(pre_name, "started")
             config = PreprocessConfig(
-                manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+                manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
             )
             summary = preprocess(config, stage_layout, local=cfg.local)
             state.set(pre_name, status="completed", output_uri=stage_layout.root, accepted=summary["accepted"],

@@ -3,7 +3,7 @@
     llava-ray preprocess --recipe llava_onevision --profile tiny --stage stage2_ov --out runs/pre
 
 Reads top to bottom: resolve the mixture on the driver (ids, hashes, read errors), stream it through
-the stages on CPU actors, then either hand the Dataset to Ray Train (``build_dataset``) or write
+the steps on CPU actors, then either hand the Dataset to Ray Train (``build_dataset``) or write
 Parquet shards (``preprocess``). Every bad row lands in ``<out>/rejects/`` with its reason; the
 summary counts read, accepted and rejected-by-reason, and must add up.
 """
@@ -21,12 +21,12 @@ import pyarrow as pa
 from components import storage
 from components.manifest import Entry, load_mixture, mixture_manifest, resolve_mixture
 from pipelines.layout import StageLayout
-from pipelines.stages import (
-    STAGES,
+from pipelines.steps import (
+    STEPS,
     WORK_SCHEMA,
     Chain,
     Emit,
-    StageConfig,
+    StepConfig,
     _reject,
     mixture_order,
     read_rejects,
@@ -47,23 +47,23 @@ class PreprocessConfig:
     """A LLaVA JSON/JSONL, a Parquet with image bytes, or a YAML mixture (a path or s3:// URI);
     or a mixture given as data ({datasets: [...]}) with paths relative to ``data_root``."""
     data_root: str = "."
-    stage: StageConfig = field(default_factory=StageConfig)
+    steps: StepConfig = field(default_factory=StepConfig)
     media_root: str | None = None
     """Relative media paths resolve here; by default beside the manifest."""
     num_cpus: float = 1.0
-    """CPUs per actor (one actor runs every stage when ``fuse``)."""
+    """CPUs per actor (one actor runs every step when ``fuse``)."""
     min_workers: int = 1
     max_workers: int = 2
     batch_size: int = 8
     fuse: bool = True
-    """Run all stages in one actor (rows cross the object store once) or one actor pool per stage."""
+    """Run all steps in one actor (rows cross the object store once) or one actor pool per step."""
     rows_per_block: int | None = None
     """Rows per input block, the unit of work a worker takes at a time (None: three batches). See
     ``input_blocks``: blocks are interleaved and come in a multiple of ``max_workers``."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stage, dict):
-            self.stage = StageConfig(**self.stage)
+        if isinstance(self.steps, dict):
+            self.steps = StepConfig(**self.steps)
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(
                 f"workers: expected 1 <= min_workers <= max_workers, found {self.min_workers}, {self.max_workers}"
@@ -72,8 +72,8 @@ class PreprocessConfig:
 
 def resolve_entries(config: PreprocessConfig) -> list[Entry]:
     if isinstance(config.manifest, dict):
-        return resolve_mixture(config.manifest, config.data_root, seed=config.stage.seed)
-    return load_mixture(config.manifest, seed=config.stage.seed, media_root=config.media_root)
+        return resolve_mixture(config.manifest, config.data_root, seed=config.steps.seed)
+    return load_mixture(config.manifest, seed=config.steps.seed, media_root=config.media_root)
 
 
 def work_table(entries: list[Entry]) -> pa.Table:
@@ -120,13 +120,13 @@ def build_dataset(config: PreprocessConfig, rejects_uri: str, entries: list[Entr
     pool = ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
     common = {"batch_format": "pyarrow", "batch_size": config.batch_size, "compute": pool}
     if config.fuse:
-        stages = [cls(config.stage) for cls in STAGES]
+        steps = [cls(config.steps) for cls in STEPS]
         return ds.map_batches(
-            Chain, fn_constructor_args=(stages, Emit(rejects_uri)), num_cpus=config.num_cpus, **common
+            Chain, fn_constructor_args=(steps, Emit(rejects_uri)), num_cpus=config.num_cpus, **common
         )
-    share = config.num_cpus / (len(STAGES) + 1)
-    for cls in STAGES:
-        ds = ds.map_batches(cls, fn_constructor_args=(config.stage,), num_cpus=share, **common)
+    share = config.num_cpus / (len(STEPS) + 1)
+    for cls in STEPS:
+        ds = ds.map_batches(cls, fn_constructor_args=(config.steps,), num_cpus=share, **common)
     return ds.map_batches(Emit, fn_constructor_args=(rejects_uri,), num_cpus=share, **common)
 
 
@@ -135,7 +135,7 @@ def _preprocess_here(config: PreprocessConfig, entries: list[Entry], out: StageL
 
     import pyarrow.parquet as pq
 
-    chain = Chain([cls(config.stage) for cls in STAGES], Emit(out.rejects))
+    chain = Chain([cls(config.steps) for cls in STEPS], Emit(out.rejects))
     table = work_table(entries)
     parts = [chain(table.slice(i, config.batch_size)) for i in range(0, len(table), config.batch_size)]
     buffer = io.BytesIO()
@@ -187,7 +187,7 @@ def modality_counts(uri: str) -> dict[str, int]:
 
 def preprocess(config: PreprocessConfig, out: StageLayout | str, *, local: bool = False) -> dict:
     """Parquet shards, rejects, the pinned mixture and a summary, where the stage's layout says (a URI: its
-    root): ``data/``, ``rejects/``, ``mixture.json``, ``summary.json``. ``local``: the same stages run in this
+    root): ``data/``, ``rejects/``, ``mixture.json``, ``summary.json``. ``local``: the same steps run in this
     process, no Ray (small data, tests, a machine without Ray), one shard written."""
     start = time.monotonic()
     out = out if isinstance(out, StageLayout) else StageLayout(storage.absolute(out))

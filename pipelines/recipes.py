@@ -178,11 +178,11 @@ class Recipe:
         )
 
 
-def stage_config(recipe: Recipe, stage: StageSpec):
+def step_config(recipe: Recipe, stage: StageSpec):
     """What preprocessing needs for one stage of a recipe: the stage's processor, its token budget and mix."""
-    from pipelines.stages import StageConfig
+    from pipelines.steps import StepConfig
 
-    return StageConfig(
+    return StepConfig(
         processor=stage.processor_config(recipe.model),
         model=recipe.model,
         max_length=stage.max_length,

@@ -119,7 +119,7 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
         assert storage.is_complete(record["hf_uri"]) and record["hf_uri"].startswith(RUNS)
         stored = json.loads(storage.read_text(RunLayout(RUNS, "ov").stage(record["stage"]).result))
         assert stored["eval"] == record["eval"] and record["eval"]["overall"]["n"] > 0  # evaluations in S3
-    from pipelines.stages import read_rejects
+    from pipelines.steps import read_rejects
 
     rejects = read_rejects(RunLayout(RUNS, "ov").stage("stage1").rejects)
     assert {r["sample_id"] for r in rejects} == {"bad-missing", "bad-corrupt"}, rejects

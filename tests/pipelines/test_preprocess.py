@@ -17,7 +17,7 @@ from components.media import MediaPolicy
 from components.model import build_tokenizer
 from components.processor import LlavaProcessor
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
-from pipelines.stages import StageConfig, read_rejects
+from pipelines.steps import StepConfig, read_rejects
 from tests.conftest import upload_tree
 
 POLICY = MediaPolicy(max_video_pixels=2_000_000)  # the demo's clips pass; 3 frames of 1280x720 do not
@@ -43,7 +43,7 @@ def _expected(root, record, processor):
     return media, processor.tokenize(sample, media.token_counts)
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "stage-per-pool"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "step-per-pool"])
 def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path, fuse):
     root, _ = demo_dir
     config = PreprocessConfig(manifest=str(_mixture(root)), fuse=fuse)
@@ -52,7 +52,7 @@ def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path,
     assert summary["read"] == len(entries) == summary["accepted"] and summary["rejected"] == 0
     rows = read_output(str(tmp_path / "out"))
     assert {r["modality"] for r in rows} == {"image", "multi_image", "video", "text"}
-    processor = LlavaProcessor(config.stage.processor, build_tokenizer(config.stage.model))
+    processor = LlavaProcessor(config.steps.processor, build_tokenizer(config.steps.model))
     by_key = {(e.dataset, e.index): e for e in entries}
     checked = set()
     for row in rows:
@@ -162,7 +162,7 @@ def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(d
     manifest, good_ids, expected, outside = _corrupt_corpus(root, tmp_path / "corpus")
     past = 1_600_000_000
     os.utime(outside, (past, past))
-    config = PreprocessConfig(manifest=str(manifest), stage=StageConfig(max_length=2048, media=POLICY))
+    config = PreprocessConfig(manifest=str(manifest), steps=StepConfig(max_length=2048, media=POLICY))
     summary = preprocess(config, str(tmp_path / "out"))
     rejects = read_rejects(str(tmp_path / "out" / "rejects"))
     assert {r["sample_id"]: r["error_type"] for r in rejects} == expected
@@ -203,18 +203,18 @@ def test_interleave_format_mix_is_deterministic_per_sample(demo_dir, ray_local, 
     off (Tokenize.layout_for always "interleaved"): this test failed."""
     import dataclasses
 
-    from pipelines.recipes import load_recipe, stage_config
+    from pipelines.recipes import load_recipe, step_config
 
     root, manifests = demo_dir
     recipe = load_recipe("llava_next_interleave", "tiny", demo_dir=str(root))
     stage = recipe.stage("interleave_m4")
     assert stage.front_fraction == 0.5
-    config = stage_config(recipe, stage)
+    config = step_config(recipe, stage)
     data = {"datasets": [{"json_path": manifests["multi_image"]}, {"json_path": manifests["single_image"]}]}
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         cfg = PreprocessConfig(
-            manifest=data, data_root=recipe.data_root, stage=dataclasses.replace(config, seed=seed)
+            manifest=data, data_root=recipe.data_root, steps=dataclasses.replace(config, seed=seed)
         )
         preprocess(cfg, str(tmp_path / name))
         runs.append({r["sample_id"]: r for r in read_output(str(tmp_path / name))})
@@ -239,7 +239,7 @@ def test_s3_in_and_out_against_moto_over_http(demo_dir, ray_local, s3_bucket, tm
     upload_tree(tmp_path / "corpus", f"{s3_bucket}/corpus")
     assert storage.exists(f"{s3_bucket}/corpus/corpus.jsonl")
     config = PreprocessConfig(
-        manifest=f"{s3_bucket}/corpus/corpus.jsonl", stage=StageConfig(max_length=2048, media=POLICY)
+        manifest=f"{s3_bucket}/corpus/corpus.jsonl", steps=StepConfig(max_length=2048, media=POLICY)
     )
     summary = preprocess(config, f"{s3_bucket}/pre")
     rejects = read_rejects(f"{s3_bucket}/pre/rejects")
@@ -247,7 +247,7 @@ def test_s3_in_and_out_against_moto_over_http(demo_dir, ray_local, s3_bucket, tm
         good_ids
     )
     assert {r["sample_id"] for r in read_output(f"{s3_bucket}/pre")} == good_ids
-    local = PreprocessConfig(manifest=str(manifest), stage=StageConfig(max_length=2048, media=POLICY))
+    local = PreprocessConfig(manifest=str(manifest), steps=StepConfig(max_length=2048, media=POLICY))
     preprocess(local, str(tmp_path / "local"))
     assert read_rejects(str(tmp_path / "local" / "rejects")) == rejects
     assert json.loads(storage.read_text(f"{s3_bucket}/pre/summary.json"))["accepted"] == len(good_ids)
@@ -277,7 +277,7 @@ def test_jpeg_draft_decodes_reduced_keeps_tokens_and_rejects_truncated(ray_local
     )
     anyres = AnyResConfig(tile_size=56, jpeg_draft=True)
     config = PreprocessConfig(
-        manifest=str(tmp_path / "m.jsonl"), stage=StageConfig(model=ModelSpec(anyres=anyres), max_length=2048)
+        manifest=str(tmp_path / "m.jsonl"), steps=StepConfig(model=ModelSpec(anyres=anyres), max_length=2048)
     )
     summary = preprocess(config, str(tmp_path / "out"))
     assert summary["accepted"] == 1 and summary["rejected_by_reason"] == {"corrupt_image": 1}

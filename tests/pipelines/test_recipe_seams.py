@@ -10,7 +10,7 @@ import torch
 from components import storage
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
-from pipelines.recipes import LoraSpec, load_recipe, stage_config
+from pipelines.recipes import LoraSpec, load_recipe, step_config
 from pipelines.train_stage import (
     LocalContext,
     StageRecipe,
@@ -66,7 +66,7 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
     for name in ("whole", "resumed"):
         layout = RunLayout(tmp_path, name).stage(stage.name)
         config = PreprocessConfig(
-            manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+            manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
         )
         preprocess(config, layout, local=True)  # no Ray here (the GPU machine has none)
         positions, _ = data_stats(layout)
@@ -125,7 +125,7 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
     stage = dataclasses.replace(recipe.stage("stage2_si"), data={"datasets": [{"json_path": manifests["single_image"]}]},
                                 zero_stage=3, micro_batch=2, global_batch=2)  # fmt: skip
     layout = RunLayout(tmp_path, "z3").stage(stage.name)
-    preprocess(PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
+    preprocess(PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)),
                layout, local=True)  # fmt: skip
     positions, _ = data_stats(layout)
     plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")

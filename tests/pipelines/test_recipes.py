@@ -5,7 +5,7 @@ import os
 import pytest
 
 from components.manifest import resolve_mixture
-from pipelines.recipes import list_recipes, load_recipe, stage_config
+from pipelines.recipes import list_recipes, load_recipe, step_config
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -15,7 +15,7 @@ def test_every_recipe_and_profile_loads(name, profile, demo_dir):
     recipe = load_recipe(name, profile, demo_dir=str(root))
     assert recipe.stages and recipe.model.arch in ("llava_onevision", "llava_next", "llava")
     for stage in recipe.stages:
-        config = stage_config(recipe, stage)
+        config = step_config(recipe, stage)
         assert config.processor.template == stage.template
         if profile == "tiny":
             assert stage.max_steps is not None or stage.epochs <= 4  # tiny stays small: minutes on 2 CPUs

@@ -16,7 +16,7 @@ from components.deepspeed_ops import build_directory, ensure_ops, holders, stale
 from components.model import build_model
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
-from pipelines.recipes import load_recipe, stage_config
+from pipelines.recipes import load_recipe, step_config
 from pipelines.train_stage import HangOnce, StageStalled, train_stage
 
 BIN = os.path.dirname(sys.executable)
@@ -96,7 +96,7 @@ def _tiny_stage(demo_dir, tmp_path, workers: int, **over):
     )
     layout = RunLayout(tmp_path, "r").stage(stage.name)
     config = PreprocessConfig(
-        manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)
+        manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
     )
     preprocess(config, layout, local=True)
     return recipe, stage, layout

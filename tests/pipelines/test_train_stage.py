@@ -17,7 +17,7 @@ from components.processor import LlavaProcessor
 from components.tracking import TrackingConfig
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
-from pipelines.recipes import load_recipe, stage_config
+from pipelines.recipes import load_recipe, step_config
 from pipelines.train_stage import (
     FailOnce,
     InMemorySteps,
@@ -45,7 +45,7 @@ def _changed(before, after, prefix):
 
 def _prepare(recipe, stage, layout):
     preprocess(
-        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, stage=stage_config(recipe, stage)),
+        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)),
         layout,
     )
     return layout

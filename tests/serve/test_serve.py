@@ -179,11 +179,11 @@ def test_video_is_sampled_as_the_checkpoint_was_trained(client, checkpoint, h264
 
     from components.conversation import Turn
     from components.processor import LlavaProcessor, Prompt, VideoSampling
-    from pipelines.stages import DecodeVideo, StageConfig
+    from pipelines.steps import DecodeVideo, StepConfig
 
     processor = LlavaProcessor.from_pretrained(checkpoint)
     assert processor.video == VideoSampling(fps=2.0, max_frames=5)
-    trained = DecodeVideo(StageConfig(processor=processor.config)).process_row(
+    trained = DecodeVideo(StepConfig(processor=processor.config)).process_row(
         {"sample_id": "clip", "record": json.dumps({"video": "clip.mp4"}), "video_data": h264.read_bytes()}
     )
     clip = processor.sample_video(h264)

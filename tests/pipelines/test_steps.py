@@ -14,13 +14,13 @@ from components.model import build_tokenizer
 from components.processor import LlavaProcessor
 from components.video import read_frames
 from pipelines.preprocess import work_table
-from pipelines.stages import (
+from pipelines.steps import (
     OUTPUT_SCHEMA,
     WORK_SCHEMA,
     DecodeVideo,
     Emit,
     LoadMedia,
-    StageConfig,
+    StepConfig,
     TileMedia,
     Tokenize,
     read_rejects,
@@ -46,7 +46,7 @@ def run_direct(table, config):
 def test_each_stage_directly(work, demo_dir):
     root, _ = demo_dir
     entries, table = work
-    config = StageConfig()
+    config = StepConfig()
     loaded = LoadMedia(config)(table).to_pylist()
     assert [r["modality"] for r in loaded] == ["image"] * 2 + ["multi_image"] * 2 + ["video"] * 2 + [
         "text"
@@ -66,7 +66,7 @@ def test_each_stage_directly(work, demo_dir):
 def test_rows_equal_components_called_directly(work, demo_dir):
     root, _ = demo_dir
     entries, table = work
-    config = StageConfig()
+    config = StepConfig()
     processor = LlavaProcessor(config.processor, build_tokenizer(config.model))
     rows = [r for r in Emit("/nonexistent")(run_direct(table, config)).to_pylist()]
     assert len(rows) == len(entries)
@@ -84,9 +84,9 @@ def test_rows_equal_components_called_directly(work, demo_dir):
             assert np.array_equal(normalize_tiles(pixels, processor.anyres), media.pixel_values)
 
 
-def test_stages_inside_map_batches_equal_direct(work, ray_local, tmp_path):
+def test_steps_inside_map_batches_equal_direct(work, ray_local, tmp_path):
     _, table = work
-    config = StageConfig()
+    config = StepConfig()
     direct = Emit(str(tmp_path / "r1"))(run_direct(table, config))
     ds = ray_local.data.from_arrow([table.slice(0, 4), table.slice(4, 4)])
     for cls in (LoadMedia, DecodeVideo, TileMedia, Tokenize):
@@ -108,7 +108,7 @@ def test_a_failing_row_is_recorded_not_raised(tmp_path):
                                                             {"from": "gpt", "value": "yo"}]})},
     ]  # fmt: skip
     table = pa.Table.from_pylist(entries, schema=WORK_SCHEMA)
-    out = Emit(str(tmp_path / "rej"))(run_direct(table, StageConfig()))
+    out = Emit(str(tmp_path / "rej"))(run_direct(table, StepConfig()))
     assert out.column("sample_id").to_pylist() == ["ok"]
     rejects = read_rejects(str(tmp_path / "rej"))
     assert [(r["sample_id"], r["step"], r["error_type"]) for r in rejects] == [

@@ -1,11 +1,11 @@
-"""The preprocessing stages: small classes with a ``__call__(batch)``; their resources (CPUs, actors,
-batch size) are data in ``PreprocessConfig``.
+"""The preprocessing steps (Ray Data's map steps, not the curriculum's stages): small classes with a
+``__call__(batch)``; their resources (CPUs, actors, batch size) are data in ``PreprocessConfig``.
 
-Each stage takes and returns a pyarrow Table of work rows (``WORK_SCHEMA``), so it runs the same
+Each step takes and returns a pyarrow Table of work rows (``WORK_SCHEMA``), so it runs the same
 when called directly (tests, debugging) and inside ``Dataset.map_batches`` on a CPU actor. Heavy
 setup (the tokenizer) happens once per worker in ``setup``. A row that fails gets a ``reject``
-(step, error type, message) and passes through the later stages untouched; ``Emit`` writes the
-rejects beside the output and yields the output rows (``OUTPUT_SCHEMA``). Stages are retry-safe:
+(step, error type, message) and passes through the later steps untouched; ``Emit`` writes the
+rejects beside the output and yields the output rows (``OUTPUT_SCHEMA``). Steps are retry-safe:
 no state between batches, and rejects files are named by their batch's content.
 
 No ``import ray`` here: ``pipelines/preprocess.py`` wires these into Ray Data.
@@ -100,8 +100,8 @@ REJECT_SCHEMA = pa.schema(
 
 
 @dataclass
-class StageConfig:
-    """What the stages need; resolved once on the driver and shipped to every worker."""
+class StepConfig:
+    """What the steps need; resolved once on the driver and shipped to every worker."""
 
     processor: ProcessorConfig | None = None
     """The stage's processor: architecture, template, AnyRes grid and video sampling (None: the model's)."""
@@ -150,12 +150,12 @@ def _classify(exc: Exception, sample_id: str) -> tuple[str, str]:
     )
 
 
-class Stage:
+class Step:
     """A map_batches callable: per-row processing with rejects instead of crashes."""
 
-    name = "stage"
+    name = "step"
 
-    def __init__(self, config: StageConfig):
+    def __init__(self, config: StepConfig):
         self.config = config
         self._ready = False
 
@@ -172,7 +172,7 @@ class Stage:
             self._ready = True
 
     def process_rows(self, rows: list[dict]) -> list[dict]:
-        """Work rows through this stage; a failure becomes the row's recorded reject, never a crash."""
+        """Work rows through this step; a failure becomes the row's recorded reject, never a crash."""
         self.ready()
         out = []
         for row in rows:
@@ -193,7 +193,7 @@ def _extension(path: str) -> str:
     return os.path.splitext(path.split("?")[0])[1].lower()
 
 
-class LoadMedia(Stage):
+class LoadMedia(Step):
     """Parse the record, check media types and counts, read the media bytes (embedded, local, or s3://)
     from inside the media root or an allowed root only (components/media.py)."""
 
@@ -248,7 +248,7 @@ class LoadMedia(Stage):
         return data
 
 
-class DecodeVideo(Stage):
+class DecodeVideo(Step):
     """Video rows: compute the frame indices first, then decode only those frames."""
 
     name = "decode_video"
@@ -272,7 +272,7 @@ class DecodeVideo(Stage):
         return row
 
 
-class TileMedia(Stage):
+class TileMedia(Step):
     """AnyRes tiles for a single image, base tiles for multi-image items, resized frames for video."""
 
     name = "tile"
@@ -337,7 +337,7 @@ class TileMedia(Stage):
             ) from e
 
 
-class Tokenize(Stage):
+class Tokenize(Step):
     """The stage's template, token budget and layout mix; labels on assistant turns only."""
 
     name = "tokenize"
@@ -417,30 +417,30 @@ def output_row(row: dict) -> dict:
 
 
 class Chain:
-    """Several stages fused into one actor: rows cross the object store once, not once per stage, and
-    pass from stage to stage as Python rows (one Arrow conversion in, one out: a row's tiles are
+    """Several steps fused into one actor: rows cross the object store once, not once per step, and
+    pass from step to step as Python rows (one Arrow conversion in, one out: a row's tiles are
     megabytes, and each conversion copies them)."""
 
-    def __init__(self, stages: list, emit: Emit):
-        self.stages = stages
+    def __init__(self, steps: list, emit: Emit):
+        self.steps = steps
         self.emit = emit
-        for stage in stages:  # constructed on the worker: heavy setup now, before its first batch
-            stage.ready()
+        for step in steps:  # constructed on the worker: heavy setup now, before its first batch
+            step.ready()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = work_rows(batch)
-        for stage in self.stages:
-            rows = stage.process_rows(rows)
+        for step in self.steps:
+            rows = step.process_rows(rows)
         return self.emit.emit_rows(rows)
 
 
 def work_rows(batch: pa.Table) -> list[dict]:
-    """A batch as work rows: every field of WORK_SCHEMA present (None until a stage sets it)."""
+    """A batch as work rows: every field of WORK_SCHEMA present (None until a step sets it)."""
     empty = dict.fromkeys(WORK_SCHEMA.names)
     return [{**empty, **row} for row in batch.to_pylist()]
 
 
-STAGES = (LoadMedia, DecodeVideo, TileMedia, Tokenize)
+STEPS = (LoadMedia, DecodeVideo, TileMedia, Tokenize)
 
 
 def mixture_order(row: dict) -> tuple:
