@@ -69,8 +69,12 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
         while time.monotonic() < deadline:
             start = time.perf_counter()
             try:
-                out = client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": content}],
-                                                     max_tokens=MAX_TOKENS[k], stream=stream)  # fmt: skip
+                out = client.chat.completions.create(
+                    model="llava-ray",
+                    messages=[{"role": "user", "content": content}],
+                    max_tokens=MAX_TOKENS[k],
+                    stream=stream,
+                )
                 if stream:
                     first, text = None, ""
                     for chunk in out:
@@ -97,8 +101,14 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
         for f in [pool.submit(worker, k) for k in range(len(MAX_TOKENS))]:
             f.result()
     elapsed = time.monotonic() - start
-    return {"p50": percentile(ttfts, 0.5), "p99": percentile(ttfts, 0.99), "tok_s": tokens[0] / elapsed,
-            "latency_p50": percentile(latencies, 0.5), "n": len(ttfts) + len(latencies), "errors": errors[0]}  # fmt: skip
+    return {
+        "p50": percentile(ttfts, 0.5),
+        "p99": percentile(ttfts, 0.99),
+        "tok_s": tokens[0] / elapsed,
+        "latency_p50": percentile(latencies, 0.5),
+        "n": len(ttfts) + len(latencies),
+        "errors": errors[0],
+    }
 
 
 FRESH = itertools.count()
@@ -120,8 +130,9 @@ def chat_ttfts(client, chats: int, cached: bool, text_only: bool = False) -> lis
             )
             start = time.perf_counter()
             first, text = None, ""
-            for chunk in client.chat.completions.create(model="llava-ray", messages=history[-1:], max_tokens=8,
-                                                        stream=True):  # fmt: skip
+            for chunk in client.chat.completions.create(
+                model="llava-ray", messages=history[-1:], max_tokens=8, stream=True
+            ):
                 piece = chunk.choices[0].delta.content if chunk.choices else None
                 if piece and first is None:
                     first = time.perf_counter() - start
@@ -152,8 +163,15 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(checkpoint=checkpoint, min_replicas=1, max_replicas=1, replica_cpus=1.0, max_batch_size=16,
-                  max_ongoing_requests=64, limits={"max_tokens": 256})  # fmt: skip
+    common = dict(
+        checkpoint=checkpoint,
+        min_replicas=1,
+        max_replicas=1,
+        replica_cpus=1.0,
+        max_batch_size=16,
+        max_ongoing_requests=64,
+        limits={"max_tokens": 256},
+    )
     serve.run_many(  # both apps start together: replica start-up is most of --quick's time
         [
             serve.RunTarget(
@@ -164,7 +182,7 @@ def main() -> None:
             serve.RunTarget(
                 build_app(ServeConfig(scheduler="request", **common)), name="request", route_prefix="/request"
             ),
-        ]  # fmt: skip
+        ]
     )
     ready = time.monotonic()
     clients = {
@@ -176,15 +194,19 @@ def main() -> None:
     seconds = 2 if args.quick else 30
     print(f"machine: {machine()}; tiny OneVision model, one replica per mode (1 CPU), real HTTP")
     print(f"mixed load: 16 clients (half streaming), max_tokens 8-256, {seconds} s per mode")
-    print(f"{'mode':>10s} {'TTFT p50 ms':>11s} {'TTFT p99 ms':>11s} {'tokens/s':>9s} {'latency p50':>11s} "
-          f"{'n':>5s} {'err':>4s}   (TTFT: streamed requests; latency: non-streamed)")  # fmt: skip
+    print(
+        f"{'mode':>10s} {'TTFT p50 ms':>11s} {'TTFT p99 ms':>11s} {'tokens/s':>9s} {'latency p50':>11s} "
+        f"{'n':>5s} {'err':>4s}   (TTFT: streamed requests; latency: non-streamed)"
+    )
     url = image_url()
     results = {}
     for mode in ("request", "iteration"):
         r = mixed_load(clients[mode], processor.tokenizer, seconds, url)
         results[mode] = r
-        print(f"{mode:>10s} {r['p50'] * 1e3:11.0f} {r['p99'] * 1e3:11.0f} {r['tok_s']:9.1f} "
-              f"{r['latency_p50'] * 1e3:11.0f} {r['n']:5d} {r['errors']:4d}")  # fmt: skip
+        print(
+            f"{mode:>10s} {r['p50'] * 1e3:11.0f} {r['p99'] * 1e3:11.0f} {r['tok_s']:9.1f} "
+            f"{r['latency_p50'] * 1e3:11.0f} {r['n']:5d} {r['errors']:4d}"
+        )
     chats = 1 if args.quick else 10
     print(f"multi-turn: {chats} chats x 4 turns re-sending a 448x336 PNG, TTFT of turns 2-4 (engine)")
     chat_ttfts(clients["iteration"], 1, cached=False)  # warm-up: the replica's first large image
@@ -203,8 +225,10 @@ def main() -> None:
         1e-4, statistics.median(with_cache) - statistics.median(floor)
     )
     print(f"throughput (iteration / request): {throughput:.2f}x (target >= 1x)")
-    print(f"multi-turn TTFT p50 (no cache / cache): {cache_ratio:.2f}x (target 2x); above the text-only floor "
-          f"(HTTP, Serve's two hops, the prompt's own prefill): {media:.2f}x")  # fmt: skip
+    print(
+        f"multi-turn TTFT p50 (no cache / cache): {cache_ratio:.2f}x (target 2x); above the text-only floor "
+        f"(HTTP, Serve's two hops, the prompt's own prefill): {media:.2f}x"
+    )
     print(
         final_line(
             "serve", results["request"]["p99"] / results["iteration"]["p99"], "3x p99 TTFT, mixed load"

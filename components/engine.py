@@ -163,8 +163,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"steps": self.steps, "active": len(self.active), "waiting": len(self.waiting),
-                    "batch_sizes": list(self.batch_sizes)}  # fmt: skip
+            return {
+                "steps": self.steps,
+                "active": len(self.active),
+                "waiting": len(self.waiting),
+                "batch_sizes": list(self.batch_sizes),
+            }
 
     def _loop(self) -> None:
         while True:
@@ -193,8 +197,14 @@ class Engine:
         cached = self.features.get(keys)
         if cached is not None:  # the media stay encoded: their sizes give the token counts
             ids = self.processor.prompt_ids(prompt)
-            return {"input_ids": ids, "labels": np.full(len(ids), IGNORE_INDEX, dtype=np.int32), "modality": "text",
-                    "pixel_values": None, "image_sizes": None, "features": (kind, cached)}  # fmt: skip
+            return {
+                "input_ids": ids,
+                "labels": np.full(len(ids), IGNORE_INDEX, dtype=np.int32),
+                "modality": "text",
+                "pixel_values": None,
+                "image_sizes": None,
+                "features": (kind, cached),
+            }
         return {
             **self.processor.prompt_row(prompt.decoded(self.processor.video)),
             "feature_keys": (kind, keys),
@@ -221,8 +231,14 @@ class Engine:
         self.steps += 1
         ones = torch.ones((len(self.active), 1), dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model(input_ids=self.last, attention_mask=self.mask, position_ids=self.positions[:, None],
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = self.model(
+            input_ids=self.last,
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = out.past_key_values
         self.positions = self.positions + 1
         logits = out.logits[:, -1].float()
@@ -320,9 +336,17 @@ class Engine:
                 seq.sent = ready
         if finish:
             seq.finish = finish
-            seq.job.emit({"done": {"text": text.strip(), "prompt_tokens": len(seq.job.row["input_ids"]),
-                                   "completion_tokens": len(seq.tokens), "finish_reason": finish,
-                                   **({"token_logprobs": seq.logprobs} if seq.job.logprobs else {})}})  # fmt: skip
+            seq.job.emit(
+                {
+                    "done": {
+                        "text": text.strip(),
+                        "prompt_tokens": len(seq.job.row["input_ids"]),
+                        "completion_tokens": len(seq.tokens),
+                        "finish_reason": finish,
+                        **({"token_logprobs": seq.logprobs} if seq.job.logprobs else {}),
+                    }
+                }
+            )
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.active) if s.finish is None]

@@ -89,5 +89,10 @@ class FeatureCache:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"entries": len(self.entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
-                    "evictions": self.evictions}  # fmt: skip
+            return {
+                "entries": len(self.entries),
+                "bytes": self.bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+            }

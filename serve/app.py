@@ -102,14 +102,26 @@ def _error(exc: RequestError) -> JSONResponse:
 
 def _internal(where: str, exc: BaseException) -> dict:
     """An OpenAI-style body for our own failure: what failed, never a traceback or a host path."""
-    return {"error": {"message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
-                      "type": "server_error", "param": None, "code": "internal_error"}}  # fmt: skip
+    return {
+        "error": {
+            "message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
 
 
 def _rate_limited(exc: QueueFull) -> dict:
     """OpenAI's shape for a 429: clients (the openai package included) back off and retry."""
-    return {"error": {"message": f"{exc}; retry later", "type": "requests", "param": None,
-                      "code": "rate_limit_exceeded"}}  # fmt: skip
+    return {
+        "error": {
+            "message": f"{exc}; retry later",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
 
 
 @serve.deployment
@@ -140,8 +152,10 @@ class LlavaModel:
         # tiling and tokenizing off the engine's thread, so that decode steps go on meanwhile
         self.rows = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rows")
         # which replica answered, and on which node: a response header (operators tracing a request)
-        self.where = {"replica": serve.get_replica_context().replica_id.unique_id,
-                      "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
+        self.where = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def stats(self) -> dict:
         """The engine's recent decode steps (batch sizes), its queue, and the feature cache's counts."""
@@ -167,10 +181,17 @@ class LlavaModel:
         loop = asyncio.get_running_loop()
         row = await loop.run_in_executor(self.rows, self._row, request)
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(row=row, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                  seed=request.seed, stop=tuple(request.stop), stream=request.stream,
-                  media_keys=request.media_digests,
-                  emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))  # fmt: skip
+        job = Job(
+            row=row,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=tuple(request.stop),
+            stream=request.stream,
+            media_keys=request.media_digests,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
         self.engine.submit(job)
         return events, job
 
@@ -224,8 +245,14 @@ app = FastAPI(title="llava-ray", description="OpenAI-compatible LLaVA endpoint")
 @app.exception_handler(HTTPException)
 async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
     """FastAPI's own 404 and 405, in the OpenAI error shape."""
-    body = {"error": {"message": f"{request.method} {request.url.path}: expected a route of this API, found {exc.detail}",
-                      "type": "invalid_request_error", "param": None, "code": str(exc.status_code)}}  # fmt: skip
+    body = {
+        "error": {
+            "message": f"{request.method} {request.url.path}: expected a route of this API, found {exc.detail}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": str(exc.status_code),
+        }
+    }
     return JSONResponse(body, status_code=exc.status_code)
 
 
@@ -273,8 +300,12 @@ class Ingress:
             return
         header = request.headers.get("authorization", "")
         if header != f"Bearer {self.api_key}":
-            raise RequestError("Authorization: expected 'Bearer <api key>', found a missing or wrong key",
-                               "authorization", 401, "invalid_api_key")  # fmt: skip
+            raise RequestError(
+                "Authorization: expected 'Bearer <api key>', found a missing or wrong key",
+                "authorization",
+                401,
+                "invalid_api_key",
+            )
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -286,8 +317,12 @@ class Ingress:
             self._check_auth(request)
         except RequestError as e:
             return _error(e)
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llava-ray"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "llava-ray"}
+            ],
+        }
 
     async def _body(self, request: Request) -> bytes:
         """The body, read up to the limit (413 past it, without reading the rest)."""
@@ -336,9 +371,16 @@ class Ingress:
                 self.model.generate.remote(parsed), timeout=self.config.request_timeout_s
             )
         except TimeoutError:
-            return JSONResponse({"error": {"message": f"request: expected an answer within "
-                                           f"{self.config.request_timeout_s}s, found none", "type": "timeout"}},
-                                status_code=504)  # fmt: skip
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"request: expected an answer within "
+                        f"{self.config.request_timeout_s}s, found none",
+                        "type": "timeout",
+                    }
+                },
+                status_code=504,
+            )
         if "error" in result:
             return JSONResponse(result["error"], status_code=result["status"])
         body = {
@@ -346,11 +388,19 @@ class Ingress:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": parsed.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "finish_reason": result["finish_reason"]}],
-            "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                      "total_tokens": result["prompt_tokens"] + result["completion_tokens"]},
-        }  # fmt: skip
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result["text"]},
+                    "finish_reason": result["finish_reason"],
+                }
+            ],
+            "usage": {
+                "prompt_tokens": result["prompt_tokens"],
+                "completion_tokens": result["completion_tokens"],
+                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+            },
+        }
         where = result.get("where", {})
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
         return JSONResponse(body, headers=headers)
@@ -359,8 +409,13 @@ class Ingress:
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None = None) -> str:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": parsed.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": parsed.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             return f"data: {json.dumps(body)}\n\n"
 
         yield chunk({"role": "assistant", "content": ""})

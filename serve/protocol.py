@@ -44,8 +44,14 @@ class RequestError(ValueError):
         self.code = code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass
@@ -147,10 +153,11 @@ def has_media(body) -> bool:
     """Whether any message of a (parsed) body carries media parts: only those go to the media threads."""
     messages = body.get("messages") if isinstance(body, dict) else None
     return isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list)
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
         and any(isinstance(p, dict) and p.get("type") in ("image_url", "video_url") for p in m["content"])
         for m in messages
-    )  # fmt: skip
+    )
 
 
 class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
@@ -162,8 +169,12 @@ class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not any(newurl.startswith(p) for p in self.prefixes):
             host = urllib.parse.urlparse(newurl).hostname
-            raise RequestError(f"{self.param}: expected redirects within the allow-list, found one to host {host!r}",
-                               self.param, 400, "url_not_allowed")  # fmt: skip
+            raise RequestError(
+                f"{self.param}: expected redirects within the allow-list, found one to host {host!r}",
+                self.param,
+                400,
+                "url_not_allowed",
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -195,14 +206,22 @@ def _http_get(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
                         f"{param}: expected at most {limit_bytes} bytes, found more", param, 413, "too_large"
                     )
     except urllib.error.HTTPError as e:
-        raise RequestError(f"{param}: expected the media from host {host!r}, found HTTP {e.code}", param, 400,
-                           "media_fetch_failed") from e  # fmt: skip
+        raise RequestError(
+            f"{param}: expected the media from host {host!r}, found HTTP {e.code}",
+            param,
+            400,
+            "media_fetch_failed",
+        ) from e
     except (TimeoutError, OSError) as e:
         if isinstance(e, RequestError):
             raise
-        raise RequestError(f"{param}: expected the media from host {host!r} within {limits.fetch_timeout_s}s, "
-                           f"found {'a timeout' if isinstance(e, TimeoutError) else type(e).__name__}", param, 400,
-                           "media_fetch_failed") from e  # fmt: skip
+        raise RequestError(
+            f"{param}: expected the media from host {host!r} within {limits.fetch_timeout_s}s, "
+            f"found {'a timeout' if isinstance(e, TimeoutError) else type(e).__name__}",
+            param,
+            400,
+            "media_fetch_failed",
+        ) from e
     return b"".join(chunks)
 
 
@@ -214,8 +233,12 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
                 f"{param}: expected a base64 data URL (data:<mime>;base64,...), found {url[:40]!r}", param
             )
         if len(payload) * 3 // 4 > limit_bytes:
-            raise RequestError(f"{param}: expected at most {limit_bytes} bytes, found about {len(payload) * 3 // 4}",
-                               param, status=413, code="too_large")  # fmt: skip
+            raise RequestError(
+                f"{param}: expected at most {limit_bytes} bytes, found about {len(payload) * 3 // 4}",
+                param,
+                status=413,
+                code="too_large",
+            )
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
@@ -226,15 +249,21 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
         scheme = url.split(":", 1)[0] if ":" in url else url[:20]
         raise RequestError(
             f"{param}: expected a data: URL or an allow-listed prefix {limits.allowed_media_prefixes}, found {scheme!r} URL",
-            param, status=400, code="url_not_allowed",
-        )  # fmt: skip
+            param,
+            status=400,
+            code="url_not_allowed",
+        )
     if storage.is_s3(url):
         try:
             data = storage.read_bytes(url)
         except storage.StorageError as e:
             bucket = url[len("s3://") :].split("/", 1)[0]
-            raise RequestError(f"{param}: expected the media in bucket {bucket!r}, found none readable", param, 400,
-                               "media_fetch_failed") from e  # fmt: skip
+            raise RequestError(
+                f"{param}: expected the media in bucket {bucket!r}, found none readable",
+                param,
+                400,
+                "media_fetch_failed",
+            ) from e
     elif url.startswith(("http://", "https://")):
         data = _http_get(url, limits, limit_bytes, param)
     else:
@@ -253,8 +282,10 @@ def _image(data: bytes, limits: Limits, param: str) -> Image.Image:
         if pixels > limits.max_image_pixels:
             raise RequestError(
                 f"{param}: expected at most {limits.max_image_pixels} pixels, found {image.width}x{image.height}",
-                param, 413, "too_large",
-            )  # fmt: skip
+                param,
+                413,
+                "too_large",
+            )
         image.load()
         return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -281,12 +312,21 @@ def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limit
     budget = limits.max_prompt_tokens or context - request.max_tokens
     chars = sum(len(t.text) for t in request.prompt.turns)
     if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
-        raise RequestError(f"messages: expected at most {budget} prompt tokens, found {chars} characters",
-                           "messages", 400, "context_length_exceeded")  # fmt: skip
+        raise RequestError(
+            f"messages: expected at most {budget} prompt tokens, found {chars} characters",
+            "messages",
+            400,
+            "context_length_exceeded",
+        )
     count = count_tokens(request.prompt)
     if count > budget:
-        raise RequestError(f"messages: expected at most {budget} prompt tokens (context {context} less max_tokens "
-                           f"{request.max_tokens}), found {count}", "messages", 400, "context_length_exceeded")  # fmt: skip
+        raise RequestError(
+            f"messages: expected at most {budget} prompt tokens (context {context} less max_tokens "
+            f"{request.max_tokens}), found {count}",
+            "messages",
+            400,
+            "context_length_exceeded",
+        )
     return count
 
 

@@ -20,8 +20,14 @@ IDLE_BATCH_WAIT_S = 0.001
 
 
 def _internal(where: str, exc: BaseException) -> dict:
-    return {"error": {"message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
-                      "type": "server_error", "param": None, "code": "internal_error"}}  # fmt: skip
+    return {
+        "error": {
+            "message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
 
 
 @serve.deployment
@@ -37,8 +43,15 @@ class RequestBatchedModel:
         from components.resample import warm_up
 
         warm_up()  # tiling kernels compiled before the first request, not during it
-        self.config = SimpleNamespace(**{**config, "batching": True, "batch_wait_timeout_s": 0.05,
-                                         "adaptive_batch_wait": True, "limits": SimpleNamespace(**config["limits"])})  # fmt: skip
+        self.config = SimpleNamespace(
+            **{
+                **config,
+                "batching": True,
+                "batch_wait_timeout_s": 0.05,
+                "adaptive_batch_wait": True,
+                "limits": SimpleNamespace(**config["limits"]),
+            }
+        )
         torch.set_num_threads(max(1, int(self.config.replica_cpus)))
         # the checkpoint's processor: the template, tiling and video sampling it was trained with
         self.model, self.processor = load_model(self.config.checkpoint)
@@ -59,8 +72,10 @@ class RequestBatchedModel:
         import ray
 
         # which replica answered, and on which node: a response header (operators tracing a request)
-        self.where = {"replica": serve.get_replica_context().replica_id.unique_id,
-                      "node": ray.get_runtime_context().get_node_id()}  # fmt: skip
+        self.where = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     def _set_batch_wait(self) -> None:
         wait = self.config.batch_wait_timeout_s
@@ -74,9 +89,14 @@ class RequestBatchedModel:
     def stats(self) -> dict:
         """This replica's batching so far (for operators and tests); ``queue_waits_s``: the latest requests'
         (batch size, seconds from reaching the replica to their batch's start), measured."""
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "batch_wait_s": self.batch_wait_s,
-                "longest_batch_wait_s": self.longest_batch_wait_s, "batch_seconds": self.batch_seconds,
-                "queue_waits_s": list(self.queue_waits)}  # fmt: skip
+        return {
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+            "batch_wait_s": self.batch_wait_s,
+            "longest_batch_wait_s": self.longest_batch_wait_s,
+            "batch_seconds": self.batch_seconds,
+            "queue_waits_s": list(self.queue_waits),
+        }
 
     def _row(self, request: ChatRequest) -> dict:
         try:
@@ -112,9 +132,16 @@ class RequestBatchedModel:
 
             def run(ids, temperature=temperature, top_p=top_p, seed=seed, stop=stop):
                 with self.lock:
-                    return generate(self.model, self.processor, [rows[i] for i in ids],
-                                    max_new_tokens=max(requests[i].max_tokens for i in ids), temperature=temperature,
-                                    top_p=top_p, stop=list(stop), seed=seed)  # fmt: skip
+                    return generate(
+                        self.model,
+                        self.processor,
+                        [rows[i] for i in ids],
+                        max_new_tokens=max(requests[i].max_tokens for i in ids),
+                        temperature=temperature,
+                        top_p=top_p,
+                        stop=list(stop),
+                        seed=seed,
+                    )
 
             try:
                 results = dict(zip(members, run(members), strict=True))
@@ -134,8 +161,12 @@ class RequestBatchedModel:
         """A request batched with longer ones keeps only its own max_tokens (greedy: the same tokens)."""
         if result["completion_tokens"] > max_tokens:
             ids = self.tokenizer.encode(result["text"], add_special_tokens=False)[:max_tokens]
-            result = {**result, "text": self.tokenizer.decode(ids, skip_special_tokens=True),
-                      "completion_tokens": max_tokens, "finish_reason": "length"}  # fmt: skip
+            result = {
+                **result,
+                "text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                "completion_tokens": max_tokens,
+                "finish_reason": "length",
+            }
         return result
 
     def _idle(self) -> asyncio.Event:
@@ -201,9 +232,14 @@ class RequestBatchedModel:
         batch.pop("labels")
         batch = to_device(batch, self.model.device, self.model.dtype)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**batch, max_new_tokens=request.max_tokens, streamer=streamer,
-                      eos_token_id=self.processor.stop_ids, pad_token_id=self.processor.pad_token_id,
-                      do_sample=request.temperature > 0)  # fmt: skip
+        kwargs = dict(
+            **batch,
+            max_new_tokens=request.max_tokens,
+            streamer=streamer,
+            eos_token_id=self.processor.stop_ids,
+            pad_token_id=self.processor.pad_token_id,
+            do_sample=request.temperature > 0,
+        )
         if request.temperature > 0:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
 

@@ -68,9 +68,15 @@ def alone(tiny):
         batch = processor.collate([row], left_pad=True)
         batch.pop("labels")
         with torch.no_grad():
-            hf = model.generate(**batch, max_new_tokens=MAX_TOKENS[name], do_sample=False, output_logits=True,
-                                return_dict_in_generate=True, eos_token_id=processor.stop_ids,
-                                pad_token_id=processor.pad_token_id)  # fmt: skip
+            hf = model.generate(
+                **batch,
+                max_new_tokens=MAX_TOKENS[name],
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=processor.stop_ids,
+                pad_token_id=processor.pad_token_id,
+            )
         chosen = hf.sequences[0, batch["input_ids"].shape[1] :]
         out[name]["token_logprobs"] = [
             float(torch.log_softmax(step[0].float(), -1)[t])
@@ -115,14 +121,27 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
     try:
         got = {name: Collector() for name in prompts}
         for name in ("long", "image"):
-            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=MAX_TOKENS[name],
-                              emit=got[name], stream=name == "long"))  # fmt: skip
+            engine.submit(
+                Job(
+                    row=processor.prompt_row(prompts[name]),
+                    max_tokens=MAX_TOKENS[name],
+                    emit=got[name],
+                    stream=name == "long",
+                )
+            )
         engine.start()
         while engine.stats()["steps"] < 3:
             time.sleep(0.001)
         for name in ("multi_image", "video", "text"):
-            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=MAX_TOKENS[name],
-                              emit=got[name], stream=name == "video", logprobs=True))  # fmt: skip
+            engine.submit(
+                Job(
+                    row=processor.prompt_row(prompts[name]),
+                    max_tokens=MAX_TOKENS[name],
+                    emit=got[name],
+                    stream=name == "video",
+                    logprobs=True,
+                )
+            )
         for name, collector in got.items():
             assert collector.result["text"] == alone[name]["text"], name
             assert collector.result["completion_tokens"] == alone[name]["completion_tokens"], name
@@ -205,8 +224,15 @@ def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny, alone):
     engine = Engine(model, processor).start()
     try:
         got = Collector()
-        engine.submit(Job(row=processor.prompt_row(prompts["long"]), max_tokens=MAX_TOKENS["long"], emit=got,
-                          stream=True, stop=(stop,)))  # fmt: skip
+        engine.submit(
+            Job(
+                row=processor.prompt_row(prompts["long"]),
+                max_tokens=MAX_TOKENS["long"],
+                emit=got,
+                stream=True,
+                stop=(stop,),
+            )
+        )
         result = got.result
         assert result["finish_reason"] == "stop"
         assert result["text"] == reference[: reference.index(stop)].strip()
