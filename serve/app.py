@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from components.conversation import SampleTooLongError
 from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
 from serve.protocol import (
@@ -35,6 +34,7 @@ from serve.protocol import (
     RequestError,
     check_prompt,
     has_media,
+    internal_error,
     parse_body,
     parse_chat_request,
 )
@@ -100,18 +100,6 @@ def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _internal(where: str, exc: BaseException) -> dict:
-    """An OpenAI-style body for our own failure: what failed, never a traceback or a host path."""
-    return {
-        "error": {
-            "message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-        }
-    }
-
-
 def _rate_limited(exc: QueueFull) -> dict:
     """OpenAI's shape for a 429: clients (the openai package included) back off and retry."""
     return {
@@ -164,22 +152,11 @@ class LlavaModel:
             out["features"] = self.engine.features.stats()
         return out
 
-    def _row(self, request: ChatRequest) -> dict:
-        try:
-            return self.engine.row(request.prompt, request.media_digests)
-        except SampleTooLongError as e:
-            raise RequestError(
-                f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
-                "messages",
-                400,
-                "context_length_exceeded",
-            ) from e
-
     async def _submit(self, request: ChatRequest) -> tuple[asyncio.Queue, Job]:
         """The request's row (built in a worker thread) handed to the engine; its events arrive on the
-        returned queue. Raises RequestError, or QueueFull past the engine's queue."""
+        returned queue. Raises QueueFull past the engine's queue."""
         loop = asyncio.get_running_loop()
-        row = await loop.run_in_executor(self.rows, self._row, request)
+        row = await loop.run_in_executor(self.rows, self.engine.row, request.prompt, request.media_digests)
         events: asyncio.Queue = asyncio.Queue()
         job = Job(
             row=row,
@@ -198,8 +175,6 @@ class LlavaModel:
     async def generate(self, request: ChatRequest) -> dict:
         try:
             events, job = await self._submit(request)
-        except RequestError as e:
-            return {"error": e.body(), "status": e.status}
         except QueueFull as e:
             return {"error": _rate_limited(e), "status": 429}
         try:
@@ -208,7 +183,7 @@ class LlavaModel:
                 if "done" in event:
                     return {**event["done"], "where": self.where}
                 if "error" in event:
-                    return {"error": _internal("generate", event["error"]), "status": 500}
+                    return {"error": internal_error("generate", event["error"]), "status": 500}
         finally:
             job.cancelled = True  # the caller gave up (a timeout): the engine drops it at its next step
 
@@ -217,9 +192,6 @@ class LlavaModel:
         produces them, then ``{"finish": reason}``."""
         try:
             events, job = await self._submit(request)
-        except RequestError as e:
-            yield json.dumps({"error": e.body(), "status": e.status})
-            return
         except QueueFull as e:
             yield json.dumps({"error": _rate_limited(e), "status": 429})
             return
@@ -233,7 +205,7 @@ class LlavaModel:
                     yield json.dumps({"finish": event["done"]["finish_reason"]})
                     return
                 else:
-                    yield json.dumps({"error": _internal("stream", event["error"]), "status": 500})
+                    yield json.dumps({"error": internal_error("stream", event["error"]), "status": 500})
                     return
         finally:
             job.cancelled = True  # a client that hung up frees its place in the batch
@@ -266,7 +238,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
-    return JSONResponse(_internal(request.url.path, exc), status_code=500)
+    return JSONResponse(internal_error(request.url.path, exc), status_code=500)
 
 
 @serve.deployment
@@ -433,7 +405,7 @@ class Ingress:
                     finish = item["finish"]
         except Exception as e:
             log.exception("stream %s failed", completion_id)
-            yield f"data: {json.dumps(_internal('stream', e))}\n\n"
+            yield f"data: {json.dumps(internal_error('stream', e))}\n\n"
             yield "data: [DONE]\n\n"
             return
         yield chunk({}, finish)

@@ -54,6 +54,18 @@ class RequestError(ValueError):
         }
 
 
+def internal_error(where: str, exc: BaseException) -> dict:
+    """An OpenAI-style body for our own failure: what failed, never a traceback or a host path."""
+    return {
+        "error": {
+            "message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
 @dataclass
 class Limits:
     """What one request may carry."""

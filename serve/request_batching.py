@@ -12,22 +12,10 @@ from types import SimpleNamespace
 
 from ray import serve
 
-from components.conversation import SampleTooLongError
-from serve.protocol import ChatRequest, RequestError
+from serve.protocol import ChatRequest, internal_error
 
 log = logging.getLogger(__name__)
 IDLE_BATCH_WAIT_S = 0.001
-
-
-def _internal(where: str, exc: BaseException) -> dict:
-    return {
-        "error": {
-            "message": f"{where}: expected an answer, found an internal error ({type(exc).__name__})",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-        }
-    }
 
 
 @serve.deployment
@@ -99,35 +87,21 @@ class RequestBatchedModel:
         }
 
     def _row(self, request: ChatRequest) -> dict:
-        try:
-            return self.processor.prompt_row(request.prompt.decoded(self.processor.video))
-        except SampleTooLongError as e:
-            raise RequestError(
-                f"messages: expected at most {self.config.limits.max_prompt_tokens} prompt tokens, found {e.length}",
-                "messages",
-                400,
-                "context_length_exceeded",
-            ) from e
+        return self.processor.prompt_row(request.prompt.decoded(self.processor.video))
 
     def _run(self, requests: list[ChatRequest]) -> list[dict]:
         """Sub-batches of compatible requests (sampling, seed, video frame count), greedy ones together."""
         from components.generation import generate
 
         out: list[dict | None] = [None] * len(requests)
-        rows = {}
-        for i, r in enumerate(requests):
-            try:
-                rows[i] = self._row(r)
-            except RequestError as e:
-                out[i] = {"error": e.body(), "status": e.status}
+        rows = {i: self._row(r) for i, r in enumerate(requests)}
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            if i in rows:
-                frames = (
-                    len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
-                )  # EncodedVideo
-                key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
-                groups.setdefault(key, []).append(i)
+            frames = (
+                len(r.prompt.video_frames) if r.prompt.video_frames is not None else 0
+            )  # EncodedVideo too
+            key = (r.temperature, r.top_p, r.seed, frames, tuple(r.stop))
+            groups.setdefault(key, []).append(i)
         for (temperature, top_p, seed, _, stop), members in groups.items():
 
             def run(ids, temperature=temperature, top_p=top_p, seed=seed, stop=stop):
@@ -152,7 +126,7 @@ class RequestBatchedModel:
                         results[i] = run([i])[0]
                     except Exception as e:
                         log.exception("request %s failed", i)
-                        out[i] = {"error": _internal("generate", e), "status": 500}
+                        out[i] = {"error": internal_error("generate", e), "status": 500}
             for i, res in results.items():
                 out[i] = self._trim(res, requests[i].max_tokens)
         return out
@@ -218,11 +192,7 @@ class RequestBatchedModel:
         """Text deltas as the model produces them (HF's TextIteratorStreamer in a worker thread)."""
         from transformers import TextIteratorStreamer
 
-        try:
-            row = self._row(request)
-        except RequestError as e:
-            yield json.dumps({"error": e.body(), "status": e.status})
-            return
+        row = self._row(request)
         yield json.dumps({"accepted": True})
         import torch
 
@@ -276,4 +246,4 @@ class RequestBatchedModel:
                 yield json.dumps({"delta": piece})
         thread.join()
         if failure:
-            yield json.dumps({"error": _internal("stream", failure[0]), "status": 500})
+            yield json.dumps({"error": internal_error("stream", failure[0]), "status": 500})
