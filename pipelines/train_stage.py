@@ -779,9 +779,10 @@ class FailOnce:
 
 @dataclass(frozen=True)
 class PauseOnce:
-    """A step hook for tests: every rank stops for ``seconds`` right after ``step`` (and its checkpoint),
-    unless ``marker`` (a path or s3:// URI) exists; rank 0 writes it first. A test waits for the marker and
-    then does something to the cluster (kills a node), at a known point of the stage."""
+    """A step hook for tests: every rank stops for ``seconds`` right after ``step`` and its checkpoint
+    (registered by Ray Train's controller, when under it), unless ``marker`` (a path or s3:// URI) exists;
+    rank 0 writes it first. A test waits for the marker and then does something to the cluster (kills a
+    node), at a known point of the stage."""
 
     step: int
     marker: str
@@ -791,8 +792,35 @@ class PauseOnce:
         if step != self.step or storage.exists(self.marker):
             return
         if rank == 0:
+            _wait_until_ray_train_holds(step)
             storage.write_text(self.marker, str(time.time()))
         time.sleep(self.seconds)
+
+
+def _wait_until_ray_train_holds(step: int, timeout_s: float = 60.0) -> None:
+    """Under Ray Train, wait until its controller has registered the checkpoint of ``step``. A worker's
+    report only queues it: the controller takes it when it next polls the workers (every 2 s), then writes
+    its snapshot to storage. A node lost in between loses that checkpoint too, and the stage resumes from
+    the one before; a test that kills a node "after the checkpoint" must wait for this. Nothing to wait
+    for outside Ray Train."""
+    import ray.train  # only under Ray Train, where it is already loaded
+
+    try:
+        run_storage = ray.train.get_context().get_storage()
+    except Exception:  # not a Ray Train worker (the local context)
+        return
+    fs, path = run_storage.storage_filesystem, run_storage.checkpoint_manager_snapshot_path
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with fs.open_input_stream(path) as f:
+                latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("step") == step:
+                return
+        except (FileNotFoundError, OSError, ValueError):
+            pass  # not written yet
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray Train did not register the step-{step} checkpoint within {timeout_s:.0f} s")
 
 
 @dataclass(frozen=True)
