@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components pipelines serve tests benchmarks
 	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks
+	$(PY) .ci/fmt_skips.py components pipelines serve tests benchmarks
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=15 --junitxml=.pytest_cache/junit.xml --ignore=tests/cluster tests

@@ -27,7 +27,7 @@ from components.anyres import AnyResConfig, base_tile, grid_pinpoints, tile_imag
 
 # (height, width): COCO-like photos, phone photos, video stills, documents, small crops.
 SIZES = [(480, 640), (640, 480), (375, 500), (427, 640), (768, 1024), (720, 1280), (1080, 1920),
-         (2200, 1700), (336, 336), (224, 224), (1024, 1024), (600, 400)]  # fmt: skip
+         (2200, 1700), (336, 336), (224, 224), (1024, 1024), (600, 400)]  # fmt: skip # a table of image sizes
 
 
 def photo(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -47,8 +47,10 @@ def draft_table(rng: np.random.Generator, repeats: int) -> None:
 
     exact, draft = AnyResConfig(), AnyResConfig(jpeg_draft=True)
     print(f"\njpeg_draft (opt-in, not identical): JPEG quality 90, decoding included, medians of {repeats}")
-    print(f"{'image (h x w)':>14s} {'item':>10s} {'decoded at':>11s} {'exact ms':>9s} {'draft ms':>9s} "
-          f"{'speed-up':>8s} {'mean dev':>8s} {'max dev':>8s}")  # fmt: skip
+    print(
+        f"{'image (h x w)':>14s} {'item':>10s} {'decoded at':>11s} {'exact ms':>9s} {'draft ms':>9s} "
+        f"{'speed-up':>8s} {'mean dev':>8s} {'max dev':>8s}"
+    )
     for h, w in DRAFT_SIZES:
         buffer = io.BytesIO()
         photo(rng, h, w).save(buffer, "JPEG", quality=90)
@@ -67,8 +69,10 @@ def draft_table(rng: np.random.Generator, repeats: int) -> None:
                 lambda fn=fn, data=data: fn(Image.open(io.BytesIO(data)), draft), repeats
             )
             dev = np.abs(out_draft - out_exact)
-            print(f"{h:>6d} x {w:<6d} {item:>10s} {probe.height:>5d}x{probe.width:<5d} {t_exact * 1e3:9.1f} "
-                  f"{t_draft * 1e3:9.1f} {t_exact / t_draft:7.2f}x {dev.mean():8.4f} {dev.max():8.3f}")  # fmt: skip
+            print(
+                f"{h:>6d} x {w:<6d} {item:>10s} {probe.height:>5d}x{probe.width:<5d} {t_exact * 1e3:9.1f} "
+                f"{t_draft * 1e3:9.1f} {t_exact / t_draft:7.2f}x {dev.mean():8.4f} {dev.max():8.3f}"
+            )
 
 
 def main() -> None:
@@ -88,7 +92,8 @@ def main() -> None:
 
     repeats = 3 if args.quick else 9
     print(
-        f"machine: {machine()}; single thread; tile {config.tile_size}, up to {config.max_grid}x{config.max_grid}"
+        f"machine: {machine()}; single thread; tile {config.tile_size}, up to "
+        f"{config.max_grid}x{config.max_grid}"
     )
     print(f"{'image (h x w)':>14s} {'tiles':>5s} {'hf ms':>8s} {'ours ms':>8s} {'ratio':>6s}")
     hf_total = ours_total = 0.0

@@ -36,13 +36,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks._common import machine, scratch  # noqa: E402
 
-SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
-                 "num_attention_heads": 16}  # fmt: skip
-QWEN2_0_5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-              "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
-              "rope_theta": 1e6, "tie_word_embeddings": True}  # fmt: skip
-QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-            "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1e6}  # fmt: skip
+SIGLIP_SO400M = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+}
+QWEN2_0_5B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+}
+QWEN2_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+}
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
@@ -96,15 +116,31 @@ def make_manifest(root: str, s: Shape, images: int, videos: int) -> str:
         image = shape_image(rng, s.tile, rng.choice(list(COLORS)), "circle").resize((width, height))
         image.save(os.path.join(root, "media", f"im{i}.png"))
         answer = " ".join(rng.choice(words) for _ in range(s.answer_words))
-        records.append({"id": f"im{i}", "image": f"media/im{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]})  # fmt: skip
+        records.append(
+            {
+                "id": f"im{i}",
+                "image": f"media/im{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image in detail."},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     demo = Demo(video_frames=32, video_size=s.video_size)
     for i in range(videos):
         frames = color_change_frames(rng, "red", "blue", "square", demo)
         write_video(os.path.join(root, "media", f"v{i}.mp4"), np.ascontiguousarray(frames), fps=1)
         answer = " ".join(rng.choice(words) for _ in range(s.answer_words))
-        records.append({"id": f"v{i}", "video": f"media/v{i}.mp4", "conversations": [
-            {"from": "human", "value": "<video>\nWhat happens in the video?"}, {"from": "gpt", "value": answer}]})  # fmt: skip
+        records.append(
+            {
+                "id": f"v{i}",
+                "video": f"media/v{i}.mp4",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nWhat happens in the video?"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     path = os.path.join(root, "stage2.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -123,22 +159,31 @@ def stage_plan(
 
     recipe = load_recipe("llava_onevision", "full")
     anyres = dataclasses.replace(recipe.model.anyres, tile_size=s.tile)
-    model = dataclasses.replace(recipe.model, vision=s.vision, llm=s.llm, anyres=anyres, vision_layers=None,
-                                attn_implementation=attn)  # fmt: skip
+    model = dataclasses.replace(
+        recipe.model, vision=s.vision, llm=s.llm, anyres=anyres, vision_layers=None, attn_implementation=attn
+    )
     recipe = dataclasses.replace(
         recipe, model=model, workers=1, use_gpu=gpu, cpus_per_worker=8, data_root=root
     )
-    stage = dataclasses.replace(recipe.stage("stage2_ov"), data={"datasets": [{"json_path": manifest}]},
-                                zero_stage=2, micro_batch=micro, global_batch=micro, max_steps=steps,
-                                activation_checkpointing=("language_model", "vision_tower") if ckpt else (),
-                                max_length=16384, checkpoint_every=10**9)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage2_ov"),
+        data={"datasets": [{"json_path": manifest}]},
+        zero_stage=2,
+        micro_batch=micro,
+        global_batch=micro,
+        max_steps=steps,
+        activation_checkpointing=("language_model", "vision_tower") if ckpt else (),
+        max_length=16384,
+        checkpoint_every=10**9,
+    )
     layout = RunLayout(root, "bench").stage(stage.name)
     if not os.path.exists(layout.preprocess_summary):
         config = PreprocessConfig(manifest=stage.data, data_root=root, steps=step_config(recipe, stage))
         preprocess(config, layout, local=True)
     positions, modalities = data_stats(layout)
-    return plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=None,
-                      data_mode="memory")  # fmt: skip
+    return plan_stage(
+        recipe, stage, layout, positions, has_video="video" in modalities, init_from=None, data_mode="memory"
+    )
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------
@@ -274,9 +319,16 @@ def run_plain(plan, steps: int, warmup: int) -> dict:
 def _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan) -> dict:
     seconds = sum(times)
     visual = [sum(r.get("media_tokens") or [0]) for b in batches for m in b for r in m]
-    return {"step_s": statistics.median(times), "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
-            "tflops": flops / seconds / 1e12, "tflops_llm": llm_flops / seconds / 1e12, "peak_gib": peak,
-            "visual_tokens": (min(visual), max(visual)), "steps": len(times)}  # fmt: skip
+    return {
+        "step_s": statistics.median(times),
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": samples / seconds,
+        "tflops": flops / seconds / 1e12,
+        "tflops_llm": llm_flops / seconds / 1e12,
+        "peak_gib": peak,
+        "visual_tokens": (min(visual), max(visual)),
+        "steps": len(times),
+    }
 
 
 # ---- main -----------------------------------------------------------------------------------------------
@@ -297,8 +349,16 @@ def _one(shape_name, root, manifest, args, gpu, ckpt, attn, peak) -> dict:
     import torch
 
     s = shape(shape_name)
-    plan = stage_plan(s, root, manifest, gpu=gpu, micro=args.micro_batch, steps=args.warmup + args.steps,
-                      ckpt=ckpt, attn=attn)  # fmt: skip
+    plan = stage_plan(
+        s,
+        root,
+        manifest,
+        gpu=gpu,
+        micro=args.micro_batch,
+        steps=args.warmup + args.steps,
+        ckpt=ckpt,
+        attn=attn,
+    )
     row = {"shape": shape_name, "ckpt": ckpt, "attn": attn, "micro": args.micro_batch}
     for name, fn in (("ours", run_ours), ("plain", run_plain)):
         try:
@@ -356,10 +416,15 @@ def main() -> None:
 
     init_one_rank_group(gpu)
     peak = None if args.quick else peak_tflops(args.peak_tflops)
-    print(f"machine: {machine()}; device: {torch.cuda.get_device_name(0) if gpu else 'cpu'}; "
-          f"peak {peak or '-'} TFLOP/s bf16")  # fmt: skip
-    print("| shape | ckpt | attn | micro | visual tokens | step s | tokens/s | samples/s | peak GiB | MFU (all / LLM) "
-          "| plain step s | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"machine: {machine()}; device: {torch.cuda.get_device_name(0) if gpu else 'cpu'}; "
+        f"peak {peak or '-'} TFLOP/s bf16"
+    )
+    print(
+        "| shape | ckpt | attn | micro | visual tokens | step s | tokens/s | samples/s | peak GiB | MFU (all "
+        "/ LLM) "
+        "| plain step s | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     for shape_name in args.shapes.split(","):
         root = scratch(f"gpu-step-{shape_name}-")
@@ -377,8 +442,10 @@ def main() -> None:
         )
         return
     mfu = f"{head['ours']['mfu']:.0%}" if "mfu" in head["ours"] else "- (CPU: no MFU claim)"
-    print(f"gpu_step: MFU {mfu} (target 40%), overhead {head['overhead']:.1%} vs plain loop "
-          f"[{head['shape']}, checkpointing {'on' if head['ckpt'] else 'off'}, {head['attn']}]")  # fmt: skip
+    print(
+        f"gpu_step: MFU {mfu} (target 40%), overhead {head['overhead']:.1%} vs plain loop "
+        f"[{head['shape']}, checkpointing {'on' if head['ckpt'] else 'off'}, {head['attn']}]"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def run(ray, config, entries, rejects: str) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2/5 of the demo world, one repeat (under 45 s)")
-    parser.add_argument("--tile-size", type=int, default=384,
-                        help="384: real OneVision tiles (images up to 2304 px); 56: the tiny profile's")  # fmt: skip
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=384,
+        help="384: real OneVision tiles (images up to 2304 px); 56: the tiny profile's",
+    )
     args = parser.parse_args()
     import ray
 
@@ -54,8 +58,19 @@ def main() -> None:
     if args.quick:  # 2/5 of the demo world, the same mix of kinds: making it at tile 384 takes time
         from components.demo_data import DemoConfig, make_demo_data
 
-        make_demo_data(demo, DemoConfig(tile_size=args.tile_size, captions=40, details=20, single_image=96,
-                                        multi_image=12, videos=10, text=12, eval_per_kind=10))  # fmt: skip
+        make_demo_data(
+            demo,
+            DemoConfig(
+                tile_size=args.tile_size,
+                captions=40,
+                details=20,
+                single_image=96,
+                multi_image=12,
+                videos=10,
+                text=12,
+                eval_per_kind=10,
+            ),
+        )
     ensure_demo_data(demo, tile_size=args.tile_size)
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
     recipe.model.anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)
@@ -82,7 +97,8 @@ def main() -> None:
             rates.append(rate)
         results[workers] = statistics.median(rates)
         print(
-            f"{workers} worker(s): {results[workers]:7.1f} rows/s ({rows} rows, {nbytes / rows / 1024:.1f} KiB/row)"
+            f"{workers} worker(s): {results[workers]:7.1f} rows/s ({rows} rows, {nbytes / rows / 1024:.1f} "
+            "KiB/row)"
         )
     print(final_line("preprocess_scaling", results[2] / results[1], "1.7x"))
 

@@ -215,7 +215,8 @@ def main() -> None:
     floor = chat_ttfts(clients["iteration"], chats, cached=True, text_only=True)
     for name, values in (("no cache", without), ("cache", with_cache), ("text only", floor)):
         print(
-            f"{name:>10s} TTFT p50 {statistics.median(values) * 1e3:7.1f} ms  p99 {percentile(values, 0.99) * 1e3:7.1f} ms"
+            f"{name:>10s} TTFT p50 {statistics.median(values) * 1e3:7.1f} ms  p99 "
+            f"{percentile(values, 0.99) * 1e3:7.1f} ms"
         )
     print(f"measured in {time.monotonic() - began:.0f} s (of which Serve start-up {ready - began:.0f} s)")
     ray.shutdown()  # no graceful drain of the replicas: the measurements are done

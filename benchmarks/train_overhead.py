@@ -124,8 +124,15 @@ def main() -> None:
         si = dataclasses.replace(
             si, data={"datasets": [{**d, "sampling_strategy": "first:80"} for d in si.data["datasets"]]}
         )
-    stage = dataclasses.replace(si, max_steps=None, checkpoint_every=10**6, micro_batch=args.micro_batch,
-                                global_batch=args.micro_batch * args.accum, epochs=epochs, zero_stage=args.zero)  # fmt: skip
+    stage = dataclasses.replace(
+        si,
+        max_steps=None,
+        checkpoint_every=10**6,
+        micro_batch=args.micro_batch,
+        global_batch=args.micro_batch * args.accum,
+        epochs=epochs,
+        zero_stage=args.zero,
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     layout = RunLayout(work, "bench").stage(stage.name)
@@ -144,7 +151,8 @@ def main() -> None:
     print(f"plain loop before the Ray runs {before:.0f}, after {after:.0f} tokens/s")
     overhead = 1 - one / base
     print(
-        f"machine: {machine()}; tiny OneVision model, micro-batch {args.micro_batch} x {args.accum} per worker, "
+        f"machine: {machine()}; tiny OneVision model, micro-batch {args.micro_batch} x {args.accum} per "
+        "worker, "
         f"1 thread per worker, {epochs} epochs of {rows} rows ({steps} steps at 1 worker), ZeRO-{args.zero}"
     )
     one_name = "1 rank, no Ray (--quick)" if args.quick else "Ray Train 1 worker"

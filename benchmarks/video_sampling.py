@@ -1,4 +1,5 @@
-"""Video: 32 LLaVA-sampled frames per clip (OneVision's force_sample: 32 uniform frames), ours (sample indices, decode only those) against
+"""Video: 32 LLaVA-sampled frames per clip (OneVision's force_sample: 32 uniform frames), ours (sample
+indices, decode only those) against
 ``ray.data.read_videos`` (decodes every frame) followed by the same sampling, in one run.
 
 Real H.264 clips made with imageio-ffmpeg's ffmpeg: 720p 20 s and 1080p 60 s at 30 fps, each with
@@ -36,7 +37,7 @@ def make_clip(height: int, width: int, seconds: int, gop: int | None) -> str:
         os.makedirs(CACHE, exist_ok=True)
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi",
                "-i", f"testsrc2=size={width}x{height}:rate=30:duration={seconds}",
-               "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]  # fmt: skip
+               "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]  # fmt: skip # flag, value
         if gop:
             cmd += ["-g", str(gop), "-keyint_min", str(gop)]
         subprocess.run([*cmd, path + ".tmp.mp4"], check=True)
@@ -75,10 +76,12 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(
-        f"machine: {machine()}; ours single-threaded decord; baseline ray.data.read_videos on a local Ray (2 CPUs)"
+        f"machine: {machine()}; ours single-threaded decord; baseline ray.data.read_videos on a local Ray (2 "
+        "CPUs)"
     )
     print(
-        f"{'clip':28s} {'frames':>6s} {'ours s':>7s} {'ray s':>7s} {'ratio':>6s} {'1 pass s':>8s} {'passes':>6s}"
+        f"{'clip':28s} {'frames':>6s} {'ours s':>7s} {'ray s':>7s} {'ratio':>6s} {'1 pass s':>8s} "
+        f"{'passes':>6s}"
     )
     ours_total = base_total = 0.0
     for (h, _, secs, gop), path in zip(clips, paths, strict=True):
@@ -94,7 +97,8 @@ def main() -> None:
         base_total += base
         name = f"{h}p {secs}s {'GOP ' + str(gop) if gop else 'default GOP'}"
         print(
-            f"{name:28s} {len(indices):6d} {ours:7.2f} {base:7.2f} {base / ours:6.1f} {one_pass:8.2f} {ours / one_pass:6.2f}"
+            f"{name:28s} {len(indices):6d} {ours:7.2f} {base:7.2f} {base / ours:6.1f} {one_pass:8.2f} "
+            f"{ours / one_pass:6.2f}"
         )
     print(final_line("video_sampling", base_total / ours_total, "3x"))
 

@@ -5,9 +5,9 @@ ranks (gloo, CPU), each in its own process; a rank's figure is its peak resident
 during the build and load, less its resident memory just before, i.e. what the model itself costs. Both
 a random build from configs (Stage-1's base) and a load of a saved export (every later stage's start).
 
-The LLM is Qwen2-0.5B-shaped with fewer layers (``--layers``; --quick: 4 layers, an 8,192 vocabulary), so the model is large
-enough for its bytes to stand out of the interpreter's own; per-parameter figures extrapolate in
-docs/SCALING.md.
+The LLM is Qwen2-0.5B-shaped with fewer layers (``--layers``; --quick: 4 layers, an 8,192 vocabulary), so
+the model is large enough for its bytes to stand out of the interpreter's own; per-parameter figures
+extrapolate in docs/SCALING.md.
 
     python benchmarks/zero3_build.py [--quick] [--layers N]
 """
@@ -40,8 +40,12 @@ def _spec(layers: int, vocab: int):
 
 
 def _ds_config() -> dict:
-    return {"train_micro_batch_size_per_gpu": 1, "train_batch_size": WORLD, "bf16": {"enabled": False},
-            "zero_optimization": {"stage": 3}}  # fmt: skip
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": WORLD,
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 3},
+    }
 
 
 def _rss_kib() -> tuple[int, int]:
@@ -99,8 +103,13 @@ def rank_main(rank: int, port: int, layers: int, vocab: int, export: str) -> Non
 
     from components.model import build_model, load_model, partitioned_build, save_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     import deepspeed  # noqa: F401 (imported before the measurement starts)
@@ -136,11 +145,29 @@ def run_ranks(layers: int, vocab: int, export: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--port", str(port),
-                               "--layers", str(layers), "--vocab", str(vocab), "--export", export],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-             for r in range(WORLD)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--rank",
+                str(r),
+                "--port",
+                str(port),
+                "--layers",
+                str(layers),
+                "--vocab",
+                str(vocab),
+                "--export",
+                export,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        )
+        for r in range(WORLD)
+    ]
     out = []
     for p in procs:
         stdout, _ = p.communicate(timeout=600)
@@ -164,13 +191,18 @@ def main() -> None:
         return
     layers, vocab = (4, 8192) if args.quick else (args.layers, args.vocab)
     export = os.path.join(scratch("zero3-build-"), "hf")  # the build's rank 0 saves it; the load reads it
-    print(f"machine: {machine()}; {WORLD} ranks (gloo); a Qwen2-0.5B-shaped LLM with {layers} layers and a "
-          f"{vocab:,} vocabulary beside the tiny SigLIP")  # fmt: skip
+    print(
+        f"machine: {machine()}; {WORLD} ranks (gloo); a Qwen2-0.5B-shaped LLM with {layers} layers and a "
+        f"{vocab:,} vocabulary beside the tiny SigLIP"
+    )
     ranks = run_ranks(layers, vocab, export)
     params = ranks[0]["build"]["whole"]["params"]
     print(f"model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB in fp32)")
-    print("| start | build | peak anonymous MiB per rank | peak total MiB (with mapped files) | parameters held "
-          "per rank | seconds |\n|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| start | build | peak anonymous MiB per rank | peak total MiB (with mapped files) | parameters "
+        "held "
+        "per rank | seconds |\n|---|---|---|---|---|---|"
+    )
     ratios = []
     for what in ("build", "load"):
         peaks = {}
@@ -178,11 +210,15 @@ def main() -> None:
             peaks[way] = sorted(r[what][way]["peak_mib"] for r in ranks)[WORLD // 2]
             first = ranks[0][what][way]
             total = sorted(r[what][way]["total_mib"] for r in ranks)[WORLD // 2]
-            print(f"| {what} | {way} | {peaks[way]:.0f} | {total:.0f} | {first['held_params'] / 1e6:.1f} M of "
-                  f"{first['params'] / 1e6:.1f} M | {max(r[what][way]['seconds'] for r in ranks):.1f} |")  # fmt: skip
+            print(
+                f"| {what} | {way} | {peaks[way]:.0f} | {total:.0f} | {first['held_params'] / 1e6:.1f} M of "
+                f"{first['params'] / 1e6:.1f} M | {max(r[what][way]['seconds'] for r in ranks):.1f} |"
+            )
         ratios.append(peaks["whole"] / max(peaks["partitioned"], 1.0))
-    print(f"whole / partitioned peak anonymous memory per rank: build {ratios[0]:.2f}x, load {ratios[1]:.2f}x "
-          "(a whole load keeps the weights as the mapped file's pages)")  # fmt: skip
+    print(
+        f"whole / partitioned peak anonymous memory per rank: build {ratios[0]:.2f}x, load {ratios[1]:.2f}x "
+        "(a whole load keeps the weights as the mapped file's pages)"
+    )
     # the line: the build (what a rank allocates for the model); a load's cost is mostly the mapped file
     print(final_line("zero3_build", ratios[0], f"{WORLD}x: 1/world of the model per rank"))
 

@@ -39,7 +39,8 @@ class AnyResConfig:
     tile_size: int = 384
     """Side of one square tile in pixels (the vision tower's input size)."""
     patch_size: int = 14
-    """Side of one vision-transformer patch; tokens per tile side = tile_size // patch_size (384 // 14 = 27)."""
+    """Side of one vision-transformer patch; tokens per tile side = tile_size // patch_size (384 // 14 =
+    27)."""
     max_grid: int = 6
     """Grids go from 1x1 up to max_grid x max_grid tiles (OneVision: 6)."""
     max_tiles: int = 9
@@ -259,7 +260,8 @@ def _video_tiles(frames: np.ndarray, config: AnyResConfig, dtype: type) -> np.nd
 
 
 def video_tiles_uint8(frames: np.ndarray, config: AnyResConfig) -> np.ndarray:
-    """Frames uint8 [F, H, W, 3] -> uint8 [F, 3, T, T], each resized to the tile (transformers' video processor)."""
+    """Frames uint8 [F, H, W, 3] -> uint8 [F, 3, T, T], each resized to the tile (transformers' video
+    processor)."""
     return _video_tiles(frames, config, np.uint8)
 
 
@@ -306,7 +308,8 @@ def num_multi_image_tokens(config: AnyResConfig) -> int:
 
 
 def num_video_tokens(num_frames: int, config: AnyResConfig) -> int:
-    """Tokens of a video: each frame 2x2 bilinear-pooled (27x27 -> 14x14 = 196), plus one newline at the end."""
+    """Tokens of a video: each frame 2x2 bilinear-pooled (27x27 -> 14x14 = 196), plus one newline at the
+    end."""
     if num_frames < 1:
         raise ValueError(f"num_frames: expected at least 1, found {num_frames}")
     pooled = math.ceil(config.tokens_per_side / 2)

@@ -114,7 +114,8 @@ class Architecture:
         )
 
     def tiles_single_image(self, anyres: AnyResConfig) -> bool:
-        """Whether a lone image is AnyRes-tiled (else it gets one base tile, as each multi-image item does)."""
+        """Whether a lone image is AnyRes-tiled (else it gets one base tile, as each multi-image item
+        does)."""
         return False
 
     reduces_grid: ClassVar[bool] = False
@@ -276,7 +277,8 @@ class LlavaNext(Architecture):
                 sizes.append(list(size))
             if start != len(tiles):
                 raise ValueError(
-                    f"collate: expected {start} tiles for image sizes {row['image_sizes']}, found {len(tiles)}"
+                    f"collate: expected {start} tiles for image sizes {row['image_sizes']}, found "
+                    f"{len(tiles)}"
                 )
         most = max(len(t) for t in per_image)
         out = np.zeros((len(per_image), most, *per_image[0].shape[1:]), dtype=per_image[0].dtype)

@@ -11,7 +11,8 @@ from components.conversation import IGNORE_INDEX
 
 
 def row_pixels(row: dict, anyres: AnyResConfig | None) -> np.ndarray:
-    """A row's pixels as normalized float32: arrays pass through; uint8 tiles (or stored bytes) get normalized."""
+    """A row's pixels as normalized float32: arrays pass through; uint8 tiles (or stored bytes) get
+    normalized."""
     pixels = row["pixel_values"]
     if isinstance(pixels, (bytes, bytearray)):
         pixels = np.frombuffer(pixels, dtype=row.get("pixel_dtype", "uint8")).reshape(row["pixel_shape"])

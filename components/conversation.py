@@ -164,9 +164,12 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
         turns = [Turn(t.role, t.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for t in turns]
     elif any(VIDEO_PLACEHOLDER in t.text for t in turns):
         raise SampleError(
-            sample_id, field_name, "<image> placeholders (the sample has no video)", "a <video> placeholder",
+            sample_id,
+            field_name,
+            "<image> placeholders (the sample has no video)",
+            "a <video> placeholder",
             "placeholder_mismatch",
-        )  # fmt: skip
+        )
     placeholders = sum(len(_PLACEHOLDER_RE.findall(t.text)) for t in turns)
     num_media = len(images) + (1 if video is not None else 0)
     if placeholders != num_media:

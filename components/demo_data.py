@@ -147,7 +147,7 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
         imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", path,
-    ]  # fmt: skip
+    ]  # fmt: skip # ffmpeg's options, one flag and its value per pair
     subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
 
 
@@ -215,8 +215,17 @@ def _multi_image_records(rng: random.Random, w: _Writer, split: str, n: int, cfg
                 "first_color",
             )
         turn = (f"{_ordinal_images(count)}{question}\n{SHORT}", answer)
-        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": task, "answer": answer,
-                      "probe_answer": probe})  # fmt: skip
+        w.add(
+            split,
+            {
+                "id": rid,
+                "image": paths,
+                "conversations": _turns(turn),
+                "task": task,
+                "answer": answer,
+                "probe_answer": probe,
+            },
+        )
 
 
 def _multi_view_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: DemoConfig) -> None:
@@ -225,15 +234,27 @@ def _multi_view_records(rng: random.Random, w: _Writer, split: str, n: int, cfg:
     for i in range(n):
         rid = f"{split}-mv-{i:04d}"
         colors = rng.sample(list(COLORS), 2)
-        paths = [w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, rng.choice(SHAPES), square=True))
-                 for k, c in enumerate(colors)]  # fmt: skip
+        paths = [
+            w.image(f"{rid}-{k}", shape_image(rng, cfg.tile_size, c, rng.choice(SHAPES), square=True))
+            for k, c in enumerate(colors)
+        ]
         answer = " and ".join(sorted(colors))
         turn = (
-            f"{_ordinal_images(2, 'View')}These are two views of one scene. Which two colors does it have?\n{SHORT}",
+            f"{_ordinal_images(2, 'View')}These are two views of one scene. Which two colors does it "
+            f"have?\n{SHORT}",
             answer,
         )
-        w.add(split, {"id": rid, "image": paths, "conversations": _turns(turn), "task": "multiview", "answer": answer,
-                      "probe_answer": answer})  # fmt: skip
+        w.add(
+            split,
+            {
+                "id": rid,
+                "image": paths,
+                "conversations": _turns(turn),
+                "task": "multiview",
+                "answer": answer,
+                "probe_answer": answer,
+            },
+        )
 
 
 def color_change_frames(rng: random.Random, first: str, last: str, shape: str, cfg: DemoConfig) -> np.ndarray:
@@ -265,8 +286,17 @@ def _video_records(rng: random.Random, w: _Writer, split: str, n: int, cfg: Demo
         question, task = f"What color is the {shape} at the {end}?", f"{end}_color"
         write_video(os.path.join(w.out_dir, rel), frames, cfg.video_fps)
         turn = (f"<video>\n{question}\n{SHORT}", answer)
-        w.add(split, {"id": rid, "video": rel, "conversations": _turns(turn), "task": task, "answer": answer,
-                      "probe_answer": probe})  # fmt: skip
+        w.add(
+            split,
+            {
+                "id": rid,
+                "video": rel,
+                "conversations": _turns(turn),
+                "task": task,
+                "answer": answer,
+                "probe_answer": probe,
+            },
+        )
 
 
 def _text_records(rng: random.Random, w: _Writer, split: str, n: int) -> None:
@@ -288,8 +318,10 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         rid = f"cap-{i:04d}"
         path = w.image(rid, shape_image(rng, cfg.tile_size, color, shape))
-        turn = (rng.choice(CAPTION_PROMPTS) + "\n<image>" if i % 2 else "<image>\n" + rng.choice(CAPTION_PROMPTS),
-                f"A {color} {shape} on a light gray background.")  # fmt: skip
+        turn = (
+            rng.choice(CAPTION_PROMPTS) + "\n<image>" if i % 2 else "<image>\n" + rng.choice(CAPTION_PROMPTS),
+            f"A {color} {shape} on a light gray background.",
+        )
         w.add("stage1_captions", {"id": rid, "image": path, "conversations": _turns(turn)})
     for i in range(cfg.details):
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
@@ -299,7 +331,8 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
         orient = "wide" if image.width > image.height else "tall" if image.height > image.width else "square"
         answer = (
             f"The image is {orient}, {image.width} pixels wide and {image.height} pixels tall. "
-            f"It shows one large {color} {shape} on a plain light gray background. There is nothing else in it."
+            f"It shows one large {color} {shape} on a plain light gray background. There is nothing else in "
+            "it."
         )
         w.add(
             "stage1_5_detail",
@@ -346,12 +379,14 @@ def write_parquet(path: str, records: list[dict], media_root: str) -> str:
     for r in records:
         with open(os.path.join(media_root, r["image"]), "rb") as f:
             data = f.read()
-        rows.append({
-            "id": r["id"],
-            "image": {"bytes": data, "path": r["image"]},
-            "conversations": r["conversations"],
-            "data_source": "demo_single_image",
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": r["id"],
+                "image": {"bytes": data, "path": r["image"]},
+                "conversations": r["conversations"],
+                "data_source": "demo_single_image",
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -381,15 +416,18 @@ def tokenizer_corpus() -> list[str]:
     for color in list(COLORS) + ["pink", "gray", "white", "black"]:
         for shape in SHAPES:
             lines.append(
-                f"A {color} {shape} on a light gray background. What color is the {shape}? What color is the {shape} at the start?"
+                f"A {color} {shape} on a light gray background. What color is the {shape}? What color is the "
+                f"{shape} at the start?"
                 f" What color is the {shape} at the end?"
             )
     lines += [
         "Image 1: Image 2: Image 3: View 1: View 2: What color is the shape in the last image?",
-        "What color is the shape in the first image? These are two views of one scene. Which two colors does it have?",
+        "What color is the shape in the first image? These are two views of one scene. Which two colors does "
+        "it have?",
         "blue and green and orange and purple and red and yellow",
         "Which shape is shown? Which shape appears in the video? A. B. C. D.",
-        "The image is wide, tall, square, pixels wide and pixels tall. It shows one large on a plain light gray "
+        "The image is wide, tall, square, pixels wide and pixels tall. It shows one large on a plain light "
+        "gray "
         "background. There is nothing else in it. 0 1 2 3 4 5 6 7 8 9",
     ]
     return lines * 4

@@ -128,11 +128,18 @@ def evaluate(
             chunk = group[start : start + batch_size]
             outs = generate(model, processor, [it.row for it in chunk], max_new_tokens=max_new_tokens)
             for it, out in zip(chunk, outs, strict=True):
-                results.append({
-                    "id": it.id, "task": it.task.name, "modality": it.task.modality, "prediction": out["text"],
-                    "answer": it.answer, "correct": score(it.task.scorer, out["text"], it.answer), "probe": it.probe,
-                    "chance": chance(it.task.scorer, it.question, answers_by_task[it.task.name]),
-                })  # fmt: skip
+                results.append(
+                    {
+                        "id": it.id,
+                        "task": it.task.name,
+                        "modality": it.task.modality,
+                        "prediction": out["text"],
+                        "answer": it.answer,
+                        "correct": score(it.task.scorer, out["text"], it.answer),
+                        "probe": it.probe,
+                        "chance": chance(it.task.scorer, it.question, answers_by_task[it.task.name]),
+                    }
+                )
     out = report([r for r in results if not r["probe"]])
     out["probes"] = report([r for r in results if r["probe"]])["modalities"]
     out["predictions"] = results

@@ -40,8 +40,13 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p)
     eos = processor.stop_ids
     tokenizer = processor.tokenizer
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=processor.pad_token_id,
-                         **kwargs)  # fmt: skip
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=processor.pad_token_id,
+        **kwargs,
+    )
     new = out[:, batch["input_ids"].shape[1] :]
     stops = [s for s in [processor.template.stop, *(stop or [])] if s]
     results = []
@@ -54,8 +59,14 @@ def generate(
         for s in stops:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
-        results.append({"text": text.strip(), "prompt_tokens": len(row["input_ids"]),
-                        "completion_tokens": len(tokens), "finish_reason": finish})  # fmt: skip
+        results.append(
+            {
+                "text": text.strip(),
+                "prompt_tokens": len(row["input_ids"]),
+                "completion_tokens": len(tokens),
+                "finish_reason": finish,
+            }
+        )
     return results
 
 

@@ -94,22 +94,32 @@ DEFAULT_PACKS = {
         "certainty from the image. Format every exchange as 'Question: ...' then 'Answer: ...'.",
         examples=[
             (
-                "A man rides a red bicycle down a city street.\nA cyclist passes parked cars.\nbicycle: [0.310, 0.420, 0.620, 0.910]\nperson: [0.350, 0.150, 0.580, 0.800]\ncar: [0.700, 0.500, 0.990, 0.780]",
+                "A man rides a red bicycle down a city street.\n"
+                "A cyclist passes parked cars.\n"
+                "bicycle: [0.310, 0.420, 0.620, 0.910]\n"
+                "person: [0.350, 0.150, 0.580, 0.800]\n"
+                "car: [0.700, 0.500, 0.990, 0.780]",
                 "Question: What is the man riding?\nAnswer: The man is riding a red bicycle.\n"
-                "Question: Where is he riding?\nAnswer: He is riding down a city street, past cars parked on the right side.",
+                "Question: Where is he riding?\nAnswer: He is riding down a city street, past cars parked on "
+                "the right side.",
             )
-        ],  # fmt: skip
+        ],
     ),
     "detail": PromptPack(
         system=_SEEING + " Describe the image in a detailed, well-organized paragraph: the objects, their "
         "attributes, their positions relative to each other, and the scene as a whole.",
         examples=[
             (
-                "Two dogs play with a ball on the grass.\nA brown dog chases a white dog in a park.\ndog: [0.050, 0.400, 0.450, 0.900]\ndog: [0.500, 0.350, 0.900, 0.880]\nsports ball: [0.460, 0.700, 0.520, 0.770]",
-                "The image shows two dogs playing on a grassy lawn in a park. On the left, a brown dog is mid-stride, "
-                "chasing a white dog on the right, and a small ball lies on the grass between them.",
+                "Two dogs play with a ball on the grass.\n"
+                "A brown dog chases a white dog in a park.\n"
+                "dog: [0.050, 0.400, 0.450, 0.900]\n"
+                "dog: [0.500, 0.350, 0.900, 0.880]\n"
+                "sports ball: [0.460, 0.700, 0.520, 0.770]",
+                "The image shows two dogs playing on a grassy lawn in a park. On the left, a brown dog is "
+                "mid-stride, chasing a white dog on the right, and a small ball lies on the grass between "
+                "them.",
             )
-        ],  # fmt: skip
+        ],
     ),
     "reasoning": PromptPack(
         system=_SEEING + " Ask one question that needs reasoning beyond describing the scene (why something "
@@ -117,17 +127,23 @@ DEFAULT_PACKS = {
         "'Question: ...' then 'Answer: ...'.",
         examples=[
             (
-                "People stand beside a car with many suitcases.\nA family packs luggage into an SUV.\ncar: [0.100, 0.300, 0.700, 0.900]\nsuitcase: [0.720, 0.600, 0.850, 0.950]\nperson: [0.400, 0.200, 0.550, 0.950]",
-                "Question: What challenge might this family face?\nAnswer: They have many suitcases beside a single "
-                "car, so fitting all the luggage into it may be hard; they may need to pack carefully or leave something behind.",
+                "People stand beside a car with many suitcases.\n"
+                "A family packs luggage into an SUV.\n"
+                "car: [0.100, 0.300, 0.700, 0.900]\n"
+                "suitcase: [0.720, 0.600, 0.850, 0.950]\n"
+                "person: [0.400, 0.200, 0.550, 0.950]",
+                "Question: What challenge might this family face?\nAnswer: They have many suitcases beside a "
+                "single car, so fitting all the luggage into it may be hard; they may need to pack carefully "
+                "or leave something behind.",
             )
-        ],  # fmt: skip
+        ],
     ),
 }
 
 
 def load_packs(path: str | None) -> dict[str, PromptPack]:
-    """The default packs, with any type overridden by a YAML file ({type: {system, examples: [[ctx, resp]]}})."""
+    """The default packs, with any type overridden by a YAML file ({type: {system, examples: [[ctx,
+    resp]]}})."""
     packs = dict(DEFAULT_PACKS)
     if path:
         with open(path) as f:
@@ -164,13 +180,20 @@ def read_coco(instances: dict, captions: dict | None = None, image_prefix: str =
     out = []
     for image_id in sorted(images, key=str):
         if image_id in caps or image_id in boxes:
-            out.append(ImageContext(str(image_id), image_prefix + images[image_id]["file_name"],
-                                    caps.get(image_id, []), boxes.get(image_id, [])))  # fmt: skip
+            out.append(
+                ImageContext(
+                    str(image_id),
+                    image_prefix + images[image_id]["file_name"],
+                    caps.get(image_id, []),
+                    boxes.get(image_id, []),
+                )
+            )
     return out
 
 
 def read_contexts_jsonl(text: str) -> list[ImageContext]:
-    """The plain form: {"id", "image", "captions": [...], "boxes": [{"category", "bbox": [x1, y1, x2, y2]}]}."""
+    """The plain form: {"id", "image", "captions": [...], "boxes": [{"category", "bbox": [x1, y1, x2,
+    y2]}]}."""
     out = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -193,8 +216,16 @@ def naive_expansion(contexts: list[ImageContext], seed: int = 0) -> list[dict]:
         for k, caption in enumerate(ctx.captions):
             rng = random.Random(f"{seed}:{ctx.image_id}:{k}")
             question = _place_image(rng.choice(BRIEF_QUESTIONS), rng)
-            out.append({"id": f"{ctx.image_id}-brief-{k}", "image": ctx.image,
-                        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]})  # fmt: skip
+            out.append(
+                {
+                    "id": f"{ctx.image_id}-brief-{k}",
+                    "image": ctx.image,
+                    "conversations": [
+                        {"from": "human", "value": question},
+                        {"from": "gpt", "value": caption},
+                    ],
+                }
+            )
     return out
 
 

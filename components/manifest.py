@@ -126,8 +126,10 @@ def _mark_duplicates(entries: list[Entry]) -> list[Entry]:
             continue
         if e.sample_id in seen:
             e.read_error_kind = "duplicate_id"
-            e.read_error = (f"sample {e.sample_id!r}, field 'id': expected an id unique in {e.dataset}, found it "
-                            f"again (first at line {seen[e.sample_id] + 1})")  # fmt: skip
+            e.read_error = (
+                f"sample {e.sample_id!r}, field 'id': expected an id unique in {e.dataset}, found it "
+                f"again (first at line {seen[e.sample_id] + 1})"
+            )
         else:
             seen[e.sample_id] = e.index
     return entries
@@ -230,7 +232,8 @@ def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture"
 
 
 def mixture_manifest(entries: list[Entry]) -> dict:
-    """The artifact that pins a mixture: per dataset, sample ids and content hashes in order, plus a digest."""
+    """The artifact that pins a mixture: per dataset, sample ids and content hashes in order, plus a
+    digest."""
     datasets: dict[str, list] = {}
     for e in entries:
         datasets.setdefault(e.dataset, []).append([e.index, e.sample_id, e.content_hash])

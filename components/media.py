@@ -47,7 +47,8 @@ class MediaPolicy:
     max_video_pixels: int = 32 * 1920 * 1080
     """Sampled frames x pixels per frame (32 frames of 1080p), checked on the first frame."""
     decode_deadline_s: float = 120.0
-    """The most one sample's decoding may take (enforced where the stage runs on its process's main thread)."""
+    """The most one sample's decoding may take (enforced where the stage runs on its process's main
+    thread)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_roots", tuple(self.allowed_roots))
@@ -75,7 +76,8 @@ def resolve_media(path: str, media_root: str, policy: MediaPolicy, *, sample_id:
         raise MediaError("invalid_path", f"{where}: expected a file path, found one with a NUL byte or none")
     outside = MediaError(
         "outside_root",
-        f"{where}: expected a path inside the media root or an allowed root, found {short_repr(path, 80)} outside them",
+        f"{where}: expected a path inside the media root or an allowed root, found {short_repr(path, 80)} "
+        "outside them",
     )
     if storage.is_s3(path) or storage.is_s3(media_root):
         uri = path if storage.is_s3(path) else storage.join(media_root, path)

@@ -94,7 +94,8 @@ class ModelSpec:
         architecture(self.arch)
         if self.attn_implementation not in ATTENTION:
             raise ValueError(
-                f"ModelSpec.attn_implementation: expected one of {list(ATTENTION)}, found {self.attn_implementation!r}"
+                f"ModelSpec.attn_implementation: expected one of {list(ATTENTION)}, found "
+                f"{self.attn_implementation!r}"
             )
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ValueError(
@@ -102,7 +103,8 @@ class ModelSpec:
             )
         if self.projector == "linear" and self.arch != "llava":
             raise ValueError(
-                f"ModelSpec.projector: expected 'linear' only with arch 'llava' (LLaVA 1.0), found arch {self.arch!r}"
+                "ModelSpec.projector: expected 'linear' only with arch 'llava' (LLaVA 1.0), found arch "
+                f"{self.arch!r}"
             )
         if self.template not in TEMPLATES:
             raise ValueError(
@@ -120,7 +122,8 @@ class ModelSpec:
 
 
 def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024):
-    """A byte-level BPE trained on ``corpus`` (deterministic), as a PreTrainedTokenizerFast with our specials."""
+    """A byte-level BPE trained on ``corpus`` (deterministic), as a PreTrainedTokenizerFast with our
+    specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -392,7 +395,8 @@ def _from_hf_projector(model) -> None:
         eye = torch.eye(hf.linear_2.weight.shape[0], dtype=hf.linear_2.weight.dtype)
         if not (torch.equal(hf.linear_2.weight, eye) and not hf.linear_2.bias.any()):
             raise ValueError(
-                "multi_modal_projector.linear_2: expected the identity of a linear projector, found other weights"
+                "multi_modal_projector.linear_2: expected the identity of a linear projector, found other "
+                "weights"
             )
         linear = {k: v.detach().clone() for k, v in hf.linear_1.state_dict().items()}
     _use_linear_projector(model)
@@ -463,8 +467,15 @@ def param_groups(
     out = []
     for (group_lr, wd), group in groups.items():
         suffix = "_no_decay" if weight_decay and not wd else ""
-        out.append({"name": "+".join(group["parts"]) + suffix, "parts": group["parts"], "params": group["params"],
-                    "lr": group_lr, "weight_decay": wd})  # fmt: skip
+        out.append(
+            {
+                "name": "+".join(group["parts"]) + suffix,
+                "parts": group["parts"],
+                "params": group["params"],
+                "lr": group_lr,
+                "weight_decay": wd,
+            }
+        )
     return out
 
 

@@ -80,7 +80,8 @@ class ProcessorConfig:
 
     arch: str = "llava_onevision"
     template: str = "chatml"
-    """The chat format rows are built with (``plain`` in Stage-1; an export records the conversational one)."""
+    """The chat format rows are built with (``plain`` in Stage-1; an export records the conversational
+    one)."""
     anyres: AnyResConfig = field(default_factory=AnyResConfig)
     video: VideoSampling = field(default_factory=VideoSampling)
     image_token: str = IMAGE_PLACEHOLDER
@@ -254,7 +255,8 @@ class LlavaProcessor:
         )
 
     def prompt_row(self, prompt: Prompt, *, max_length: int | None = None) -> dict:
-        """The collate row of a prompt: media processed as in training, ids ending at the assistant's prompt."""
+        """The collate row of a prompt: media processed as in training, ids ending at the assistant's
+        prompt."""
         media = self.media(prompt.images, prompt.video_frames)
         sample = Sample(
             id=prompt.id,
@@ -280,8 +282,12 @@ class LlavaProcessor:
             counts = self.arch.image_token_counts(
                 [(im.height, im.width) for im in prompt.images], self.anyres
             )
-        sample = Sample(id=prompt.id, turns=prompt.turns, images=[f"image-{i}" for i in range(len(prompt.images))],
-                        video="video" if prompt.video_frames is not None else None)  # fmt: skip
+        sample = Sample(
+            id=prompt.id,
+            turns=prompt.turns,
+            images=[f"image-{i}" for i in range(len(prompt.images))],
+            video="video" if prompt.video_frames is not None else None,
+        )
         return self.tokenize(sample, counts).input_ids
 
     def count_tokens(self, prompt: Prompt) -> int:
@@ -406,7 +412,8 @@ def local_dir(uri: str, tmp: str) -> str:
 
 
 def ensure_media_tokens(tokenizer) -> None:
-    """A tokenizer gets <image>, <video> and ChatML's markers as special tokens when it lacks them, and a pad."""
+    """A tokenizer gets <image>, <video> and ChatML's markers as special tokens when it lacks them, and a
+    pad."""
     from components.conversation import SPECIAL_TOKENS
 
     wanted = [t for k, t in SPECIAL_TOKENS.items() if k not in ("pad", "bos", "eos", "unk")]
@@ -450,7 +457,8 @@ def chat_template(template: Template) -> str:
             "{%- for p in content -%}",
             "{%- if p['type'] == 'text' and p['text'] -%}",
             "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
-            "{%- set ns.texts = ns.texts + p['text'] -%}{%- set ns.parts = ns.parts + [['text', p['text']]] -%}",
+            "{%- set ns.texts = ns.texts + p['text'] -%}"
+            "{%- set ns.parts = ns.parts + [['text', p['text']]] -%}",
             "{%- elif p['type'] in ['image', 'image_url'] -%}",
             "{%- set ns.parts = ns.parts + [['media', '" + IMAGE_PLACEHOLDER + "']] -%}",
             "{%- set ns.media = ns.media + ['image'] -%}",
@@ -477,7 +485,8 @@ def chat_template(template: Template) -> str:
             "{{ ns.out }}",
             "{%- endif -%}{%- endif -%}{%- endmacro -%}",
             "{%- set sys = namespace(text=" + q(template.system) + ") -%}",
-            "{%- for m in messages if m['role'] == 'system' -%}{%- set sys.text = render(m['content']) -%}{%- endfor -%}",
+            "{%- for m in messages if m['role'] == 'system' -%}"
+            "{%- set sys.text = render(m['content']) -%}{%- endfor -%}",
             "{{ bos_token }}" if template.add_bos else "",
             "{{ " + q(prefix_pre) + " + sys.text + " + q(prefix_post) + " }}",
             "{%- for m in messages -%}",

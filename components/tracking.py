@@ -146,9 +146,11 @@ class MlflowTracker(NoopTracker):
         from components import storage
 
         model = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=record["mlflow_run_id"],
+            self.experiment_id,
+            name=name,
+            source_run_id=record["mlflow_run_id"],
             tags={"llava_ray.export_uri": record["hf_uri"], "llava_ray.stage": record["stage"]},
-        )  # fmt: skip
+        )
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_model_artifacts(model.model_id, storage.download_dir(record["hf_uri"], tmp))
         self.client.finalize_logged_model(model.model_id, "READY")
@@ -187,14 +189,19 @@ def audit_pipeline_run(config: TrackingConfig, summary: dict) -> list[str]:
     if experiment is None:
         return [f"experiment {config.experiment!r}: expected in {uri}, found none"]
     runs = client.search_runs([experiment.experiment_id], max_results=10000)
-    problems = [f"run {r.info.run_name} ({r.info.run_id}): expected ended, found RUNNING"
-                for r in runs if r.info.status == "RUNNING"]  # fmt: skip
+    problems = [
+        f"run {r.info.run_name} ({r.info.run_id}): expected ended, found RUNNING"
+        for r in runs
+        if r.info.status == "RUNNING"
+    ]
     parent = summary.get("mlflow_parent_run_id")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     expected = [record["stage"] for record in summary["stages"]]
     if sorted(r.info.run_name for r in children) != sorted(expected):
-        problems.append(f"stage runs under {parent}: expected one each of {expected}, "
-                        f"found {sorted(r.info.run_name for r in children)}")  # fmt: skip
+        problems.append(
+            f"stage runs under {parent}: expected one each of {expected}, "
+            f"found {sorted(r.info.run_name for r in children)}"
+        )
     for run in children:
         if run.info.status != "FINISHED":
             problems.append(f"stage run {run.info.run_name}: expected FINISHED, found {run.info.status}")
@@ -212,11 +219,15 @@ def _audit_registration(client, summary: dict) -> list[str]:
     version = client.get_model_version(registered["name"], registered["version"])
     problems = []
     if version.run_id != last_run:
-        problems.append(f"registered {registered['name']} v{registered['version']}: expected run {last_run}, "
-                        f"found {version.run_id}")  # fmt: skip
+        problems.append(
+            f"registered {registered['name']} v{registered['version']}: expected run {last_run}, "
+            f"found {version.run_id}"
+        )
     if not version.source.startswith("models:/"):
-        return problems + [f"registered {registered['name']} v{registered['version']}: expected a models:/ "
-                           f"source, found {version.source!r}"]  # fmt: skip
+        return problems + [
+            f"registered {registered['name']} v{registered['version']}: expected a models:/ "
+            f"source, found {version.source!r}"
+        ]
     model_id = version.source.removeprefix("models:/")  # sqlite's registry returns model_id=None
     if client.get_logged_model(model_id).source_run_id != last_run:
         problems.append(f"logged model {model_id}: expected source run {last_run}")

@@ -61,11 +61,20 @@ def _pipeline_config(args: argparse.Namespace, **over):
     from pipelines.dag import PipelineConfig
 
     return PipelineConfig(
-        recipe=args.recipe, profile=args.profile, storage=args.storage, run_id=args.run_id,
-        tracking_uri=args.tracking_uri, demo_dir=args.demo_dir, max_steps=args.max_steps,
-        data_mode=args.data_mode, seed=args.seed, workers=args.workers, local=args.local,
-        placement=args.placement, **over,
-    )  # fmt: skip
+        recipe=args.recipe,
+        profile=args.profile,
+        storage=args.storage,
+        run_id=args.run_id,
+        tracking_uri=args.tracking_uri,
+        demo_dir=args.demo_dir,
+        max_steps=args.max_steps,
+        data_mode=args.data_mode,
+        seed=args.seed,
+        workers=args.workers,
+        local=args.local,
+        placement=args.placement,
+        **over,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,8 +124,18 @@ def _status(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from pipelines.submit import submit
 
-    common = ["--recipe", args.recipe, "--profile", args.profile, "--storage", args.storage, "--run-id", args.run_id,
-              "--demo-dir", args.demo_dir]  # fmt: skip
+    common = [
+        "--recipe",
+        args.recipe,
+        "--profile",
+        args.profile,
+        "--storage",
+        args.storage,
+        "--run-id",
+        args.run_id,
+        "--demo-dir",
+        args.demo_dir,
+    ]
     if args.tracking_uri:
         common += ["--tracking-uri", args.tracking_uri]
     if args.max_steps:
@@ -167,10 +186,20 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pipelines.generate import GenerateConfig, generate, read_contexts
 
-    config = GenerateConfig(endpoint=args.endpoint, model=args.model, out=args.out, types=args.types.split(","),
-                            api_key_env=args.api_key_env, concurrency=args.concurrency, workers=args.workers,
-                            rate_limit_rps=args.rate_limit, max_retries=args.max_retries, timeout_s=args.timeout,
-                            prompt_pack=args.prompt_pack, seed=args.seed)  # fmt: skip
+    config = GenerateConfig(
+        endpoint=args.endpoint,
+        model=args.model,
+        out=args.out,
+        types=args.types.split(","),
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        workers=args.workers,
+        rate_limit_rps=args.rate_limit,
+        max_retries=args.max_retries,
+        timeout_s=args.timeout,
+        prompt_pack=args.prompt_pack,
+        seed=args.seed,
+    )
     contexts = read_contexts(args.images, args.captions, args.image_prefix)
     _init_ray(args)
     summary = generate(contexts, config)

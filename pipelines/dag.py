@@ -52,7 +52,8 @@ class PipelineConfig:
     """Train every stage on this many workers (a smaller or larger machine than the profile's); None: the
     recipe's. The global batch stays the recipe's: fewer workers accumulate more micro-batches."""
     seed: int | None = None
-    """The model's initialisation and every stage's seed (data order, mixture sampling); None: the recipe's."""
+    """The model's initialisation and every stage's seed (data order, mixture sampling); None: the
+    recipe's."""
     placement: str | None = None
     """PACK, SPREAD or STRICT_SPREAD for every stage's training workers; None: the recipe's (PACK)."""
     local: bool = False
@@ -116,16 +117,27 @@ def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
     ``seed`` sets the model's initialisation and every stage's seed."""
     if cfg.max_steps:
         cap = cfg.max_steps
-        recipe = replace(recipe, stages=[replace(s, max_steps=min(s.max_steps or cap, cap),
-                                                 checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)))
-                                         for s in recipe.stages])  # fmt: skip
+        recipe = replace(
+            recipe,
+            stages=[
+                replace(
+                    s,
+                    max_steps=min(s.max_steps or cap, cap),
+                    checkpoint_every=max(1, min(s.checkpoint_every, cap // 2)),
+                )
+                for s in recipe.stages
+            ],
+        )
     if cfg.workers or cfg.local:
         recipe = replace(recipe, workers=1 if cfg.local else cfg.workers)
     if cfg.placement:
         recipe = replace(recipe, placement=cfg.placement)
     if cfg.seed is not None:
-        recipe = replace(recipe, model=replace(recipe.model, seed=cfg.seed),
-                         stages=[replace(s, seed=cfg.seed) for s in recipe.stages])  # fmt: skip
+        recipe = replace(
+            recipe,
+            model=replace(recipe.model, seed=cfg.seed),
+            stages=[replace(s, seed=cfg.seed) for s in recipe.stages],
+        )
     return recipe
 
 
@@ -193,8 +205,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     parent = _parent_run(recipe, cfg, state, tracking)
     try:
         records, final = _run_stages(recipe, stages, cfg, layout, state, tracking, parent)
-        summary = {"run_id": cfg.run_id, "recipe": recipe.name, "stages": records, "final_model": final,
-                   "mlflow_parent_run_id": parent.run_id, "state_uri": state.uri}  # fmt: skip
+        summary = {
+            "run_id": cfg.run_id,
+            "recipe": recipe.name,
+            "stages": records,
+            "final_model": final,
+            "mlflow_parent_run_id": parent.run_id,
+            "state_uri": state.uri,
+        }
         if parent.enabled and records and not cfg.until_stage:
             name = cfg.register_as or recipe.name
             summary["registered_model"] = {"name": name, "version": parent.register_model(name, records[-1])}
@@ -233,8 +251,14 @@ def _run_stages(recipe, stages, cfg, layout, state, tracking, parent) -> tuple[l
                 manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)
             )
             summary = preprocess(config, stage_layout, local=cfg.local)
-            state.set(pre_name, status="completed", output_uri=stage_layout.root, accepted=summary["accepted"],
-                      rejected=summary["rejected"], mixture_digest=summary["mixture_digest"])  # fmt: skip
+            state.set(
+                pre_name,
+                status="completed",
+                output_uri=stage_layout.root,
+                accepted=summary["accepted"],
+                rejected=summary["rejected"],
+                mixture_digest=summary["mixture_digest"],
+            )
             state.event(pre_name, "completed")
             parent.set_tags(
                 {f"node.{pre_name}.status": "completed", f"node.{pre_name}.output_uri": stage_layout.root}
@@ -258,16 +282,33 @@ def _train(recipe, stage, stage_layout, cfg, state, tracking, parent, *, init_fr
     run_id = node.get("mlflow_run_id")
     if parent.enabled and not run_id:
         child = make_tracker(tracking)
-        run_id = child.start_run(stage.name, parent_run_id=parent.run_id,
-                                 tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": state.uri})  # fmt: skip
+        run_id = child.start_run(
+            stage.name,
+            parent_run_id=parent.run_id,
+            tags={"llava_ray.recipe": recipe.name, "llava_ray.run_id": state.uri},
+        )
     state.event(name, "resumed" if resumed else "started")
     state.set(name, status="started", mlflow_run_id=run_id, init_from=init_from)
-    record = train_stage(recipe, stage, stage_layout, init_from=init_from, tracking=tracking,
-                         parent_run_id=parent.run_id, mlflow_run_id=run_id, max_failures=cfg.max_failures,
-                         data_mode=cfg.data_mode or stage.data_mode, step_hooks=cfg.step_hooks.get(stage.name, ()),
-                         local=cfg.local)  # fmt: skip
-    state.set(name, status="completed", hf_uri=record["hf_uri"], checkpoint_uri=record["checkpoint_uri"],
-              mlflow_run_id=record["mlflow_run_id"])  # fmt: skip
+    record = train_stage(
+        recipe,
+        stage,
+        stage_layout,
+        init_from=init_from,
+        tracking=tracking,
+        parent_run_id=parent.run_id,
+        mlflow_run_id=run_id,
+        max_failures=cfg.max_failures,
+        data_mode=cfg.data_mode or stage.data_mode,
+        step_hooks=cfg.step_hooks.get(stage.name, ()),
+        local=cfg.local,
+    )
+    state.set(
+        name,
+        status="completed",
+        hf_uri=record["hf_uri"],
+        checkpoint_uri=record["checkpoint_uri"],
+        mlflow_run_id=record["mlflow_run_id"],
+    )
     state.event(name, "completed")
     parent.set_tags({f"node.{name}.status": "completed", f"node.{name}.output_uri": record["hf_uri"]})
     parent.log_metrics({f"{stage.name}/final_loss": record["final_loss"] or 0.0})

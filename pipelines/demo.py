@@ -38,9 +38,15 @@ def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
     tracking = os.path.join(out, "mlflow")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    config = PipelineConfig(recipe="llava_onevision", profile="tiny", storage=os.path.join(out, "runs"),
-                            run_id="demo" if seed == 0 else f"demo-seed{seed}", tracking_uri=tracking, demo_dir=data,
-                            seed=seed)  # fmt: skip
+    config = PipelineConfig(
+        recipe="llava_onevision",
+        profile="tiny",
+        storage=os.path.join(out, "runs"),
+        run_id="demo" if seed == 0 else f"demo-seed{seed}",
+        tracking_uri=tracking,
+        demo_dir=data,
+        seed=seed,
+    )
     summary = run_pipeline(config)
     trained = time.monotonic() - start
     answers = _ask_the_endpoint(summary["final_model"], data)
@@ -49,8 +55,15 @@ def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
     storage.write_text(
         os.path.join(out, "demo_summary.json"), json.dumps({"summary": summary, "answers": answers}, indent=1)
     )
-    print("\nMLflow store: " + ("every run ended, one run per stage with its mixture manifest, the registered "
-                               "version linked to its run and files" if not problems else "NOT as expected"))  # fmt: skip
+    print(
+        "\nMLflow store: "
+        + (
+            "every run ended, one run per stage with its mixture manifest, the registered "
+            "version linked to its run and files"
+            if not problems
+            else "NOT as expected"
+        )
+    )
     for problem in problems:
         print(f"  {problem}")
     return 1 if problems else 0
@@ -70,8 +83,22 @@ def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:
     records = [json.loads(line) for line in open(os.path.join(data, "eval.jsonl"))]
     image_q, video_q = _first(records, "color"), _first(records, "end_color")
     answers = []
-    for record, part in ((image_q, {"type": "image_url", "image_url": {"url": _data_url(os.path.join(data, record_path(image_q)), "image/png")}}),
-                         (video_q, {"type": "video_url", "video_url": {"url": _data_url(os.path.join(data, video_q["video"]), "video/mp4")}})):  # fmt: skip
+    for record, part in (
+        (
+            image_q,
+            {
+                "type": "image_url",
+                "image_url": {"url": _data_url(os.path.join(data, record_path(image_q)), "image/png")},
+            },
+        ),
+        (
+            video_q,
+            {
+                "type": "video_url",
+                "video_url": {"url": _data_url(os.path.join(data, video_q["video"]), "video/mp4")},
+            },
+        ),
+    ):
         question = record["conversations"][0]["value"].replace("<image>\n", "").replace("<video>\n", "")
         reply = client.chat.completions.create(
             model="llava-ray",
@@ -108,10 +135,15 @@ def _report(
         f"\nMLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000"
     )
     print(
-        f"Serve it:    .venv/bin/llava-ray serve --checkpoint {summary['final_model']} --config serve/serve.yaml"
+        f"Serve it:    .venv/bin/llava-ray serve --checkpoint {summary['final_model']} --config "
+        "serve/serve.yaml"
     )
-    print('Query it:    curl -s http://127.0.0.1:8000/v1/chat/completions -H "content-type: application/json" \\\n'
-          "               -d '{\"model\": \"llava-ray\", \"messages\": [{\"role\": \"user\", \"content\": \"What is two plus three?\"}]}'")  # fmt: skip
+    print(
+        'Query it:    curl -s http://127.0.0.1:8000/v1/chat/completions -H "content-type: application/json" '
+        "\\\n"
+        '               -d \'{"model": "llava-ray", '
+        '"messages": [{"role": "user", "content": "What is two plus three?"}]}\''
+    )
     print(f"Run state:   .venv/bin/llava-ray status demo --storage {os.path.join(out, 'runs')}")
 
 

@@ -1,7 +1,8 @@
 """Instruction-data generation on Ray Data against any OpenAI-compatible chat endpoint.
 
-    llava-ray generate --images instances.json --captions captions.json --types conversation,detail,reasoning \\
-        --endpoint http://127.0.0.1:8000/v1 --model teacher --out runs/instruct
+    llava-ray generate --images instances.json --captions captions.json \\
+        --types conversation,detail,reasoning --endpoint http://127.0.0.1:8000/v1 --model teacher \\
+        --out runs/instruct
 
 Reads top to bottom: contexts and prompt packs on the driver, the Stage-1 naive expansion, then one
 work item per (image, response type) through ``Teacher`` actors: bounded requests in flight per actor,
@@ -102,14 +103,23 @@ class Teacher:
 
         c = self.config
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        body = {"model": c.model, "messages": messages, "max_tokens": c.max_tokens, "temperature": c.temperature,
-                "seed": c.seed}  # fmt: skip
+        body = {
+            "model": c.model,
+            "messages": messages,
+            "max_tokens": c.max_tokens,
+            "temperature": c.temperature,
+            "seed": c.seed,
+        }
         error = ""
         for attempt in range(c.max_retries + 1):
             time.sleep(ray.get(self.limiter.acquire.remote()))
             try:
-                r = self.session.post(f"{c.endpoint.rstrip('/')}/chat/completions", json=body, headers=headers,
-                                      timeout=c.timeout_s)  # fmt: skip
+                r = self.session.post(
+                    f"{c.endpoint.rstrip('/')}/chat/completions",
+                    json=body,
+                    headers=headers,
+                    timeout=c.timeout_s,
+                )
                 if r.status_code == 200:
                     return r.json()["choices"][0]["message"]["content"], "", attempt + 1
                 error = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -143,10 +153,16 @@ class Teacher:
         done = [r for r in results if r["status"] != "failed"]
         if done:  # generated (or rejected with its raw text): never asked for again
             digest = hashlib.sha256(json.dumps(sorted(r["id"] for r in done)).encode()).hexdigest()[:20]
-            storage.write_text(storage.join(self.config.out, "parts", f"part-{digest}.jsonl"),
-                               "".join(json.dumps(r) + "\n" for r in done))  # fmt: skip
-        return pa.Table.from_pylist([{"id": r["id"], "status": r["status"], "attempts": r["attempts"],
-                                      "error": r.get("error", "")} for r in results])  # fmt: skip
+            storage.write_text(
+                storage.join(self.config.out, "parts", f"part-{digest}.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in done),
+            )
+        return pa.Table.from_pylist(
+            [
+                {"id": r["id"], "status": r["status"], "attempts": r["attempts"], "error": r.get("error", "")}
+                for r in results
+            ]
+        )
 
 
 def done_ids(out: str) -> set[str]:
@@ -163,17 +179,26 @@ def generate(contexts: list[ImageContext], config: GenerateConfig) -> dict:
     brief = naive_expansion(contexts, config.seed)
     storage.write_text(storage.join(config.out, "brief.jsonl"), "".join(json.dumps(r) + "\n" for r in brief))
     done = done_ids(config.out)
-    items = [{"image_id": c.image_id, "kind": k, "context": json.dumps(asdict(c))}
-             for c in contexts for k in config.types if f"{c.image_id}-{k}" not in done]  # fmt: skip
+    items = [
+        {"image_id": c.image_id, "kind": k, "context": json.dumps(asdict(c))}
+        for c in contexts
+        for k in config.types
+        if f"{c.image_id}-{k}" not in done
+    ]
     statuses = []
     if items:
         limiter = RateLimiter.remote(config.rate_limit_rps)
         ds = ray.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)).repartition(
             max(1, min(len(items), config.workers * 4))
         )
-        ds = ds.map_batches(Teacher, fn_constructor_args=(asdict(config), limiter), batch_format="pyarrow",
-                            batch_size=config.batch_size, num_cpus=0.25,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers))  # fmt: skip
+        ds = ds.map_batches(
+            Teacher,
+            fn_constructor_args=(asdict(config), limiter),
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=0.25,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
+        )
         statuses = ds.take_all()
     records, rejects = [], []
     for rel in storage.list_files(storage.join(config.out, "parts")):
@@ -181,10 +206,14 @@ def generate(contexts: list[ImageContext], config: GenerateConfig) -> dict:
             r = json.loads(line)
             (records if r["status"] == "ok" else rejects).append(r)
     records.sort(key=lambda r: r["id"])
-    storage.write_text(storage.join(config.out, "llava_instruct.jsonl"),
-                       "".join(json.dumps(r["record"]) + "\n" for r in records))  # fmt: skip
-    storage.write_text(storage.join(config.out, "rejects.jsonl"),
-                       "".join(json.dumps(r) + "\n" for r in sorted(rejects, key=lambda r: r["id"])))  # fmt: skip
+    storage.write_text(
+        storage.join(config.out, "llava_instruct.jsonl"),
+        "".join(json.dumps(r["record"]) + "\n" for r in records),
+    )
+    storage.write_text(
+        storage.join(config.out, "rejects.jsonl"),
+        "".join(json.dumps(r) + "\n" for r in sorted(rejects, key=lambda r: r["id"])),
+    )
     failed = [s for s in statuses if s["status"] == "failed"]
     summary = {
         "requested": len(items),

@@ -66,7 +66,8 @@ class PreprocessConfig:
             self.steps = StepConfig(**self.steps)
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(
-                f"workers: expected 1 <= min_workers <= max_workers, found {self.min_workers}, {self.max_workers}"
+                f"workers: expected 1 <= min_workers <= max_workers, found {self.min_workers}, "
+                f"{self.max_workers}"
             )
 
 
@@ -83,11 +84,18 @@ def work_table(entries: list[Entry]) -> pa.Table:
     position = {i: p for p, i in enumerate(order)}
     rows = []
     for i, e in enumerate(entries):
-        rows.append({
-            "index": e.index, "position": position[i], "sample_id": e.sample_id, "source": e.dataset,
-            "record": e.record, "media_root": e.media_root, "embedded_images": e.embedded_images,
-            "reject": _reject("read", e.read_error_kind, e.read_error) if e.read_error else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "index": e.index,
+                "position": position[i],
+                "sample_id": e.sample_id,
+                "source": e.dataset,
+                "record": e.record,
+                "media_root": e.media_root,
+                "embedded_images": e.embedded_images,
+                "reject": _reject("read", e.read_error_kind, e.read_error) if e.read_error else None,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 

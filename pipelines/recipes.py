@@ -88,8 +88,9 @@ class StageSpec:
     """Optimizer steps whose rows are grouped together by modality and length (a megabatch): 2% padding
     against 26% naive on the demo mix (benchmarks/padding.py)."""
     activation_checkpointing: tuple[str, ...] = ()
-    """Parts whose activations are recomputed in the backward pass (language_model, vision_tower): on in the
-    full profiles (a 6,400-token Stage-2 sample keeps every layer's activations otherwise), off in tiny ones."""
+    """Parts whose activations are recomputed in the backward pass (language_model, vision_tower): on in
+    the full profiles (a 6,400-token Stage-2 sample keeps every layer's activations otherwise), off in the
+    tiny ones."""
     data_mode: str = "auto"
     """memory (every worker reads the shards once and keeps its rows), stream (Ray Data every epoch), or
     auto (memory when the shards are under a tenth of the object store)."""
@@ -104,8 +105,10 @@ class StageSpec:
             object.__setattr__(self, "lora", LoraSpec(**self.lora))
         object.__setattr__(self, "activation_checkpointing", tuple(self.activation_checkpointing))
         if set(self.activation_checkpointing) - {"language_model", "vision_tower"}:
-            raise ValueError(f"stage {self.name}: activation_checkpointing: expected language_model and/or "
-                             f"vision_tower, found {list(self.activation_checkpointing)}")  # fmt: skip
+            raise ValueError(
+                f"stage {self.name}: activation_checkpointing: expected language_model and/or "
+                f"vision_tower, found {list(self.activation_checkpointing)}"
+            )
         if self.data_mode not in ("auto", "memory", "stream"):
             raise ValueError(
                 f"stage {self.name}: data_mode: expected auto, memory or stream, found {self.data_mode!r}"
@@ -113,7 +116,8 @@ class StageSpec:
         unknown = set(self.trainable) - set(PARTS)
         if unknown or not self.trainable:
             raise ValueError(
-                f"stage {self.name}: trainable: expected a non-empty subset of {PARTS}, found {self.trainable}"
+                f"stage {self.name}: trainable: expected a non-empty subset of {PARTS}, found "
+                f"{self.trainable}"
             )
         if not self.stall_timeout_s > 0:
             raise ValueError(
@@ -123,7 +127,8 @@ class StageSpec:
             raise ValueError(f"stage {self.name}: zero_stage: expected 0-3, found {self.zero_stage}")
         if self.lr <= 0 or self.global_batch < 1 or self.micro_batch < 1:
             raise ValueError(
-                f"stage {self.name}: expected lr > 0 and batches >= 1, found {self.lr}, {self.global_batch}, {self.micro_batch}"
+                f"stage {self.name}: expected lr > 0 and batches >= 1, found {self.lr}, {self.global_batch}, "
+                f"{self.micro_batch}"
             )
         if not isinstance(self.data, dict) or not self.data.get("datasets"):
             raise ValueError(
@@ -174,7 +179,8 @@ class Recipe:
             if s.name == name:
                 return s
         raise RecipeError(
-            f"stage: expected a stage of recipe {self.name} ({', '.join(s.name for s in self.stages)}), found {name!r}"
+            f"stage: expected a stage of recipe {self.name} ({', '.join(s.name for s in self.stages)}), "
+            f"found {name!r}"
         )
 
 

@@ -214,8 +214,11 @@ class LoadMedia(Step):
         sample = parse_sample(record, source=row["source"], default_id=row["sample_id"])
         policy = self.config.media
         if len(sample.images) > policy.max_images:
-            raise MediaError("too_many_images", f"sample {sample.id!r}, field 'image': expected at most "
-                                                f"{policy.max_images} images, found {len(sample.images)}")  # fmt: skip
+            raise MediaError(
+                "too_many_images",
+                f"sample {sample.id!r}, field 'image': expected at most "
+                f"{policy.max_images} images, found {len(sample.images)}",
+            )
         row["modality"] = sample.modality
         embedded = row.get("embedded_images") or []
         if embedded:
@@ -238,7 +241,8 @@ class LoadMedia(Step):
         if ext not in allowed:
             raise MediaError(
                 "unsupported_media",
-                f"sample {sid!r}, field {field_name!r}: expected one of {sorted(allowed)}, found {path[:80]!r}",
+                f"sample {sid!r}, field {field_name!r}: expected one of {sorted(allowed)}, found "
+                f"{path[:80]!r}",
             )
         uri = resolve_media(path, row["media_root"], self.config.media, sample_id=sid, field=field_name)
         data = read_media(uri, max_bytes, sample_id=sid, field=field_name, shown=path)
@@ -299,8 +303,11 @@ class TileMedia(Step):
             except (OSError, SyntaxError) as e:
                 for i, data in enumerate(row["image_data"]):  # which one: decode each in full
                     self._open(row, i, data)
-                raise MediaError("corrupt_image", f"sample {row['sample_id']!r}, field 'image': expected "
-                                                  f"decodable images, found {type(e).__name__}") from e  # fmt: skip
+                raise MediaError(
+                    "corrupt_image",
+                    f"sample {row['sample_id']!r}, field 'image': expected "
+                    f"decodable images, found {type(e).__name__}",
+                ) from e
             row["image_data"] = []
         if media.pixel_values is not None:
             row["pixel_values"] = np.ascontiguousarray(media.pixel_values).tobytes()
@@ -333,7 +340,8 @@ class TileMedia(Step):
                 raise
             raise MediaError(
                 "corrupt_image",
-                f"{where}: expected a decodable image, found {len(data)} bytes that are not one ({type(e).__name__})",
+                f"{where}: expected a decodable image, found {len(data)} bytes that are not one "
+                f"({type(e).__name__})",
             ) from e
 
 

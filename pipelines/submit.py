@@ -13,10 +13,26 @@ import os
 import shlex
 import time
 
-SAFE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
-            "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")  # fmt: skip
-EXCLUDES = [".venv", ".git", "demo_out", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
-            ".hypothesis"]  # fmt: skip
+SAFE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "TOKENIZERS_PARALLELISM",
+    "HF_HUB_OFFLINE",
+)
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "demo_out",
+    "runs",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+]
 
 
 class AuthTokenMissing(RuntimeError):
@@ -36,7 +52,8 @@ def auth_token_source() -> str:
     if os.path.exists(default):
         return f"default token file ({default})"
     raise AuthTokenMissing(
-        "Ray auth token: expected RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (the cluster's token), "
+        "Ray auth token: expected RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (the cluster's "
+        "token), "
         "found none; copy the head node's ~/.ray/auth_token or set RAY_AUTH_TOKEN"
     )
 
@@ -50,8 +67,15 @@ def runtime_env(extra_env: dict | None = None, pip: list[str] | None = None) -> 
     return out
 
 
-def submit(address: str, args: list[str], *, python: str = "python", follow: bool = True,
-           env: dict | None = None, pip: list[str] | None = None) -> int:  # fmt: skip
+def submit(
+    address: str,
+    args: list[str],
+    *,
+    python: str = "python",
+    follow: bool = True,
+    env: dict | None = None,
+    pip: list[str] | None = None,
+) -> int:
     """Submit ``python -m pipelines.cli ARGS`` as a Ray job; print its id and logs; return 0 on success."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -99,9 +99,19 @@ def rank_counts(positions: Iterable[int], world: int) -> list[int]:
     return counts
 
 
-def plan_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, positions: list[int], *, has_video: bool,
-               init_from: str | None, data_mode: str = "auto", tracking: TrackingConfig | None = None,
-               mlflow_run_id: str | None = None, step_hooks: tuple[StepHook, ...] = ()) -> StagePlan:  # fmt: skip
+def plan_stage(
+    recipe: Recipe,
+    stage: StageSpec,
+    layout: StageLayout,
+    positions: list[int],
+    *,
+    has_video: bool,
+    init_from: str | None,
+    data_mode: str = "auto",
+    tracking: TrackingConfig | None = None,
+    mlflow_run_id: str | None = None,
+    step_hooks: tuple[StepHook, ...] = (),
+) -> StagePlan:
     """Gradient accumulation to reach the global batch, each rank's rows, and the exact step count."""
     workers, micro = recipe.workers, stage.micro_batch
     accum = max(1, stage.global_batch // (micro * workers))
@@ -117,13 +127,27 @@ def plan_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, positions:
     if data_mode == "auto":
         data_mode = "memory" if _small(storage.dir_bytes(layout.data)) else "stream"
     return StagePlan(
-        stage=stage, model=recipe.model, processor=stage.processor_config(recipe.model), layout=layout,
-        init_from=init_from, workers=workers, micro_batch=micro, grad_accum=accum, rows_per_rank=rows_per_rank,
-        steps_per_epoch=steps_per_epoch, total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
-        data_mode=data_mode, has_video=has_video, use_gpu=recipe.use_gpu, cpus_per_worker=recipe.cpus_per_worker,
-        placement=recipe.placement, torch_threads=max(1, int(recipe.cpus_per_worker)), tracking=tracking,
-        mlflow_run_id=mlflow_run_id, step_hooks=tuple(step_hooks),
-    )  # fmt: skip
+        stage=stage,
+        model=recipe.model,
+        processor=stage.processor_config(recipe.model),
+        layout=layout,
+        init_from=init_from,
+        workers=workers,
+        micro_batch=micro,
+        grad_accum=accum,
+        rows_per_rank=rows_per_rank,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
+        data_mode=data_mode,
+        has_video=has_video,
+        use_gpu=recipe.use_gpu,
+        cpus_per_worker=recipe.cpus_per_worker,
+        placement=recipe.placement,
+        torch_threads=max(1, int(recipe.cpus_per_worker)),
+        tracking=tracking,
+        mlflow_run_id=mlflow_run_id,
+        step_hooks=tuple(step_hooks),
+    )
 
 
 def _small(nbytes: int) -> bool:
@@ -470,7 +494,8 @@ class StageRecipe:
         self.rank, self.world = context.rank, context.world
 
     def train(self) -> None:
-        """The stage on this rank, under a watchdog (``stall_timeout_s``) that names the phase it stalled in."""
+        """The stage on this rank, under a watchdog (``stall_timeout_s``) that names the phase it stalled
+        in."""
         with Watchdog(self.context, self.plan.stage.stall_timeout_s, self.plan.stage.name) as self.progress:
             self._train()
 
@@ -541,8 +566,10 @@ class StageRecipe:
                 load_model(plan.init_from, dtype=dtype) if plan.init_from else build_model(plan.model)
             )
         if processor.config.arch != plan.processor.arch:
-            raise ValueError(f"{plan.init_from or plan.model.checkpoint}: expected a {plan.processor.arch} "
-                             f"checkpoint (the recipe's arch), found {processor.config.arch}")  # fmt: skip
+            raise ValueError(
+                f"{plan.init_from or plan.model.checkpoint}: expected a {plan.processor.arch} "
+                f"checkpoint (the recipe's arch), found {processor.config.arch}"
+            )
         processor = LlavaProcessor(plan.processor, processor.tokenizer)
         processor.arch.set_stage_config(model.config, processor.anyres)  # Stage-1.5: 729 x 5, Stage-2: x 10
         if plan.stage.lora:
@@ -563,15 +590,22 @@ class StageRecipe:
         from components.model import param_groups
 
         stage = self.plan.stage
-        groups = param_groups(model, stage.lr, vision_lr=stage.vision_lr, projector_lr=stage.projector_lr,
-                              weight_decay=stage.weight_decay)  # fmt: skip
+        groups = param_groups(
+            model,
+            stage.lr,
+            vision_lr=stage.vision_lr,
+            projector_lr=stage.projector_lr,
+            weight_decay=stage.weight_decay,
+        )
         grouped = [p for g in groups for p in g["params"]]
         trainable = [p for p in model.parameters() if p.requires_grad]
         if len(grouped) != len({id(p) for p in grouped}) or {id(p) for p in grouped} != {
             id(p) for p in trainable
         }:
-            raise RuntimeError(f"optimizer groups: expected each of {len(trainable)} trainable parameters once, "
-                               f"found {len(grouped)} in groups ({len({id(p) for p in grouped})} distinct)")  # fmt: skip
+            raise RuntimeError(
+                f"optimizer groups: expected each of {len(trainable)} trainable parameters once, "
+                f"found {len(grouped)} in groups ({len({id(p) for p in grouped})} distinct)"
+            )
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         total, warmup = self.plan.total_steps, stage.warmup_ratio
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -682,8 +716,9 @@ def _model_like(config, plan: StagePlan):
 def apply_lora(model, lora) -> None:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules))  # fmt: skip
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
     model.model.language_model = get_peft_model(model.model.language_model, config)
 
 
@@ -859,8 +894,9 @@ def evaluate_export(recipe: Recipe, hf_uri: str) -> dict | None:
     text = storage.read_text(recipe.eval.manifest)
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     model, processor = load_model(hf_uri)  # prompted as the export says: its template, grid, video sampling
-    return evaluate(model, processor, records, parent_uri(recipe.eval.manifest),
-                    max_new_tokens=recipe.eval.max_new_tokens)  # fmt: skip
+    return evaluate(
+        model, processor, records, parent_uri(recipe.eval.manifest), max_new_tokens=recipe.eval.max_new_tokens
+    )
 
 
 def data_stats(layout: StageLayout) -> tuple[list[int], dict[str, int]]:
@@ -873,10 +909,20 @@ def data_stats(layout: StageLayout) -> tuple[list[int], dict[str, int]]:
     return table.column("position").to_pylist(), dict(Counter(table.column("modality").to_pylist()))
 
 
-def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_from: str | None,
-                tracking: TrackingConfig | None = None, parent_run_id: str | None = None,
-                mlflow_run_id: str | None = None, max_failures: int = 1, data_mode: str = "auto",
-                step_hooks: tuple[StepHook, ...] = (), local: bool = False) -> dict:  # fmt: skip
+def train_stage(
+    recipe: Recipe,
+    stage: StageSpec,
+    layout: StageLayout,
+    *,
+    init_from: str | None,
+    tracking: TrackingConfig | None = None,
+    parent_run_id: str | None = None,
+    mlflow_run_id: str | None = None,
+    max_failures: int = 1,
+    data_mode: str = "auto",
+    step_hooks: tuple[StepHook, ...] = (),
+    local: bool = False,
+) -> dict:
     """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval).
     ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run).
     ``local``: in this process on one rank (the recipe's workers must be 1), no Ray: small runs, debugging,
@@ -899,9 +945,18 @@ def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_f
             )
         if local and data_mode == "auto":
             data_mode = "memory"  # no Ray to stream with, nor an object store to size against
-        plan = plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=init_from,
-                          data_mode=data_mode, tracking=tracking, mlflow_run_id=tracker.run_id,
-                          step_hooks=step_hooks)  # fmt: skip
+        plan = plan_stage(
+            recipe,
+            stage,
+            layout,
+            positions,
+            has_video="video" in modalities,
+            init_from=init_from,
+            data_mode=data_mode,
+            tracking=tracking,
+            mlflow_run_id=tracker.run_id,
+            step_hooks=step_hooks,
+        )
         _log_plan(plan, tracker)
         if local:
             checkpoint_uri, placements = _fit_here(plan), [{"rank": 0, "node_id": None, "node_ip": "local"}]
@@ -920,9 +975,16 @@ def train_stage(recipe: Recipe, stage: StageSpec, layout: StageLayout, *, init_f
 def _log_plan(plan: StagePlan, tracker) -> None:
     resolved = plan.resolved()
     log.info("stage %s resolved plan: %s", plan.stage.name, json.dumps(resolved, default=str))
-    tracker.log_params({"stage": asdict(plan.stage), "model": asdict(plan.model), "workers": plan.workers,
-                        "grad_accum": plan.grad_accum, "total_steps": plan.total_steps,
-                        "data_mode": plan.data_mode})  # fmt: skip
+    tracker.log_params(
+        {
+            "stage": asdict(plan.stage),
+            "model": asdict(plan.model),
+            "workers": plan.workers,
+            "grad_accum": plan.grad_accum,
+            "total_steps": plan.total_steps,
+            "data_mode": plan.data_mode,
+        }
+    )
     tracker.log_dict(json.loads(json.dumps(resolved, default=str)), "resolved_config.json")
     if storage.exists(plan.layout.mixture):
         tracker.log_dict(json.loads(storage.read_text(plan.layout.mixture)), "mixture.json")
@@ -1060,13 +1122,20 @@ def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
         train_loop,
         train_loop_config={"plan": plan, "board": board},
         torch_config=_torch_config(plan),
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                               resources_per_worker={"CPU": plan.cpus_per_worker},
-                                               placement_strategy=plan.placement),
-        run_config=ray.train.RunConfig(name="train", storage_path=path, storage_filesystem=fs,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": plan.cpus_per_worker},
+            placement_strategy=plan.placement,
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
     try:
         result = _waited_in_python(trainer.fit)
         placements = ray.get(board.placements.remote())
@@ -1091,10 +1160,16 @@ def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None
     from components.tracking import loss_curve_png
 
     history = read_history(plan.layout.history)
-    record = {"stage": plan.stage.name, "steps": history[-1]["step"] if history else 0,
-              "final_loss": history[-1]["loss"] if history else None, "checkpoint_uri": checkpoint_uri,
-              "hf_uri": plan.layout.export, "mlflow_run_id": tracker.run_id, "trainable": plan.stage.trainable,
-              "data_mode": plan.data_mode}  # fmt: skip
+    record = {
+        "stage": plan.stage.name,
+        "steps": history[-1]["step"] if history else 0,
+        "final_loss": history[-1]["loss"] if history else None,
+        "checkpoint_uri": checkpoint_uri,
+        "hf_uri": plan.layout.export,
+        "mlflow_run_id": tracker.run_id,
+        "trainable": plan.stage.trainable,
+        "data_mode": plan.data_mode,
+    }
     report = evaluate_export(recipe, plan.layout.export)
     if report:
         print(f"stage {plan.stage.name} evaluation:\n{format_report(report)}")
@@ -1107,8 +1182,9 @@ def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None
         tracker.log_metrics(metrics, step=record["steps"])
         tracker.log_dict(report, "eval.json")
     if history:
-        png = loss_curve_png([m["step"] for m in history], [m["loss"] for m in history],
-                             f"{recipe.name} / {plan.stage.name}")  # fmt: skip
+        png = loss_curve_png(
+            [m["step"] for m in history], [m["loss"] for m in history], f"{recipe.name} / {plan.stage.name}"
+        )
         tracker.log_artifact(png, "plots")
         os.unlink(png)
     tracker.set_tags(

@@ -219,7 +219,8 @@ async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse
     """FastAPI's own 404 and 405, in the OpenAI error shape."""
     body = {
         "error": {
-            "message": f"{request.method} {request.url.path}: expected a route of this API, found {exc.detail}",
+            "message": f"{request.method} {request.url.path}: expected a route of this API, "
+            f"found {exc.detail}",
             "type": "invalid_request_error",
             "param": None,
             "code": str(exc.status_code),

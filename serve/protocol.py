@@ -85,7 +85,8 @@ class Limits:
     max_tokens: int = 512
     max_stop: int = 4
     allowed_media_prefixes: list[str] = field(default_factory=list)
-    """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always allowed."""
+    """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always
+    allowed."""
     fetch_timeout_s: float = 10.0
     """One deadline for a whole fetch (connect, redirects, every read)."""
     fetch_concurrency: int = 4
@@ -260,7 +261,8 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
     if not any(url.startswith(prefix) for prefix in limits.allowed_media_prefixes):
         scheme = url.split(":", 1)[0] if ":" in url else url[:20]
         raise RequestError(
-            f"{param}: expected a data: URL or an allow-listed prefix {limits.allowed_media_prefixes}, found {scheme!r} URL",
+            f"{param}: expected a data: URL or an allow-listed prefix {limits.allowed_media_prefixes}, found "
+            f"{scheme!r} URL",
             param,
             status=400,
             code="url_not_allowed",
@@ -293,7 +295,8 @@ def _image(data: bytes, limits: Limits, param: str) -> Image.Image:
         pixels = image.width * image.height
         if pixels > limits.max_image_pixels:
             raise RequestError(
-                f"{param}: expected at most {limits.max_image_pixels} pixels, found {image.width}x{image.height}",
+                f"{param}: expected at most {limits.max_image_pixels} pixels, found "
+                f"{image.width}x{image.height}",
                 param,
                 413,
                 "too_large",

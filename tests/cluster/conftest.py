@@ -49,8 +49,15 @@ def rig(tmp_path_factory):
 
     rig = Rig(tmp_path_factory.mktemp("rig"), token=TOKEN)
     with rig:
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                    "AWS_ENDPOINT_URL", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"):  # fmt: skip
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_REGION",
+            "AWS_ENDPOINT_URL",
+            "TOKENIZERS_PARALLELISM",
+            "HF_HUB_OFFLINE",
+        ):
             os.environ[key] = rig.env()[key]
         import ray
 

@@ -166,13 +166,23 @@ class Rig:
         through the environment, as a real cluster's identity would give them), no Ray address of another."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
         env.update(
-            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-            AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-            AWS_REGION="us-east-1", AWS_ENDPOINT_URL=self.s3, NO_PROXY="*", no_proxy="*",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_REGION="us-east-1",
+            AWS_ENDPOINT_URL=self.s3,
+            NO_PROXY="*",
+            no_proxy="*",
             # a lost node is declared dead in about 2 s rather than 30 (Ray's health check)
-            RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
-            RAY_health_check_failure_threshold="4", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
-        )  # fmt: skip
+            RAY_health_check_period_ms="500",
+            RAY_health_check_timeout_ms="500",
+            RAY_health_check_failure_threshold="4",
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+        )
         return env
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -218,8 +228,14 @@ class Rig:
 
     def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.root)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            env=env or self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+        )
         log.close()
         self.procs[name] = proc
         return proc
@@ -249,8 +265,10 @@ class Rig:
 
     def _s3(self) -> None:
         self.s3_port = free_port(self.head_ip)
-        code = ("import sys, time; from moto.server import ThreadedMotoServer as S; "
-                "S(ip_address=sys.argv[1], port=int(sys.argv[2]), verbose=False).start(); time.sleep(1e9)")  # fmt: skip
+        code = (
+            "import sys, time; from moto.server import ThreadedMotoServer as S; "
+            "S(ip_address=sys.argv[1], port=int(sys.argv[2]), verbose=False).start(); time.sleep(1e9)"
+        )
         self._spawn("s3", [sys.executable, "-c", code, self.head_ip, str(self.s3_port)])
 
     @staticmethod
@@ -265,23 +283,61 @@ class Rig:
         self.mlflow_port = free_port(self.head_ip)
         store = self.root / "mlflow"
         store.mkdir(exist_ok=True)
-        self._spawn("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", self.head_ip, "--port",
-                               str(self.mlflow_port), "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-                               "--artifacts-destination", str(store / "artifacts"), "--workers", "1",
-                               "--allowed-hosts", f"{self.head_ip}:{self.mlflow_port},{self.head_ip}"])  # fmt: skip
+        self._spawn(
+            "mlflow",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                self.head_ip,
+                "--port",
+                str(self.mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{store}/mlflow.db",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+                "--workers",
+                "1",
+                "--allowed-hosts",
+                f"{self.head_ip}:{self.mlflow_port},{self.head_ip}",
+            ],
+        )
 
     def _ray_ports(self, host: str) -> list[str]:
-        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                 "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")  # fmt: skip
+        names = (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
         return [f"--{name}={free_port(host)}" for name in names]
 
     def _head(self) -> None:
         self.gcs_port, self.dashboard_port = free_port(self.head_ip), free_port(self.head_ip)
-        self._spawn("head", [f"{BIN}/ray", "start", "--head", "--block", f"--node-ip-address={self.head_ip}",
-                             f"--port={self.gcs_port}", f"--num-cpus={NODE_CPUS}", "--include-dashboard=true",
-                             f"--dashboard-host={self.head_ip}", f"--dashboard-port={self.dashboard_port}",
-                             f"--temp-dir={self.root / 'ray'}", "--object-store-memory=400000000",
-                             "--disable-usage-stats", *self._ray_ports(self.head_ip)])  # fmt: skip
+        self._spawn(
+            "head",
+            [
+                f"{BIN}/ray",
+                "start",
+                "--head",
+                "--block",
+                f"--node-ip-address={self.head_ip}",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={NODE_CPUS}",
+                "--include-dashboard=true",
+                f"--dashboard-host={self.head_ip}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--temp-dir={self.root / 'ray'}",
+                "--object-store-memory=400000000",
+                "--disable-usage-stats",
+                *self._ray_ports(self.head_ip),
+            ],
+        )
 
     def start_worker(self, wait: bool = True) -> None:
         """The worker node (again, after ``kill_worker``): `ray start --address` inside the namespaces;
@@ -300,20 +356,46 @@ class Rig:
             "KEEP": " ".join(keep),
             "HIDE": " ".join(os.path.join(PROJECT, d) for d in RUN_DIRS),
         }
-        ray = [f"{BIN}/ray", "start", "--block", f"--address={self.address}", f"--node-ip-address={self.worker_ip}",
-               f"--num-cpus={NODE_CPUS}", "--object-store-memory=400000000", "--disable-usage-stats"]  # fmt: skip
-        # the op cache is bound (read-only use) before /tmp and $HOME are hidden, then copied into the new home
+        ray = [
+            f"{BIN}/ray",
+            "start",
+            "--block",
+            f"--address={self.address}",
+            f"--node-ip-address={self.worker_ip}",
+            f"--num-cpus={NODE_CPUS}",
+            "--object-store-memory=400000000",
+            "--disable-usage-stats",
+        ]
+        # the op cache is bound (read-only use) before /tmp and $HOME are hidden, then copied into the new
+        # home
         script = f"{' '.join(keep_ext)}; {WORKER_SHELL}"
-        cmd = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-               script, "worker-node", str(self.staging), home, os.path.join(home, ".cache", "torch_extensions"), *ray]  # fmt: skip
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            self.netns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "worker-node",
+            str(self.staging),
+            home,
+            os.path.join(home, ".cache", "torch_extensions"),
+            *ray,
+        ]
         self._spawn("worker", cmd, env)
         if wait:
             self.wait_nodes(2)
 
     def nodes(self) -> list[dict]:
         """The cluster's alive nodes, from the dashboard's API (no Ray client needed)."""
-        request = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
-                                         headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{self.dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=5) as r:
             summary = json.load(r)["data"]["summary"]
         return [n["raylet"] for n in summary if n["raylet"].get("state") == "ALIVE"]
@@ -387,8 +469,11 @@ class Rig:
         for pid in _netns_pids(self.netns):
             found.append(f"worker-node process {pid}")
         ps = _run("ps", "-eo", "pid=,args=", check=False).stdout.splitlines()
-        marks = [m for m in (f"--port={self.gcs_port}", f"--address={self.address}", str(self.root / "ray"))
-                 if self.gcs_port]  # fmt: skip
+        marks = [
+            m
+            for m in (f"--port={self.gcs_port}", f"--address={self.address}", str(self.root / "ray"))
+            if self.gcs_port
+        ]
         marks += [f"{self.head_ip} {self.s3_port}"] if self.s3_port else []
         marks += [f"--port {self.mlflow_port}"] if self.mlflow_port else []
         for line in ps:

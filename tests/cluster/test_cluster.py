@@ -25,8 +25,20 @@ BUCKET = "s3://llava"
 DEMO = f"{BUCKET}/demo"
 RUNS = f"{BUCKET}/runs"
 STEPS = 4
-COMMON = ["--recipe", "llava_onevision", "--profile", "tiny", "--demo-dir", DEMO, "--max-steps", str(STEPS),
-          "--workers", "2", "--placement", "SPREAD"]  # fmt: skip
+COMMON = [
+    "--recipe",
+    "llava_onevision",
+    "--profile",
+    "tiny",
+    "--demo-dir",
+    DEMO,
+    "--max-steps",
+    str(STEPS),
+    "--workers",
+    "2",
+    "--placement",
+    "SPREAD",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +49,19 @@ def world(rig, tmp_path_factory):
     from components.demo_data import DemoConfig, make_demo_data
 
     local = tmp_path_factory.mktemp("world")
-    make_demo_data(str(local), DemoConfig(captions=32, details=8, single_image=32, multi_image=8, multi_view=4,
-                                          videos=6, text=4, eval_per_kind=2))  # fmt: skip
+    make_demo_data(
+        str(local),
+        DemoConfig(
+            captions=32,
+            details=8,
+            single_image=32,
+            multi_image=8,
+            multi_view=4,
+            videos=6,
+            text=4,
+            eval_per_kind=2,
+        ),
+    )
     (local / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]
     with open(local / "stage1_captions.jsonl", "a") as f:
@@ -68,14 +91,25 @@ def test_local_paths_are_refused_on_a_cluster_before_any_work(rig, tmp_path):
     the driver.)"""
     from pipelines.dag import ClusterPathError, PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(recipe="llava_onevision", storage=str(tmp_path / "runs"), run_id="local",
-                         tracking_uri=str(tmp_path / "mlflow"), demo_dir=str(tmp_path / "demo"))  # fmt: skip
+    cfg = PipelineConfig(
+        recipe="llava_onevision",
+        storage=str(tmp_path / "runs"),
+        run_id="local",
+        tracking_uri=str(tmp_path / "mlflow"),
+        demo_dir=str(tmp_path / "demo"),
+    )
     with pytest.raises(ClusterPathError) as e:
         run_pipeline(cfg)
     message = str(e.value)
     assert "cluster of 2 nodes" in message
-    for setting in ("storage: expected s3://", "tracking_uri: expected an MLflow server", "data_root: expected",
-                    "stage stage1 manifest", "stage stage2_ov manifest", "eval manifest"):  # fmt: skip
+    for setting in (
+        "storage: expected s3://",
+        "tracking_uri: expected an MLflow server",
+        "data_root: expected",
+        "stage stage1 manifest",
+        "stage stage2_ov manifest",
+        "eval manifest",
+    ):
         assert setting in message, message
     assert not os.listdir(tmp_path), "nothing may be written before the error"
 
@@ -85,8 +119,22 @@ def job(rig, world, tmp_path_factory):
     """`llava-ray submit pipeline` through the head's job server (token auth): the whole OneVision tiny
     curriculum, 4 steps a stage, storage and data in S3, MLflow at the head's server, workers spread."""
     env = rig.env()
-    cmd = [f"{BIN}/llava-ray", "submit", "pipeline", "--address", rig.dashboard, *COMMON, "--storage", RUNS,
-           "--run-id", "ov", "--tracking-uri", rig.mlflow, "--python", sys.executable]  # fmt: skip
+    cmd = [
+        f"{BIN}/llava-ray",
+        "submit",
+        "pipeline",
+        "--address",
+        rig.dashboard,
+        *COMMON,
+        "--storage",
+        RUNS,
+        "--run-id",
+        "ov",
+        "--tracking-uri",
+        rig.mlflow,
+        "--python",
+        sys.executable,
+    ]
     start = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=720, cwd=PROJECT)
     seconds = time.monotonic() - start
@@ -105,8 +153,13 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert "SUCCEEDED" in out.stdout
     job_id = next(line.split()[2] for line in out.stdout.splitlines() if line.startswith("submitted job"))
-    logs = subprocess.run([f"{BIN}/ray", "job", "logs", job_id, "--address", rig.dashboard], env=rig.env(),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    logs = subprocess.run(
+        [f"{BIN}/ray", "job", "logs", job_id, "--address", rig.dashboard],
+        env=rig.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert logs.returncode == 0 and "stage2_ov" in logs.stdout, logs.stderr[-2000:]
 
     summary = job["summary"]
@@ -132,8 +185,10 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     ]
     assert {"head", "worker"} <= {node for _, node in data}, sorted({t.name for t in tasks})
     for record in summary["stages"]:
-        report(f"placement {record['stage']}: " + ", ".join(f"rank {w['rank']} on {nodes.get(w['node_id'])}"
-                                                          for w in record["workers"]))  # fmt: skip
+        report(
+            f"placement {record['stage']}: "
+            + ", ".join(f"rank {w['rank']} on {nodes.get(w['node_id'])}" for w in record["workers"])
+        )
     report(f"placement Ray Data (task, node): count: {dict(collections.Counter(data))}")
 
     from components.tracking import TrackingConfig, audit_pipeline_run
@@ -155,11 +210,19 @@ def test_the_curriculum_runs_as_a_job_across_both_nodes_with_everything_in_s3(ri
     def look(paths):
         return {p: os.path.exists(p) for p in paths}, sorted(os.listdir("/tmp"))
 
-    head_files = [str(rig.root / "mlflow"), str(rig.root / "head.log"), str(tmp_path), str(rig.root / "ray" /
-                  "session_latest" / "logs" / "gcs_server.out"), os.path.expanduser("~/.ray")]  # fmt: skip
+    head_files = [
+        str(rig.root / "mlflow"),
+        str(rig.root / "head.log"),
+        str(tmp_path),
+        str(rig.root / "ray" / "session_latest" / "logs" / "gcs_server.out"),
+        os.path.expanduser("~/.ray"),
+    ]
     here = {p: os.path.exists(p) for p in head_files}
-    there, listing = ray.get(look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(worker_id, soft=False))
-                             .remote(head_files))  # fmt: skip
+    there, listing = ray.get(
+        look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(worker_id, soft=False)).remote(
+            head_files
+        )
+    )
     assert here[str(rig.root / "mlflow")] and not any(there.values()), (there, listing)
     report(f"job: {job['seconds']:.0f} s; worker /tmp holds {listing}")
 
@@ -180,9 +243,18 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
 
     assert job["out"].returncode == 0, "needs the job's uninterrupted run"
     marker = f"{BUCKET}/markers/node-lost"
-    cfg = PipelineConfig(recipe="llava_onevision", storage=RUNS, run_id="lost", tracking_uri=rig.mlflow,
-                         demo_dir=DEMO, max_steps=STEPS, workers=2, placement="SPREAD", until_stage="stage1",
-                         step_hooks={"stage1": (PauseOnce(step=2, marker=marker, seconds=300),)})  # fmt: skip
+    cfg = PipelineConfig(
+        recipe="llava_onevision",
+        storage=RUNS,
+        run_id="lost",
+        tracking_uri=rig.mlflow,
+        demo_dir=DEMO,
+        max_steps=STEPS,
+        workers=2,
+        placement="SPREAD",
+        until_stage="stage1",
+        step_hooks={"stage1": (PauseOnce(step=2, marker=marker, seconds=300),)},
+    )
     result: dict = {}
 
     def run():
@@ -267,9 +339,17 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
     assert job["out"].returncode == 0, "needs the job's export"
     port = rig.free_head_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": rig.head_ip, "port": port})
-    config = ServeConfig(checkpoint=job["summary"]["final_model"], min_replicas=1, max_replicas=2,
-                         max_replicas_per_node=1, upscale_delay_s=1.0, downscale_delay_s=4.0,
-                         target_ongoing_requests=1.0, max_batch_size=4, replica_cpus=0.5)  # fmt: skip
+    config = ServeConfig(
+        checkpoint=job["summary"]["final_model"],
+        min_replicas=1,
+        max_replicas=2,
+        max_replicas_per_node=1,
+        upscale_delay_s=1.0,
+        downscale_delay_s=4.0,
+        target_ongoing_requests=1.0,
+        max_batch_size=4,
+        replica_cpus=0.5,
+    )
     serve.run(build_app(config), name="final", route_prefix="/")
     assert len(_replicas("final")) == 1
     rig.wait_nodes(2)
@@ -316,6 +396,7 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
     assert down_s is not None, "Serve did not scale back down within 90 s"
     report(f"autoscale across nodes: 1 -> 2 replicas in {up_s:.1f} s of load; 2 -> 1 in {down_s:.1f} s idle")
     report(
-        f"placement Serve replicas that answered: { ({r[:8]: nodes.get(n, n[:8]) for r, n in answered.items()}) }"
+        "placement Serve replicas that answered: "
+        f"{ ({r[:8]: nodes.get(n, n[:8]) for r, n in answered.items()}) }"
     )
     serve.delete("final")

@@ -16,8 +16,9 @@ DEAD = 4_000_000  # above any pid_max here: a rig "owned" by a process that is g
 
 def _worker_process(rig: Rig) -> subprocess.Popen:
     """A long process inside the worker node's namespaces, as the worker node's raylet would be."""
-    return subprocess.Popen(["ip", "netns", "exec", rig.netns, "unshare", "--mount", "sleep", "600"],
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        ["ip", "netns", "exec", rig.netns, "unshare", "--mount", "sleep", "600"], start_new_session=True
+    )
 
 
 def test_a_failed_start_removes_what_it_made(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ SHAPES = [
     (480, 640), (640, 480), (720, 1280), (1080, 1920), (224, 224), (336, 336), (500, 375), (100, 1000),
     (1000, 100), (2304, 2304), (2305, 10), (50, 70), (800, 1200), (1200, 800), (385, 1153), (1536, 999),
     (37, 1500), (999, 37), (3, 5), (1152, 2304), (600, 600), (2400, 500),
-]  # fmt: skip
+]  # fmt: skip # a table of image sizes
 MODES = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
 
 
@@ -247,9 +247,12 @@ def hf_next(config: AnyResConfig):
 
     t = config.tile_size
     return LlavaNextImageProcessorPil(
-        image_grid_pinpoints=[list(p) for p in grid_pinpoints(config)], size={"shortest_edge": t},
-        crop_size={"height": t, "width": t}, image_mean=list(config.mean), image_std=list(config.std),
-    )  # fmt: skip
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints(config)],
+        size={"shortest_edge": t},
+        crop_size={"height": t, "width": t},
+        image_mean=list(config.mean),
+        image_std=list(config.std),
+    )
 
 
 def hf_next_tokens(config: AnyResConfig, image_size) -> int:

@@ -53,13 +53,14 @@ def test_parses_llava_and_role_content_forms():
         (rec("hi", "there", "again"), "conversations", "invalid_sample"),
         ({"id": "x", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
          "conversations[0].from", "invalid_sample"),
-        ({"id": "x", "conversations": [{"from": "robot", "value": "a"}]}, "conversations[0].from", "invalid_sample"),
+        ({"id": "x", "conversations": [{"from": "robot", "value": "a"}]}, "conversations[0].from",
+         "invalid_sample"),
         (rec("hi", 3), "conversations[1].value", "invalid_sample"),
         (rec("<image>", "a", image=5), "image", "invalid_sample"),
     ],
     ids=["no-placeholder", "two-placeholders", "empty", "empty-turn", "ends-on-user", "starts-with-gpt",
          "bad-role", "non-string", "bad-image"],
-)  # fmt: skip
+)  # fmt: skip # a table: one case per row
 def test_bad_records_name_sample_field_and_expectation(record, field, kind):
     with pytest.raises(SampleError) as err:
         parse_sample(record)
@@ -86,7 +87,8 @@ def test_chatml_layout_is_exact(tok):
     out = tokenize(sample, tok, "chatml", [2])
     text = tok.decode(out.input_ids.tolist())
     assert text == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image><image>\nQ?<|im_end|>\n"
+        "<|im_start|>system\nYou are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\n<image><image>\nQ?<|im_end|>\n"
         "<|im_start|>assistant\nA.<|im_end|>\n"
     )
 

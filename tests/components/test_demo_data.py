@@ -107,8 +107,9 @@ def test_a_stale_demo_world_is_refused(tmp_path):
     from components.demo_data import WORLD_VERSION
     from pipelines.recipes import ensure_demo_data
 
-    cfg = DemoConfig(captions=2, details=0, single_image=2, multi_image=0, multi_view=0, videos=0, text=1,
-                     eval_per_kind=1)  # fmt: skip
+    cfg = DemoConfig(
+        captions=2, details=0, single_image=2, multi_image=0, multi_view=0, videos=0, text=1, eval_per_kind=1
+    )
     make_demo_data(str(tmp_path), cfg)
     assert ensure_demo_data(str(tmp_path), tile_size=56) == str(tmp_path)
     with pytest.raises(ValueError, match="at tile size 112, found version .* at tile size 56"):

@@ -14,8 +14,12 @@ from components.instruct import (
     read_contexts_jsonl,
 )
 
-CTX = ImageContext("42", "coco/000042.jpg", ["A dog sits on a red sofa.", "A brown dog rests indoors."],
-                   [("dog", [0.1, 0.2, 0.5, 0.9]), ("couch", [0.0, 0.4, 1.0, 1.0])])  # fmt: skip
+CTX = ImageContext(
+    "42",
+    "coco/000042.jpg",
+    ["A dog sits on a red sofa.", "A brown dog rests indoors."],
+    [("dog", [0.1, 0.2, 0.5, 0.9]), ("couch", [0.0, 0.4, 1.0, 1.0])],
+)
 
 RECORDED = {
     "conversation": (
@@ -28,11 +32,13 @@ RECORDED = {
         "**Question:** How many dogs are there?\n**Answer:** There is one dog."
     ),
     "reasoning": (
-        "Question: Why might the dog be resting on the sofa?\nAnswer: The sofa is soft and comfortable, and dogs "
+        "Question: Why might the dog be resting on the sofa?\nAnswer: The sofa is soft and comfortable, and "
+        "dogs "
         "often choose such places to rest; the dog may also like being where its owners usually sit."
     ),
     "detail": (
-        "The image shows a cozy indoor scene with a brown dog sitting calmly on a red sofa. The dog occupies the "
+        "The image shows a cozy indoor scene with a brown dog sitting calmly on a red sofa. The dog occupies "
+        "the "
         "left half of the frame, while the sofa stretches across the lower part of the image."
     ),
 }

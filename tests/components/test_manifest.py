@@ -56,8 +56,10 @@ def test_yaml_mixture_with_nested_mixture_and_pinned_manifest(jsonl, tmp_path):
     (tmp_path / "inner.yaml").write_text(
         "datasets:\n  - json_path: d.jsonl\n    sampling_strategy: first:2\n"
     )
-    spec = {"seed": 3, "datasets": [{"json_path": "d.jsonl", "sampling_strategy": "random:3"},
-                                     {"json_path": "inner.yaml"}]}  # fmt: skip
+    spec = {
+        "seed": 3,
+        "datasets": [{"json_path": "d.jsonl", "sampling_strategy": "random:3"}, {"json_path": "inner.yaml"}],
+    }
     entries = resolve_mixture(spec, str(tmp_path))
     assert len(entries) == 5
     pinned = mixture_manifest(entries)

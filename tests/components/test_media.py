@@ -28,8 +28,15 @@ def test_paths_resolve_inside_the_root_only(tmp_path):
     args = {"sample_id": "s", "field": "image[0]"}
     assert resolve_media("images/a.png", str(root), POLICY, **args) == str(root / "images" / "a.png")
     assert resolve_media("images/inner-link.png", str(root), POLICY, **args) == str(root / "images" / "a.png")
-    for path in (str(outside), "../outside.png", "images/../../outside.png", "images/link.png", "/etc/passwd",
-                 "s3://another-bucket/x.png", "file:///etc/passwd"):  # fmt: skip
+    for path in (
+        str(outside),
+        "../outside.png",
+        "images/../../outside.png",
+        "images/link.png",
+        "/etc/passwd",
+        "s3://another-bucket/x.png",
+        "file:///etc/passwd",
+    ):
         kind, message = _kind(lambda p=path: resolve_media(p, str(root), POLICY, **args))
         assert kind == "outside_root" and "sample 's', field 'image[0]'" in message
     # the same words whether or not the file exists

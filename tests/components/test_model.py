@@ -33,8 +33,15 @@ def rows_for(demo_dir, processor, splits=("single_image", "multi_image", "video"
             else:
                 media = processor.media([Image.open(root / p) for p in sample.images])
             ids = processor.tokenize(sample, media.token_counts)
-            rows.append({"input_ids": ids.input_ids, "labels": ids.labels, "modality": media.modality,
-                         "pixel_values": media.pixel_values, "image_sizes": media.image_sizes})  # fmt: skip
+            rows.append(
+                {
+                    "input_ids": ids.input_ids,
+                    "labels": ids.labels,
+                    "modality": media.modality,
+                    "pixel_values": media.pixel_values,
+                    "image_sizes": media.image_sizes,
+                }
+            )
     return rows
 
 
@@ -91,9 +98,11 @@ def test_set_trainable_and_param_groups(tiny_model):
     assert lrs["multi_modal_projector"] == lrs["language_model"]
     # one group per (LR, decay): the projector shares the LLM's groups, biases and norms take no decay
     assert sorted(g["name"] for g in groups) == [
-        "multi_modal_projector+language_model", "multi_modal_projector+language_model_no_decay",
-        "vision_tower", "vision_tower_no_decay",
-    ]  # fmt: skip
+        "multi_modal_projector+language_model",
+        "multi_modal_projector+language_model_no_decay",
+        "vision_tower",
+        "vision_tower_no_decay",
+    ]
     assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("_no_decay"))
     assert all(g["weight_decay"] == 0.1 for g in groups if not g["name"].endswith("_no_decay"))
     assert group_of(groups, "language_model")["weight_decay"] == 0.1
@@ -151,8 +160,13 @@ def test_real_path_from_separately_saved_vision_and_llm(tmp_path):
 def test_llava_arch_for_v1_and_v1_5(demo_dir, tmp_path, projector):
     from components.anyres import AnyResConfig
 
-    spec = ModelSpec(arch="llava", projector=projector, vision_feature_layer=-2, template="vicuna_v1",
-                     anyres=AnyResConfig(tile_size=56))  # fmt: skip
+    spec = ModelSpec(
+        arch="llava",
+        projector=projector,
+        vision_feature_layer=-2,
+        template="vicuna_v1",
+        anyres=AnyResConfig(tile_size=56),
+    )
     model, processor = build_model(spec)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     batch = processor.collate(rows_for(demo_dir, processor, ("single_image", "multi_image", "text"), n=1))
@@ -175,8 +189,11 @@ def test_build_is_deterministic():
     assert np.isclose(float(a.lm_head.weight.sum()), float(b.lm_head.weight.sum()))
 
 
-@pytest.mark.parametrize("trainable", [("multi_modal_projector",), ("vision_tower", "multi_modal_projector", "language_model")],
-                         ids=["stage1", "full-model"])  # fmt: skip
+@pytest.mark.parametrize(
+    "trainable",
+    [("multi_modal_projector",), ("vision_tower", "multi_modal_projector", "language_model")],
+    ids=["stage1", "full-model"],
+)
 def test_activation_checkpointing_gives_the_same_gradients(demo_dir, trainable):
     """With the LLM's and the vision tower's layers checkpointed, every trainable part's gradients equal those
     without (1e-5, fp32); in Stage-1 (both frozen) only the projector has gradients and they are not zero.
@@ -193,8 +210,10 @@ def test_activation_checkpointing_gives_the_same_gradients(demo_dir, trainable):
             enable_activation_checkpointing(model, ("language_model", "vision_tower"))
         model.train()
         calls = {"language_model": 0, "vision_tower": 0}
-        layers = {"language_model": model.model.language_model.layers,
-                  "vision_tower": model.model.vision_tower.encoder.layers}  # fmt: skip
+        layers = {
+            "language_model": model.model.language_model.layers,
+            "vision_tower": model.model.vision_tower.encoder.layers,
+        }
         for part, stack in layers.items():
             for layer in stack:
                 func = getattr(layer, "_gradient_checkpointing_func", None)

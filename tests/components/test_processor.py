@@ -39,8 +39,19 @@ def _demo_rows(demo_dir, processor):
         else:
             media = processor.media([Image.open(root / p).convert("RGB") for p in sample.images])
         ids = processor.tokenize(sample, media.token_counts)
-        out.append((record, sample, {"input_ids": ids.input_ids, "labels": ids.labels, "modality": media.modality,
-                                     "pixel_values": media.pixel_values, "image_sizes": media.image_sizes}))  # fmt: skip
+        out.append(
+            (
+                record,
+                sample,
+                {
+                    "input_ids": ids.input_ids,
+                    "labels": ids.labels,
+                    "modality": media.modality,
+                    "pixel_values": media.pixel_values,
+                    "image_sizes": media.image_sizes,
+                },
+            )
+        )
     return out
 
 
@@ -132,9 +143,17 @@ def test_export_has_every_file_transformers_needs(export):
 
     path, processor = export
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
-            "video_preprocessor_config.json"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+    } <= names
     model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
     assert type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
@@ -165,9 +184,13 @@ def test_hf_processor_gives_our_ids_tiles_and_sizes_on_every_modality(export, de
     for _, sample, _ in _demo_rows(demo_dir, ours):
         messages, joined = hf_messages(sample)
         text = hf.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt = ours.prompt_row(Prompt([Turn("user", joined)],
-                                        [Image.open(root / p) for p in sample.images],
-                                        ours.sample_video(root / sample.video).frames if sample.video else None))  # fmt: skip
+        prompt = ours.prompt_row(
+            Prompt(
+                [Turn("user", joined)],
+                [Image.open(root / p) for p in sample.images],
+                ours.sample_video(root / sample.video).frames if sample.video else None,
+            )
+        )
         if sample.video:
             assert (
                 video_config["size"] == {"height": 56, "width": 56}
@@ -245,8 +268,9 @@ def test_every_content_form_of_a_demo_question_gives_its_training_ids(export, de
         counts = ours.media(images, frames).token_counts
         for form, parts in content_forms(question, sample.modality).items():
             assert content_text(as_pairs(parts)) == question, (record["task"], form)
-            text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                                 tokenize=False)  # fmt: skip
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
+            )
             for count, marker in zip(counts, re.findall(r"<image>|<video>", question), strict=True):
                 text = text.replace(marker, "\0" * count, 1)
             marker_id = ours.video_token_id if sample.video else ours.image_token_id
@@ -308,9 +332,16 @@ def test_chat_template_renders_what_we_train_on(name, tmp_path):
     model, processor = build_model(ModelSpec(template=name))
     processor.save_pretrained(str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    record = {"id": "mt", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "Red."},
-        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "A circle."}]}  # fmt: skip
+    record = {
+        "id": "mt",
+        "image": "x.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"},
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "And the shape?"},
+            {"from": "gpt", "value": "A circle."},
+        ],
+    }
     sample = parse_sample(record)
     ours = processor.tokenize(sample, [1])
     messages = [
@@ -346,8 +377,16 @@ def test_chat_template_renders_what_we_train_on(name, tmp_path):
 
 def test_videos_marked_with_image_are_mapped_to_video():
     """LLaVA-NeXT's own video data marks the video with <image>: it is read as <video>."""
-    sample = parse_sample({"id": "v", "video": "v.mp4", "conversations": [
-        {"from": "human", "value": "<image>\nWhere does it go?"}, {"from": "gpt", "value": "left"}]})  # fmt: skip
+    sample = parse_sample(
+        {
+            "id": "v",
+            "video": "v.mp4",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhere does it go?"},
+                {"from": "gpt", "value": "left"},
+            ],
+        }
+    )
     assert sample.turns[0].text == "<video>\nWhere does it go?"
 
 
@@ -356,9 +395,17 @@ def test_labels_cover_only_assistant_content_and_its_stop(export):
     answer plus <|im_end|>; role headers, <|im_start|>, the system prompt and newlines carry no loss
     (the official preprocess_qwen also trains on role headers and separators)."""
     _, processor = export
-    sample = parse_sample({"id": "m", "conversations": [
-        {"from": "human", "value": "What is two plus three?"}, {"from": "gpt", "value": "five"},
-        {"from": "human", "value": "And one plus one?"}, {"from": "gpt", "value": "two"}]})  # fmt: skip
+    sample = parse_sample(
+        {
+            "id": "m",
+            "conversations": [
+                {"from": "human", "value": "What is two plus three?"},
+                {"from": "gpt", "value": "five"},
+                {"from": "human", "value": "And one plus one?"},
+                {"from": "gpt", "value": "two"},
+            ],
+        }
+    )
     out = processor.tokenize(sample, [])
     tok = processor.tokenizer
     spans, current = [], []

@@ -125,7 +125,7 @@ def test_fused_resize_into_tiles_equals_resize_then_emit(dtype):
     rng = np.random.default_rng(6)
     scale, shift = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
     cases = [((40, 30), (48, 36)), ((40, 30), (17, 33)), ((40, 30), (40, 19)), ((40, 30), (11, 30)),
-             ((40, 30), (40, 30)), ((90, 12), (20, 13)), ((7, 50), (23, 45))]  # fmt: skip
+             ((40, 30), (40, 30)), ((90, 12), (20, 13)), ((7, 50), (23, 45))]  # fmt: skip # (size, expected)
     for in_size, out_size in cases:
         pixels = rgb_to_rgbx(rng.integers(0, 256, (*in_size, 3), dtype=np.uint8))
         side, cols = 16, 4

@@ -29,8 +29,11 @@ def _pipeline_store(tmp_path, *, leave_running: str | None = None, skip_mixture:
         records.append({"stage": stage, "mlflow_run_id": child.run_id, "hf_uri": str(export)})
     version = parent.register_model("onevision", records[-1])
     parent.end_run()
-    summary = {"mlflow_parent_run_id": parent.run_id, "stages": records,
-               "registered_model": {"name": "onevision", "version": version}}  # fmt: skip
+    summary = {
+        "mlflow_parent_run_id": parent.run_id,
+        "stages": records,
+        "registered_model": {"name": "onevision", "version": version},
+    }
     return config, summary
 
 

@@ -20,8 +20,11 @@ from pipelines.layout import RunLayout
 from pipelines.train_stage import read_history
 
 pytestmark = pytest.mark.slow
-CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-           "llava_onevision": "LlavaOnevisionForConditionalGeneration"}  # fmt: skip
+CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 class CrashOnce:
@@ -74,8 +77,17 @@ def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, t
     (2 steps), exported and evaluated; each asked only what its architecture takes; every stage's export
     a drop-in transformers checkpoint of the architecture's class with the trained model's logits."""
     root, _ = demo_dir
-    summary = run_pipeline(PipelineConfig(recipe=name, profile="tiny", storage=str(tmp_path / "runs"), run_id="r",
-                                          demo_dir=str(root), max_steps=2, local=True))  # fmt: skip
+    summary = run_pipeline(
+        PipelineConfig(
+            recipe=name,
+            profile="tiny",
+            storage=str(tmp_path / "runs"),
+            run_id="r",
+            demo_dir=str(root),
+            max_steps=2,
+            local=True,
+        )
+    )
     from pipelines.recipes import load_recipe
 
     recipe = load_recipe(name, "tiny", demo_dir=str(root))
@@ -112,9 +124,18 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_di
     root, _ = demo_dir
     layout = RunLayout(tmp_path / "runs", "r")
     hook = CrashOnce(step=2, marker=str(tmp_path / "killed"))
-    cfg = PipelineConfig(recipe="llava_v1_5", profile="tiny", storage=str(tmp_path / "runs"), run_id="r",
-                         tracking_uri=str(tmp_path / "mlflow"), demo_dir=str(root), max_failures=0, max_steps=4,
-                         step_hooks={"finetune": (hook,)}, local=True)  # fmt: skip
+    cfg = PipelineConfig(
+        recipe="llava_v1_5",
+        profile="tiny",
+        storage=str(tmp_path / "runs"),
+        run_id="r",
+        tracking_uri=str(tmp_path / "mlflow"),
+        demo_dir=str(root),
+        max_failures=0,
+        max_steps=4,
+        step_hooks={"finetune": (hook,)},
+        local=True,
+    )
     with pytest.raises(RuntimeError, match="injected failure after step 2"):
         run_pipeline(cfg)
     assert (tmp_path / "killed").exists()

@@ -99,8 +99,11 @@ def test_local_default_is_the_demo_run_and_its_serve_command():
         cfg = yaml.safe_load(f)
     pipeline, run = cfg["pipeline"], _parse(cfg["pipeline"]["command"])
     assert (run.recipe, run.profile, run.storage, run.tracking_uri) == (
-        pipeline["recipe"], pipeline["profile"], pipeline["storage"], pipeline["tracking_uri"]
-    )  # fmt: skip
+        pipeline["recipe"],
+        pipeline["profile"],
+        pipeline["storage"],
+        pipeline["tracking_uri"],
+    )
     recipe = load_recipe(run.recipe, run.profile)
     assert pipeline["workers"] == recipe.workers and cfg["ray"]["num_cpus"] == 2
     serve = _parse(cfg["serve"]["command"])

@@ -17,9 +17,12 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.slow
 
 RESPONSES = {
-    "conversation": "Question: What shape is shown?\nAnswer: A {color} {shape}.\nQuestion: Is there anything else?\nAnswer: No, only the {shape}.",
-    "detail": "The image shows one large {color} {shape} on a plain light gray background with nothing else in it.",
-    "reasoning": "Question: Why is the {shape} easy to see?\nAnswer: Its {color} color stands out against the light gray background.",
+    "conversation": "Question: What shape is shown?\nAnswer: A {color} {shape}.\n"
+    "Question: Is there anything else?\nAnswer: No, only the {shape}.",
+    "detail": "The image shows one large {color} {shape} on a plain light gray background "
+    "with nothing else in it.",
+    "reasoning": "Question: Why is the {shape} easy to see?\n"
+    "Answer: Its {color} color stands out against the light gray background.",
 }
 
 
@@ -105,8 +108,16 @@ def test_retries_then_resume_generates_only_missing_ids(demo_dir, ray_local, tmp
     ctxs = contexts(demo_dir)
     down = {c.image_id for c in ctxs[::2]}
     teacher = FaultyTeacher(faults=True, down_for=down)
-    config = GenerateConfig(endpoint=teacher.url, model="teacher", out=str(tmp_path / "gen"), timeout_s=1.0,
-                            max_retries=4, backoff_s=0.05, api_key_env="TEACHER_KEY", rate_limit_rps=200)  # fmt: skip
+    config = GenerateConfig(
+        endpoint=teacher.url,
+        model="teacher",
+        out=str(tmp_path / "gen"),
+        timeout_s=1.0,
+        max_retries=4,
+        backoff_s=0.05,
+        api_key_env="TEACHER_KEY",
+        rate_limit_rps=200,
+    )
     first = generate(ctxs, config)
     n_up = (len(ctxs) - len(down)) * 3
     assert first["generated"] == n_up and first["failed"] == len(down) * 3 and first["rejected"] == 0
@@ -126,8 +137,10 @@ def test_retries_then_resume_generates_only_missing_ids(demo_dir, ray_local, tmp
 
     root, _ = demo_dir
     for name in ("llava_instruct.jsonl", "brief.jsonl"):
-        summary = preprocess(PreprocessConfig(manifest=str(tmp_path / "gen" / name), media_root=str(root)),
-                             str(tmp_path / f"pre-{name}"))  # fmt: skip
+        summary = preprocess(
+            PreprocessConfig(manifest=str(tmp_path / "gen" / name), media_root=str(root)),
+            str(tmp_path / f"pre-{name}"),
+        )
         assert summary["rejected"] == 0 and summary["accepted"] == summary["read"] > 0
 
 
@@ -143,12 +156,25 @@ def test_plumbing_against_the_project_serve_app(demo_dir, ray_local, tmp_path):
     save_model(model, processor, str(tmp_path / "hf"))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeConfig(checkpoint=str(tmp_path / "hf"), replica_cpus=0.25,
-                                    limits={"max_prompt_tokens": 8192})), name="teacher", route_prefix="/")  # fmt: skip
+    serve.run(
+        build_app(
+            ServeConfig(
+                checkpoint=str(tmp_path / "hf"), replica_cpus=0.25, limits={"max_prompt_tokens": 8192}
+            )
+        ),
+        name="teacher",
+        route_prefix="/",
+    )
     try:
         ctxs = contexts(demo_dir)[:3]
-        config = GenerateConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="llava-ray", out=str(tmp_path / "gen"),
-                                max_tokens=16, types=["conversation", "detail"], timeout_s=60)  # fmt: skip
+        config = GenerateConfig(
+            endpoint=f"http://127.0.0.1:{port}/v1",
+            model="llava-ray",
+            out=str(tmp_path / "gen"),
+            max_tokens=16,
+            types=["conversation", "detail"],
+            timeout_s=60,
+        )
         summary = generate(ctxs, config)
         assert summary["failed"] == 0 and summary["generated"] + summary["rejected"] == 6
         rejects = [json.loads(line) for line in open(tmp_path / "gen" / "rejects.jsonl")]

@@ -94,46 +94,109 @@ def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
     clip = dest / json.loads(video)["video"]
     (dest / "videos" / "truncated.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     (dest / "videos" / "no-video.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc=size=1280x720:rate=2:duration=3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                    str(dest / "videos" / "hd.mp4")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=1280x720:rate=2:duration=3",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            str(dest / "videos" / "hd.mp4"),
+        ],
+        check=True,
+    )
     outside = dest.parent / f"{dest.name}-outside.png"
     shutil.copy(dest / good[0]["image"], outside)
     turn = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
     image = good[0]["image"]
     bad = {
-        "bad-trunc": ({"video": "videos/truncated.mp4", "conversations": turn("<video>\nq", "a")}, "corrupt_video"),
-        "bad-novideo": ({"video": "videos/no-video.mp4", "conversations": turn("<video>\nq", "a")}, "corrupt_video"),
-        "bad-zero": ({"image": "images/empty.png", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
-        "bad-jpeg": ({"image": "images/garbage.jpg", "conversations": turn("<image>\nq", "a")}, "corrupt_image"),
-        "bad-missing": ({"image": "images/nope.png", "conversations": turn("<image>\nq", "a")}, "missing_media"),
-        "bad-ph": ({"image": "images/garbage.jpg", "conversations": turn("q without", "a")}, "placeholder_mismatch"),
+        "bad-trunc": (
+            {"video": "videos/truncated.mp4", "conversations": turn("<video>\nq", "a")},
+            "corrupt_video",
+        ),
+        "bad-novideo": (
+            {"video": "videos/no-video.mp4", "conversations": turn("<video>\nq", "a")},
+            "corrupt_video",
+        ),
+        "bad-zero": (
+            {"image": "images/empty.png", "conversations": turn("<image>\nq", "a")},
+            "corrupt_image",
+        ),
+        "bad-jpeg": (
+            {"image": "images/garbage.jpg", "conversations": turn("<image>\nq", "a")},
+            "corrupt_image",
+        ),
+        "bad-missing": (
+            {"image": "images/nope.png", "conversations": turn("<image>\nq", "a")},
+            "missing_media",
+        ),
+        "bad-ph": (
+            {"image": "images/garbage.jpg", "conversations": turn("q without", "a")},
+            "placeholder_mismatch",
+        ),
         "bad-video-ph": ({"image": image, "conversations": turn("<video>\nq", "a")}, "placeholder_mismatch"),
         "bad-empty": ({"conversations": []}, "invalid_sample"),
         "bad-long": ({"conversations": turn("word " * 3000, "a")}, "too_long"),
-        "bad-type": ({"image": "docs/file.pdf", "conversations": turn("<image>\nq", "a")}, "unsupported_media"),
+        "bad-type": (
+            {"image": "docs/file.pdf", "conversations": turn("<image>\nq", "a")},
+            "unsupported_media",
+        ),
         "bad-audio": ({"audio": "a.wav", "conversations": turn("q", "a")}, "unsupported_media"),
-        "bad-both": ({"image": image, "images": [image], "conversations": turn("<image>\nq", "a")}, "ambiguous_media"),
-        "bad-13": ({"image": [image] * 13, "conversations": turn("<image>" * 13 + "q", "a")}, "too_many_images"),
+        "bad-both": (
+            {"image": image, "images": [image], "conversations": turn("<image>\nq", "a")},
+            "ambiguous_media",
+        ),
+        "bad-13": (
+            {"image": [image] * 13, "conversations": turn("<image>" * 13 + "q", "a")},
+            "too_many_images",
+        ),
         "bad-huge": ({"image": "images/huge.png", "conversations": turn("<image>\nq", "a")}, "too_large"),
         "bad-hd": ({"video": "videos/hd.mp4", "conversations": turn("<video>\nq", "a")}, "too_large"),
-        "bad-dotdot": ({"image": f"../{outside.name}", "conversations": turn("<image>\nq", "a")}, "outside_root"),
-        "bad-inner-dotdot": ({"image": f"images/../../{outside.name}", "conversations": turn("<image>\nq", "a")},
-                             "outside_root"),
-        "bad-other-bucket": ({"image": "s3://another-bucket/x.png", "conversations": turn("<image>\nq", "a")},
-                             "outside_root"),
+        "bad-dotdot": (
+            {"image": f"../{outside.name}", "conversations": turn("<image>\nq", "a")},
+            "outside_root",
+        ),
+        "bad-inner-dotdot": (
+            {"image": f"images/../../{outside.name}", "conversations": turn("<image>\nq", "a")},
+            "outside_root",
+        ),
+        "bad-other-bucket": (
+            {"image": "s3://another-bucket/x.png", "conversations": turn("<image>\nq", "a")},
+            "outside_root",
+        ),
         "bad-nul": ({"image": "images/a\x00.png", "conversations": turn("<image>\nq", "a")}, "invalid_path"),
-    }  # fmt: skip
+    }
     if local_tricks:
         os.symlink(outside, dest / "images" / "escape.png")
         os.symlink("/dev/zero", dest / "images" / "zero.png")
         os.mkfifo(dest / "images" / "fifo.png")
-        bad.update({
-            "bad-absolute": ({"image": str(outside), "conversations": turn("<image>\nq", "a")}, "outside_root"),
-            "bad-symlink": ({"image": "images/escape.png", "conversations": turn("<image>\nq", "a")}, "outside_root"),
-            "bad-devzero": ({"image": "images/zero.png", "conversations": turn("<image>\nq", "a")}, "outside_root"),
-            "bad-fifo": ({"image": "images/fifo.png", "conversations": turn("<image>\nq", "a")}, "not_a_file"),
-        })  # fmt: skip
+        bad.update(
+            {
+                "bad-absolute": (
+                    {"image": str(outside), "conversations": turn("<image>\nq", "a")},
+                    "outside_root",
+                ),
+                "bad-symlink": (
+                    {"image": "images/escape.png", "conversations": turn("<image>\nq", "a")},
+                    "outside_root",
+                ),
+                "bad-devzero": (
+                    {"image": "images/zero.png", "conversations": turn("<image>\nq", "a")},
+                    "outside_root",
+                ),
+                "bad-fifo": (
+                    {"image": "images/fifo.png", "conversations": turn("<image>\nq", "a")},
+                    "not_a_file",
+                ),
+            }
+        )
     lines = [json.dumps(r).encode() for r in good]
     for sid, (record, _) in bad.items():
         lines.insert(len(lines) // 2, json.dumps({"id": sid, **record}).encode())

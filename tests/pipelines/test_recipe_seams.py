@@ -22,8 +22,11 @@ from pipelines.train_stage import (
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
-]  # fmt: skip
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,22 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
     from transformers import AutoModelForImageTextToText
 
     root, manifests = demo_dir
-    recipe = dataclasses.replace(load_recipe("llava_onevision", "tiny", demo_dir=str(root)), workers=1,
-                                 use_gpu=device == "cuda", cpus_per_worker=2)  # fmt: skip
-    stage = dataclasses.replace(recipe.stage("stage2_si"), data={"datasets": [{"json_path": manifests["single_image"]}]},
-                                lora=LoraSpec(r=4, alpha=8), micro_batch=2, global_batch=2, max_steps=4,
-                                checkpoint_every=2, lr=1e-3)  # fmt: skip
+    recipe = dataclasses.replace(
+        load_recipe("llava_onevision", "tiny", demo_dir=str(root)),
+        workers=1,
+        use_gpu=device == "cuda",
+        cpus_per_worker=2,
+    )
+    stage = dataclasses.replace(
+        recipe.stage("stage2_si"),
+        data={"datasets": [{"json_path": manifests["single_image"]}]},
+        lora=LoraSpec(r=4, alpha=8),
+        micro_batch=2,
+        global_batch=2,
+        max_steps=4,
+        checkpoint_every=2,
+        lr=1e-3,
+    )
     histories, plans = {}, {}
     for name in ("whole", "resumed"):
         layout = RunLayout(tmp_path, name).stage(stage.name)
@@ -122,11 +136,19 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
 
     root, manifests = demo_dir
     recipe = dataclasses.replace(load_recipe("llava_onevision", "tiny", demo_dir=str(root)), workers=1)
-    stage = dataclasses.replace(recipe.stage("stage2_si"), data={"datasets": [{"json_path": manifests["single_image"]}]},
-                                zero_stage=3, micro_batch=2, global_batch=2)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage2_si"),
+        data={"datasets": [{"json_path": manifests["single_image"]}]},
+        zero_stage=3,
+        micro_batch=2,
+        global_batch=2,
+    )
     layout = RunLayout(tmp_path, "z3").stage(stage.name)
-    preprocess(PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)),
-               layout, local=True)  # fmt: skip
+    preprocess(
+        PreprocessConfig(manifest=stage.data, data_root=recipe.data_root, steps=step_config(recipe, stage)),
+        layout,
+        local=True,
+    )
     positions, _ = data_stats(layout)
     plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")
     built, _ = StageRecipe(plan, LocalContext(str(tmp_path / "c"))).setup_model()

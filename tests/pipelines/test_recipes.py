@@ -42,52 +42,155 @@ PROJ, PROJ_LLM = {"multi_modal_projector"}, {"multi_modal_projector", "language_
 # llava-hf conversions for the vision layer and normalization).
 PAPERS = {
     "llava_v1": {
-        "model": dict(arch="llava", vision="openai/clip-vit-large-patch14", projector="linear", vision_feature_layer=-2,
-                      vision_layers=None, template="vicuna_v0"),
+        "model": dict(
+            arch="llava",
+            vision="openai/clip-vit-large-patch14",
+            projector="linear",
+            vision_feature_layer=-2,
+            vision_layers=None,
+            template="vicuna_v0",
+        ),
         "anyres": dict(tile_size=224, patch_size=14, multi_image_mode="pad", norm=CLIP),
-        "stages": [dict(name="pretrain", template="vicuna_v0", trainable=PROJ, lr=2e-3, global_batch=128, epochs=1),
-                   dict(name="finetune", template="vicuna_v0", trainable=PROJ_LLM, lr=2e-5, global_batch=32, epochs=3)],
-    },
-    "llava_v1_5": {
-        "model": dict(arch="llava", vision="openai/clip-vit-large-patch14-336", projector="mlp2x_gelu",
-                      vision_feature_layer=-2, vision_layers=None, template="vicuna_v1"),
-        "anyres": dict(tile_size=336, patch_size=14, multi_image_mode="pad", norm=CLIP),
-        "stages": [dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256, zero_stage=2),
-                   dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128,
-                        zero_stage=3)],
-    },
-    "llava_v1_5_hd": {
-        "model": dict(arch="llava_next", vision="openai/clip-vit-large-patch14", projector="mlp2x_gelu",
-                      vision_feature_layer=-2, vision_layers=None, template="vicuna_v1"),
-        "anyres": dict(tile_size=224, patch_size=14, norm=CLIP,
-                       grids=((1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (1, 5), (5, 1), (1, 6), (6, 1),
-                              (2, 2), (2, 3), (3, 2))),
-        "stages": [dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256),
-                   dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128)],
-    },
-    "llava_next_interleave": {
-        "model": dict(arch="llava_onevision", vision="google/siglip-so400m-patch14-384", projector="mlp2x_gelu",
-                      vision_feature_layer=-1, vision_layers=26, template="chatml"),
-        "anyres": dict(tile_size=384, patch_size=14, norm=SIGLIP),
-        "stages": [dict(name="stage1", template="plain", trainable=PROJ, lr=1e-3, base_only=True),
-                   dict(name="single_image", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6),
-                   dict(name="interleave_m4", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6,
-                        front_fraction=0.5)],
-    },
-    "llava_onevision": {
-        "model": dict(arch="llava_onevision", vision="google/siglip-so400m-patch14-384", projector="mlp2x_gelu",
-                      vision_feature_layer=-1, vision_layers=26, template="chatml"),
-        "anyres": dict(tile_size=384, patch_size=14, max_grid=6, max_tiles=9, norm=SIGLIP),
         "stages": [
-            dict(name="stage1", template="plain", trainable=PROJ, lr=1e-3, global_batch=512, base_only=True, epochs=1),
-            dict(name="stage1_5", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, epochs=1,
-                 warmup_ratio=0.03, weight_decay=0.0),
-            dict(name="stage2_si", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, max_tiles=9, epochs=1),
-            dict(name="stage2_ov", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6, max_tiles=9,
-                 max_frames=32, video_fps=1.0, epochs=1),
+            dict(name="pretrain", template="vicuna_v0", trainable=PROJ, lr=2e-3, global_batch=128, epochs=1),
+            dict(
+                name="finetune", template="vicuna_v0", trainable=PROJ_LLM, lr=2e-5, global_batch=32, epochs=3
+            ),
         ],
     },
-}  # fmt: skip
+    "llava_v1_5": {
+        "model": dict(
+            arch="llava",
+            vision="openai/clip-vit-large-patch14-336",
+            projector="mlp2x_gelu",
+            vision_feature_layer=-2,
+            vision_layers=None,
+            template="vicuna_v1",
+        ),
+        "anyres": dict(tile_size=336, patch_size=14, multi_image_mode="pad", norm=CLIP),
+        "stages": [
+            dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256, zero_stage=2),
+            dict(
+                name="finetune",
+                template="vicuna_v1",
+                trainable=PROJ_LLM,
+                lr=2e-5,
+                global_batch=128,
+                zero_stage=3,
+            ),
+        ],
+    },
+    "llava_v1_5_hd": {
+        "model": dict(
+            arch="llava_next",
+            vision="openai/clip-vit-large-patch14",
+            projector="mlp2x_gelu",
+            vision_feature_layer=-2,
+            vision_layers=None,
+            template="vicuna_v1",
+        ),
+        "anyres": dict(
+            tile_size=224,
+            patch_size=14,
+            norm=CLIP,
+            grids=(
+                (1, 1),
+                (1, 2),
+                (2, 1),
+                (1, 3),
+                (3, 1),
+                (1, 4),
+                (4, 1),
+                (1, 5),
+                (5, 1),
+                (1, 6),
+                (6, 1),
+                (2, 2),
+                (2, 3),
+                (3, 2),
+            ),
+        ),
+        "stages": [
+            dict(name="pretrain", template="plain", trainable=PROJ, lr=1e-3, global_batch=256),
+            dict(name="finetune", template="vicuna_v1", trainable=PROJ_LLM, lr=2e-5, global_batch=128),
+        ],
+    },
+    "llava_next_interleave": {
+        "model": dict(
+            arch="llava_onevision",
+            vision="google/siglip-so400m-patch14-384",
+            projector="mlp2x_gelu",
+            vision_feature_layer=-1,
+            vision_layers=26,
+            template="chatml",
+        ),
+        "anyres": dict(tile_size=384, patch_size=14, norm=SIGLIP),
+        "stages": [
+            dict(name="stage1", template="plain", trainable=PROJ, lr=1e-3, base_only=True),
+            dict(name="single_image", template="chatml", trainable=ALL, lr=1e-5, vision_lr=2e-6),
+            dict(
+                name="interleave_m4",
+                template="chatml",
+                trainable=ALL,
+                lr=1e-5,
+                vision_lr=2e-6,
+                front_fraction=0.5,
+            ),
+        ],
+    },
+    "llava_onevision": {
+        "model": dict(
+            arch="llava_onevision",
+            vision="google/siglip-so400m-patch14-384",
+            projector="mlp2x_gelu",
+            vision_feature_layer=-1,
+            vision_layers=26,
+            template="chatml",
+        ),
+        "anyres": dict(tile_size=384, patch_size=14, max_grid=6, max_tiles=9, norm=SIGLIP),
+        "stages": [
+            dict(
+                name="stage1",
+                template="plain",
+                trainable=PROJ,
+                lr=1e-3,
+                global_batch=512,
+                base_only=True,
+                epochs=1,
+            ),
+            dict(
+                name="stage1_5",
+                template="chatml",
+                trainable=ALL,
+                lr=1e-5,
+                vision_lr=2e-6,
+                epochs=1,
+                warmup_ratio=0.03,
+                weight_decay=0.0,
+            ),
+            dict(
+                name="stage2_si",
+                template="chatml",
+                trainable=ALL,
+                lr=1e-5,
+                vision_lr=2e-6,
+                max_tiles=9,
+                epochs=1,
+            ),
+            dict(
+                name="stage2_ov",
+                template="chatml",
+                trainable=ALL,
+                lr=1e-5,
+                vision_lr=2e-6,
+                max_tiles=9,
+                max_frames=32,
+                video_fps=1.0,
+                epochs=1,
+            ),
+        ],
+    },
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
@@ -179,14 +282,19 @@ def test_unknown_profile_and_stage_fields_are_errors(tmp_path):
     with pytest.raises(ValueError, match="profile"):
         load_recipe("llava_onevision", "huge")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel: {}\nstages:\n  s: {template: plain, data: {datasets: [{json_path: a}]},"
-                   " trainable: [multi_modal_projector], lr: 1, learning_rate: 2}\nprofiles: {tiny: {}}\n")  # fmt: skip
+    bad.write_text(
+        "name: x\nmodel: {}\nstages:\n  s: {template: plain, data: {datasets: [{json_path: a}]},"
+        " trainable: [multi_modal_projector], lr: 1, learning_rate: 2}\nprofiles: {tiny: {}}\n"
+    )
     with pytest.raises(ValueError, match="learning_rate"):
         load_recipe(str(bad), "tiny")
 
 
-HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-              "llava_onevision": "LlavaOnevisionForConditionalGeneration"}  # fmt: skip
+HF_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 @pytest.mark.parametrize("name", list_recipes())

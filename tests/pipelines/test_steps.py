@@ -90,10 +90,21 @@ def test_steps_inside_map_batches_equal_direct(work, ray_local, tmp_path):
     direct = Emit(str(tmp_path / "r1"))(run_direct(table, config))
     ds = ray_local.data.from_arrow([table.slice(0, 4), table.slice(4, 4)])
     for cls in (LoadMedia, DecodeVideo, TileMedia, Tokenize):
-        ds = ds.map_batches(cls, fn_constructor_args=(config,), batch_format="pyarrow", batch_size=3,
-                            compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.2)  # fmt: skip
-    ds = ds.map_batches(Emit, fn_constructor_args=(str(tmp_path / "r2"),), batch_format="pyarrow",
-                        compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.2)  # fmt: skip
+        ds = ds.map_batches(
+            cls,
+            fn_constructor_args=(config,),
+            batch_format="pyarrow",
+            batch_size=3,
+            compute=ray_local.data.ActorPoolStrategy(size=1),
+            num_cpus=0.2,
+        )
+    ds = ds.map_batches(
+        Emit,
+        fn_constructor_args=(str(tmp_path / "r2"),),
+        batch_format="pyarrow",
+        compute=ray_local.data.ActorPoolStrategy(size=1),
+        num_cpus=0.2,
+    )
     through_ray = pa.Table.from_pylist(ds.take_all(), schema=OUTPUT_SCHEMA)
     key = lambda r: (r["source"], r["index"])  # noqa: E731
     assert sorted(through_ray.to_pylist(), key=key) == sorted(direct.to_pylist(), key=key)
@@ -101,12 +112,26 @@ def test_steps_inside_map_batches_equal_direct(work, ray_local, tmp_path):
 
 def test_a_failing_row_is_recorded_not_raised(tmp_path):
     entries = [
-        {"index": 0, "sample_id": "bad", "source": "s", "record": json.dumps({"id": "bad", "conversations": []}),
-         "media_root": str(tmp_path)},
-        {"index": 1, "sample_id": "ok", "source": "s", "media_root": str(tmp_path),
-         "record": json.dumps({"id": "ok", "conversations": [{"from": "human", "value": "hi"},
-                                                            {"from": "gpt", "value": "yo"}]})},
-    ]  # fmt: skip
+        {
+            "index": 0,
+            "sample_id": "bad",
+            "source": "s",
+            "record": json.dumps({"id": "bad", "conversations": []}),
+            "media_root": str(tmp_path),
+        },
+        {
+            "index": 1,
+            "sample_id": "ok",
+            "source": "s",
+            "media_root": str(tmp_path),
+            "record": json.dumps(
+                {
+                    "id": "ok",
+                    "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+                }
+            ),
+        },
+    ]
     table = pa.Table.from_pylist(entries, schema=WORK_SCHEMA)
     out = Emit(str(tmp_path / "rej"))(run_direct(table, StepConfig()))
     assert out.column("sample_id").to_pylist() == ["ok"]

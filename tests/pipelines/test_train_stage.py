@@ -86,8 +86,16 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
 
     # a mixture of two datasets, stored in 5 files in an order unlike the mixture's (as preprocessing's
     # tasks may finish)
-    rows = [{"i": i, "position": i, "source": "a_image" if i < 61 else "b_video", "modality": "text",
-             "input_ids": [1] * (i % 7 + 1)} for i in range(101)]  # fmt: skip
+    rows = [
+        {
+            "i": i,
+            "position": i,
+            "source": "a_image" if i < 61 else "b_video",
+            "modality": "text",
+            "input_ids": [1] * (i % 7 + 1),
+        }
+        for i in range(101)
+    ]
     ray.data.from_items(rows[50:] + rows[:50]).repartition(5).write_parquet(
         str(tmp_path / "r" / "s" / "data")
     )
@@ -103,8 +111,15 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(demo_dir[0]))
     stage = dataclasses.replace(recipe.stage("stage1"), micro_batch=2, global_batch=2, group_steps=4)
     layout = RunLayout(tmp_path, "r").stage("s")
-    plan = plan_stage(dataclasses.replace(recipe, workers=3), stage, layout, list(range(101)), has_video=False,
-                      init_from=None, data_mode="memory")  # fmt: skip
+    plan = plan_stage(
+        dataclasses.replace(recipe, workers=3),
+        stage,
+        layout,
+        list(range(101)),
+        has_video=False,
+        init_from=None,
+        data_mode="memory",
+    )
     source = InMemorySteps(plan, 1, 3)
     epochs = [list(source.epoch(e)) for e in range(3)]
     for steps in epochs:
@@ -122,8 +137,15 @@ def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
     # 8 rows, 2 workers x micro-batch 2: two steps per epoch, two epochs from the rows each worker kept
     manifest = {"datasets": [{**recipe.stage("stage1").data["datasets"][0], "sampling_strategy": "first:8"}]}
-    stage = dataclasses.replace(recipe.stage("stage1"), data=manifest, max_steps=None, epochs=2, checkpoint_every=2,
-                                micro_batch=2, global_batch=4)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage1"),
+        data=manifest,
+        max_steps=None,
+        epochs=2,
+        checkpoint_every=2,
+        micro_batch=2,
+        global_batch=4,
+    )
     layout = _prepare(recipe, stage, RunLayout(tmp_path, "run").stage("stage1"))
     record = train_stage(recipe, stage, layout, init_from=None)
     assert record["steps"] == 4 and record["final_loss"] > 0 and record["data_mode"] == "memory"
@@ -187,12 +209,22 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
     root, _ = demo_dir
     # 3 workers x 0.25 CPU leave a CPU for the Ray Data reads that each rank's stream runs (at 0.5 each, the
     # reads waited for a CPU that never came); a stall fails within 120 s instead of at the test's timeout
-    recipe = dataclasses.replace(load_recipe("llava_onevision", "tiny", demo_dir=str(root)), workers=3,
-                                 cpus_per_worker=0.25)  # fmt: skip
+    recipe = dataclasses.replace(
+        load_recipe("llava_onevision", "tiny", demo_dir=str(root)), workers=3, cpus_per_worker=0.25
+    )
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, manifest=None))
-    stage = dataclasses.replace(recipe.stage("stage2_ov"), data={"datasets": [{"json_path": _one_modality_per_rank(root)}]},
-                                zero_stage=3, micro_batch=1, global_batch=3, max_steps=4, checkpoint_every=2,
-                                lr=1e-3, vision_lr=2e-4, stall_timeout_s=120.0)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage2_ov"),
+        data={"datasets": [{"json_path": _one_modality_per_rank(root)}]},
+        zero_stage=3,
+        micro_batch=1,
+        global_batch=3,
+        max_steps=4,
+        checkpoint_every=2,
+        lr=1e-3,
+        vision_lr=2e-4,
+        stall_timeout_s=120.0,
+    )
     prepared = _prepare(recipe, stage, RunLayout(f"{s3_bucket}/runs", "whole").stage("stage2_ov"))
     for rank, modality in enumerate(("image", "text", "video")):
         kept = own_rows(lambda: shard_batches(prepared.data), rank, 3, 4)
@@ -203,8 +235,16 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
         storage.upload_dir(storage.download_dir(prepared.data, scratch), layout.data, manifest=False)
     storage.write_text(layout.mixture, storage.read_text(prepared.mixture))
     tracking = TrackingConfig(uri=mlflow_server, experiment="test-train")
-    record = train_stage(recipe, stage, layout, init_from=None, tracking=tracking, max_failures=1, data_mode="stream",
-                         step_hooks=(FailOnce(step=2, rank=1, marker=str(tmp_path / "fault")),))  # fmt: skip
+    record = train_stage(
+        recipe,
+        stage,
+        layout,
+        init_from=None,
+        tracking=tracking,
+        max_failures=1,
+        data_mode="stream",
+        step_hooks=(FailOnce(step=2, rank=1, marker=str(tmp_path / "fault")),),
+    )
     assert (tmp_path / "fault").exists(), "the fault was injected"
     history, reference = read_history(layout.history), read_history(prepared.history)
     assert [m["step"] for m in history] == [1, 2, 3, 4] and record["steps"] == whole["steps"] == 4
@@ -246,15 +286,23 @@ def _release(path):
     pinpoints = [[56 * r, 56 * c] for r in range(1, 7) for c in range(1, 7)]
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(image_size=56, patch_size=14, **vision),
-        text_config=Qwen2Config(vocab_size=len(tok), **llm), image_token_index=tok.convert_tokens_to_ids("<image>"),
-        video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
-        vision_feature_layer=-1, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
-    )  # fmt: skip
+        text_config=Qwen2Config(vocab_size=len(tok), **llm),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
     torch.manual_seed(1)
     LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
     tok.save_pretrained(path)
-    LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints, size={"height": 56, "width": 56},
-                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)  # fmt: skip
+    LlavaOnevisionImageProcessorPil(
+        image_grid_pinpoints=pinpoints,
+        size={"height": 56, "width": 56},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
 
 
 def test_a_stage_starts_from_an_hf_release_on_s3(demo_dir, ray_local, s3_bucket, tmp_path):
@@ -287,8 +335,9 @@ def test_a_stage_starts_from_an_hf_release_on_s3(demo_dir, ray_local, s3_bucket,
     anyres = AnyResConfig(tile_size=56, mean=(0.5,) * 3, std=(0.5,) * 3)
     recipe = dataclasses.replace(recipe, model=ModelSpec(checkpoint=uri, anyres=anyres))
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, manifest=None))
-    stage = dataclasses.replace(recipe.stage("stage2_si"), max_steps=2, micro_batch=2, global_batch=4,
-                                checkpoint_every=2, epochs=1)  # fmt: skip
+    stage = dataclasses.replace(
+        recipe.stage("stage2_si"), max_steps=2, micro_batch=2, global_batch=4, checkpoint_every=2, epochs=1
+    )
     stage = dataclasses.replace(
         stage, data={"datasets": [{**stage.data["datasets"][0], "sampling_strategy": "first:8"}]}
     )

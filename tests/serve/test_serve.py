@@ -124,16 +124,35 @@ def endpoint(ray_local, checkpoint, upstream):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    open_config = ServeConfig(checkpoint=checkpoint, upscale_delay_s=1.0, downscale_delay_s=4.0,
-                              target_ongoing_requests=1.0, max_batch_size=4, replica_cpus=0.25,
-                              api_key_env="LLAVA_RAY_NO_SUCH_KEY",
-                              limits={"max_images": 3, "max_image_pixels": 1000 * 1000, "max_tokens": 64,
-                                      "max_image_bytes": 200_000, "max_body_bytes": 1_000_000,
-                                      "allowed_media_prefixes": [upstream.url + "/"], "fetch_timeout_s": 4,
-                                      "fetch_concurrency": 3})  # fmt: skip
+    open_config = ServeConfig(
+        checkpoint=checkpoint,
+        upscale_delay_s=1.0,
+        downscale_delay_s=4.0,
+        target_ongoing_requests=1.0,
+        max_batch_size=4,
+        replica_cpus=0.25,
+        api_key_env="LLAVA_RAY_NO_SUCH_KEY",
+        limits={
+            "max_images": 3,
+            "max_image_pixels": 1000 * 1000,
+            "max_tokens": 64,
+            "max_image_bytes": 200_000,
+            "max_body_bytes": 1_000_000,
+            "allowed_media_prefixes": [upstream.url + "/"],
+            "fetch_timeout_s": 4,
+            "fetch_concurrency": 3,
+        },
+    )
     serve.run(build_app(open_config), name="open", route_prefix="/")
-    secured = ServeConfig(checkpoint=checkpoint, api_key_env="LLAVA_RAY_TEST_API_KEY", replica_cpus=0.25,
-                          min_replicas=1, max_replicas=1, max_batch_size=4, max_queue=2)  # fmt: skip
+    secured = ServeConfig(
+        checkpoint=checkpoint,
+        api_key_env="LLAVA_RAY_TEST_API_KEY",
+        replica_cpus=0.25,
+        min_replicas=1,
+        max_replicas=1,
+        max_batch_size=4,
+        max_queue=2,
+    )
     serve.run(build_app(secured), name="secured", route_prefix="/secured")
     ENDPOINT["url"] = f"http://127.0.0.1:{port}"
     yield ENDPOINT["url"]
@@ -146,8 +165,12 @@ def client(endpoint):
 
 
 def ask(client, content, **kw):
-    return client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": content}],
-                                          max_tokens=kw.pop("max_tokens", 6), **kw)  # fmt: skip
+    return client.chat.completions.create(
+        model="llava-ray",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=kw.pop("max_tokens", 6),
+        **kw,
+    )
 
 
 def test_models_and_health(client, endpoint):
@@ -156,17 +179,27 @@ def test_models_and_health(client, endpoint):
 
 
 def test_image_question(client):
-    out = ask(client, [{"type": "text", "text": "What color is the circle?"},
-                       {"type": "image_url", "image_url": {"url": png_url()}}])  # fmt: skip
+    out = ask(
+        client,
+        [
+            {"type": "text", "text": "What color is the circle?"},
+            {"type": "image_url", "image_url": {"url": png_url()}},
+        ],
+    )
     assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
     assert out.usage.prompt_tokens > 16 and 0 <= out.usage.completion_tokens <= 6
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
 def test_multi_image_and_text_only(client):
-    out = ask(client, [{"type": "image_url", "image_url": {"url": png_url()}},
-                       {"type": "image_url", "image_url": {"url": png_url((30, 60, 220))}},
-                       {"type": "text", "text": "Which image is blue?"}])  # fmt: skip
+    out = ask(
+        client,
+        [
+            {"type": "image_url", "image_url": {"url": png_url()}},
+            {"type": "image_url", "image_url": {"url": png_url((30, 60, 220))}},
+            {"type": "text", "text": "Which image is blue?"},
+        ],
+    )
     assert out.usage.prompt_tokens > 2 * 17
     text = ask(client, "What is two plus three?")
     assert text.usage.prompt_tokens < out.usage.prompt_tokens
@@ -212,14 +245,28 @@ def test_greedy_is_deterministic_and_batching_keeps_answers(client):
 
 
 def test_streaming(client):
-    stream = ask(client, [{"type": "text", "text": "Say something."}, {"type": "image_url", "image_url": {"url": png_url()}}],
-                 max_tokens=8, stream=True)  # fmt: skip
+    stream = ask(
+        client,
+        [{"type": "text", "text": "Say something."}, {"type": "image_url", "image_url": {"url": png_url()}}],
+        max_tokens=8,
+        stream=True,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    whole = ask(client, [{"type": "text", "text": "Say something."}, {"type": "image_url", "image_url": {"url": png_url()}}],
-                max_tokens=8).choices[0].message.content  # fmt: skip
+    whole = (
+        ask(
+            client,
+            [
+                {"type": "text", "text": "Say something."},
+                {"type": "image_url", "image_url": {"url": png_url()}},
+            ],
+            max_tokens=8,
+        )
+        .choices[0]
+        .message.content
+    )
     assert streamed.strip() == whole
 
 
@@ -235,8 +282,15 @@ BAD = [
     ("unknown-model", _body(model="gpt-9"), 404, "model"),
     ("no-messages", {"model": "llava-ray", "messages": []}, 400, "messages"),
     ("bad-role", {"model": "llava-ray", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ("ends-on-assistant", {"model": "llava-ray", "messages": [{"role": "user", "content": "a"},
-                                                             {"role": "assistant", "content": "b"}]}, 400, "last message"),
+    (
+        "ends-on-assistant",
+        {
+            "model": "llava-ray",
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        },
+        400,
+        "last message",
+    ),
     ("max-tokens-zero", _body(max_tokens=0), 400, "max_tokens"),
     ("max-tokens-huge", _body(max_tokens=100000), 400, "max_tokens"),
     ("max-tokens-string", _body(max_tokens="ten"), 400, "max_tokens"),
@@ -244,27 +298,90 @@ BAD = [
     ("top-p", _body(top_p=0), 400, "top_p"),
     ("n-two", _body(n=2), 400, "n:"),
     ("bad-stop", _body(stop=[1, 2]), 400, "stop"),
-    ("bad-base64", _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}]), 400, "base64"),
-    ("not-an-image", _body([{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64," + base64.b64encode(b"hello world, not a picture").decode()}}]), 400, "expected an image"),
-    ("huge-image", _body([{"type": "image_url", "image_url": {"url": png_url(size=(1200, 1000))}}]), 413, "pixels"),
-    ("too-many-images", _body([{"type": "image_url", "image_url": {"url": png_url()}}] * 4), 413, "at most 3 images"),
-    ("http-url", _body([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]), 400, "allow-listed"),
-    ("file-url", _body([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]), 400, "allow-listed"),
+    (
+        "bad-base64",
+        _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}]),
+        400,
+        "base64",
+    ),
+    (
+        "not-an-image",
+        _body(
+            [
+                {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": "data:image/png;base64,"
+                        + base64.b64encode(b"hello world, not a picture").decode()
+                    },
+                }
+            ]
+        ),
+        400,
+        "expected an image",
+    ),
+    (
+        "huge-image",
+        _body([{"type": "image_url", "image_url": {"url": png_url(size=(1200, 1000))}}]),
+        413,
+        "pixels",
+    ),
+    (
+        "too-many-images",
+        _body([{"type": "image_url", "image_url": {"url": png_url()}}] * 4),
+        413,
+        "at most 3 images",
+    ),
+    (
+        "http-url",
+        _body([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]),
+        400,
+        "allow-listed",
+    ),
+    (
+        "file-url",
+        _body([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]),
+        400,
+        "allow-listed",
+    ),
     ("bad-part-type", _body([{"type": "audio_url", "audio_url": {"url": "x"}}]), 400, "type"),
     ("marker-in-text", _body("look: <image>"), 400, "<image>"),
-    ("bad-video", _body([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
-                                                                    + base64.b64encode(b"\x00" * 64).decode()}}]), 400, "video"),
+    (
+        "bad-video",
+        _body(
+            [
+                {
+                    "type": "video_url",
+                    "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"\x00" * 64).decode()},
+                }
+            ]
+        ),
+        400,
+        "video",
+    ),
     ("prompt-too-long", _body("word " * 4500), 400, "prompt tokens"),
     ("seed-past-int64", _body(seed=2**70), 400, "seed: expected a 64-bit integer"),
-    ("lone-surrogate", b'{"model": "llava-ray", "messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400,
-     "lone surrogate"),
+    (
+        "lone-surrogate",
+        b'{"model": "llava-ray", "messages": [{"role": "user", "content": "a \\ud800 b"}]}',
+        400,
+        "lone surrogate",
+    ),
     ("deep-json", b'{"model": "llava-ray", "x": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "nested at most"),
     ("huge-number", b'{"model": "llava-ray", "seed": ' + b"9" * 5000 + b"}", 400, "numbers of ordinary size"),
-    ("body-too-large", b'{"model": "llava-ray", "pad": "' + b"x" * 1_100_000 + b'"}', 413, "at most 1000000 bytes"),
-    ("bytes-too-large", _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]),
-     413, "bytes"),
-]  # fmt: skip
+    (
+        "body-too-large",
+        b'{"model": "llava-ray", "pad": "' + b"x" * 1_100_000 + b'"}',
+        413,
+        "at most 1000000 bytes",
+    ),
+    (
+        "bytes-too-large",
+        _body([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]),
+        413,
+        "bytes",
+    ),
+]
 
 
 @pytest.mark.parametrize("name, body, status, words", BAD, ids=[b[0] for b in BAD])
@@ -363,9 +480,14 @@ def test_an_upstream_that_trickles_is_cut_at_the_fetch_deadline(endpoint, upstre
     assert requests.get(f"{endpoint}/health", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("path, code, words", [("/missing", "media_fetch_failed", "HTTP 404"),
-                                               ("/broken", "media_fetch_failed", "HTTP 500"),
-                                               ("/away", "url_not_allowed", "example.invalid")])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, code, words",
+    [
+        ("/missing", "media_fetch_failed", "HTTP 404"),
+        ("/broken", "media_fetch_failed", "HTTP 500"),
+        ("/away", "url_not_allowed", "example.invalid"),
+    ],
+)
 def test_upstream_failures_and_redirects_are_4xx_naming_the_host(endpoint, upstream, path, code, words):
     body = _body(
         [{"type": "image_url", "image_url": {"url": f"{upstream.url}{path}"}}, {"type": "text", "text": "q"}]
@@ -389,8 +511,14 @@ def test_seeded_sampling_streams_the_same_text(client):
     the seed (no generator seeding): the two seed-1234 streams differed and this test failed."""
 
     def sample(stream: bool, seed: int = 1234) -> str:
-        out = client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": "Say something."}],
-                                             max_tokens=8, temperature=1.0, seed=seed, stream=stream)  # fmt: skip
+        out = client.chat.completions.create(
+            model="llava-ray",
+            messages=[{"role": "user", "content": "Say something."}],
+            max_tokens=8,
+            temperature=1.0,
+            seed=seed,
+            stream=stream,
+        )
         if not stream:
             return out.choices[0].message.content
         return "".join(c.choices[0].delta.content or "" for c in out).strip()
@@ -434,8 +562,12 @@ def test_streams_and_requests_share_the_replicas_batch_at_every_step(endpoint):
     arrivals: dict[int, list[float]] = {0: [], 1: []}
 
     def stream(k):
-        out = client.chat.completions.create(model="llava-ray", messages=[{"role": "user", "content": f"Story {k}."}],
-                                             max_tokens=300, stream=True)  # fmt: skip
+        out = client.chat.completions.create(
+            model="llava-ray",
+            messages=[{"role": "user", "content": f"Story {k}."}],
+            max_tokens=300,
+            stream=True,
+        )
         for chunk in out:
             if chunk.choices[0].delta.content:
                 arrivals[k].append(time.monotonic())
@@ -502,11 +634,16 @@ def test_every_content_form_of_a_question_is_its_training_prompt(client, checkpo
     urls = [png_url((220, 30, 30)), png_url((30, 60, 220))]
     images = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     forms = {
-        "interleaved": [{"type": "text", "text": "Image 1: "}, images[0], {"type": "text", "text": "\nImage 2: "},
-                        images[1], {"type": "text", "text": f"\n{question}"}],
+        "interleaved": [
+            {"type": "text", "text": "Image 1: "},
+            images[0],
+            {"type": "text", "text": "\nImage 2: "},
+            images[1],
+            {"type": "text", "text": f"\n{question}"},
+        ],
         "images first": [*images, {"type": "text", "text": question}],
         "placeholders": [{"type": "text", "text": training}, *images],
-    }  # fmt: skip
+    }
     processor = LlavaProcessor.from_pretrained(checkpoint)
     pictures = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls]
     expected = processor.count_tokens(Prompt([Turn("user", training)], pictures))
@@ -570,19 +707,30 @@ def test_lmms_evals_openai_backend_gets_our_own_evaluations_answers(
         question = next(t["value"] for t in record["conversations"] if t["from"] == "human")
         if record.get("video"):
             question = question.replace("<image>", "<video>")
-        rows.append({"id": record["id"], "question": question, "answer": record["answer"],
-                     "images": [str(root / p) for p in images],
-                     "video_url": f"{upstream.url}/files/{record['video']}" if record.get("video") else ""})  # fmt: skip
+        rows.append(
+            {
+                "id": record["id"],
+                "question": question,
+                "answer": record["answer"],
+                "images": [str(root / p) for p in images],
+                "video_url": f"{upstream.url}/files/{record['video']}" if record.get("video") else "",
+            }
+        )
     task_dir = tmp_path / "task"
     shutil.copytree(Path(__file__).parent / "lmms_task", task_dir)
     (task_dir / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (task_dir / "llava_ray_demo.yaml").write_text(LMMS_TASK.format(data=task_dir / "split.jsonl"))
     upstream.files = root
     try:
-        out = evaluator.simple_evaluate(model="openai", model_args=f"model=llava-ray,base_url={endpoint}/v1,api_key=unused,"
-                              "pass_video_url=True,max_retries=1,timeout=120,num_concurrent=4",
-                              tasks=["llava_ray_demo"], task_manager=TaskManager(include_path=str(task_dir)),
-                              log_samples=True, batch_size=1)  # fmt: skip
+        out = evaluator.simple_evaluate(
+            model="openai",
+            model_args=f"model=llava-ray,base_url={endpoint}/v1,api_key=unused,"
+            "pass_video_url=True,max_retries=1,timeout=120,num_concurrent=4",
+            tasks=["llava_ray_demo"],
+            task_manager=TaskManager(include_path=str(task_dir)),
+            log_samples=True,
+            batch_size=1,
+        )
     finally:
         upstream.files = None
     theirs = {s["doc"]["id"]: s["filtered_resps"][0].strip() for s in out["samples"]["llava_ray_demo"]}
