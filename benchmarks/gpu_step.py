@@ -1,4 +1,4 @@
-"""The real-size training step on one GPU, without Ray: our stage recipe's step (its DeepSpeed engine from
+"""The real-size training step on one GPU, without Ray: our stage worker's step (its DeepSpeed engine from
 our own ``deepspeed_config``, ZeRO-2, bf16; its rows from our preprocessing and processor) beside a plain
 loop (the same transformers model class and config, torch AdamW, the same batches), in one run.
 
@@ -234,35 +234,35 @@ def _free() -> None:
 
 
 def run_ours(plan, steps: int, warmup: int) -> dict:
-    """Our recipe's seams: setup_model, setup_optimizer (DeepSpeed), setup_step, then train_step."""
+    """Our stage worker's seams: setup_model, setup_optimizer (DeepSpeed), setup_step, then train_step."""
     import torch
 
-    from pipelines.train_stage import LocalContext, StageRecipe
+    from pipelines.train_stage import LocalContext, StageWorker
 
-    recipe = StageRecipe(plan, LocalContext(scratch("gpu-step-ckpt-")))
-    model, processor = recipe.setup_model()
-    engine, optimizer = recipe.setup_optimizer(model)
-    attempt = recipe.setup_step(engine, optimizer, processor, start_step=0)
-    batches = list(recipe.setup_data().epoch(0))[: warmup + steps]
+    worker = StageWorker(plan, LocalContext(scratch("gpu-step-ckpt-")))
+    model, processor = worker.setup_model()
+    engine, optimizer = worker.setup_optimizer(model)
+    worker.setup_step(engine, optimizer, processor, start_step=0)
+    batches = list(worker.setup_data().epoch(0))[: warmup + steps]
     times, flops, llm_flops, tokens, samples = [], 0.0, 0.0, 0, 0
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i, micro_batches in enumerate(batches):
         _sync(engine.device)
         start = time.perf_counter()
-        attempt.train_step(micro_batches, i, 0.0, start)
+        worker.train_step(micro_batches, i, 0.0, start)
         _sync(engine.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
             for micro in micro_batches:
-                f, fl = step_flops(model, attempt.make_batch(micro), micro)
+                f, fl = step_flops(model, worker.make_batch(micro), micro)
                 flops, llm_flops = flops + f, llm_flops + fl
                 tokens += sum(len(r["input_ids"]) for r in micro)
                 samples += len(micro)
     peak = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
     if hasattr(engine, "destroy"):
         engine.destroy()  # DeepSpeed's hooks and buffers: the plain loop must not run beside them
-    del attempt, engine, optimizer, model, recipe
+    del engine, optimizer, model, worker
     _free()
     return _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan)
 

@@ -4,11 +4,11 @@
 
 Reads top to bottom. The driver (``train_stage``) plans the stage once (``plan_stage``: a frozen, typed
 ``StagePlan``, logged and tracked), starts one TorchTrainer, then evaluates the export and closes the
-stage's MLflow run. Every worker runs ``train_loop``: a ``StageRecipe`` with one method per seam
-(setup_model, setup_optimizer, setup_data, resume, train_step, save_checkpoint, export) and ``train``,
-which calls them in order. A ``StepSource`` hides where rows come from: read once and kept in memory
-(small data), or streamed through Ray Data every epoch (large data); both give each rank the same rows in
-the same order on every attempt, so a resumed stage sees exactly what an uninterrupted one would.
+stage's MLflow run. Every worker runs ``train_loop``: a ``StageWorker`` with one public method per seam
+(setup_model, setup_optimizer, setup_data, resume, setup_step, train_step, save_checkpoint, export) and
+``train``, which calls them in order. A ``StepSource`` hides where rows come from: read once and kept in
+memory (small data), or streamed through Ray Data every epoch (large data); both give each rank the same
+rows in the same order on every attempt, so a resumed stage sees exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ class LocalContext:
         storage.upload_dir(directory, storage.join(self.root, str(metrics["step"])))
 
 
-class StageRecipe:
+class StageWorker:
     """One stage on one rank, seam by seam; ``train`` reads top to bottom."""
 
     def __init__(self, plan: StagePlan, context):
@@ -517,7 +517,7 @@ class StageRecipe:
         source = self.setup_data()
         progress("resuming from the last checkpoint")
         step = self.resume(engine)
-        attempt = self.setup_step(engine, optimizer, processor, start_step=step)
+        self.setup_step(engine, optimizer, processor, start_step=step)
         tracker, history = self.tracker(), []
         while step < self.plan.total_steps:
             epoch, done = divmod(step, self.plan.steps_per_epoch)
@@ -528,7 +528,7 @@ class StageRecipe:
             for micro_batches in steps:
                 waited = time.perf_counter() - last_end
                 progress(f"step {step + 1}")
-                step, metrics = attempt.train_step(micro_batches, step, waited, last_end)
+                step, metrics = self.train_step(micro_batches, step, waited, last_end)
                 history.append(metrics)
                 tracker.log_metrics(_loggable(metrics), step=step)
                 if step % self.plan.stage.checkpoint_every == 0 or step == self.plan.total_steps:
@@ -631,24 +631,75 @@ class StageRecipe:
             print(f"resumed from checkpoint at step {step}")
         return step
 
-    def setup_step(self, engine, optimizer, processor, start_step: int) -> _Attempt:
-        from components.batching import to_device
+    def setup_step(self, engine, optimizer, processor, start_step: int) -> None:
+        """What every step of this attempt shares: the engine, how rows become the model's inputs, the
+        optimizer groups whose LRs are logged, and the step the attempt started from (after a failure Ray
+        Train restarts the worker group, and the new attempt resumes from the last checkpoint)."""
         from components.generation import MediaFiller
         from components.model import group_of
 
         # the fillers keep every rank's collectives in step (ZeRO-3); one rank has no one to wait for, and a
         # filler padded to a long row's length would double a micro-batch of one's compute
-        filler = MediaFiller(processor, with_video=self.plan.has_video) if self.world > 1 else list
-        device, dtype = engine.device, engine.get_data_types()[0]  # bf16 on GPU, fp32 on CPU
-
-        def make_batch(micro: list[dict]) -> dict:
-            return to_device(processor.collate(filler(micro)), device, dtype)
-
-        main = group_of(optimizer.param_groups, "language_model") or group_of(
+        self.filler = MediaFiller(processor, with_video=self.plan.has_video) if self.world > 1 else list
+        self.engine, self.processor, self.start_step = engine, processor, start_step
+        self.main_group = group_of(optimizer.param_groups, "language_model") or group_of(
             optimizer.param_groups, "multi_modal_projector"
         )
-        vision = group_of(optimizer.param_groups, "vision_tower")
-        return _Attempt(engine, make_batch, self.world, main, vision, start_step)
+        self.vision_group = group_of(optimizer.param_groups, "vision_tower")
+
+    def make_batch(self, micro: list[dict]) -> dict:
+        """Rows of one micro-batch -> the model's inputs (media filled in, collated, on the device; bf16 on
+        a GPU, fp32 on the CPU)."""
+        from components.batching import to_device
+
+        engine = self.engine
+        return to_device(
+            self.processor.collate(self.filler(micro)), engine.device, engine.get_data_types()[0]
+        )
+
+    def train_step(self, micro_batches: list[list[dict]], step: int, waited: float, last_end: float):
+        """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every
+        rank's tokens over the wall-clock interval since the previous step ended (data wait, logging and
+        checkpointing included)."""
+        import torch
+
+        # every rank's own rows: batches differ in length between ranks, so the step's totals need every
+        # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
+        # thread) under the forward pass instead of adding one more cross-rank wait after the step.
+        counts = torch.tensor(
+            [
+                sum(len(r["input_ids"]) for micro in micro_batches for r in micro),
+                sum(map(len, micro_batches)),
+            ],
+            dtype=torch.float64,
+        )
+        summed = torch.distributed.all_reduce(counts, async_op=True) if self.world > 1 else None
+        engine, losses, micro_modalities = self.engine, [], []
+        for micro in micro_batches:
+            micro_modalities.append({r["modality"] for r in micro})
+            out = engine(**self.make_batch(micro))
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(float(out.loss.detach()))
+        if summed is not None:
+            summed.wait()
+        tokens, samples = int(counts[0]), int(counts[1])
+        interval = time.perf_counter() - last_end
+        return step + 1, {
+            "step": step + 1,
+            "loss": sum(losses) / len(losses),
+            "lr": self.main_group["lr"],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens": tokens,
+            "step_s": interval,
+            "tokens_per_s": tokens / interval,
+            "samples_per_s": samples / interval,
+            "data_wait_share": min(1.0, waited / interval),
+            "lr_vision": self.vision_group["lr"] if self.vision_group else None,
+            "attempt_start_step": self.start_step,
+            "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
+            "modalities": sorted(set().union(*micro_modalities)),
+        }
 
     def tracker(self):
         from components.tracking import make_tracker
@@ -734,65 +785,7 @@ def _loggable(metrics: dict) -> dict:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    StageRecipe(config["plan"], RayTrainContext(config.get("board"))).train()
-
-
-@dataclass
-class _Attempt:
-    """What every step of one attempt shares (after a failure Ray Train restarts the worker group, and the
-    new attempt resumes from the last checkpoint at ``start_step``)."""
-
-    engine: Any
-    make_batch: Callable[[list[dict]], dict]
-    """Rows of one micro-batch -> the model's inputs (media filled in, collated, on the device)."""
-    world: int
-    main_group: dict
-    vision_group: dict | None
-    start_step: int
-
-    def train_step(self, micro_batches: list[list[dict]], step: int, waited: float, last_end: float):
-        """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every
-        rank's tokens over the wall-clock interval since the previous step ended (data wait, logging and
-        checkpointing included)."""
-        import torch
-
-        # every rank's own rows: batches differ in length between ranks, so the step's totals need every
-        # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
-        # thread) under the forward pass instead of adding one more cross-rank wait after the step.
-        counts = torch.tensor(
-            [
-                sum(len(r["input_ids"]) for micro in micro_batches for r in micro),
-                sum(map(len, micro_batches)),
-            ],
-            dtype=torch.float64,
-        )
-        summed = torch.distributed.all_reduce(counts, async_op=True) if self.world > 1 else None
-        engine, losses, micro_modalities = self.engine, [], []
-        for micro in micro_batches:
-            micro_modalities.append({r["modality"] for r in micro})
-            out = engine(**self.make_batch(micro))
-            engine.backward(out.loss)
-            engine.step()
-            losses.append(float(out.loss.detach()))
-        if summed is not None:
-            summed.wait()
-        tokens, samples = int(counts[0]), int(counts[1])
-        interval = time.perf_counter() - last_end
-        return step + 1, {
-            "step": step + 1,
-            "loss": sum(losses) / len(losses),
-            "lr": self.main_group["lr"],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "tokens": tokens,
-            "step_s": interval,
-            "tokens_per_s": tokens / interval,
-            "samples_per_s": samples / interval,
-            "data_wait_share": min(1.0, waited / interval),
-            "lr_vision": self.vision_group["lr"] if self.vision_group else None,
-            "attempt_start_step": self.start_step,
-            "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
-            "modalities": sorted(set().union(*micro_modalities)),
-        }
+    StageWorker(config["plan"], RayTrainContext(config.get("board"))).train()
 
 
 @dataclass(frozen=True)
@@ -1000,7 +993,7 @@ def _fit_here(plan: StagePlan) -> str | None:
     context = LocalContext(storage.join(plan.layout.checkpoints, "local"))
     threads = torch.get_num_threads()
     try:
-        StageRecipe(plan, context).train()
+        StageWorker(plan, context).train()
     finally:
         torch.set_num_threads(threads)
     done = context.checkpoints()

@@ -234,7 +234,7 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     the world size stays 2, which keeps each step's global batch and therefore its loss. The attempt resumes
     from the S3 checkpoint at step 2 (attempt_start_step), its per-step losses equal the job's uninterrupted
     stage 1 exactly (fp32, CPU), and its MLflow run is one FINISHED run whose loss curve is steps 1-4, each
-    once. Checked once with StageRecipe.resume returning 0 (the resume switched off): the restarted attempt
+    once. Checked once with StageWorker.resume returning 0 (the resume switched off): the restarted attempt
     began at step 0 and this test failed on attempt_start_step. The worker node is started again after."""
     from mlflow.tracking import MlflowClient
 

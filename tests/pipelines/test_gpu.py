@@ -1,7 +1,7 @@
 """Generation on a real GPU: skipped where CUDA is absent (CI, this project's CPU machines); run where one
 is lent (`python -m pytest -m gpu tests/pipelines`). The train loop's GPU path is the cuda case of
-tests/pipelines/test_recipe_seams.py: the real recipe through its seams on one NCCL rank in bf16, LoRA, an
-interruption and a resume, and the export."""
+tests/pipelines/test_stage_worker.py: the real stage worker through its seams on one NCCL rank in bf16,
+LoRA, an interruption and a resume, and the export."""
 
 from __future__ import annotations
 

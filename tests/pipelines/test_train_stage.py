@@ -22,7 +22,7 @@ from pipelines.train_stage import (
     FailOnce,
     InMemorySteps,
     LocalContext,
-    StageRecipe,
+    StageWorker,
     own_rows,
     plan_stage,
     read_history,
@@ -201,7 +201,7 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
     The rows stream through Ray Data (the large-data path): each rank keeps its positions in the shards'
     order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
     per-step loss and token count of an uninterrupted run of the same seed, exactly (fp32, CPU). Checked
-    once with the resume switched off (StageRecipe.resume returning step 0 without loading the
+    once with the resume switched off (StageWorker.resume returning step 0 without loading the
     checkpoint): the attempts started at [0, 0, 0, 0] and this test failed; Ray Data's arrival order (a
     streaming_split) gives no such guarantee. The stage's MLflow run (a real server) holds exactly one
     loss curve, steps 1-4 (none twice, none lost), the mixture manifest and the resolved plan, and ends
@@ -354,7 +354,7 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     """Stage-1 from a SigLIP vision model and a Qwen-2 LLM directory, each saved by transformers: the
     composed model keeps SigLIP's first layers only (vision_layers, as OneVision drops the last) and gives
     before any step the vision features and text logits of the parts themselves, and the recipe's Stage-1,
-    through the stage's own path (plan_stage, then StageRecipe.setup_model, as every worker runs it),
+    through the stage's own path (plan_stage, then StageWorker.setup_model, as every worker runs it),
     builds the same weights with the vision tower frozen. Checked once with plan_stage taking a default
     ModelSpec instead of the recipe's: the vision tower's weights differed and this test failed. (That Stage-1
     then trains the projector alone is test_stage1_changes_only_the_projector; a Ray Train run here again
@@ -398,7 +398,7 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     plan = plan_stage(
         recipe, stage, layout, list(range(64)), has_video=False, init_from=None, data_mode="memory"
     )
-    rebuilt, _ = StageRecipe(plan, LocalContext(str(tmp_path / "c"))).setup_model()
+    rebuilt, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert _weights(rebuilt).keys() == _weights(model).keys()
     for name, tensor in _weights(model).items():
         assert torch.equal(tensor, _weights(rebuilt)[name]), name

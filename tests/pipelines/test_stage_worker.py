@@ -1,6 +1,7 @@
-"""The train stage's recipe, driven through its seams on one rank without Ray (``LocalContext``): the same
-code Ray Train runs on every worker, with LoRA, a checkpoint, an interruption and a resume, then the
-export. On the CPU (gloo) always; on a GPU (NCCL, bf16) where one is at hand (marker gpu)."""
+"""The train stage's worker (``StageWorker``), driven through its seams on one rank without Ray
+(``LocalContext``): the same code Ray Train runs on every worker, with LoRA, a checkpoint, an interruption
+and a resume, then the export. On the CPU (gloo) always; on a GPU (NCCL, bf16) where one is at hand
+(marker gpu)."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ from pipelines.preprocess import PreprocessConfig, preprocess
 from pipelines.recipes import LoraSpec, load_recipe, step_config
 from pipelines.train_stage import (
     LocalContext,
-    StageRecipe,
+    StageWorker,
     data_stats,
     init_one_rank_group,
     plan_stage,
@@ -53,7 +54,7 @@ def _stop_after(step: int):
 @pytest.mark.timeout(900)
 def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_path, process_group):
     """Four LoRA steps in one go, and four steps interrupted right after the step-2 checkpoint then resumed
-    by a new recipe object: the resumed run continues from step 2 with the uninterrupted run's losses
+    by a new StageWorker: the resumed run continues from step 2 with the uninterrupted run's losses
     (exactly on the CPU; within bf16 noise on a GPU), and its export is a plain HF checkpoint (LoRA merged)
     that loads and gives the probe logits the training model gave."""
     from safetensors.torch import load as load_tensors
@@ -88,13 +89,13 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
             recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory"
         )
     context = LocalContext(str(tmp_path / "whole-checkpoints"))
-    StageRecipe(plans["whole"], context).train()
+    StageWorker(plans["whole"], context).train()
     histories["whole"] = read_history(plans["whole"].layout.history)
     checkpoints = str(tmp_path / "resumed-checkpoints")
     interrupted = dataclasses.replace(plans["resumed"], step_hooks=(_stop_after(2),))
     with pytest.raises(Interrupt):
-        StageRecipe(interrupted, LocalContext(checkpoints)).train()
-    StageRecipe(plans["resumed"], LocalContext(checkpoints)).train()  # a new attempt: resumes at step 2
+        StageWorker(interrupted, LocalContext(checkpoints)).train()
+    StageWorker(plans["resumed"], LocalContext(checkpoints)).train()  # a new attempt: resumes at step 2
     histories["resumed"] = read_history(plans["resumed"].layout.history)
     assert [m["step"] for m in histories["resumed"]] == [1, 2, 3, 4]
     assert [m["attempt_start_step"] for m in histories["resumed"]] == [0, 0, 2, 2]
@@ -123,7 +124,7 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
 
 @pytest.mark.timeout(300)
 def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, process_group):
-    """Under ZeRO-3 the recipe's setup_model builds the base model, and loads a previous stage's export,
+    """Under ZeRO-3 the stage worker's setup_model builds the base model, and loads a previous stage's export,
     straight into DeepSpeed's partitions (transformers' zero.Init path, ``partitioned_build``): every
     parameter is partitioned before DeepSpeed wraps the model, and the gathered values equal the export's,
     whose every weight was moved away from the stage's own base model before it was saved. Checked once
@@ -151,7 +152,7 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
     )
     positions, _ = data_stats(layout)
     plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")
-    built, _ = StageRecipe(plan, LocalContext(str(tmp_path / "c"))).setup_model()
+    built, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert all(hasattr(p, "ds_id") for p in built.parameters()), "built whole, then partitioned"
 
     reference, processor = build_model(recipe.model)  # the stage's own base model, then every weight moved:
@@ -160,7 +161,7 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     save_model(reference, processor, str(tmp_path / "export"))
     loaded_plan = dataclasses.replace(plan, init_from=str(tmp_path / "export"))
-    loaded, _ = StageRecipe(loaded_plan, LocalContext(str(tmp_path / "c"))).setup_model()
+    loaded, _ = StageWorker(loaded_plan, LocalContext(str(tmp_path / "c"))).setup_model()
     params = dict(loaded.named_parameters())
     assert params and all(hasattr(p, "ds_id") for p in params.values()), "loaded whole, then partitioned"
     expected = dict(reference.named_parameters())
