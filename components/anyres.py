@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from components.errors import Mismatch
 from components.resample import resize_into_tiles, rgb_to_rgbx, rgbx_pixels
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,7 +29,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Size = tuple[int, int]  # (height, width)
 
 
-class ImageTooSmallError(ValueError):
+class ImageTooSmallError(Mismatch):
     """An image with a zero side cannot be tiled."""
 
 
@@ -163,7 +164,7 @@ def _scale_shift(config: AnyResConfig) -> tuple[np.ndarray, np.ndarray]:
 def _check_size(image: Image.Image) -> Size:
     if image.width < 1 or image.height < 1:
         raise ImageTooSmallError(
-            f"image: expected a non-empty image, found size (height={image.height}, width={image.width})"
+            "image", "a non-empty image", f"size (height={image.height}, width={image.width})"
         )
     return image.height, image.width
 
@@ -295,7 +296,7 @@ def num_image_tokens(image_size: Size, config: AnyResConfig, *, reduce: bool = T
     """Tokens of one AnyRes image: base tile + unpadded grid features + one newline per feature row
     (``reduce``: the grid features bilinear-reduced to about max_tiles tiles' worth, as OneVision does)."""
     if image_size[0] < 1 or image_size[1] < 1:
-        raise ImageTooSmallError(f"image_size: expected positive (height, width), found {image_size}")
+        raise ImageTooSmallError("image_size", "positive (height, width)", str(image_size))
     best_h, best_w = select_best_resolution(image_size, grid_pinpoints(config))
     grid = (best_h // config.tile_size, best_w // config.tile_size)
     features, newlines = _unpadded_features(image_size, grid, config, reduce)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from components.errors import Mismatch, sample_field
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -40,13 +42,14 @@ ROLE_ALIASES = {
 }
 
 
-class SampleError(ValueError):
-    """A sample that cannot be used, with the sample id, the field, and what was expected against found."""
+class SampleError(Mismatch):
+    """A sample that cannot be used, with the sample id, the field, and what was expected against found;
+    ``kind`` is the rejects table's error type."""
 
     def __init__(
         self, sample_id: str, field_name: str, expected: str, found: str, kind: str = "invalid_sample"
     ):
-        super().__init__(f"sample {sample_id!r}, field {field_name!r}: expected {expected}, found {found}")
+        super().__init__(sample_field(sample_id, field_name), expected, found)
         self.sample_id = sample_id
         self.field = field_name
         self.kind = kind

@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 import yaml
 
 from components.conversation import SampleError, parse_sample
+from components.errors import Mismatch
 
 TYPES = ("conversation", "detail", "reasoning")
 
 
-class ParseError(ValueError):
+class ParseError(Mismatch):
     """A teacher response that cannot become a LLaVA record; carries the raw text for the rejects table."""
 
     def __init__(self, sample_id: str, kind: str, expected: str, raw: str):
-        super().__init__(f"sample {sample_id!r}, response {kind!r}: expected {expected}, found {raw[:80]!r}")
+        super().__init__(f"sample {sample_id!r}, response {kind!r}", expected, repr(raw[:80]))
         self.raw = raw
 
 
@@ -271,5 +272,5 @@ def parse_response(kind: str, text: str, ctx: ImageContext, seed: int = 0) -> di
     try:
         parse_sample(record)
     except SampleError as e:
-        raise ParseError(sample_id, kind, f"a valid LLaVA record ({e})", text) from e
+        raise ParseError(sample_id, kind, f"a valid LLaVA record ({e.field}: {e.expected})", text) from e
     return record

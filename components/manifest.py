@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import yaml
 
 from components import storage
+from components.errors import Mismatch
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(Mismatch):
+    """A manifest or mixture file that cannot be read: the file (or its field), expected against found."""
 
 
 @dataclass
@@ -95,9 +96,10 @@ def read_records(uri: str, dataset: str, media_root: str | None = None) -> list[
         try:
             records = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{uri}: expected a JSON list of records, found unreadable JSON ({e})") from e
+            where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}"
+            raise ManifestError(uri, "a JSON list of records", f"unreadable JSON at {where}") from e
         if not isinstance(records, list):
-            raise ManifestError(f"{uri}: expected a JSON list of records, found {type(records).__name__}")
+            raise ManifestError(uri, "a JSON list of records", type(records).__name__)
         return _mark_duplicates([_entry(dataset, i, r, root) for i, r in enumerate(records)])
     entries = []
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of the first record
@@ -180,9 +182,7 @@ def sample_entries(entries: list[Entry], strategy: str, seed: int) -> list[Entry
     """Apply one sampling strategy; ``random:N`` and ``N%`` are seeded and keep file order."""
     m = _STRATEGY.match(strategy.strip())
     if not m:
-        raise ManifestError(
-            f"sampling_strategy: expected all, first:N, end:N, random:N or N%, found {strategy!r}"
-        )
+        raise ManifestError("sampling_strategy", "all, first:N, end:N, random:N or N%", repr(strategy))
     if strategy == "all":
         return list(entries)
     if m.group(2):
@@ -206,16 +206,14 @@ def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture"
     """A mixture given as data (``datasets:`` + optional ``seed:``), paths relative to ``base``."""
     datasets = spec.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        raise ManifestError(f"{where}: expected 'datasets:' with at least one entry, found {datasets!r}")
+        raise ManifestError(where, "'datasets:' with at least one entry", repr(datasets))
     seed = int(spec.get("seed", seed))
     out: list[Entry] = []
     names: set[str] = set()
     for k, d in enumerate(datasets):
         path = d.get("json_path") or d.get("parquet_path")
         if not path:
-            raise ManifestError(
-                f"{where}: datasets[{k}]: expected json_path or parquet_path, found {sorted(d)}"
-            )
+            raise ManifestError(f"{where}: datasets[{k}]", "json_path or parquet_path", str(sorted(d)))
         path = _relative_to(base, path)
         name = d.get("name") or posixpath.basename(path).split(".")[0]
         if name in names:  # the same file twice, or x.jsonl beside x.parquet: keep ids apart

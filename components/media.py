@@ -22,14 +22,15 @@ from dataclasses import dataclass
 
 from components import storage
 from components.conversation import short_repr
+from components.errors import Mismatch, sample_field
 
 
-class MediaError(ValueError):
+class MediaError(Mismatch):
     """A sample's media that cannot be used: ``kind`` is the rejects table's error type."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+    def __init__(self, kind: str, sample_id: str, field_name: str, expected: str, found: str):
+        super().__init__(sample_field(sample_id, field_name), expected, found)
+        self.kind, self.sample_id, self.field = kind, sample_id, field_name
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,14 @@ def _inside(path: str, root: str) -> bool:
 
 def resolve_media(path: str, media_root: str, policy: MediaPolicy, *, sample_id: str, field: str) -> str:
     """The URI a manifest's media path names, if it lies inside the media root or an allowed root."""
-    where = f"sample {sample_id!r}, field {field!r}"
     if not isinstance(path, str) or not path or "\x00" in path:
-        raise MediaError("invalid_path", f"{where}: expected a file path, found one with a NUL byte or none")
+        raise MediaError("invalid_path", sample_id, field, "a file path", "one with a NUL byte or none")
     outside = MediaError(
         "outside_root",
-        f"{where}: expected a path inside the media root or an allowed root, found {short_repr(path, 80)} "
-        "outside them",
+        sample_id,
+        field,
+        "a path inside the media root or an allowed root",
+        f"{short_repr(path, 80)} outside them",
     )
     if storage.is_s3(path) or storage.is_s3(media_root):
         uri = path if storage.is_s3(path) else storage.join(media_root, path)
@@ -100,45 +102,41 @@ def resolve_media(path: str, media_root: str, policy: MediaPolicy, *, sample_id:
 
 def read_media(uri: str, max_bytes: int, *, sample_id: str, field: str, shown: str) -> bytes:
     """A regular file's bytes, at most ``max_bytes`` (``shown``: the path as the manifest wrote it)."""
-    where = f"sample {sample_id!r}, field {field!r}"
+    missing = MediaError(
+        "missing_media", sample_id, field, "a readable file", f"none at {short_repr(shown, 80)}"
+    )
     if storage.is_s3(uri):
         size = storage.file_size(uri)
         if size is None:
-            raise MediaError(
-                "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
-            )
+            raise missing
     else:
         try:
             info = os.stat(uri)  # a FIFO or a device is stat'ed, never opened
         except OSError as e:
-            raise MediaError(
-                "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
-            ) from e
+            raise missing from e
         if not stat.S_ISREG(info.st_mode):
             raise MediaError(
                 "not_a_file",
-                f"{where}: expected a regular file, found something else at {short_repr(shown, 80)}",
+                sample_id,
+                field,
+                "a regular file",
+                f"something else at {short_repr(shown, 80)}",
             )
         size = info.st_size
     if size > max_bytes:
-        raise MediaError("too_large", f"{where}: expected at most {max_bytes} bytes, found {size}")
+        raise MediaError("too_large", sample_id, field, f"at most {max_bytes} bytes", str(size))
     try:
         data = storage.read_bytes(uri)
     except (storage.StorageError, OSError) as e:
-        raise MediaError(
-            "missing_media", f"{where}: expected a readable file, found none at {short_repr(shown, 80)}"
-        ) from e
+        raise missing from e
     if len(data) > max_bytes:  # it grew while we looked
-        raise MediaError("too_large", f"{where}: expected at most {max_bytes} bytes, found more")
+        raise MediaError("too_large", sample_id, field, f"at most {max_bytes} bytes", "more")
     return data
 
 
 class DeadlineExceeded(MediaError):
     def __init__(self, seconds: float, sample_id: str):
-        super().__init__(
-            "timeout",
-            f"sample {sample_id!r}, field 'media': expected decoding within {seconds}s, found it slower",
-        )
+        super().__init__("timeout", sample_id, "media", f"decoding within {seconds}s", "it slower")
 
 
 @contextlib.contextmanager

@@ -13,21 +13,19 @@ from typing import BinaryIO
 
 import numpy as np
 
+from components.errors import Mismatch
+
 VideoSource = str | os.PathLike | bytes | bytearray | BinaryIO
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(Mismatch):
     """A video could not be decoded: corrupt, truncated, empty, or not a video at all. ``expected`` and
-    ``found`` are ours, never the decoder's own log text (which carries timestamps and source paths);
-    ``reason`` is the two as one phrase, for callers that prefix their own subject."""
+    ``found`` are ours, never the decoder's own log text (which carries timestamps and source paths); a
+    caller says them of its own subject with ``about`` (a sample's field, a request's part)."""
 
     def __init__(self, source: str, expected: str, found: str):
-        self.source, self.expected, self.found = source, expected, found
-        super().__init__(f"video {source}: {self.reason}")
-
-    @property
-    def reason(self) -> str:
-        return f"expected {self.expected}, found {self.found}"
+        super().__init__(f"video {source}", expected, found)
+        self.source = source
 
 
 class VideoTooLargeError(VideoDecodeError):
@@ -98,7 +96,7 @@ def _read_bytes(source: VideoSource) -> tuple[str, bytes]:
                 return name, f.read()
         except OSError as e:
             raise VideoDecodeError(
-                name, "a readable file", f"one that cannot be read ({e.strerror or e})"
+                name, "a readable file", f"one that cannot be read ({e.strerror or type(e).__name__})"
             ) from e
     name = getattr(source, "name", "<file-like>")
     return str(name), source.read()

@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from components import storage
+from components.anyres import ImageTooSmallError
 from components.conversation import SampleError, parse_sample
+from components.errors import mismatch, sample_field
 from components.media import MediaError, MediaPolicy, deadline, read_media, resolve_media
 from components.model import ModelSpec, build_tokenizer
 from components.processor import LlavaProcessor, ProcessorConfig, media_inputs
@@ -143,10 +145,12 @@ def _classify(exc: Exception, sample_id: str) -> tuple[str, str]:
     if isinstance(exc, (SampleError, MediaError)):
         return exc.kind, str(exc)[:1000]
     if isinstance(exc, VideoDecodeError):
-        return "corrupt_video", f"sample {sample_id!r}, field 'video': {exc.reason}"
+        return "corrupt_video", mismatch(*exc.about(sample_field(sample_id, "video")))
+    if isinstance(exc, ImageTooSmallError):
+        return "corrupt_image", mismatch(*exc.about(sample_field(sample_id, "image")))
     return (
         f"unexpected_{type(exc).__name__}",
-        f"sample {sample_id!r}: expected to be processed, found {type(exc).__name__}",
+        mismatch(f"sample {sample_id!r}", "to be processed", f"an error ({type(exc).__name__})"),
     )
 
 
@@ -207,17 +211,16 @@ class LoadMedia(Step):
         record = json.loads(row["record"])
         for key in UNSUPPORTED_FIELDS:
             if isinstance(record, dict) and record.get(key):
-                raise MediaError(
-                    "unsupported_media",
-                    f"sample {row['sample_id']!r}, field {key!r}: expected images or a video, found {key}",
-                )
+                raise MediaError("unsupported_media", row["sample_id"], key, "images or a video", key)
         sample = parse_sample(record, source=row["source"], default_id=row["sample_id"])
         policy = self.config.media
         if len(sample.images) > policy.max_images:
             raise MediaError(
                 "too_many_images",
-                f"sample {sample.id!r}, field 'image': expected at most "
-                f"{policy.max_images} images, found {len(sample.images)}",
+                sample.id,
+                "image",
+                f"at most {policy.max_images} images",
+                str(len(sample.images)),
             )
         row["modality"] = sample.modality
         embedded = row.get("embedded_images") or []
@@ -240,15 +243,13 @@ class LoadMedia(Step):
         ext = _extension(path)
         if ext not in allowed:
             raise MediaError(
-                "unsupported_media",
-                f"sample {sid!r}, field {field_name!r}: expected one of {sorted(allowed)}, found "
-                f"{path[:80]!r}",
+                "unsupported_media", sid, field_name, f"one of {sorted(allowed)}", repr(path[:80])
             )
         uri = resolve_media(path, row["media_root"], self.config.media, sample_id=sid, field=field_name)
         data = read_media(uri, max_bytes, sample_id=sid, field=field_name, shown=path)
         if not data:
             kind = "corrupt_video" if field_name == "video" else "corrupt_image"
-            raise MediaError(kind, f"sample {sid!r}, field {field_name!r}: expected bytes, found 0 bytes")
+            raise MediaError(kind, sid, field_name, "bytes", "0 bytes")
         return data
 
 
@@ -263,12 +264,9 @@ class DecodeVideo(Step):
         video = self.config.processor.video  # the sampling the checkpoint records and serving repeats
         try:
             clip = video.read(row["video_data"], max_pixels=self.config.media.max_video_pixels)
-        except VideoTooLargeError as e:
-            raise MediaError("too_large", f"sample {row['sample_id']!r}, field 'video': {e.reason}") from e
         except VideoDecodeError as e:
-            raise MediaError(
-                "corrupt_video", f"sample {row['sample_id']!r}, field 'video': {e.reason}"
-            ) from e
+            kind = "too_large" if isinstance(e, VideoTooLargeError) else "corrupt_video"
+            raise MediaError(kind, row["sample_id"], "video", e.expected, e.found) from e
         row["frames"] = clip.frames.tobytes()
         row["frames_shape"] = list(clip.frames.shape)
         row["frame_indices"] = clip.indices
@@ -304,9 +302,7 @@ class TileMedia(Step):
                 for i, data in enumerate(row["image_data"]):  # which one: decode each in full
                     self._open(row, i, data)
                 raise MediaError(
-                    "corrupt_image",
-                    f"sample {row['sample_id']!r}, field 'image': expected "
-                    f"decodable images, found {type(e).__name__}",
+                    "corrupt_image", row["sample_id"], "image", "decodable images", "one that is not"
                 ) from e
             row["image_data"] = []
         if media.pixel_values is not None:
@@ -321,27 +317,29 @@ class TileMedia(Step):
 
     def _open(self, row: dict, i: int, data: bytes, jpeg_draft: bool = False) -> Image.Image:
         """The image, its size checked against the budget from its header, before it is decoded."""
-        where = f"sample {row['sample_id']!r}, field 'image[{i}]'"
+        sid, field_name = row["sample_id"], f"image[{i}]"
         budget = self.config.media.max_image_pixels
         try:
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > budget:
                 raise MediaError(
                     "too_large",
-                    f"{where}: expected at most {budget} pixels, found {image.width}x{image.height}",
+                    sid,
+                    field_name,
+                    f"at most {budget} pixels",
+                    f"{image.width}x{image.height}",
                 )
             if not (jpeg_draft and image.format == "JPEG"):  # a draft must come before decoding
                 image.load()
             return image
         except Image.DecompressionBombError as e:  # past Pillow's own limit: refused at open
-            raise MediaError("too_large", f"{where}: expected at most {budget} pixels, found far more") from e
+            raise MediaError("too_large", sid, field_name, f"at most {budget} pixels", "far more") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             if isinstance(e, MediaError):
                 raise
+            what = "an unknown format" if isinstance(e, UnidentifiedImageError) else "a damaged image"
             raise MediaError(
-                "corrupt_image",
-                f"{where}: expected a decodable image, found {len(data)} bytes that are not one "
-                f"({type(e).__name__})",
+                "corrupt_image", sid, field_name, "a decodable image", f"{len(data)} bytes of {what}"
             ) from e
 
 

@@ -231,9 +231,7 @@ async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(
-        RequestError(f"request: expected a valid request, found {str(exc)[:200]}").body(), status_code=400
-    )
+    return JSONResponse(RequestError("request", "a valid request", str(exc)[:200]).body(), status_code=400)
 
 
 @app.exception_handler(Exception)
@@ -274,10 +272,12 @@ class Ingress:
         header = request.headers.get("authorization", "")
         if header != f"Bearer {self.api_key}":
             raise RequestError(
-                "Authorization: expected 'Bearer <api key>', found a missing or wrong key",
-                "authorization",
-                401,
-                "invalid_api_key",
+                "Authorization",
+                "'Bearer <api key>'",
+                "a missing or wrong key",
+                param="authorization",
+                status=401,
+                code="invalid_api_key",
             )
 
     @app.get("/health")
@@ -302,16 +302,12 @@ class Ingress:
         limit = self.config.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestError(
-                f"body: expected at most {limit} bytes, found {declared}", "body", 413, "too_large"
-            )
+            raise RequestError("body", f"at most {limit} bytes", str(declared), status=413, code="too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(
-                    f"body: expected at most {limit} bytes, found more", "body", 413, "too_large"
-                )
+                raise RequestError("body", f"at most {limit} bytes", "more", status=413, code="too_large")
             chunks.append(chunk)
         return b"".join(chunks)
 

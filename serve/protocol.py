@@ -27,19 +27,27 @@ from PIL import Image, UnidentifiedImageError
 
 from components import storage
 from components.conversation import MEDIA_PLACEHOLDERS, Turn, content_text
+from components.errors import Mismatch
 from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
 from components.video import VideoDecodeError, VideoTooLargeError
 
 
-class RequestError(ValueError):
-    """A bad request: HTTP status, the parameter at fault, and a message saying expected against found."""
+class RequestError(Mismatch):
+    """A bad request: what was expected of ``subject`` (a parameter, or a part of one) against what was
+    found, the parameter at fault (``param``; the subject unless said), the HTTP status and OpenAI's code."""
 
     def __init__(
-        self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_request"
+        self,
+        subject: str,
+        expected: str,
+        found: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        code: str = "invalid_request",
     ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(subject, expected, found)
+        self.param = subject if param is None else param
         self.status = status
         self.code = code
 
@@ -117,9 +125,9 @@ def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
         or not isinstance(value, (int, float))
         or (kind is int and not isinstance(value, int))
     ):
-        raise RequestError(f"{name}: expected a {kind.__name__}, found {value!r}", name)
+        raise RequestError(name, f"a {kind.__name__}", f"{value!r}")
     if not lo <= value <= hi:
-        raise RequestError(f"{name}: expected a value in [{lo}, {hi}], found {value}", name)
+        raise RequestError(name, f"a value in [{lo}, {hi}]", str(value))
     return kind(value)
 
 
@@ -127,34 +135,28 @@ def parse_body(raw: bytes, limits: Limits):
     """The JSON body, bounded: 413 past max_body_bytes; 400 for bad JSON, deep nesting or huge numbers."""
     if len(raw) > limits.max_body_bytes:
         raise RequestError(
-            f"body: expected at most {limits.max_body_bytes} bytes, found {len(raw)}",
             "body",
-            413,
-            "too_large",
+            f"at most {limits.max_body_bytes} bytes",
+            str(len(raw)),
+            status=413,
+            code="too_large",
         )
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(
-            f"body: expected JSON, found unparsable text ({type(e).__name__} at {getattr(e, 'pos', '?')})",
-            "body",
+            "body", "JSON", f"unparsable text (at character {getattr(e, 'pos', getattr(e, 'start', '?'))})"
         ) from e
     except RecursionError as e:
-        raise RequestError(
-            f"body: expected JSON nested at most {limits.max_json_depth} deep, found deeper", "body"
-        ) from e
+        raise RequestError("body", f"JSON nested at most {limits.max_json_depth} deep", "deeper") from e
     except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise RequestError(
-            f"body: expected JSON numbers of ordinary size, found {str(e)[:80]}", "body"
-        ) from e
+        raise RequestError("body", "JSON numbers of ordinary size", "a number too long to convert") from e
     depth, stack = 0, [(body, 1)]
     while stack:
         value, level = stack.pop()
         depth = max(depth, level)
         if depth > limits.max_json_depth:
-            raise RequestError(
-                f"body: expected JSON nested at most {limits.max_json_depth} deep, found deeper", "body"
-            )
+            raise RequestError("body", f"JSON nested at most {limits.max_json_depth} deep", "deeper")
         if isinstance(value, dict):
             stack.extend((v, level + 1) for v in value.values())
         elif isinstance(value, list):
@@ -183,10 +185,10 @@ class _AllowListedRedirects(urllib.request.HTTPRedirectHandler):
         if not any(newurl.startswith(p) for p in self.prefixes):
             host = urllib.parse.urlparse(newurl).hostname
             raise RequestError(
-                f"{self.param}: expected redirects within the allow-list, found one to host {host!r}",
                 self.param,
-                400,
-                "url_not_allowed",
+                "redirects within the allow-list",
+                f"one to host {host!r}",
+                code="url_not_allowed",
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -216,24 +218,27 @@ def _http_get(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
                 size += len(chunk)
                 if size > limit_bytes:
                     raise RequestError(
-                        f"{param}: expected at most {limit_bytes} bytes, found more", param, 413, "too_large"
+                        param,
+                        f"at most {limit_bytes} bytes",
+                        "more",
+                        status=413,
+                        code="too_large",
                     )
     except urllib.error.HTTPError as e:
         raise RequestError(
-            f"{param}: expected the media from host {host!r}, found HTTP {e.code}",
             param,
-            400,
-            "media_fetch_failed",
+            f"the media from host {host!r}",
+            f"HTTP {e.code}",
+            code="media_fetch_failed",
         ) from e
     except (TimeoutError, OSError) as e:
         if isinstance(e, RequestError):
             raise
         raise RequestError(
-            f"{param}: expected the media from host {host!r} within {limits.fetch_timeout_s}s, "
-            f"found {'a timeout' if isinstance(e, TimeoutError) else type(e).__name__}",
             param,
-            400,
-            "media_fetch_failed",
+            f"the media from host {host!r} within {limits.fetch_timeout_s}s",
+            f"{'a timeout' if isinstance(e, TimeoutError) else type(e).__name__}",
+            code="media_fetch_failed",
         ) from e
     return b"".join(chunks)
 
@@ -242,29 +247,25 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise RequestError(
-                f"{param}: expected a base64 data URL (data:<mime>;base64,...), found {url[:40]!r}", param
-            )
+            raise RequestError(param, "a base64 data URL (data:<mime>;base64,...)", f"{url[:40]!r}")
         if len(payload) * 3 // 4 > limit_bytes:
             raise RequestError(
-                f"{param}: expected at most {limit_bytes} bytes, found about {len(payload) * 3 // 4}",
                 param,
+                f"at most {limit_bytes} bytes",
+                f"about {len(payload) * 3 // 4}",
                 status=413,
                 code="too_large",
             )
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise RequestError(
-                f"{param}: expected valid base64 data, found undecodable text ({e})", param
-            ) from e
+            raise RequestError(param, "valid base64 data", f"undecodable text ({e})") from e
     if not any(url.startswith(prefix) for prefix in limits.allowed_media_prefixes):
         scheme = url.split(":", 1)[0] if ":" in url else url[:20]
         raise RequestError(
-            f"{param}: expected a data: URL or an allow-listed prefix {limits.allowed_media_prefixes}, found "
-            f"{scheme!r} URL",
             param,
-            status=400,
+            f"a data: URL or an allow-listed prefix {limits.allowed_media_prefixes}",
+            f"{scheme!r} URL",
             code="url_not_allowed",
         )
     if storage.is_s3(url):
@@ -273,19 +274,17 @@ def _fetch(url: str, limits: Limits, limit_bytes: int, param: str) -> bytes:
         except storage.StorageError as e:
             bucket = url[len("s3://") :].split("/", 1)[0]
             raise RequestError(
-                f"{param}: expected the media in bucket {bucket!r}, found none readable",
                 param,
-                400,
-                "media_fetch_failed",
+                f"the media in bucket {bucket!r}",
+                "none readable",
+                code="media_fetch_failed",
             ) from e
     elif url.startswith(("http://", "https://")):
         data = _http_get(url, limits, limit_bytes, param)
     else:
-        raise RequestError(f"{param}: expected an http(s), s3 or data URL, found {url[:30]!r}", param)
+        raise RequestError(param, "an http(s), s3 or data URL", f"{url[:30]!r}")
     if len(data) > limit_bytes:
-        raise RequestError(
-            f"{param}: expected at most {limit_bytes} bytes, found more", param, 413, "too_large"
-        )
+        raise RequestError(param, f"at most {limit_bytes} bytes", "more", status=413, code="too_large")
     return data
 
 
@@ -295,20 +294,18 @@ def _image(data: bytes, limits: Limits, param: str) -> Image.Image:
         pixels = image.width * image.height
         if pixels > limits.max_image_pixels:
             raise RequestError(
-                f"{param}: expected at most {limits.max_image_pixels} pixels, found "
-                f"{image.width}x{image.height}",
                 param,
-                413,
-                "too_large",
+                f"at most {limits.max_image_pixels} pixels",
+                f"{image.width}x{image.height}",
+                status=413,
+                code="too_large",
             )
         image.load()
         return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, RequestError):
             raise
-        raise RequestError(
-            f"{param}: expected an image (PNG, JPEG, ...), found {len(data)} bytes that are not one", param
-        ) from e
+        raise RequestError(param, "an image (PNG, JPEG, ...)", f"{len(data)} bytes that are not one") from e
 
 
 def _valid_text(text: str, param: str) -> None:
@@ -316,9 +313,7 @@ def _valid_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RequestError(
-            f"{param}: expected valid Unicode text, found a lone surrogate at {e.start}", param
-        ) from e
+        raise RequestError(param, "valid Unicode text", f"a lone surrogate at {e.start}") from e
 
 
 def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limits) -> int:
@@ -328,19 +323,18 @@ def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limit
     chars = sum(len(t.text) for t in request.prompt.turns)
     if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
         raise RequestError(
-            f"messages: expected at most {budget} prompt tokens, found {chars} characters",
             "messages",
-            400,
-            "context_length_exceeded",
+            f"at most {budget} prompt tokens",
+            f"{chars} characters",
+            code="context_length_exceeded",
         )
     count = count_tokens(request.prompt)
     if count > budget:
         raise RequestError(
-            f"messages: expected at most {budget} prompt tokens (context {context} less max_tokens "
-            f"{request.max_tokens}), found {count}",
             "messages",
-            400,
-            "context_length_exceeded",
+            f"at most {budget} prompt tokens (context {context} less max_tokens {request.max_tokens})",
+            str(count),
+            code="context_length_exceeded",
         )
     return count
 
@@ -353,7 +347,7 @@ def _url_of(part: dict, key: str, param: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise RequestError(f"{param}.{key}.url: expected a URL string, found {url!r}", f"{param}.{key}")
+        raise RequestError(f"{param}.{key}.url", "a URL string", f"{url!r}", param=f"{param}.{key}")
     return url
 
 
@@ -397,28 +391,28 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise RequestError(f"{pparam}.text: expected a string, found {part.get('text')!r:.40}", pparam)
+            raise RequestError(f"{pparam}.text", "a string", f"{part.get('text')!r:.40}", param=pparam)
         _valid_text(part["text"], f"{pparam}.text")
         if role != "user" and _has_placeholder(part["text"]):
             raise RequestError(
-                f"{pparam}.text: expected <image>/<video> markers only in user messages, found one in a "
-                f"{role} message",
-                pparam,
+                f"{pparam}.text",
+                "<image>/<video> markers only in user messages",
+                f"one in a {role} message",
+                param=pparam,
             )
         return "text", part["text"]
     if kind not in ("image_url", "video_url"):
-        raise RequestError(f"{pparam}.type: expected text, image_url or video_url, found {kind!r}", pparam)
+        raise RequestError(f"{pparam}.type", "text, image_url or video_url", f"{kind!r}", param=pparam)
     if role != "user":
-        raise RequestError(
-            f"{pparam}: expected media only in user messages, found it in a {role} message", pparam
-        )
+        raise RequestError(pparam, "media only in user messages", f"it in a {role} message")
     if kind == "image_url":
         if len(media.images) >= limits.max_images:
             raise RequestError(
-                f"{pparam}: expected at most {limits.max_images} images, found more",
                 pparam,
-                413,
-                "too_many_images",
+                f"at most {limits.max_images} images",
+                "more",
+                status=413,
+                code="too_many_images",
             )
         data = _fetch(_url_of(part, "image_url", pparam), limits, limits.max_image_bytes, pparam)
         digest = hashlib.sha256(data).hexdigest()
@@ -432,7 +426,7 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
         media.images.append(image)
     else:
         if media.video is not None:
-            raise RequestError(f"{pparam}: expected at most one video, found a second", pparam)
+            raise RequestError(pparam, "at most one video", "a second")
         data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
         digest = hashlib.sha256(data).hexdigest()
         key = ("video", digest, sampling)
@@ -450,20 +444,15 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
 def _parse_message(message, param: str, limits: Limits, sampling: VideoSampling, media: _Media) -> Turn:
     """One message as a turn: its role, and its content parts made text by the training layout's rule."""
     if not isinstance(message, dict):
-        raise RequestError(f"{param}: expected an object with role and content, found {message!r:.40}", param)
+        raise RequestError(param, "an object with role and content", f"{message!r:.40}")
     role = message.get("role")
     if role not in ("system", "user", "assistant"):
-        raise RequestError(
-            f"{param}.role: expected system, user or assistant, found {role!r}", f"{param}.role"
-        )
+        raise RequestError(f"{param}.role", "system, user or assistant", f"{role!r}")
     content = message.get("content")
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
     elif not isinstance(content, list) or not content:
-        raise RequestError(
-            f"{param}.content: expected a string or a list of parts, found {content!r:.60}",
-            f"{param}.content",
-        )
+        raise RequestError(f"{param}.content", "a string or a list of parts", f"{content!r:.60}")
     parts = [
         _parse_part(part, f"{param}.content[{k}]", role, limits, sampling, media)
         for k, part in enumerate(content)
@@ -473,13 +462,13 @@ def _parse_message(message, param: str, limits: Limits, sampling: VideoSampling,
         given = sum(1 for k, _ in parts if k == kind)
         if markers and markers != given:
             raise RequestError(
-                f"{param}.content: expected one {kind}_url part for each {marker} marker ({markers}), "
-                f"found {given}",
                 f"{param}.content",
+                f"one {kind}_url part for each {marker} marker ({markers})",
+                str(given),
             )
     text = content_text(parts)
     if not text.strip():
-        raise RequestError(f"{param}.content: expected non-empty content, found none", f"{param}.content")
+        raise RequestError(f"{param}.content", "non-empty content", "none")
     return Turn(role, text)
 
 
@@ -488,9 +477,9 @@ def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
     try:
         return sampling.read(data, max_pixels=limits.max_video_pixels).frames
     except VideoTooLargeError as e:
-        raise RequestError(f"{param}: {e.reason}", param, 413, "too_large") from e
+        raise RequestError(*e.about(param), status=413, code="too_large") from e
     except VideoDecodeError as e:
-        raise RequestError(f"{param}: {e.reason}", param) from e
+        raise RequestError(*e.about(param)) from e
 
 
 def parse_chat_request(
@@ -504,19 +493,21 @@ def parse_chat_request(
     sampled as the checkpoint was trained (``video``: its processor's VideoSampling); media in ``known``
     are not decoded again."""
     if not isinstance(body, dict):
-        raise RequestError(f"body: expected a JSON object, found {type(body).__name__}")
+        raise RequestError("body", "a JSON object", type(body).__name__)
     model = body.get("model")
     if model not in served_models:
         raise RequestError(
-            f"model: expected one of {served_models}, found {model!r}", "model", 404, "model_not_found"
+            "model",
+            f"one of {served_models}",
+            f"{model!r}",
+            status=404,
+            code="model_not_found",
         )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise RequestError(
-            f"messages: expected a non-empty list, found {type(messages).__name__}", "messages"
-        )
+        raise RequestError("messages", "a non-empty list", type(messages).__name__)
     if body.get("n", 1) != 1:
-        raise RequestError(f"n: expected 1, found {body.get('n')!r}", "n")
+        raise RequestError("n", "1", f"{body.get('n')!r}")
     media = _Media(known)
     turns = [
         _parse_message(m, f"messages[{i}]", limits, video or VideoSampling(), media)
@@ -524,15 +515,17 @@ def parse_chat_request(
     ]
     images, video = media.images, media.video
     if video is not None and images:
-        raise RequestError("messages: expected images or one video, found both", "messages")
+        raise RequestError("messages", "images or one video", "both")
     roles = [t.role for t in turns if t.role != "system"]
     if not roles or roles[-1] != "user":
-        raise RequestError("messages: expected the last message from the user", "messages")
+        raise RequestError(
+            "messages",
+            "the last message from the user",
+            f"the last from the {roles[-1] if roles else 'system'}",
+        )
     for a, b in zip(roles, roles[1:], strict=False):
         if a == b:
-            raise RequestError(
-                f"messages: expected user and assistant turns to alternate, found two {a} turns", "messages"
-            )
+            raise RequestError("messages", "user and assistant turns to alternate", f"two {a} turns")
     return ChatRequest(
         model=model,
         prompt=Prompt(turns=turns, images=images, video_frames=video),
@@ -551,19 +544,17 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         or len(stop) > limits.max_stop
         or not all(isinstance(s, str) and s for s in stop)
     ):
-        raise RequestError(
-            f"stop: expected a string or up to {limits.max_stop} strings, found {body.get('stop')!r}", "stop"
-        )
+        raise RequestError("stop", f"a string or up to {limits.max_stop} strings", f"{body.get('stop')!r}")
     for k, s in enumerate(stop):
         _valid_text(s, f"stop[{k}]")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError(f"stream: expected true or false, found {stream!r}", "stream")
+        raise RequestError("stream", "true or false", f"{stream!r}")
     seed = body.get("seed")
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
     ):
-        raise RequestError(f"seed: expected a 64-bit integer, found {str(seed)[:40]}", "seed")
+        raise RequestError("seed", "a 64-bit integer", str(seed)[:40])
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
     return {
         "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_tokens, int),

@@ -244,6 +244,83 @@ def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(d
     assert by_id["bad-long"]["step"] == "tokenize" and "2048" in by_id["bad-long"]["message"]
     assert by_id["bad-13"]["message"].endswith("expected at most 12 images, found 13")
     assert "8000x8000" in by_id["bad-huge"]["message"] and "1280x720" in by_id["bad-hd"]["message"]
+    for sid, (kind, message) in WHOLE_MESSAGES.items():  # one example of each kind, word for word
+        assert (by_id[sid]["error_type"], by_id[sid]["message"]) == (kind, message)
+    assert set(expected.values()) == {kind for kind, _ in WHOLE_MESSAGES.values()}, "a kind without its text"
+
+
+# One reject of each kind, its whole text: no stutter ("expected expected"), no library text (a decoder's
+# log, an exception's own message), no host path. Seen failing with DecodeVideo's message built as before
+# (its subject prefixed to the video's own sentence): "... field 'video': video <bytes>: expected ...".
+WHOLE_MESSAGES = {
+    "corpus line 4": (
+        "read_error",
+        "sample 'corpus line 4', field '<line>': expected UTF-8 text, found invalid byte at 37",
+    ),
+    "corpus line 5": (
+        "invalid_sample",
+        "sample 'corpus line 5', field '<record>': expected a JSON object, found list",
+    ),
+    "single_image-si-0000": (
+        "duplicate_id",
+        "sample 'single_image-si-0000', field 'id': expected an id unique in corpus, found it again (first "
+        "at line 1)",
+    ),
+    "bad-trunc": (
+        "corrupt_video",
+        "sample 'bad-trunc', field 'video': expected a video stream the decoder can open, found none "
+        "(corrupt, or no video track)",
+    ),
+    "bad-jpeg": (
+        "corrupt_image",
+        "sample 'bad-jpeg', field 'image[0]': expected a decodable image, found 354 bytes of a damaged image",
+    ),
+    "bad-ph": (
+        "placeholder_mismatch",
+        "sample 'bad-ph', field 'conversations': expected 1 media placeholder(s) for 1 media, found 0 "
+        "placeholder(s)",
+    ),
+    "bad-type": (
+        "unsupported_media",
+        "sample 'bad-type', field 'image[0]': expected one of ['.bmp', '.gif', '.jpeg', '.jpg', '.png', "
+        "'.tif', "
+        "'.tiff', '.webp'], found 'docs/file.pdf'",
+    ),
+    "bad-both": (
+        "ambiguous_media",
+        "sample 'bad-both', field 'image': expected one of image or images, found both",
+    ),
+    "bad-hd": (
+        "too_large",
+        "sample 'bad-hd', field 'video': expected at most 2000000 pixels in the sampled frames, found 3 "
+        "frames "
+        "of 1280x720",
+    ),
+    "bad-dotdot": (
+        "outside_root",
+        "sample 'bad-dotdot', field 'image[0]': expected a path inside the media root or an allowed root, "
+        "found "
+        "'../corpus-outside.png' outside them",
+    ),
+    "bad-fifo": (
+        "not_a_file",
+        "sample 'bad-fifo', field 'image[0]': expected a regular file, found something else at "
+        "'images/fifo.png'",
+    ),
+    "bad-nul": (
+        "invalid_path",
+        "sample 'bad-nul', field 'image[0]': expected a file path, found one with a NUL byte or none",
+    ),
+    "bad-13": ("too_many_images", "sample 'bad-13', field 'image': expected at most 12 images, found 13"),
+    "bad-long": (
+        "too_long",
+        "sample 'bad-long', field 'conversations': expected at most 2048 tokens, found 3029 tokens",
+    ),
+    "bad-missing": (
+        "missing_media",
+        "sample 'bad-missing', field 'image[0]': expected a readable file, found none at 'images/nope.png'",
+    ),
+}
 
 
 def test_same_seed_same_ids_same_order_and_a_pinned_mixture(demo_dir, ray_local, tmp_path):
