@@ -250,8 +250,8 @@ def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(d
 
 
 # One reject of each kind, its whole text: no stutter ("expected expected"), no library text (a decoder's
-# log, an exception's own message), no host path. Seen failing with DecodeVideo's message built as before
-# (its subject prefixed to the video's own sentence): "... field 'video': video <bytes>: expected ...".
+# log, an exception's own message), no host path. Seen failing with DecodeVideo's reject built from the
+# video error's own text: "field 'video': expected a video, found video <bytes>: expected a video stream...".
 WHOLE_MESSAGES = {
     "corpus line 4": (
         "read_error",
