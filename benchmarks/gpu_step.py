@@ -182,7 +182,7 @@ def stage_plan(
         preprocess(config, layout, local=True)
     positions, modalities = data_stats(layout)
     return plan_stage(
-        recipe, stage, layout, positions, has_video="video" in modalities, init_from=None, data_mode="memory"
+        recipe, stage, layout, positions, has_video="video" in modalities, init_from=None, local=True
     )
 
 

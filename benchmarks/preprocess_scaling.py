@@ -73,7 +73,8 @@ def main() -> None:
         )
     ensure_demo_data(demo, tile_size=args.tile_size)
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=demo)
-    recipe.model.anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)
+    anyres = dataclasses.replace(recipe.model.anyres, tile_size=args.tile_size)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, anyres=anyres))
     stage = dataclasses.replace(recipe.stage("stage2_ov"), max_length=32768)  # 729-token tiles at 384
     copies = (2 if args.quick else 6) if args.tile_size < 128 else 1
     mix = {"datasets": [dict(d) for d in stage.data["datasets"] for _ in range(copies)]}

@@ -40,7 +40,7 @@ def baseline(recipe, stage, layout) -> tuple[float, int, int]:
     torch.set_num_threads(1)
     recipe = dataclasses.replace(recipe, workers=1)
     positions, _ = data_stats(layout)
-    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")
+    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, local=True)
     model, processor = build_model(recipe.model)
     processor = processor.replace(template=stage.template)
     set_trainable(model, stage.trainable)
@@ -73,7 +73,7 @@ def ray_train(recipe, stage, workers: int, layout, local: bool = False) -> tuple
     recipe = dataclasses.replace(
         recipe, workers=workers, eval=dataclasses.replace(recipe.eval, manifest=None)
     )
-    record = train_stage(recipe, stage, layout, init_from=None, data_mode="memory", local=local)
+    record = train_stage(recipe, stage, layout, init_from=None, local=local)
     history = read_history(layout.history)
     for uri in (layout.history, layout.export, os.path.join(layout.checkpoints, "train")):
         shutil.rmtree(uri, ignore_errors=True)  # the next run writes its own
@@ -132,6 +132,7 @@ def main() -> None:
         global_batch=args.micro_batch * args.accum,
         epochs=epochs,
         zero_stage=args.zero,
+        data_mode="memory",
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -205,7 +205,7 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
 def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture") -> list[Entry]:
     """A mixture given as data (``datasets:`` + optional ``seed:``), paths relative to ``base``."""
     datasets = spec.get("datasets")
-    if not isinstance(datasets, list) or not datasets:
+    if not isinstance(datasets, (list, tuple)) or not datasets:
         raise ManifestError(where, "'datasets:' with at least one entry", repr(datasets))
     seed = int(spec.get("seed", seed))
     out: list[Entry] = []

@@ -28,6 +28,7 @@ from components import storage
 from components.anyres import AnyResConfig
 from components.architectures import MODEL_TYPES, architecture
 from components.conversation import SPECIAL_TOKENS, TEMPLATES
+from components.frozen import FrozenDict, freeze
 from components.processor import LlavaProcessor, ProcessorConfig, ensure_media_tokens, local_dir
 
 log = logging.getLogger(__name__)
@@ -45,26 +46,31 @@ def attention(name: str) -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-TINY_LLM = {
-    "hidden_size": 192,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-}
+TINY_VISION = FrozenDict(
+    {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+)
+TINY_LLM = FrozenDict(
+    {
+        "hidden_size": 192,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+    }
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
-    """What to build. A stage after Stage-1 sets ``checkpoint`` to the previous stage's HF export."""
+    """What to build. A stage after Stage-1 sets ``checkpoint`` to the previous stage's HF export. Frozen
+    all the way down: a tiny config dict becomes a FrozenDict, the corpus a tuple."""
 
     arch: str = "llava_onevision"
     """llava (LLaVA, LLaVA-1.5), llava_next (LLaVA-1.5-HD) or llava_onevision (OneVision, Interleave)."""
-    vision: str | dict = field(default_factory=lambda: dict(TINY_VISION))
+    vision: str | dict = TINY_VISION
     """HF id or path of a vision tower (SigLIP for OneVision, CLIP for LLaVA), or a tiny config dict."""
-    llm: str | dict = field(default_factory=lambda: dict(TINY_LLM))
+    llm: str | dict = TINY_LLM
     """HF id or path of a causal LM with its tokenizer (Qwen-2, Vicuna), or a tiny config dict."""
     projector: str = "mlp2x_gelu"
     """mlp2x_gelu (LLaVA-1.5 and later) or linear (LLaVA)."""
@@ -79,7 +85,7 @@ class ModelSpec:
     """The conversational template (a stage may train with another, e.g. Stage-1's plain)."""
     checkpoint: str | None = None
     """A full LLaVA checkpoint (an HF export of ours, or an llava-hf release); overrides vision/llm."""
-    tokenizer_corpus: list[str] | None = None
+    tokenizer_corpus: tuple[str, ...] | None = None
     """Text to train the tiny tokenizer on (tiny llm only); the demo corpus by default."""
     attn_implementation: str = "sdpa"
     """sdpa, eager, flash_attention_2, or auto (flash_attention_2 when flash-attn is importable, else sdpa);
@@ -90,7 +96,9 @@ class ModelSpec:
         if isinstance(self.anyres, dict):
             from components.processor import anyres_from_dict
 
-            self.anyres = anyres_from_dict(self.anyres)
+            object.__setattr__(self, "anyres", anyres_from_dict(self.anyres))
+        for name in ("vision", "llm", "tokenizer_corpus"):
+            object.__setattr__(self, name, freeze(getattr(self, name)))
         architecture(self.arch)
         if self.attn_implementation not in ATTENTION:
             raise ValueError(
@@ -308,16 +316,22 @@ def _set_attention(config, name: str) -> None:
         part._attn_implementation = name
 
 
+CHECKPOINTABLE = ("language_model", "vision_tower")
+
+
+def checkpointable(parts, where: str = "activation_checkpointing") -> tuple[str, ...]:
+    """``parts`` as a tuple, when each is a part whose activations can be recomputed (CHECKPOINTABLE)."""
+    unknown = set(parts) - set(CHECKPOINTABLE)
+    if unknown:
+        raise ValueError(f"{where}: expected a subset of {CHECKPOINTABLE}, found {sorted(unknown)}")
+    return tuple(parts)
+
+
 def enable_activation_checkpointing(model, parts) -> None:
     """Recompute the activations of ``parts`` (language_model, vision_tower) in the backward pass instead of
     keeping them: each layer's inputs are kept, the rest recomputed. Non-reentrant, so a frozen part whose
     inputs need no gradient still passes the trainable parts' gradients through (Stage-1's projector)."""
-    unknown = set(parts) - {"language_model", "vision_tower"}
-    if unknown:
-        raise ValueError(
-            f"activation_checkpointing: expected language_model and/or vision_tower, found {sorted(unknown)}"
-        )
-    for part in parts:
+    for part in checkpointable(parts):
         module = getattr(model.model, part)
         module = getattr(module, "base_model", module) if hasattr(module, "peft_config") else module
         module = getattr(module, "model", module) if hasattr(module, "peft_config") else module

@@ -112,9 +112,10 @@ def _train_done(node: dict) -> bool:
 
 
 def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
-    """The recipe with the run's caps, workers and seed: ``max_steps`` caps every stage (a checkpoint
-    half-way, so that a quick run can still be resumed from one); ``workers`` replaces the profile's;
-    ``seed`` sets the model's initialisation and every stage's seed."""
+    """The recipe with the run's caps, data mode, workers and seed: ``max_steps`` caps every stage (a
+    checkpoint half-way, so that a quick run can still be resumed from one); ``data_mode`` replaces every
+    stage's; ``workers`` replaces the profile's; ``seed`` sets the model's initialisation and every stage's
+    seed."""
     if cfg.max_steps:
         cap = cfg.max_steps
         recipe = replace(
@@ -128,6 +129,8 @@ def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
                 for s in recipe.stages
             ],
         )
+    if cfg.data_mode:
+        recipe = replace(recipe, stages=[replace(s, data_mode=cfg.data_mode) for s in recipe.stages])
     if cfg.workers or cfg.local:
         recipe = replace(recipe, workers=1 if cfg.local else cfg.workers)
     if cfg.placement:
@@ -298,7 +301,6 @@ def _train(recipe, stage, stage_layout, cfg, state, tracking, parent, *, init_fr
         parent_run_id=parent.run_id,
         mlflow_run_id=run_id,
         max_failures=cfg.max_failures,
-        data_mode=cfg.data_mode or stage.data_mode,
         step_hooks=cfg.step_hooks.get(stage.name, ()),
         local=cfg.local,
     )

@@ -15,11 +15,13 @@ import yaml
 
 from components import storage
 from components.anyres import AnyResConfig
-from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec
+from components.frozen import FrozenDict, freeze
+from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec, checkpointable
 from components.processor import ProcessorConfig, VideoSampling
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class StageSpec:
     template: str
     """plain (Stage-1), vicuna_v0, vicuna_v1 or chatml."""
     data: dict
-    """A mixture: {datasets: [{json_path|parquet_path, sampling_strategy}], seed}; paths under data_root."""
-    trainable: list[str]
+    """A mixture: {datasets: [{json_path|parquet_path, sampling_strategy}], seed}; paths under data_root
+    (frozen: a FrozenDict of tuples)."""
+    trainable: tuple[str, ...]
     """A subset of vision_tower, multi_modal_projector, language_model."""
     lr: float
     vision_lr: float | None = None
@@ -76,10 +79,10 @@ class StageSpec:
     max_length: int = 4096
     front_fraction: float = 0.0
     """Interleave's format mix: share of media samples with all images in front."""
-    anyres: dict = field(default_factory=dict)
+    anyres: dict = field(default_factory=FrozenDict)
     """Overrides of the model's AnyResConfig for this stage (max_tiles: 5 for Stage-1.5, 10 for Stage-2)."""
-    video_fps: float = 1.0
-    max_frames: int = 32
+    video: VideoSampling = VideoSampling()
+    """How this stage samples video frames ({fps, max_frames} in YAML); its export records it."""
     lora: LoraSpec | None = None
     """LoRA on the LLM ({r, alpha, dropout, target_modules} in YAML); None: full fine-tuning."""
     checkpoint_every: int = 50
@@ -103,15 +106,18 @@ class StageSpec:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoraSpec(**self.lora))
-        object.__setattr__(self, "activation_checkpointing", tuple(self.activation_checkpointing))
-        if set(self.activation_checkpointing) - {"language_model", "vision_tower"}:
+        if isinstance(self.video, dict):
+            object.__setattr__(self, "video", VideoSampling(**self.video))
+        for name in ("data", "trainable", "anyres"):
+            object.__setattr__(self, name, freeze(getattr(self, name)))
+        object.__setattr__(
+            self,
+            "activation_checkpointing",
+            checkpointable(self.activation_checkpointing, f"stage {self.name}: activation_checkpointing"),
+        )
+        if self.data_mode not in DATA_MODES:
             raise ValueError(
-                f"stage {self.name}: activation_checkpointing: expected language_model and/or "
-                f"vision_tower, found {list(self.activation_checkpointing)}"
-            )
-        if self.data_mode not in ("auto", "memory", "stream"):
-            raise ValueError(
-                f"stage {self.name}: data_mode: expected auto, memory or stream, found {self.data_mode!r}"
+                f"stage {self.name}: data_mode: expected one of {DATA_MODES}, found {self.data_mode!r}"
             )
         unknown = set(self.trainable) - set(PARTS)
         if unknown or not self.trainable:
@@ -145,7 +151,7 @@ class StageSpec:
             arch=model.arch,
             template=self.template,
             anyres=self.anyres_config(model.anyres),
-            video=VideoSampling(fps=self.video_fps, max_frames=self.max_frames),
+            video=self.video,
         )
 
 
@@ -153,13 +159,16 @@ class RecipeError(ValueError):
     """A recipe, profile or stage that does not exist: the message names what was asked and what there is."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
+    """A curriculum: the model, its stages in order, and where and how wide they train. Every later form
+    (a stage's plan, its DeepSpeed config, its processor) is derived from these fields, never copied."""
+
     name: str
     model: ModelSpec
-    stages: list[StageSpec]
+    stages: tuple[StageSpec, ...]
     profile: str
-    data_root: str
+    data_root: str = "."
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -171,6 +180,14 @@ class Recipe:
     """The held-out split for post-stage evaluation."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise RecipeError(f"workers: expected a positive int, found {self.workers!r}")
+        if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
+            raise RecipeError(f"cpus_per_worker: expected a positive number, found {self.cpus_per_worker!r}")
+        object.__setattr__(self, "cpus_per_worker", float(self.cpus_per_worker))
+        if not isinstance(self.use_gpu, bool):
+            raise RecipeError(f"use_gpu: expected true or false, found {self.use_gpu!r}")
         if self.placement not in PLACEMENTS:
             raise RecipeError(f"placement: expected one of {PLACEMENTS}, found {self.placement!r}")
 
@@ -266,9 +283,9 @@ def load_recipe(
     merged = _subst(merged, {"demo": demo, "data_root": _subst(root, {"demo": demo})})
     model = dict(merged["model"])
     if model.get("vision") == "tiny":
-        model["vision"] = dict(TINY_VISION)
+        model["vision"] = TINY_VISION
     if model.get("llm") == "tiny":
-        model["llm"] = dict(TINY_LLM)
+        model["llm"] = TINY_LLM
     order = merged.get("stage_order") or list(merged["stages"])
     known = {f.name for f in fields(StageSpec)}
     stages = []
@@ -278,15 +295,13 @@ def load_recipe(
         if extra:
             raise ValueError(f"recipe {merged['name']}, stage {stage_name}: unknown fields {sorted(extra)}")
         stages.append(StageSpec(name=stage_name, **body))
-    return Recipe(
+    placed = ("data_root", "workers", "use_gpu", "cpus_per_worker", "placement")
+    given = {k: merged[k] for k in placed if k in merged}
+    return Recipe(  # the dataclasses' defaults are the only defaults
         name=merged["name"],
         model=ModelSpec(**model),
         stages=stages,
         profile=profile,
-        data_root=merged.get("data_root", "."),
-        workers=int(merged.get("workers", 2)),
-        use_gpu=bool(merged.get("use_gpu", False)),
-        cpus_per_worker=float(merged.get("cpus_per_worker", 1.0)),
-        placement=str(merged.get("placement", "PACK")),
         eval=EvalSpec(**merged.get("eval", {})),
+        **given,
     )

@@ -22,10 +22,11 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 from components import storage
+from components.frozen import thaw
 from components.model import ModelSpec
 from components.processor import ProcessorConfig
 from components.tracking import TrackingConfig
@@ -34,7 +35,6 @@ from pipelines.recipes import Recipe, StageSpec
 
 log = logging.getLogger(__name__)
 
-DATA_MODES = ("auto", "memory", "stream")
 SMALL_DATA_SHARE = 0.1
 """In ``auto`` mode, shards smaller than this share of the object store are read into memory."""
 
@@ -47,33 +47,60 @@ StepHook = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Everything a worker needs, resolved once on the driver; nothing changes it afterwards."""
+    """Everything a worker needs, resolved once on the driver; nothing changes it afterwards. The recipe's
+    settings are referred to (``recipe``, ``stage``), never copied: the model, the processor and the
+    resources below are read from them. What the plan adds is what it resolves for this run."""
 
+    recipe: Recipe
     stage: StageSpec
-    model: ModelSpec
-    processor: ProcessorConfig
-    """This stage's processor: template, AnyRes grid, video sampling (its export records it)."""
     layout: StageLayout
     init_from: str | None
     """The previous stage's HF export; None: build the base models (Stage-1)."""
-    workers: int
-    micro_batch: int
     grad_accum: int
     rows_per_rank: int
     """Rows each rank trains on per epoch: ranks keep rows at positions rank, rank+W, ... (equal counts)."""
     steps_per_epoch: int
     total_steps: int
     data_mode: str
-    """memory (read once, kept) or stream (Ray Data every epoch)."""
+    """memory (read once, kept) or stream (Ray Data every epoch): the stage's ``auto`` resolved."""
     has_video: bool
     """Whether the stage's data holds video: then every micro-batch runs the video path too."""
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement: str = "PACK"
-    torch_threads: int = 1
     tracking: TrackingConfig | None = None
     mlflow_run_id: str | None = None
     step_hooks: tuple[StepHook, ...] = ()
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.recipe.model
+
+    @property
+    def processor(self) -> ProcessorConfig:
+        """This stage's processor: template, AnyRes grid, video sampling (its export records it)."""
+        return self.stage.processor_config(self.recipe.model)
+
+    @property
+    def workers(self) -> int:
+        return self.recipe.workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.stage.micro_batch
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.recipe.use_gpu
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return self.recipe.cpus_per_worker
+
+    @property
+    def placement(self) -> str:
+        return self.recipe.placement
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.recipe.cpus_per_worker))
 
     @property
     def window(self) -> int:
@@ -85,11 +112,32 @@ class StagePlan:
         return self.micro_batch * self.grad_accum
 
     def resolved(self) -> dict:
-        """The plan as data (logged first, and an artifact of the stage's run)."""
-        out = asdict(replace(self, step_hooks=()))
-        out["step_hooks"] = [type(h).__name__ for h in self.step_hooks]
-        out["deepspeed"] = deepspeed_config(self)
-        return out
+        """The plan as data (logged first, and an artifact of the stage's run): what the stage trains with,
+        what the plan resolved, and the DeepSpeed config derived from both."""
+        out = {
+            "stage": self.stage,
+            "model": self.model,
+            "processor": self.processor,
+            "layout": self.layout,
+            "init_from": self.init_from,
+            "workers": self.workers,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "rows_per_rank": self.rows_per_rank,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "data_mode": self.data_mode,
+            "has_video": self.has_video,
+            "use_gpu": self.use_gpu,
+            "cpus_per_worker": self.cpus_per_worker,
+            "placement": self.placement,
+            "torch_threads": self.torch_threads,
+            "tracking": self.tracking,
+            "mlflow_run_id": self.mlflow_run_id,
+            "step_hooks": [type(h).__name__ for h in self.step_hooks],
+            "deepspeed": deepspeed_config(self),
+        }
+        return thaw({k: asdict(v) if is_dataclass(v) else v for k, v in out.items()})
 
 
 def rank_counts(positions: Iterable[int], world: int) -> list[int]:
@@ -107,12 +155,13 @@ def plan_stage(
     *,
     has_video: bool,
     init_from: str | None,
-    data_mode: str = "auto",
+    local: bool = False,
     tracking: TrackingConfig | None = None,
     mlflow_run_id: str | None = None,
     step_hooks: tuple[StepHook, ...] = (),
 ) -> StagePlan:
-    """Gradient accumulation to reach the global batch, each rank's rows, and the exact step count."""
+    """Gradient accumulation to reach the global batch, each rank's rows, the exact step count, and the
+    stage's data mode (``auto``: memory when ``local`` or the shards are small, else stream)."""
     workers, micro = recipe.workers, stage.micro_batch
     accum = max(1, stage.global_batch // (micro * workers))
     rows_per_rank = min(rank_counts(positions, workers))
@@ -122,28 +171,20 @@ def plan_stage(
             f"stage {stage.name}: expected at least {micro * accum * workers} rows for one step "
             f"({workers} workers x {micro} micro-batch x {accum} accumulation), found {len(positions)}"
         )
-    if data_mode not in DATA_MODES:
-        raise ValueError(f"stage {stage.name}: data_mode: expected one of {DATA_MODES}, found {data_mode!r}")
-    if data_mode == "auto":
-        data_mode = "memory" if _small(storage.dir_bytes(layout.data)) else "stream"
+    data_mode = stage.data_mode
+    if data_mode == "auto":  # a local run has no Ray to stream with, nor an object store to size against
+        data_mode = "memory" if local or _small(storage.dir_bytes(layout.data)) else "stream"
     return StagePlan(
+        recipe=recipe,
         stage=stage,
-        model=recipe.model,
-        processor=stage.processor_config(recipe.model),
         layout=layout,
         init_from=init_from,
-        workers=workers,
-        micro_batch=micro,
         grad_accum=accum,
         rows_per_rank=rows_per_rank,
         steps_per_epoch=steps_per_epoch,
         total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
         data_mode=data_mode,
         has_video=has_video,
-        use_gpu=recipe.use_gpu,
-        cpus_per_worker=recipe.cpus_per_worker,
-        placement=recipe.placement,
-        torch_threads=max(1, int(recipe.cpus_per_worker)),
         tracking=tracking,
         mlflow_run_id=mlflow_run_id,
         step_hooks=tuple(step_hooks),
@@ -912,7 +953,6 @@ def train_stage(
     parent_run_id: str | None = None,
     mlflow_run_id: str | None = None,
     max_failures: int = 1,
-    data_mode: str = "auto",
     step_hooks: tuple[StepHook, ...] = (),
     local: bool = False,
 ) -> dict:
@@ -936,8 +976,6 @@ def train_stage(
                 f"stage {stage.name}: a local run trains on one rank: expected workers 1, "
                 f"found {recipe.workers}"
             )
-        if local and data_mode == "auto":
-            data_mode = "memory"  # no Ray to stream with, nor an object store to size against
         plan = plan_stage(
             recipe,
             stage,
@@ -945,7 +983,7 @@ def train_stage(
             positions,
             has_video="video" in modalities,
             init_from=init_from,
-            data_mode=data_mode,
+            local=local,
             tracking=tracking,
             mlflow_run_id=tracker.run_id,
             step_hooks=step_hooks,

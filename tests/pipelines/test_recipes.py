@@ -5,6 +5,7 @@ import os
 import pytest
 
 from components.manifest import resolve_mixture
+from components.processor import VideoSampling
 from pipelines.recipes import list_recipes, load_recipe, step_config
 
 
@@ -184,8 +185,7 @@ PAPERS = {
                 lr=1e-5,
                 vision_lr=2e-6,
                 max_tiles=9,
-                max_frames=32,
-                video_fps=1.0,
+                video=VideoSampling(fps=1.0, max_frames=32),
                 epochs=1,
             ),
         ],
@@ -288,6 +288,40 @@ def test_unknown_profile_and_stage_fields_are_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="learning_rate"):
         load_recipe(str(bad), "tiny")
+
+
+def test_one_set_of_defaults_and_one_validation_per_setting(tmp_path):
+    """A recipe that leaves a setting out gets the dataclass's default (load_recipe keeps none of its
+    own); a bad value is refused where the setting is defined, naming it; and a run's override (--data-mode)
+    passes through the same validation as the YAML's."""
+    import dataclasses
+
+    from pipelines.dag import PipelineConfig, with_overrides
+    from pipelines.recipes import Recipe, StageSpec
+
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text(
+        "name: x\nmodel: {}\nstages:\n  s: {template: plain, data: {datasets: [{json_path: a}]},"
+        " trainable: [multi_modal_projector], lr: 1}\nprofiles: {tiny: {}}\n"
+    )
+    recipe = load_recipe(str(minimal), "tiny")
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+    assert {k: getattr(recipe, k) for k in defaults} == defaults
+    stage_defaults = {
+        f.name: f.default for f in dataclasses.fields(StageSpec) if f.default is not dataclasses.MISSING
+    }
+    assert {k: getattr(recipe.stage("s"), k) for k in stage_defaults} == stage_defaults
+    for bad, match in (
+        (dict(workers=0), "workers: expected"),
+        (dict(cpus_per_worker="2"), "cpus_per_worker"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(recipe, **bad)
+    with pytest.raises(ValueError, match="stage s: data_mode: expected one of"):
+        with_overrides(recipe, PipelineConfig(data_mode="disk"))
+    assert {s.data_mode for s in with_overrides(recipe, PipelineConfig(data_mode="stream")).stages} == {
+        "stream"
+    }
 
 
 HF_CLASSES = {

@@ -86,7 +86,7 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
         preprocess(config, layout, local=True)  # no Ray here (the GPU machine has none)
         positions, _ = data_stats(layout)
         plans[name] = plan_stage(
-            recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory"
+            recipe, stage, layout, positions, has_video=False, init_from=None, local=True
         )
     context = LocalContext(str(tmp_path / "whole-checkpoints"))
     StageWorker(plans["whole"], context).train()
@@ -151,7 +151,7 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
         local=True,
     )
     positions, _ = data_stats(layout)
-    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, data_mode="memory")
+    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, local=True)
     built, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert all(hasattr(p, "ds_id") for p in built.parameters()), "built whole, then partitioned"
 

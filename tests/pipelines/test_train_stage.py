@@ -63,18 +63,25 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
         recipe.stage("stage1"), global_batch=16, micro_batch=2, max_steps=None, epochs=2
     )
     layout = RunLayout(tmp_path, "r").stage("stage1")
-    plan = plan_stage(
-        recipe, stage, layout, list(range(41)), has_video=False, init_from=None, data_mode="memory"
-    )
+    plan = plan_stage(recipe, stage, layout, list(range(41)), has_video=False, init_from=None, local=True)
     assert (plan.grad_accum, plan.rows_per_rank, plan.steps_per_epoch, plan.total_steps) == (4, 20, 2, 4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.total_steps = 5  # the plan is resolved once; nobody changes it afterwards
+    with pytest.raises(TypeError, match="cannot change"):  # nor anything inside it, at any depth
+        plan.stage.data["datasets"][0]["json_path"] = "elsewhere.jsonl"
+    with pytest.raises(TypeError, match="cannot change"):
+        plan.model.llm["num_hidden_layers"] = 40
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.recipe.model.anyres.max_tiles = 1
+    assert isinstance(plan.stage.trainable, tuple) and isinstance(plan.recipe.stages, tuple)
+    # the plan refers to the recipe's settings instead of copying them
+    assert (plan.workers, plan.micro_batch, plan.model) == (recipe.workers, stage.micro_batch, recipe.model)
+    assert plan.processor == stage.processor_config(recipe.model)
+    assert plan.resolved()["deepspeed"]["train_batch_size"] == 2 * 4 * recipe.workers
     with pytest.raises(ValueError, match="rows for one step"):
-        plan_stage(
-            recipe, stage, layout, list(range(10)), has_video=False, init_from=None, data_mode="memory"
-        )
+        plan_stage(recipe, stage, layout, list(range(10)), has_video=False, init_from=None, local=True)
     with pytest.raises(ValueError, match="data_mode: expected"):
-        plan_stage(recipe, stage, layout, list(range(41)), has_video=False, init_from=None, data_mode="disk")
+        dataclasses.replace(stage, data_mode="disk")
 
 
 def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, tmp_path):
@@ -118,7 +125,7 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
         list(range(101)),
         has_video=False,
         init_from=None,
-        data_mode="memory",
+        local=True,
     )
     source = InMemorySteps(plan, 1, 3)
     epochs = [list(source.epoch(e)) for e in range(3)]
@@ -224,12 +231,13 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
         lr=1e-3,
         vision_lr=2e-4,
         stall_timeout_s=120.0,
+        data_mode="stream",
     )
     prepared = _prepare(recipe, stage, RunLayout(f"{s3_bucket}/runs", "whole").stage("stage2_ov"))
     for rank, modality in enumerate(("image", "text", "video")):
         kept = own_rows(lambda: shard_batches(prepared.data), rank, 3, 4)
         assert {r["modality"] for r in kept} == {modality}
-    whole = train_stage(recipe, stage, prepared, init_from=None, data_mode="stream")
+    whole = train_stage(recipe, stage, prepared, init_from=None)
     layout = RunLayout(f"{s3_bucket}/runs", "z3").stage("stage2_ov")
     with tempfile.TemporaryDirectory() as scratch:  # the same shards and mixture, preprocessed once
         storage.upload_dir(storage.download_dir(prepared.data, scratch), layout.data, manifest=False)
@@ -242,7 +250,6 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
         init_from=None,
         tracking=tracking,
         max_failures=1,
-        data_mode="stream",
         step_hooks=(FailOnce(step=2, rank=1, marker=str(tmp_path / "fault")),),
     )
     assert (tmp_path / "fault").exists(), "the fault was injected"
@@ -395,9 +402,7 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     recipe = dataclasses.replace(recipe, model=spec, workers=1)
     stage = recipe.stage("stage1")
     layout = RunLayout(tmp_path, "run").stage("stage1")
-    plan = plan_stage(
-        recipe, stage, layout, list(range(64)), has_video=False, init_from=None, data_mode="memory"
-    )
+    plan = plan_stage(recipe, stage, layout, list(range(64)), has_video=False, init_from=None, local=True)
     rebuilt, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert _weights(rebuilt).keys() == _weights(model).keys()
     for name, tensor in _weights(model).items():

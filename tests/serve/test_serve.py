@@ -32,10 +32,11 @@ def checkpoint(tmp_path_factory):
     changed to 2 fps and at most 5 frames (Serve's old defaults were 1 fps and 32)."""
     import dataclasses
 
+    from components.processor import VideoSampling
     from pipelines.recipes import load_recipe
 
     recipe = load_recipe("llava_onevision", "tiny", demo_dir="unused")
-    stage = dataclasses.replace(recipe.stage("stage2_ov"), video_fps=2.0, max_frames=5)
+    stage = dataclasses.replace(recipe.stage("stage2_ov"), video=VideoSampling(fps=2.0, max_frames=5))
     path = tmp_path_factory.mktemp("ckpt") / "hf"
     model, processor = build_model(recipe.model)
     config = stage.processor_config(recipe.model)
