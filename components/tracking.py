@@ -15,7 +15,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs go. ``uri`` None (or "") turns tracking off."""
 
@@ -40,6 +40,12 @@ class TrackingConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.uri)
+
+    @property
+    def local(self) -> bool:
+        """A store on this machine's disk (a directory, sqlite:, file:), which no other node can reach."""
+        uri = self.uri or ""
+        return self.enabled and (uri.startswith(("sqlite:", "file:")) or "://" not in uri)
 
 
 class NoopTracker:

@@ -213,6 +213,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    # the choices as the recipe defines them; here, not at the top: the recipe module brings torch
+    from pipelines.recipes import DATA_MODES, PLACEMENTS
+
     p.add_argument(
         "--recipe", default="llava_onevision", help="a recipe name (pipelines/recipes) or YAML path"
     )
@@ -230,9 +233,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-steps", type=int, default=None, help="cap every stage's optimizer steps (a quick run)"
     )
-    p.add_argument(
-        "--data-mode", choices=("memory", "stream"), help="how every stage's rows reach the workers"
-    )
+    p.add_argument("--data-mode", choices=DATA_MODES, help="how every stage's rows reach the workers")
     p.add_argument(
         "--seed", type=int, default=None, help="every stage's seed (init, data order); default: the recipe's"
     )
@@ -241,7 +242,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--placement",
-        choices=("PACK", "SPREAD", "STRICT_SPREAD"),
+        choices=PLACEMENTS,
         help="where the training workers go: fewest nodes (PACK, the default), across nodes (SPREAD), "
         "one per node (STRICT_SPREAD)",
     )

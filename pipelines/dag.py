@@ -159,10 +159,10 @@ def local_locations(recipe: Recipe, stages, cfg: PipelineConfig) -> list[str]:
     found = []
     if _is_local(cfg.storage):
         found.append(f"storage: expected s3://BUCKET/PREFIX, found the local path {cfg.storage!r}")
-    tracking = cfg.tracking_uri or ""
-    if tracking and (tracking.startswith(("sqlite:", "file:")) or "://" not in tracking):
+    if TrackingConfig(cfg.tracking_uri).local:
         found.append(
-            f"tracking_uri: expected an MLflow server (http://HOST:5000), found the local store {tracking!r}"
+            "tracking_uri: expected an MLflow server (http://HOST:5000), found the local store "
+            f"{cfg.tracking_uri!r}"
         )
     if _is_local(recipe.data_root):
         found.append(f"data_root: expected s3://..., found the local path {recipe.data_root!r}")
