@@ -14,23 +14,53 @@ rows in the same order on every attempt, so a resumed stage sees exactly what an
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import math
 import os
 import random
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as save_tensors
+
 from components import storage
+from components.batching import group_rows, to_device
+from components.deepspeed_ops import ensure_ops
+from components.evaluation import evaluate, format_report
 from components.frozen import thaw
-from components.model import ModelSpec
-from components.processor import ProcessorConfig
-from components.tracking import TrackingConfig
+from components.generation import MediaFiller
+from components.manifest import parent_uri
+from components.model import (
+    LinearProjector,
+    ModelSpec,
+    build_model,
+    enable_activation_checkpointing,
+    group_of,
+    load_model,
+    model_from_config,
+    param_groups,
+    partitioned_build,
+    save_model,
+    set_trainable,
+)
+from components.processor import LlavaProcessor, ProcessorConfig
+from components.tracking import TrackingConfig, loss_curve_png, make_tracker
 from pipelines.layout import StageLayout
+from pipelines.preprocess import shards_dataset
 from pipelines.recipes import Recipe, StageSpec
 
 log = logging.getLogger(__name__)
@@ -195,7 +225,7 @@ def _small(nbytes: int) -> bool:
     """Small data is read by every worker straight from storage, once, and kept for every epoch: no Ray Data
     pipeline to start (seconds per stage), and no epoch restarts the reads. Large data streams from storage
     through Ray Data every epoch."""
-    import ray
+    import ray  # Ray is imported by the stages that run on it, never by a local run
 
     return nbytes <= ray.cluster_resources().get("object_store_memory", 0) * SMALL_DATA_SHARE
 
@@ -241,7 +271,6 @@ def steps_of(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list
     (group_by_modality): the window is sorted by (modality, frames, length) before it is cut (LLaVA's
     megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in an order
     seeded by the stage seed, the epoch and the window."""
-    from components.batching import group_rows
 
     n_steps = len(rows) // plan.rows_per_step
     rows = rows[: n_steps * plan.rows_per_step]
@@ -256,7 +285,6 @@ def steps_of(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list
 
 def shard_batches(uri: str, columns: list[str] | None = None):
     """Record batches of the Parquet shards under a URI (local or s3://), read with pyarrow."""
-    from pipelines.preprocess import shards_dataset
 
     return shards_dataset(uri).to_batches(batch_size=1024, columns=columns)
 
@@ -298,8 +326,7 @@ class StreamedSteps:
         self.plan, self.rank, self.world = plan, rank, world
 
     def epoch(self, epoch: int) -> Iterator[list[list[dict]]]:
-        import numpy as np
-        import ray
+        import ray  # Ray is imported by the stages that run on it, never by a local run
 
         fs, path = storage.resolve(self.plan.layout.data)
         rank, world = self.rank, self.world
@@ -370,7 +397,6 @@ class Watchdog:
     also interrupts a blocking sleep or wait. Every phase is also sent to the context (``note``)."""
 
     def __init__(self, context, timeout_s: float, stage: str):
-        import threading
 
         self.context, self.timeout_s, self.stage = context, timeout_s, stage
         self.phase, self.since, self.fired = "starting", time.monotonic(), None
@@ -385,7 +411,6 @@ class Watchdog:
         self.context.note(phase)
 
     def __enter__(self):
-        import signal
 
         if self._main is not None:
             self._previous = signal.signal(signal.SIGUSR1, self._raise)
@@ -393,7 +418,6 @@ class Watchdog:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
 
         self._done.set()
         if self._main is not None:
@@ -404,7 +428,6 @@ class Watchdog:
             raise StageStalled(f"stage {self.stage}: {self.fired}")
 
     def _watch(self) -> None:
-        import signal
 
         while not self._done.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self.since
@@ -423,12 +446,13 @@ class RayTrainContext:
     """A stalled rank ends its worker process (Ray Train then sees the worker lost)."""
 
     def __init__(self, board=None):
-        import ray.train
+        import ray.train  # Ray is imported by the stages that run on it, never by a local run
 
+        self.ray = ray
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.board = board
-        if board is not None:  # `import ray.train` above bound `ray`
+        if board is not None:
             node = ray.get_runtime_context()
             board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
 
@@ -439,23 +463,16 @@ class RayTrainContext:
     def stalled(self, message: str) -> None:
         """Record the stall on the board, print every thread's stack to the worker's log, end the worker
         (a thread cannot interrupt a rank blocked in C: a collective, a lock wait)."""
-        import faulthandler
-        import sys
-
-        import ray
-
         print(f"llava-ray watchdog: {message}", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(all_threads=True)
         if self.board is not None:
             with contextlib.suppress(Exception):
-                ray.get(self.board.stalled.remote(self.rank, message), timeout=10)
+                self.ray.get(self.board.stalled.remote(self.rank, message), timeout=10)
         os._exit(STALL_EXIT)
 
     @contextlib.contextmanager
     def resume_dir(self):
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
             return
@@ -463,19 +480,14 @@ class RayTrainContext:
             yield d
 
     def report(self, metrics: dict, directory: str) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        train = self.ray.train
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(directory))
 
 
 def init_one_rank_group(cuda: bool) -> bool:
     """A process group of this process alone on 127.0.0.1 (NCCL on a GPU, gloo on the CPU), for the recipe
     run without Ray (``LocalContext``); True when it made one, False when one already exists (DeepSpeed
     keeps the group it first saw)."""
-    import socket
-
-    import torch
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return False
@@ -541,9 +553,6 @@ class StageWorker:
             self._train()
 
     def _train(self) -> None:
-        import torch
-
-        from components.deepspeed_ops import ensure_ops
 
         progress = self.progress
         torch.set_num_threads(self.plan.torch_threads)
@@ -589,16 +598,6 @@ class StageWorker:
     def setup_model(self):
         """(model, processor): the previous stage's export (or the base models) prompted with this stage's
         processor, its AnyRes grid in the config, LoRA applied, the stage's parts trainable."""
-        import torch
-
-        from components.model import (
-            build_model,
-            enable_activation_checkpointing,
-            load_model,
-            partitioned_build,
-            set_trainable,
-        )
-        from components.processor import LlavaProcessor
 
         plan = self.plan
         dtype = torch.bfloat16 if plan.use_gpu else torch.float32  # the engine's: never a whole fp32 copy
@@ -625,10 +624,7 @@ class StageWorker:
     def setup_optimizer(self, model):
         """DeepSpeed around the model, AdamW over one group per (LR, decay), the cosine schedule; every
         trainable parameter must be in exactly one group (checked)."""
-        import deepspeed
-        import torch
-
-        from components.model import param_groups
+        import deepspeed  # in the training process only: it probes the accelerator and its ops at import
 
         stage = self.plan.stage
         groups = param_groups(
@@ -676,8 +672,6 @@ class StageWorker:
         """What every step of this attempt shares: the engine, how rows become the model's inputs, the
         optimizer groups whose LRs are logged, and the step the attempt started from (after a failure Ray
         Train restarts the worker group, and the new attempt resumes from the last checkpoint)."""
-        from components.generation import MediaFiller
-        from components.model import group_of
 
         # the fillers keep every rank's collectives in step (ZeRO-3); one rank has no one to wait for, and a
         # filler padded to a long row's length would double a micro-batch of one's compute
@@ -691,7 +685,6 @@ class StageWorker:
     def make_batch(self, micro: list[dict]) -> dict:
         """Rows of one micro-batch -> the model's inputs (media filled in, collated, on the device; bf16 on
         a GPU, fp32 on the CPU)."""
-        from components.batching import to_device
 
         engine = self.engine
         return to_device(
@@ -702,7 +695,6 @@ class StageWorker:
         """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every
         rank's tokens over the wall-clock interval since the previous step ended (data wait, logging and
         checkpointing included)."""
-        import torch
 
         # every rank's own rows: batches differ in length between ranks, so the step's totals need every
         # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
@@ -743,7 +735,6 @@ class StageWorker:
         }
 
     def tracker(self):
-        from components.tracking import make_tracker
 
         return make_tracker(self.plan.tracking, rank=self.rank, run_id=self.plan.mlflow_run_id)
 
@@ -761,12 +752,7 @@ class StageWorker:
         """Gather full weights (ZeRO-3 shards them), merge LoRA, save an HF checkpoint from rank 0 with the
         stage's processor (prompted with the model's conversational template), and the probe logits the
         training model gives, which the export must reproduce."""
-        import deepspeed
-        import torch
-        from safetensors.torch import save as save_tensors
-
-        from components.batching import to_device
-        from components.model import save_model
+        import deepspeed  # in the training process only: it probes the accelerator and its ops at import
 
         plan, model = self.plan, engine.module
         processor = processor.replace(template=plan.model.template)
@@ -796,7 +782,6 @@ class StageWorker:
 def _model_like(config, plan: StagePlan):
     """An empty model of the trained one's class and config (with LoRA when it trained with LoRA), for
     the gathered weights: no checkpoint is read and no tokenizer built again."""
-    from components.model import LinearProjector, model_from_config
 
     model = model_from_config(config, linear_projector=plan.model.projector == "linear")
     if plan.stage.lora:
@@ -806,7 +791,7 @@ def _model_like(config, plan: StagePlan):
 
 
 def apply_lora(model, lora) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # LoRA stages only (peft loads much of transformers)
 
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
@@ -919,9 +904,6 @@ def read_history(history_uri: str) -> list[dict]:
 
 def evaluate_export(recipe: Recipe, hf_uri: str) -> dict | None:
     """Greedy generation on the held-out split, per task and modality (None when the recipe has none)."""
-    from components.evaluation import evaluate
-    from components.manifest import parent_uri
-    from components.model import load_model
 
     if not recipe.eval.manifest:
         return None
@@ -935,9 +917,6 @@ def evaluate_export(recipe: Recipe, hf_uri: str) -> dict | None:
 
 def data_stats(layout: StageLayout) -> tuple[list[int], dict[str, int]]:
     """(every row's position, rows per modality) of the stage's shards: two columns read."""
-    from collections import Counter
-
-    from pipelines.preprocess import shards_dataset
 
     table = shards_dataset(layout.data).to_table(columns=["position", "modality"])
     return table.column("position").to_pylist(), dict(Counter(table.column("modality").to_pylist()))
@@ -960,7 +939,6 @@ def train_stage(
     ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run).
     ``local``: in this process on one rank (the recipe's workers must be 1), no Ray: small runs, debugging,
     a machine without a cluster; an interrupted local stage resumes from its last checkpoint too."""
-    from components.tracking import make_tracker
 
     start = time.monotonic()
     tracking = tracking or TrackingConfig()
@@ -1025,7 +1003,6 @@ def _fit_here(plan: StagePlan) -> str | None:
     """The stage in this process, one rank, no Ray Train (``--local``); returns its last checkpoint's URI.
     The process group (gloo, or NCCL on a GPU) is made once and kept for the process: DeepSpeed keeps the
     group it first saw. The caller's torch thread count is restored afterwards."""
-    import torch
 
     init_one_rank_group(plan.use_gpu)
     context = LocalContext(storage.join(plan.layout.checkpoints, "local"))
@@ -1043,7 +1020,6 @@ def _waited_in_python(fn: Callable[[], Any]) -> Any:
     object arrives (measured: an alarm during a 30 s get fired only after it), so a driver blocked in
     ``fit()`` would ignore Ctrl-C and a test's timeout for a whole stage; waiting here keeps this thread in
     Python, where both are handled."""
-    import threading
 
     out: dict = {}
 
@@ -1064,7 +1040,6 @@ def _waited_in_python(fn: Callable[[], Any]) -> Any:
 
 def node_interface(ip: str) -> str | None:
     """The network interface that holds ``ip`` on this machine (None: none does)."""
-    import psutil
 
     for name, addresses in psutil.net_if_addrs().items():
         if any(a.address == ip for a in addresses):
@@ -1078,7 +1053,7 @@ def bind_to_node_address() -> dict[str, str]:
     names loopback (Debian's /etc/hosts maps the hostname to 127.0.1.1) or an address other nodes cannot
     route to, every rank on another node times out connecting ("Gloo connectFullMesh failed ... remote=
     [127.0.0.1]", seen on the two-node rig). A user's own GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME wins."""
-    import ray
+    import ray  # Ray is imported by the stages that run on it, never by a local run
 
     name = node_interface(ray.util.get_node_ip_address())
     chosen = {}
@@ -1112,7 +1087,7 @@ def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
     their CPUs back asynchronously; a placement group made at that moment packed every rank onto the head
     (seen on the two-node rig). Probed with a STRICT_SPREAD group of one worker's bundle per node, removed at
     once. False (and the stage goes on, soft) when the room did not come within ``timeout_s``."""
-    import ray
+    import ray  # Ray is imported by the stages that run on it, never by a local run
     from ray.util.placement_group import placement_group, remove_placement_group
 
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
@@ -1139,7 +1114,7 @@ def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
     ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
     checkpoint. The progress board lives on the driver's node: a lost worker node must not take with it
     what the driver reads afterwards."""
-    import ray
+    import ray  # Ray is imported by the stages that run on it, never by a local run
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -1187,8 +1162,6 @@ def _fit(plan: StagePlan, max_failures: int) -> tuple[str | None, list[dict]]:
 
 def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None) -> dict:
     """The stage's record, its evaluation (printed, logged, an artifact) and loss curve; the run closed."""
-    from components.evaluation import format_report
-    from components.tracking import loss_curve_png
 
     history = read_history(plan.layout.history)
     record = {
