@@ -134,7 +134,7 @@ class Architecture:
 
     def image_inputs(self, pixels: list[np.ndarray], rows: list[dict], anyres: AnyResConfig) -> dict:
         """The model's image inputs for the image rows of a batch (pixels: each row's normalized tiles)."""
-        import torch
+        import torch  # the ingress tiles and tokenizes with this module, without torch
 
         return {"pixel_values": torch.as_tensor(np.concatenate(pixels))}
 
@@ -142,7 +142,7 @@ class Architecture:
 
     def compose_config(self, vision_config, text_config, image_token_id: int, video_token_id: int, spec):
         """The HF config of a LLaVA model from its parts (``spec``: the ModelSpec)."""
-        import transformers
+        import transformers  # seconds to import: only where a model's config is composed
 
         cls = getattr(transformers, self.config_class)
         return cls(**self._config_kwargs(vision_config, text_config, image_token_id, video_token_id, spec))
@@ -265,7 +265,7 @@ class LlavaNext(Architecture):
 
     def image_inputs(self, pixels: list[np.ndarray], rows: list[dict], anyres: AnyResConfig) -> dict:
         """[images, most tiles, 3, T, T], zero-padded, with image_sizes (the HF model unpads by them)."""
-        import torch
+        import torch  # the ingress tiles and tokenizes with this module, without torch
 
         per_image, sizes = [], []
         for tiles, row in zip(pixels, rows, strict=True):
@@ -363,7 +363,7 @@ class LlavaOnevision(Architecture):
         return rows
 
     def image_inputs(self, pixels: list[np.ndarray], rows: list[dict], anyres: AnyResConfig) -> dict:
-        import torch
+        import torch  # the ingress tiles and tokenizes with this module, without torch
 
         counts = [len(r["image_sizes"]) for r in rows]
         if anyres.base_only:  # every image is one base tile: one group, so that none is tiled (see above)

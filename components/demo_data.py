@@ -18,10 +18,14 @@ import random
 import subprocess
 from dataclasses import asdict, dataclass
 
+import imageio_ffmpeg
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from components import storage
+from components.conversation import TEMPLATES
 
 COLORS = {
     "red": (220, 30, 30),
@@ -140,8 +144,6 @@ def _options(rng: random.Random, answer: str, pool: tuple[str, ...]) -> tuple[st
 
 def write_video(path: str, frames: np.ndarray, fps: int) -> None:
     """H.264 mp4 from uint8 [F, H, W, 3] with imageio-ffmpeg's ffmpeg binary."""
-    import imageio_ffmpeg
-
     _, height, width, _ = frames.shape
     cmd = [
         imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
@@ -372,9 +374,6 @@ def make_demo_data(out_dir: str, cfg: DemoConfig | None = None) -> dict[str, str
 
 def write_parquet(path: str, records: list[dict], media_root: str) -> str:
     """The LLaVA-OneVision data form: id, image {bytes, path}, conversations, data_source."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = []
     for r in records:
         with open(os.path.join(media_root, r["image"]), "rb") as f:
@@ -407,8 +406,6 @@ def check_demo_world(out_dir: str, tile_size: int) -> None:
 
 def tokenizer_corpus() -> list[str]:
     """Deterministic text for the tiny tokenizer: the templates and the whole demo vocabulary."""
-    from components.conversation import TEMPLATES
-
     lines = [t.system for t in TEMPLATES.values()]
     lines += [SHORT, MULTIPLE_CHOICE, *CAPTION_PROMPTS, *DETAIL_PROMPTS]
     lines += ["USER: ASSISTANT: Human: Assistant: ### system user assistant"]

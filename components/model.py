@@ -16,20 +16,30 @@ two-layer form, exactly: the linear layer, an identity activation, and an identi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from components import storage
 from components.anyres import AnyResConfig
 from components.architectures import MODEL_TYPES, architecture
 from components.conversation import SPECIAL_TOKENS, TEMPLATES
+from components.demo_data import tokenizer_corpus
 from components.frozen import FrozenDict, freeze
-from components.processor import LlavaProcessor, ProcessorConfig, ensure_media_tokens, local_dir
+from components.processor import (
+    LlavaProcessor,
+    ProcessorConfig,
+    anyres_from_dict,
+    ensure_media_tokens,
+    local_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +51,6 @@ def attention(name: str) -> str:
     """The attention implementation to build with: ``auto`` is flash_attention_2 where flash-attn imports."""
     if name != "auto":
         return name
-    import importlib.util
-
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
@@ -94,8 +102,6 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.anyres, dict):
-            from components.processor import anyres_from_dict
-
             object.__setattr__(self, "anyres", anyres_from_dict(self.anyres))
         for name in ("vision", "llm", "tokenizer_corpus"):
             object.__setattr__(self, name, freeze(getattr(self, name)))
@@ -132,8 +138,6 @@ class ModelSpec:
 def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024):
     """A byte-level BPE trained on ``corpus`` (deterministic), as a PreTrainedTokenizerFast with our
     specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values())
     tok = Tokenizer(models.BPE())
@@ -146,7 +150,7 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=SPECIAL_TOKENS["bos"],
         eos_token=SPECIAL_TOKENS["eos"],
@@ -177,8 +181,6 @@ class LinearProjector(nn.Module):
 
 
 def _vision_config(spec: ModelSpec):
-    import transformers
-
     cls = getattr(transformers, architecture(spec.arch).vision_config_class)
     kwargs = dict(spec.vision)
     kwargs.setdefault("image_size", spec.anyres.tile_size)
@@ -187,8 +189,6 @@ def _vision_config(spec: ModelSpec):
 
 
 def _llm_config(spec: ModelSpec, vocab_size: int):
-    import transformers
-
     cls = getattr(transformers, architecture(spec.arch).llm_config_class)
     kwargs = {"tie_word_embeddings": False, **spec.llm}
     # a config may ask for a larger vocabulary than the tiny tokenizer's (a real-size shape, for benchmarks)
@@ -198,15 +198,13 @@ def _llm_config(spec: ModelSpec, vocab_size: int):
 
 def build_tokenizer(spec: ModelSpec):
     """The tokenizer a spec trains and serves with (the checkpoint's, the LLM's, or the tiny BPE)."""
-    from transformers import AutoTokenizer
-
     if spec.checkpoint or not isinstance(spec.llm, dict):
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = AutoTokenizer.from_pretrained(local_dir(spec.checkpoint or spec.llm, tmp))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                local_dir(spec.checkpoint or spec.llm, tmp)
+            )
         ensure_media_tokens(tokenizer)
         return tokenizer
-    from components.demo_data import tokenizer_corpus
-
     return build_tiny_tokenizer(spec.tokenizer_corpus or tokenizer_corpus())
 
 
@@ -223,8 +221,6 @@ def build_model(spec: ModelSpec):
     """(model, processor) for a spec: from a full checkpoint, or composed from vision + llm."""
     if spec.checkpoint:
         return load_model(spec.checkpoint, default_template=spec.template)
-    from transformers import AutoModel, AutoModelForCausalLM
-
     arch = architecture(spec.arch)
     torch.manual_seed(spec.seed)
     processor = build_processor(spec)
@@ -233,14 +229,14 @@ def build_model(spec: ModelSpec):
         if isinstance(spec.llm, dict):
             llm, text_config = None, _llm_config(spec, len(tokenizer))
         else:
-            llm = AutoModelForCausalLM.from_pretrained(
+            llm = transformers.AutoModelForCausalLM.from_pretrained(
                 local_dir(spec.llm, os.path.join(tmp, "llm")), use_safetensors=True
             )
             text_config = llm.config
         if isinstance(spec.vision, dict):
             vision, vision_config = None, _vision_config(spec)
         else:
-            vision = AutoModel.from_pretrained(
+            vision = transformers.AutoModel.from_pretrained(
                 local_dir(spec.vision, os.path.join(tmp, "vision")), use_safetensors=True
             )
             vision_config = getattr(vision.config, "vision_config", vision.config)
@@ -282,6 +278,7 @@ def partitioned_build(ds_config: dict | None):
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
         yield
         return
+    # DeepSpeed's side of transformers: ZeRO-3 builds only
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     # what building needs (ZeRO settings, dtype): the batch sizes are checked against a world size that
@@ -306,7 +303,7 @@ def _gathered(params):
     params = list(params)
     if not _partitioned(params):
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # ZeRO-3 only: it probes the accelerator and its ops at import
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
@@ -347,8 +344,6 @@ def model_from_config(config, *, linear_projector: bool = False):
 
 
 def _model_class(arch: str):
-    import transformers
-
     return getattr(transformers, architecture(arch).model_class)
 
 
@@ -387,6 +382,7 @@ def _hf_projector(model):
     if not isinstance(linear, LinearProjector):
         yield
         return
+    # LLaVA's own modeling module (seconds to load): only a linear projector's export needs it
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     hf = LlavaMultiModalProjector(model.config).to(linear.linear.weight.dtype)
@@ -515,11 +511,9 @@ def save_model(model, processor: LlavaProcessor, uri: str) -> dict:
 def load_model(uri: str, *, dtype: torch.dtype | None = None, default_template: str | None = None):
     """(model, processor) from an HF checkpoint at a path, s3:// URI or HF id; weights via safetensors only.
     ``default_template`` is used only for a checkpoint without our processor file (an llava-hf release)."""
-    from transformers import AutoConfig
-
     with tempfile.TemporaryDirectory() as tmp:
         path = local_dir(uri, tmp)
-        config = AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
         if config.model_type not in MODEL_TYPES:
             raise ValueError(
                 f"{uri}: model_type: expected one of {sorted(MODEL_TYPES)}, found {config.model_type!r}"
@@ -539,11 +533,9 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None, default_template: 
 
 def context_length(uri: str) -> int:
     """The LLM's context (max_position_embeddings) of a checkpoint, from its config alone."""
-    from transformers import AutoConfig
-
     with tempfile.TemporaryDirectory() as tmp:
         path = local_dir(uri, tmp) if not storage.is_s3(uri) else _config_only(uri, tmp)
-        config = AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
     return int(config.text_config.max_position_embeddings)
 
 

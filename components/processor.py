@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from components import storage
 from components.anyres import AnyResConfig
@@ -33,6 +33,7 @@ from components.architectures import MODEL_TYPES, Architecture, MediaInputs, arc
 from components.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    SPECIAL_TOKENS,
     VIDEO_PLACEHOLDER,
     Sample,
     Template,
@@ -296,7 +297,7 @@ class LlavaProcessor:
 
     def collate(self, rows: list[dict], *, left_pad: bool = False) -> dict:
         """Padded ids, labels and attention mask plus the media tensors this architecture's HF model takes."""
-        from components.batching import collate
+        from components.batching import collate  # torch: the ingress tiles and tokenizes without it
 
         rows = self.arch.complete_batch(rows, self._blank_image_row)
         return collate(rows, self.pad_token_id, self.arch, self.anyres, left_pad=left_pad)
@@ -309,8 +310,6 @@ class LlavaProcessor:
     def probe_batch(self) -> dict:
         """A fixed batch (an image question and a text question) every rank builds identically: used to
         check that an export gives the logits of the model that trained it."""
-        from PIL import ImageDraw
-
         image = Image.new("RGB", (150, 100), (245, 245, 245))
         ImageDraw.Draw(image).ellipse((30, 10, 110, 90), fill=(220, 30, 30))
         rows = [
@@ -352,7 +351,7 @@ class LlavaProcessor:
         """The processor of a checkpoint (path, file:// or s3:// URI). A checkpoint of ours carries every
         setting; an HF release (llava-hf layout) gives the architecture, tiling and normalization, and
         ``default_template`` (a recipe's) names its chat format."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to import: only where a processor is loaded
 
         with tempfile.TemporaryDirectory() as tmp:
             path = local_dir(uri, tmp)
@@ -414,8 +413,6 @@ def local_dir(uri: str, tmp: str) -> str:
 def ensure_media_tokens(tokenizer) -> None:
     """A tokenizer gets <image>, <video> and ChatML's markers as special tokens when it lacks them, and a
     pad."""
-    from components.conversation import SPECIAL_TOKENS
-
     wanted = [t for k, t in SPECIAL_TOKENS.items() if k not in ("pad", "bos", "eos", "unk")]
     missing = [t for t in wanted if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing:

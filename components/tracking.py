@@ -1,7 +1,9 @@
 """One tracking interface: MLflow when a tracking URI is given, a no-op otherwise; rank 0 only.
 
 A pipeline has a parent run; each stage is a nested run under it. Workers never create runs: the
-driver creates them and hands the run id to rank 0, which logs into it.
+driver creates them and hands the run id to rank 0, which logs into it. MLflow (seconds to import) is
+imported where a tracker is made with tracking on; a run without tracking, and every rank but 0, never
+loads it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+
+from components import storage
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +153,6 @@ class MlflowTracker(NoopTracker):
         version of ``name``: the registry links to the run and to the files. Returns the version."""
         from mlflow.exceptions import MlflowException
 
-        from components import storage
-
         model = self.client.create_logged_model(
             self.experiment_id,
             name=name,
@@ -247,7 +249,7 @@ def _audit_registration(client, summary: dict) -> list[str]:
 
 def loss_curve_png(steps: list[int], losses: list[float], title: str) -> str:
     """A loss-curve PNG in a temporary file (matplotlib, headless); the caller logs and deletes it."""
-    import matplotlib
+    import matplotlib  # only for this figure, and headless: not at import time
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

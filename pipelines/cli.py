@@ -1,4 +1,7 @@
-"""`llava-ray`: the command line. Each subcommand is a thin wrapper over a pipeline or component."""
+"""`llava-ray`: the command line. Each subcommand is a thin wrapper over a pipeline or component.
+
+Each subcommand imports what it runs inside its own function: `llava-ray --help`, `status` and a bad
+argument answer without starting or loading Ray, DeepSpeed or MLflow for commands not run."""
 
 from __future__ import annotations
 
@@ -213,8 +216,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    # the choices as the recipe defines them; here, not at the top: the recipe module brings torch
-    from pipelines.recipes import DATA_MODES, PLACEMENTS
+    from pipelines.recipes import DATA_MODES, PLACEMENTS  # the choices as the recipes define them
 
     p.add_argument(
         "--recipe", default="llava_onevision", help="a recipe name (pipelines/recipes) or YAML path"

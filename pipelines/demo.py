@@ -11,9 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import time
 
+import openai
+import ray
+from ray import serve
+
 from components import storage
+from components.tracking import TrackingConfig, audit_pipeline_run
+from pipelines.dag import PipelineConfig, format_summary, run_pipeline
+from pipelines.recipes import ensure_demo_data
+from serve.app import ServeConfig, build_app
 
 
 def _data_url(path: str, mime: str) -> str:
@@ -26,12 +35,6 @@ def _first(records: list[dict], task: str) -> dict:
 
 
 def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
-    import ray
-
-    from components.tracking import TrackingConfig, audit_pipeline_run
-    from pipelines.dag import PipelineConfig, run_pipeline
-    from pipelines.recipes import ensure_demo_data
-
     start = time.monotonic()
     out = os.path.abspath(out)
     data = ensure_demo_data(os.path.join(out, "data"))
@@ -71,11 +74,6 @@ def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
 
 def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:
     """The final model on Ray Serve, asked one image and one video question with the official client."""
-    import openai
-    from ray import serve
-
-    from serve.app import ServeConfig, build_app
-
     port = _port(8000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeConfig(checkpoint=checkpoint, replica_cpus=0.5)), name="llava", route_prefix="/")
@@ -115,8 +113,6 @@ def _ask_the_endpoint(checkpoint: str, data: str) -> list[tuple]:
 def _report(
     summary: dict, answers: list[tuple], out: str, tracking: str, trained: float, total: float
 ) -> None:
-    from pipelines.dag import format_summary
-
     print("\n" + "=" * 100)
     print(
         f"llava-ray demo: OneVision curriculum (tiny) in {trained / 60:.1f} min, total {total / 60:.1f} min"
@@ -165,8 +161,6 @@ def modality_table(stages: list[dict]) -> str:
 
 def _port(preferred: int) -> int:
     """The preferred port when it is free on 127.0.0.1, else any free one."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))

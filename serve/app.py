@@ -19,6 +19,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+import ray
+import torch
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,6 +30,9 @@ from starlette.exceptions import HTTPException
 
 from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
+from components.model import context_length, load_model
+from components.processor import LlavaProcessor
+from components.resample import warm_up
 from serve.protocol import (
     ChatRequest,
     KnownMedia,
@@ -118,11 +124,6 @@ class LlavaModel:
     streamed or not, joins the engine's batch at its next decode step and leaves it when it finishes."""
 
     def __init__(self, config: dict):
-        import ray
-        import torch
-
-        from components.model import load_model
-        from components.resample import warm_up
 
         warm_up()  # tiling kernels compiled before the first request, not during it
         self.config = ServeConfig.from_dict(config)
@@ -246,8 +247,6 @@ class Ingress:
     """HTTP in front: auth, parsing and limits (4xx, never 5xx, for bad input), the OpenAI schema out."""
 
     def __init__(self, model, config: dict):
-        from components.model import context_length
-        from components.processor import LlavaProcessor
 
         self.model = model
         self.config = ServeConfig.from_dict(config)
@@ -442,7 +441,6 @@ def app_builder(args: dict):
 
 
 def load_serve_config(path: str | None, checkpoint: str | None) -> ServeConfig:
-    import yaml
 
     data = {}
     if path:

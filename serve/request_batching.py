@@ -10,8 +10,15 @@ import threading
 import time
 from types import SimpleNamespace
 
+import ray
+import torch
 from ray import serve
+from transformers import TextIteratorStreamer
 
+from components.batching import to_device
+from components.generation import generate
+from components.model import load_model
+from components.resample import warm_up
 from serve.protocol import ChatRequest, internal_error
 
 log = logging.getLogger(__name__)
@@ -25,10 +32,6 @@ class RequestBatchedModel:
     baseline that benchmarks/serve.py measures the engine against."""
 
     def __init__(self, config: dict):
-        import torch
-
-        from components.model import load_model
-        from components.resample import warm_up
 
         warm_up()  # tiling kernels compiled before the first request, not during it
         self.config = SimpleNamespace(
@@ -57,7 +60,6 @@ class RequestBatchedModel:
         self.queue_waits: collections.deque = collections.deque(maxlen=256)
         self.idle: asyncio.Event | None = None
         self._set_batch_wait()
-        import ray
 
         # which replica answered, and on which node: a response header (operators tracing a request)
         self.where = {
@@ -91,7 +93,6 @@ class RequestBatchedModel:
 
     def _run(self, requests: list[ChatRequest]) -> list[dict]:
         """Sub-batches of compatible requests (sampling, seed, video frame count), greedy ones together."""
-        from components.generation import generate
 
         out: list[dict | None] = [None] * len(requests)
         rows = {i: self._row(r) for i, r in enumerate(requests)}
@@ -190,13 +191,9 @@ class RequestBatchedModel:
 
     async def stream(self, request: ChatRequest):
         """Text deltas as the model produces them (HF's TextIteratorStreamer in a worker thread)."""
-        from transformers import TextIteratorStreamer
 
         row = self._row(request)
         yield json.dumps({"accepted": True})
-        import torch
-
-        from components.batching import to_device
 
         batch = self.processor.collate([row], left_pad=True)
         batch.pop("labels")
