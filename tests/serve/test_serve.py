@@ -153,6 +153,7 @@ def endpoint(ray_local, checkpoint, upstream):
         max_replicas=1,
         max_batch_size=4,
         max_queue=2,
+        limits={"max_tokens": 3900},  # long enough to hold the batch while a test looks past its queue
     )
     serve.run(build_app(secured), name="secured", route_prefix="/secured")
     ENDPOINT["url"] = f"http://127.0.0.1:{port}"
@@ -592,31 +593,32 @@ def test_streams_and_requests_share_the_replicas_batch_at_every_step(endpoint):
 
 
 def test_past_the_queue_a_request_gets_429_and_the_server_stays_up(endpoint):
-    """One replica holds 4 sequences and 2 waiting (max_batch_size 4, max_queue 2): of 10 long requests at
-    once, those past that get 429 in OpenAI's error shape (the openai client's RateLimitError: type
-    requests, code rate_limit_exceeded), a stream past it too (a 429, not a broken event stream), and
-    afterwards the replica answers again."""
+    """One replica holds 4 sequences and 2 waiting (max_batch_size 4, max_queue 2). Six long streams are
+    opened one after another (each call returns once the replica has accepted it: 4 decoding, 2 queued);
+    then a request and a stream past the queue each get a 429 in OpenAI's error shape (the openai client's
+    RateLimitError: type requests, code rate_limit_exceeded; for the stream a 429, not a broken event
+    stream). The six are then closed by their client, and the replica answers again. (Long requests fired
+    all at once made this timing-dependent: on a busy machine the first ones finished before the last
+    arrived, and the queue had room again.)"""
     client = _secured()
-
-    def long(_):
-        try:
-            return ask(client, "Tell a long story.", max_tokens=500).choices[0].finish_reason
-        except openai.RateLimitError as e:
-            return e
-
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        futures = [pool.submit(long, k) for k in range(10)]
-        done, _ = concurrent.futures.wait(futures, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
-        assert any(isinstance(f.result(), openai.RateLimitError) for f in done), [f.result() for f in done]
-        assert not all(f.done() for f in futures), (
-            "the long requests ended before the stream could be refused"
+    held = [
+        client.chat.completions.create(
+            model="llava-ray",
+            messages=[{"role": "user", "content": f"Tell a long story, {k}."}],
+            max_tokens=3900,
+            stream=True,
         )
-        with pytest.raises(openai.RateLimitError):  # the queue is still full: the long ones are running
+        for k in range(6)
+    ]
+    try:
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(client, "One more?", max_tokens=4)
+        with pytest.raises(openai.RateLimitError):
             list(ask(client, "Stream?", max_tokens=4, stream=True))
-        results = [f.result() for f in futures]
-    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-    assert 1 <= len(refused) <= 10 - 6 + 1 and all(isinstance(r, str) for r in results if r not in refused)
-    error = refused[0]
+    finally:
+        for stream in held:
+            stream.close()
+    error = refused.value
     assert error.status_code == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
     assert "expected at most 2 waiting requests" in error.message
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
