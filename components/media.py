@@ -102,18 +102,21 @@ def resolve_media(path: str, media_root: str, policy: MediaPolicy, *, sample_id:
 
 def read_media(uri: str, max_bytes: int, *, sample_id: str, field: str, shown: str) -> bytes:
     """A regular file's bytes, at most ``max_bytes`` (``shown``: the path as the manifest wrote it)."""
-    missing = MediaError(
-        "missing_media", sample_id, field, "a readable file", f"none at {short_repr(shown, 80)}"
-    )
+
+    def missing() -> MediaError:
+        return MediaError(
+            "missing_media", sample_id, field, "a readable file", f"none at {short_repr(shown, 80)}"
+        )
+
     if storage.is_s3(uri):
         size = storage.file_size(uri)
         if size is None:
-            raise missing
+            raise missing()
     else:
         try:
             info = os.stat(uri)  # a FIFO or a device is stat'ed, never opened
         except OSError as e:
-            raise missing from e
+            raise missing() from e
         if not stat.S_ISREG(info.st_mode):
             raise MediaError(
                 "not_a_file",
@@ -128,7 +131,7 @@ def read_media(uri: str, max_bytes: int, *, sample_id: str, field: str, shown: s
     try:
         data = storage.read_bytes(uri)
     except (storage.StorageError, OSError) as e:
-        raise missing from e
+        raise missing() from e
     if len(data) > max_bytes:  # it grew while we looked
         raise MediaError("too_large", sample_id, field, f"at most {max_bytes} bytes", "more")
     return data

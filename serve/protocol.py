@@ -125,7 +125,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
         or not isinstance(value, (int, float))
         or (kind is int and not isinstance(value, int))
     ):
-        raise RequestError(name, f"a {kind.__name__}", f"{value!r}")
+        raise RequestError(name, f"a {kind.__name__}", repr(value))
     if not lo <= value <= hi:
         raise RequestError(name, f"a value in [{lo}, {hi}]", str(value))
     return kind(value)
@@ -347,7 +347,7 @@ def _url_of(part: dict, key: str, param: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise RequestError(f"{param}.{key}.url", "a URL string", f"{url!r}", param=f"{param}.{key}")
+        raise RequestError(f"{param}.{key}.url", "a URL string", repr(url), param=f"{param}.{key}")
     return url
 
 
@@ -402,7 +402,7 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
             )
         return "text", part["text"]
     if kind not in ("image_url", "video_url"):
-        raise RequestError(f"{pparam}.type", "text, image_url or video_url", f"{kind!r}", param=pparam)
+        raise RequestError(f"{pparam}.type", "text, image_url or video_url", repr(kind), param=pparam)
     if role != "user":
         raise RequestError(pparam, "media only in user messages", f"it in a {role} message")
     if kind == "image_url":
@@ -447,7 +447,7 @@ def _parse_message(message, param: str, limits: Limits, sampling: VideoSampling,
         raise RequestError(param, "an object with role and content", f"{message!r:.40}")
     role = message.get("role")
     if role not in ("system", "user", "assistant"):
-        raise RequestError(f"{param}.role", "system, user or assistant", f"{role!r}")
+        raise RequestError(f"{param}.role", "system, user or assistant", repr(role))
     content = message.get("content")
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
@@ -549,7 +549,7 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         _valid_text(s, f"stop[{k}]")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError("stream", "true or false", f"{stream!r}")
+        raise RequestError("stream", "true or false", repr(stream))
     seed = body.get("seed")
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
