@@ -418,16 +418,26 @@ class Rig:
         )
 
     def kill_worker(self) -> list[int]:
-        """Every process of the worker node, its raylet included, SIGKILLed at once (a node lost)."""
-        pids = _netns_pids(self.netns)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _netns_pids(self.netns) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        """Every process of the worker node, its raylet included, SIGKILLed at once (a node lost).
+
+        The namespace is listed again until it is empty, and every listing is killed: a process that
+        entered after the first listing (an `ip netns exec` still starting) is killed too, instead of being
+        waited for. (With one listing, such a process outlived the rig: CI saw it once.)"""
         proc = self.procs.pop("worker", None)
+        pids: list[int] = []
+        deadline = time.monotonic() + 30
+        while (found := _netns_pids(self.netns)) and time.monotonic() < deadline:
+            if proc is not None and not pids:  # the launcher's group too, so nothing new enters
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pids += [p for p in found if p not in pids]
+            time.sleep(0.1)
         if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # one that had not entered the namespace yet
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         return pids

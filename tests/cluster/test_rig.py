@@ -4,6 +4,7 @@ rigs are owned by this process's parent (alive), so their names differ from the 
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -14,11 +15,19 @@ pytestmark = pytest.mark.cluster
 DEAD = 4_000_000  # above any pid_max here: a rig "owned" by a process that is gone
 
 
-def _worker_process(rig: Rig) -> subprocess.Popen:
-    """A long process inside the worker node's namespaces, as the worker node's raylet would be."""
-    return subprocess.Popen(
+def _worker_process(rig: Rig, launched: bool = False) -> subprocess.Popen:
+    """A long process inside the worker node's namespaces, as the worker node's raylet would be; returns
+    once it is inside. ``launched``: started as the rig starts its worker node (it knows the launcher)."""
+    proc = subprocess.Popen(
         ["ip", "netns", "exec", rig.netns, "unshare", "--mount", "sleep", "600"], start_new_session=True
     )
+    if launched:
+        rig.procs["worker"] = proc
+    deadline = time.monotonic() + 30
+    while not rig_module._netns_pids(rig.netns) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rig_module._netns_pids(rig.netns), "the process never entered the worker node's namespace"
+    return proc
 
 
 def test_a_failed_start_removes_what_it_made(tmp_path, monkeypatch):
@@ -32,6 +41,8 @@ def test_a_failed_start_removes_what_it_made(tmp_path, monkeypatch):
 
 
 def test_an_interrupt_removes_processes_namespace_and_link(tmp_path):
+    """Ctrl-C with a process inside the worker node: stop() kills it and removes the namespace and link.
+    (With stop() not killing the namespace's processes, the sleep outlived the rig: proc.wait timed out.)"""
     rig = Rig(tmp_path / "rig", with_services=False, owner=os.getppid())
     rig._network()
     proc = _worker_process(rig)
@@ -65,3 +76,24 @@ def test_what_a_killed_run_left_is_swept_by_the_next(tmp_path):
         mine.stop()
         orphan.stop()
     assert mine.leftovers() == []
+
+
+def test_a_worker_node_still_starting_is_killed_too(tmp_path):
+    """The node is lost (or the rig stopped) while its launcher has not entered the namespace yet: the
+    launcher's group is killed too, so nothing enters afterwards and outlives the rig. (CI once saw a
+    process enter after the only listing; with the group kill removed from kill_worker, the launcher here
+    entered half a second later and proc.wait timed out.)"""
+    rig = Rig(tmp_path / "rig", with_services=False, owner=os.getppid())
+    rig._network()
+    enter = f"sleep 0.5; exec ip netns exec {rig.netns} unshare --mount sleep 600"
+    proc = subprocess.Popen(["sh", "-c", enter], start_new_session=True)
+    rig.procs["worker"] = proc
+    try:
+        rig.kill_worker()
+        assert proc.wait(timeout=5) != 0
+        time.sleep(1)
+        assert rig_module._netns_pids(rig.netns) == [], "a process entered the namespace after the kill"
+    finally:
+        proc.kill()
+        rig.stop()
+    assert rig.leftovers() == []
