@@ -79,12 +79,47 @@ class Job:
         return len(self.row["input_ids"]) + self.max_tokens
 
 
-class _Sequence:
-    """An active request: its tokens so far, its sampler, and what it has streamed."""
+class Detokenizer:
+    """A sequence's text, decoded as its tokens come, in time independent of the answer's length.
 
-    def __init__(self, job: Job, stops: list[str], eos: set[int]):
+    Each step decodes only a short window: the tokens since the text last ended on a whole character, and
+    the ones before them back to the previous such point, as context (vLLM's and TGI's scheme). The
+    context matters for tokenizers that space a word by its left neighbour (SentencePiece's "▁", stripped
+    at the start of a decode): the new text is what the window adds beyond its context. A window that ends
+    in an incomplete character (a U+FFFD) waits for the bytes still to come. Decoding the whole answer at
+    every step instead costs O(n) a token, O(n^2) an answer.
+
+    For valid UTF-8 the text equals the tokenizer's decode of all the tokens. Not for an invalid byte run
+    under a byte-fallback tokenizer (Llama's): its decoder turns the whole run into U+FFFD, valid
+    characters in it included, where the window has already shown them. So the engine takes an answer's
+    final text from one decode of all its tokens, and this text only for what streams before."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.start = 0
+        """The window's first token: context only, its text already in ``text``."""
+        self.read = 0
+        """Tokens before this one are in ``text``."""
+
+    def add(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (the sequence's tokens so far, the newest last) as far as it ends on a
+        whole character."""
+        window = self.tokenizer.decode(tokens[self.start :], skip_special_tokens=True)
+        context = self.tokenizer.decode(tokens[self.start : self.read], skip_special_tokens=True)
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context) :]
+            self.start, self.read = self.read, len(tokens)
+        return self.text
+
+
+class _Sequence:
+    """An active request: its tokens so far, its text, its sampler, and what it has streamed."""
+
+    def __init__(self, job: Job, stops: list[str], eos: set[int], tokenizer):
         self.job = job
         self.tokens: list[int] = []
+        self.text = Detokenizer(tokenizer)
         self.stops = stops
         self.eos = eos
         self.sent = 0
@@ -265,7 +300,7 @@ class Engine:
     def _admit(self, job: Job) -> None:
         """Prefill alone (exactly the batch ``generate()`` would run for it), then join the batch."""
         stops = [s for s in [self.processor.template.stop, *job.stop] if s]
-        seq = _Sequence(job, stops, self.eos)
+        seq = _Sequence(job, stops, self.eos, self.tokenizer)
         batch = self.processor.collate([job.row], left_pad=True)
         batch.pop("labels")
         batch = to_device(batch, self.model.device, self.model.dtype)
@@ -323,12 +358,17 @@ class Engine:
             finish = "stop"
         else:
             seq.tokens.append(token)
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        cut = min((text.index(s) for s in seq.stops if s in text), default=None)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish is None and len(seq.tokens) >= seq.job.max_tokens:
+        if finish is None and len(seq.tokens) >= seq.job.max_tokens:
             finish = "length"
+        seen = len(seq.text.text)
+        text = seq.text.add(seq.tokens)
+        cut = _first_stop(text, seq.stops, since=seen)
+        if cut is not None:
+            finish = "stop"
+        if finish:  # the whole answer decoded once, as generate()'s caller decodes it
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            cut = _first_stop(text, seq.stops)
+            text = text if cut is None else text[:cut]
         if seq.job.stream:
             ready = len(text) if finish else _safe_prefix(text, seq.stops)
             if ready > seq.sent:
@@ -396,6 +436,13 @@ def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+def _first_stop(text: str, stops: list[str], since: int = 0) -> int | None:
+    """Where the first stop string in ``text`` begins (None: there is none), looking only at those that
+    end past ``since`` (a stop string that ended earlier would have ended the sequence then)."""
+    found = (text.find(stop, max(0, since - len(stop) + 1)) for stop in stops)
+    return min((i for i in found if i >= 0), default=None)
 
 
 def _safe_prefix(text: str, stops: list[str]) -> int:
