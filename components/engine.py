@@ -107,7 +107,11 @@ class Detokenizer:
         whole character."""
         window = self.tokenizer.decode(tokens[self.start :], skip_special_tokens=True)
         context = self.tokenizer.decode(tokens[self.start : self.read], skip_special_tokens=True)
-        if len(window) > len(context) and not window.endswith("\ufffd"):
+        whole = len(window) > len(context) and not window.endswith("\ufffd")
+        # a character is at most 4 bytes, so one token in 3 at least: past 4 tokens without a whole
+        # character, what the window shows is final (invalid bytes, skipped specials); shown, so that a model
+        # stuck on stray bytes neither stops streaming nor widens the window for ever
+        if whole or len(tokens) - self.read > 4:
             self.text += window[len(context) :]
             self.start, self.read = self.read, len(tokens)
         return self.text

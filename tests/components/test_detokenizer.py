@@ -120,3 +120,30 @@ def test_each_step_decodes_a_window_not_the_answer(tokenizer):
         del tokenizer.decode
     assert max(lengths) <= 8, max(lengths)
     assert original(tokens, skip_special_tokens=True).startswith(text.text)
+
+
+def test_a_model_stuck_on_a_stray_byte_keeps_streaming_in_a_bounded_window(tokenizer):
+    """A model that repeats a lone continuation byte (invalid UTF-8, each one U+FFFD for good): the text
+    still grows every few tokens and a step still decodes a few tokens, instead of holding everything back
+    in a window as long as the answer. (Without the 4-token bound: nothing shown, windows of 60 tokens.)"""
+    stray = next(
+        i
+        for i in range(len(tokenizer))
+        if tokenizer.decode([i]) == "\ufffd" and tokenizer.decode([i, i, i]) == "\ufffd" * 3
+    )
+    tokens = tokenizer.encode("ok", add_special_tokens=False) + [stray] * 60
+    lengths: list[int] = []
+    original = tokenizer.decode
+
+    def counting(ids, **kwargs):
+        lengths.append(len(ids))
+        return original(ids, **kwargs)
+
+    text = Detokenizer(tokenizer)
+    tokenizer.decode = counting
+    try:
+        shown = [len(text.add(tokens[:n])) for n in range(1, len(tokens) + 1)]
+    finally:
+        del tokenizer.decode
+    assert max(lengths) <= 12, max(lengths)
+    assert shown[-1] >= len(tokens) - 6 and text.text.startswith("ok"), text.text
