@@ -86,8 +86,8 @@ class Detokenizer:
     the ones before them back to the previous such point, as context (vLLM's and TGI's scheme). The
     context matters for tokenizers that space a word by its left neighbour (SentencePiece's "▁", stripped
     at the start of a decode): the new text is what the window adds beyond its context. A window that ends
-    in an incomplete character (a U+FFFD) waits for the bytes still to come. Decoding the whole answer at
-    every step instead costs O(n) a token, O(n^2) an answer.
+    in an incomplete character (a U+FFFD) waits for the bytes still to come, 4 tokens at most. Decoding
+    the whole answer at every step instead costs O(n) a token, O(n^2) an answer.
 
     For valid UTF-8 the text equals the tokenizer's decode of all the tokens. Not for an invalid byte run
     under a byte-fallback tokenizer (Llama's): its decoder turns the whole run into U+FFFD, valid
@@ -108,9 +108,9 @@ class Detokenizer:
         window = self.tokenizer.decode(tokens[self.start :], skip_special_tokens=True)
         context = self.tokenizer.decode(tokens[self.start : self.read], skip_special_tokens=True)
         whole = len(window) > len(context) and not window.endswith("\ufffd")
-        # a character is at most 4 bytes, so one token in 3 at least: past 4 tokens without a whole
-        # character, what the window shows is final (invalid bytes, skipped specials); shown, so that a model
-        # stuck on stray bytes neither stops streaming nor widens the window for ever
+        # a character is at most 4 bytes and a token at least one: past 4 tokens without a whole character,
+        # what the window shows is final (invalid bytes, skipped specials); shown, so that a model stuck on
+        # stray bytes neither stops streaming nor widens the window for ever
         if whole or len(tokens) - self.read > 4:
             self.text += window[len(context) :]
             self.start, self.read = self.read, len(tokens)
