@@ -424,20 +424,20 @@ class Rig:
         entered after the first listing (an `ip netns exec` still starting) is killed too, instead of being
         waited for. (With one listing, such a process outlived the rig: CI saw it once.)"""
         proc = self.procs.pop("worker", None)
+        found = _netns_pids(self.netns)
+        if proc is not None:  # the launcher's group too: nothing of it enters the namespace afterwards
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         pids: list[int] = []
         deadline = time.monotonic() + 30
-        while (found := _netns_pids(self.netns)) and time.monotonic() < deadline:
-            if proc is not None and not pids:  # the launcher's group too, so nothing new enters
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        while found and time.monotonic() < deadline:
             for pid in found:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             pids += [p for p in found if p not in pids]
             time.sleep(0.1)
+            found = _netns_pids(self.netns)
         if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # one that had not entered the namespace yet
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         return pids

@@ -57,20 +57,36 @@ def _answers(tokenizer) -> list[list[int]]:
     return encoded + [ids[:5] + [special[0]] + ids[5:] + [special[-1]] for ids in encoded]
 
 
+def _streamed(tokenizer, tokens: list[int]) -> tuple[Detokenizer, list[str], list[int]]:
+    """``tokens`` given to a Detokenizer one more at a time: it, the text after each, and the length of
+    every token list it decoded."""
+    windows: list[int] = []
+    original = tokenizer.decode
+
+    def counting(ids, **kwargs):
+        windows.append(len(ids))
+        return original(ids, **kwargs)
+
+    text = Detokenizer(tokenizer)
+    tokenizer.decode = counting
+    try:
+        shown = [text.add(tokens[:n]) for n in range(1, len(tokens) + 1)]
+    finally:
+        del tokenizer.decode
+    return text, shown, windows
+
+
 def test_the_text_grows_by_appending_and_shows_every_whole_character(tokenizer):
     """At every token, the text is the full decode of the tokens so far whenever that decode ends on a
     whole character, and it only ever grows at its end."""
     for tokens in _answers(tokenizer):
-        text = Detokenizer(tokenizer)
-        seen = ""
-        for n in range(1, len(tokens) + 1):
-            now = text.add(tokens[:n])
+        _, shown, _ = _streamed(tokenizer, tokens)
+        for n, (seen, now) in enumerate(zip(["", *shown[:-1]], shown, strict=True), start=1):
             assert now.startswith(seen), (tokens[:n], seen, now)
             full = tokenizer.decode(tokens[:n], skip_special_tokens=True)
             if not full.endswith("\ufffd"):  # a whole character last: all of it shown
                 assert now == full, (tokens[:n], now, full)
-            seen = now
-        assert seen == tokenizer.decode(tokens, skip_special_tokens=True), tokens
+        assert shown[-1] == tokenizer.decode(tokens, skip_special_tokens=True), tokens
 
 
 def test_random_tokens_only_append(tokenizer):
@@ -80,22 +96,18 @@ def test_random_tokens_only_append(tokenizer):
     rng = np.random.default_rng(0)
     for _ in range(20):
         tokens = rng.integers(0, len(tokenizer), 60).tolist()
-        text = Detokenizer(tokenizer)
-        seen = ""
-        for n in range(1, len(tokens) + 1):
-            now = text.add(tokens[:n])
+        _, shown, _ = _streamed(tokenizer, tokens)
+        for n, (seen, now) in enumerate(zip(["", *shown[:-1]], shown, strict=True), start=1):
             assert now.startswith(seen), (tokens[:n], seen, now)
-            seen = now
         full = tokenizer.decode(tokens, skip_special_tokens=True)
         if isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):
-            assert seen == full.rstrip("\ufffd") or seen == full, tokens
+            assert shown[-1] == full.rstrip("\ufffd") or shown[-1] == full, tokens
 
 
 def test_a_split_character_is_held_until_its_last_byte(tokenizer):
     """An emoji spelled as byte tokens: nothing of it shows until its last byte, then all of it."""
     tokens = tokenizer.encode("ok 🙂", add_special_tokens=False)
-    text = Detokenizer(tokenizer)
-    shown = [text.add(tokens[:n]) for n in range(1, len(tokens) + 1)]
+    _, shown, _ = _streamed(tokenizer, tokens)
     assert shown[-1] == tokenizer.decode(tokens) and shown[-1].endswith("🙂")
     assert not any("\ufffd" in s for s in shown), shown
 
@@ -104,22 +116,9 @@ def test_each_step_decodes_a_window_not_the_answer(tokenizer):
     """At the 400th token of an answer, a step decodes a few tokens, not 400 (the O(n^2) it replaces)."""
     tokens = tokenizer.encode(" ".join(TEXTS * 12), add_special_tokens=False)[:400]
     assert len(tokens) == 400
-    lengths: list[int] = []
-    original = tokenizer.decode
-
-    def counting(ids, **kwargs):
-        lengths.append(len(ids))
-        return original(ids, **kwargs)
-
-    text = Detokenizer(tokenizer)
-    tokenizer.decode = counting
-    try:
-        for n in range(1, len(tokens) + 1):
-            text.add(tokens[:n])
-    finally:
-        del tokenizer.decode
-    assert max(lengths) <= 8, max(lengths)
-    assert original(tokens, skip_special_tokens=True).startswith(text.text)
+    text, shown, windows = _streamed(tokenizer, tokens)
+    assert max(windows) <= 8, max(windows)
+    assert tokenizer.decode(tokens, skip_special_tokens=True).startswith(text.text)
 
 
 def test_a_model_stuck_on_a_stray_byte_keeps_streaming_in_a_bounded_window(tokenizer):
@@ -132,18 +131,6 @@ def test_a_model_stuck_on_a_stray_byte_keeps_streaming_in_a_bounded_window(token
         if tokenizer.decode([i]) == "\ufffd" and tokenizer.decode([i, i, i]) == "\ufffd" * 3
     )
     tokens = tokenizer.encode("ok", add_special_tokens=False) + [stray] * 60
-    lengths: list[int] = []
-    original = tokenizer.decode
-
-    def counting(ids, **kwargs):
-        lengths.append(len(ids))
-        return original(ids, **kwargs)
-
-    text = Detokenizer(tokenizer)
-    tokenizer.decode = counting
-    try:
-        shown = [len(text.add(tokens[:n])) for n in range(1, len(tokens) + 1)]
-    finally:
-        del tokenizer.decode
-    assert max(lengths) <= 12, max(lengths)
-    assert shown[-1] >= len(tokens) - 6 and text.text.startswith("ok"), text.text
+    text, shown, windows = _streamed(tokenizer, tokens)
+    assert max(windows) <= 12, max(windows)
+    assert len(shown[-1]) >= len(tokens) - 6 and text.text.startswith("ok"), text.text
