@@ -34,12 +34,11 @@ def tiny_model():
     return spec, model, processor
 
 
-@pytest.fixture(scope="session")
-def h264(tmp_path_factory):
-    """A real H.264 clip: 3 s at 10 fps, 64x48, made with imageio-ffmpeg's ffmpeg."""
+def make_h264(path, size: str, rate: int, seconds: int = 3) -> None:
+    """A real H.264 clip of ffmpeg's test pattern at ``path`` (``size`` as "WxH"), made with
+    imageio-ffmpeg's ffmpeg."""
     import imageio_ffmpeg
 
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
     subprocess.run(
         [
             imageio_ffmpeg.get_ffmpeg_exe(),
@@ -49,7 +48,7 @@ def h264(tmp_path_factory):
             "-f",
             "lavfi",
             "-i",
-            "testsrc=size=64x48:rate=10:duration=3",
+            f"testsrc=size={size}:rate={rate}:duration={seconds}",
             "-c:v",
             "libx264",
             "-pix_fmt",
@@ -58,6 +57,13 @@ def h264(tmp_path_factory):
         ],
         check=True,
     )
+
+
+@pytest.fixture(scope="session")
+def h264(tmp_path_factory):
+    """A real H.264 clip: 3 s at 10 fps, 64x48."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    make_h264(path, "64x48", rate=10)
     return path
 
 

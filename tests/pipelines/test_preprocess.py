@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from components.model import build_tokenizer
 from components.processor import LlavaProcessor
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.steps import StepConfig, read_rejects
-from tests.conftest import upload_tree
+from tests.conftest import make_h264, upload_tree
 
 POLICY = MediaPolicy(max_video_pixels=2_000_000)  # the demo's clips pass; 3 frames of 1280x720 do not
 
@@ -78,7 +77,6 @@ def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
     {bad id: error type}, the file outside the root)."""
     import os
 
-    import imageio_ffmpeg
     from PIL import Image as PILImage
 
     shutil.copytree(root, dest)
@@ -94,24 +92,7 @@ def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
     clip = dest / json.loads(video)["video"]
     (dest / "videos" / "truncated.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     (dest / "videos" / "no-video.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-y",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=1280x720:rate=2:duration=3",
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-            str(dest / "videos" / "hd.mp4"),
-        ],
-        check=True,
-    )
+    make_h264(dest / "videos" / "hd.mp4", "1280x720", rate=2)
     outside = dest.parent / f"{dest.name}-outside.png"
     shutil.copy(dest / good[0]["image"], outside)
     turn = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
