@@ -155,7 +155,8 @@ def stage_plan(
     from pipelines.layout import RunLayout
     from pipelines.preprocess import PreprocessConfig, preprocess
     from pipelines.recipes import load_recipe, step_config
-    from pipelines.train_stage import data_stats, plan_stage
+    from pipelines.train.plan import plan_stage
+    from pipelines.train.stage import data_stats
 
     recipe = load_recipe("llava_onevision", "full")
     anyres = dataclasses.replace(recipe.model.anyres, tile_size=s.tile)
@@ -181,9 +182,7 @@ def stage_plan(
         config = PreprocessConfig(manifest=stage.data, data_root=root, steps=step_config(recipe, stage))
         preprocess(config, layout, local=True)
     positions, modalities = data_stats(layout)
-    return plan_stage(
-        recipe, stage, layout, positions, has_video="video" in modalities, init_from=None, local=True
-    )
+    return plan_stage(recipe, stage, layout, positions, has_video="video" in modalities, init_from=None)
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------
@@ -237,21 +236,22 @@ def run_ours(plan, steps: int, warmup: int) -> dict:
     """Our stage worker's seams: setup_model, setup_optimizer (DeepSpeed), setup_step, then train_step."""
     import torch
 
-    from pipelines.train_stage import LocalContext, StageWorker
+    from pipelines.train.local import LocalContext
+    from pipelines.train.worker import StageWorker
 
     worker = StageWorker(plan, LocalContext(scratch("gpu-step-ckpt-")))
     model, processor = worker.setup_model()
-    engine, optimizer = worker.setup_optimizer(model)
-    worker.setup_step(engine, optimizer, processor, start_step=0)
+    ds_model, optimizer = worker.setup_optimizer(model)
+    worker.setup_step(ds_model, optimizer, processor, start_step=0)
     batches = list(worker.setup_data().epoch(0))[: warmup + steps]
     times, flops, llm_flops, tokens, samples = [], 0.0, 0.0, 0, 0
-    if engine.device.type == "cuda":
+    if ds_model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i, micro_batches in enumerate(batches):
-        _sync(engine.device)
+        _sync(ds_model.device)
         start = time.perf_counter()
         worker.train_step(micro_batches, i, 0.0, start)
-        _sync(engine.device)
+        _sync(ds_model.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
             for micro in micro_batches:
@@ -259,10 +259,10 @@ def run_ours(plan, steps: int, warmup: int) -> dict:
                 flops, llm_flops = flops + f, llm_flops + fl
                 tokens += sum(len(r["input_ids"]) for r in micro)
                 samples += len(micro)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if engine.device.type == "cuda" else None
-    if hasattr(engine, "destroy"):
-        engine.destroy()  # DeepSpeed's hooks and buffers: the plain loop must not run beside them
-    del engine, optimizer, model, worker
+    peak = torch.cuda.max_memory_allocated() / 2**30 if ds_model.device.type == "cuda" else None
+    if hasattr(ds_model, "destroy"):
+        ds_model.destroy()  # DeepSpeed's hooks and buffers: the plain loop must not run beside them
+    del ds_model, optimizer, model, worker
     _free()
     return _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor, plan)
 
@@ -274,11 +274,11 @@ def run_plain(plan, steps: int, warmup: int) -> dict:
     from components.batching import to_device
     from components.model import build_model, enable_activation_checkpointing, param_groups, set_trainable
     from components.processor import LlavaProcessor
-    from pipelines.train_stage import InMemorySteps
+    from pipelines.train.data import InMemorySteps
 
-    device = torch.device("cuda" if plan.use_gpu else "cpu")
-    dtype = torch.bfloat16 if plan.use_gpu else torch.float32
-    model, processor = build_model(plan.model)
+    device = torch.device("cuda" if plan.recipe.use_gpu else "cpu")
+    dtype = torch.bfloat16 if plan.recipe.use_gpu else torch.float32
+    model, processor = build_model(plan.recipe.model, seed=plan.recipe.seed)
     processor = LlavaProcessor(plan.processor, processor.tokenizer)
     processor.arch.set_stage_config(model.config, processor.anyres)
     set_trainable(model, plan.stage.trainable)
@@ -412,7 +412,7 @@ def main() -> None:
     elif not gpu:
         raise SystemExit("gpu_step: expected a CUDA GPU for the real shapes (use --quick on the CPU)")
     torch.set_num_threads(min(8, os.cpu_count() or 1))
-    from pipelines.train_stage import init_one_rank_group
+    from pipelines.train.local import init_one_rank_group
 
     init_one_rank_group(gpu)
     peak = None if args.quick else peak_tflops(args.peak_tflops)

@@ -3,8 +3,9 @@ client) on 127.0.0.1, one replica each (1 CPU, one torch thread), the tiny OneVi
 
 1. A mixed load: 16 clients in closed loops, half streaming, max_tokens 8, 16, ..., 256 (two clients
    each), image questions. Time to first token (streams: the first content chunk; non-streamed: the
-   answer), p50/p99, and completion tokens per second. The engine (``scheduler: iteration``) against
-   ``scheduler: request`` (batches formed between batches, one stream at a time under the model lock).
+   answer), p50/p99, and completion tokens per second. The engine against
+   the replica before it (benchmarks/_request_batching.py: batches formed between batches, one stream at a
+   time under the model lock).
 2. A multi-turn chat that re-sends one image (a 448x336 PNG: AnyRes tiles) on each of 4 turns: TTFT of
    turns 2-4 on the engine, with the feature cache (turn 1 encodes, 2-4 hit) against without it (each
    turn's image differs from the last by one pixel: the same shapes and work, never a hit).
@@ -153,6 +154,7 @@ def main() -> None:
     from ray import serve
 
     from benchmarks._common import final_line, machine, scratch
+    from benchmarks._request_batching import RequestBatchedModel
     from components.model import ModelSpec, build_model, save_model
     from serve.app import ServeConfig, build_app
     from tests.conftest import free_port
@@ -168,19 +170,19 @@ def main() -> None:
         min_replicas=1,
         max_replicas=1,
         replica_cpus=1.0,
-        max_batch_size=16,
+        engine={"max_batch_size": 16},
         max_ongoing_requests=64,
-        limits={"max_tokens": 256},
+        limits={"max_new_tokens": 256},
     )
     serve.run_many(  # both apps start together: replica start-up is most of --quick's time
         [
             serve.RunTarget(
-                build_app(ServeConfig(scheduler="iteration", **common)),
+                build_app(ServeConfig(**common)),
                 name="iteration",
                 route_prefix="/iteration",
             ),
             serve.RunTarget(
-                build_app(ServeConfig(scheduler="request", **common)), name="request", route_prefix="/request"
+                build_app(ServeConfig(**common), RequestBatchedModel), name="request", route_prefix="/request"
             ),
         ]
     )

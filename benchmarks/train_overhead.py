@@ -35,12 +35,14 @@ def baseline(recipe, stage, layout) -> tuple[float, int, int]:
 
     from components.generation import MediaFiller
     from components.model import build_model, param_groups, set_trainable
-    from pipelines.train_stage import InMemorySteps, data_stats, plan_stage
+    from pipelines.train.data import InMemorySteps
+    from pipelines.train.plan import plan_stage
+    from pipelines.train.stage import data_stats
 
     torch.set_num_threads(1)
     recipe = dataclasses.replace(recipe, workers=1)
     positions, _ = data_stats(layout)
-    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, local=True)
+    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None)
     model, processor = build_model(recipe.model)
     processor = processor.replace(template=stage.template)
     set_trainable(model, stage.trainable)
@@ -68,7 +70,7 @@ def ray_train(recipe, stage, workers: int, layout, local: bool = False) -> tuple
     """Our stage on ``workers`` Ray Train workers, or (``local``) on one rank in this process."""
     import shutil
 
-    from pipelines.train_stage import read_history, train_stage
+    from pipelines.train.stage import read_history, train_stage
 
     recipe = dataclasses.replace(
         recipe, workers=workers, eval=dataclasses.replace(recipe.eval, manifest=None)

@@ -44,6 +44,10 @@ DEMO_TASKS = (
 _OPTION = re.compile(r"^\s*\(?([A-Z])[\).:\s]|^\s*\(?([A-Z])\)?\s*$")
 
 
+ANSWER_TOKENS = 8
+"""Tokens an evaluation answer may take: the answers are a word or an option's letter."""
+
+
 def normalize(text: str) -> str:
     text = text.strip().lower()
     text = text.translate(str.maketrans("", "", string.punctuation))
@@ -87,7 +91,7 @@ def evaluate(
     media_root: str,
     *,
     tasks=DEMO_TASKS,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = ANSWER_TOKENS,
     batch_size: int = 8,
 ) -> dict:
     """Accuracy per task and per modality, with chance beside each; then the plumbing probes: every record

@@ -22,7 +22,7 @@ def generate(
     processor: LlavaProcessor,
     rows: list[dict],
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
     stop: list[str] | None = None,

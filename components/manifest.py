@@ -203,11 +203,20 @@ def load_mixture(uri: str, seed: int = 0, media_root: str | None = None) -> list
 
 
 def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture") -> list[Entry]:
-    """A mixture given as data (``datasets:`` + optional ``seed:``), paths relative to ``base``."""
+    """A mixture given as data (``datasets:``), paths relative to ``base``. Dataset k draws its sample
+    with ``seed + k`` (``seed`` is the run's), or with its own ``seed:`` where it gives one: a draw that
+    stays fixed whatever the run's seed. A mixture-wide ``seed:`` would silently replace the run's and is
+    refused."""
     datasets = spec.get("datasets")
     if not isinstance(datasets, (list, tuple)) or not datasets:
         raise ManifestError(where, "'datasets:' with at least one entry", repr(datasets))
-    seed = int(spec.get("seed", seed))
+    if "seed" in spec:
+        raise ManifestError(
+            f"{where}: seed",
+            "no mixture-wide seed (the run's seed is the recipe's or --seed; a dataset may fix its own draw "
+            "with its own seed:)",
+            repr(spec["seed"]),
+        )
     out: list[Entry] = []
     names: set[str] = set()
     for k, d in enumerate(datasets):
@@ -221,11 +230,12 @@ def resolve_mixture(spec: dict, base: str, seed: int = 0, where: str = "mixture"
         names.add(name)
         folder = d.get("image_folder")
         root = _relative_to(base, folder) if folder else None
+        draw = int(d["seed"]) if "seed" in d else seed + k
         if path.endswith((".yaml", ".yml")):  # a nested mixture file
-            entries = load_mixture(path, seed=seed + k, media_root=root)
+            entries = load_mixture(path, seed=draw, media_root=root)
         else:
             entries = read_records(path, name, root)
-        out += sample_entries(entries, str(d.get("sampling_strategy", "all")), seed + k)
+        out += sample_entries(entries, str(d.get("sampling_strategy", "all")), draw)
     return out
 
 

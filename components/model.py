@@ -98,7 +98,6 @@ class ModelSpec:
     attn_implementation: str = "sdpa"
     """sdpa, eager, flash_attention_2, or auto (flash_attention_2 when flash-attn is importable, else sdpa);
     recorded in the export's config."""
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.anyres, dict):
@@ -217,12 +216,13 @@ def build_processor(spec: ModelSpec) -> LlavaProcessor:
     return LlavaProcessor(config, build_tokenizer(spec))
 
 
-def build_model(spec: ModelSpec):
-    """(model, processor) for a spec: from a full checkpoint, or composed from vision + llm."""
+def build_model(spec: ModelSpec, seed: int = 0):
+    """(model, processor) for a spec: from a full checkpoint, or composed from vision + llm (what is not
+    loaded is initialised from ``seed``)."""
     if spec.checkpoint:
         return load_model(spec.checkpoint, default_template=spec.template)
     arch = architecture(spec.arch)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     processor = build_processor(spec)
     tokenizer = processor.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -544,6 +544,11 @@ def _config_only(uri: str, tmp: str) -> str:
         os.path.join(tmp, "config.json"), storage.read_bytes(storage.join(uri, "config.json"))
     )
     return tmp
+
+
+def torch_threads(cpus: float) -> int:
+    """Torch's intra-op threads for a process given ``cpus`` CPUs (a worker, a replica): at least one."""
+    return max(1, int(cpus))
 
 
 def count_parameters(model) -> int:

@@ -60,36 +60,45 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0 if summary["accepted"] > 0 else 1
 
 
+PIPELINE_FLAGS = (
+    "recipe",
+    "profile",
+    "storage",
+    "run_id",
+    "tracking_uri",
+    "demo_dir",
+    "max_steps",
+    "data_mode",
+    "seed",
+    "workers",
+    "placement",
+)
+"""The run flags that map one to one onto PipelineConfig's fields (their defaults are the dataclass's)."""
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The flags among ``names`` the user gave (argparse defaults are None): only they override a config
+    dataclass's defaults, which stay the only defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def _pipeline_config(args: argparse.Namespace, **over):
     from pipelines.dag import PipelineConfig
 
-    return PipelineConfig(
-        recipe=args.recipe,
-        profile=args.profile,
-        storage=args.storage,
-        run_id=args.run_id,
-        tracking_uri=args.tracking_uri,
-        demo_dir=args.demo_dir,
-        max_steps=args.max_steps,
-        data_mode=args.data_mode,
-        seed=args.seed,
-        workers=args.workers,
-        local=args.local,
-        placement=args.placement,
-        **over,
-    )
+    return PipelineConfig(**_given(args, *PIPELINE_FLAGS), local=args.local, **over)
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.dag import format_summary, run_pipeline, select_stages
     from pipelines.recipes import load_recipe
 
+    cfg = _pipeline_config(args, from_stage=args.from_stage, until_stage=args.until_stage)
     select_stages(
-        load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir), args.from_stage, args.until_stage
+        load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir), cfg.from_stage, cfg.until_stage
     )
     if not args.local:
         _init_ray(args)
-    summary = run_pipeline(_pipeline_config(args, from_stage=args.from_stage, until_stage=args.until_stage))
+    summary = run_pipeline(cfg)
     print(format_summary(summary))
     return 0
 
@@ -99,10 +108,11 @@ def _stage(args: argparse.Namespace) -> int:
     from pipelines.dag import format_summary, run_pipeline
     from pipelines.recipes import load_recipe
 
-    load_recipe(args.recipe, args.profile, demo_dir=args.demo_dir).stage(args.name)  # a bad name: before Ray
+    cfg = _pipeline_config(args, from_stage=args.name, until_stage=args.name)
+    load_recipe(cfg.recipe, cfg.profile, demo_dir=cfg.demo_dir).stage(args.name)  # a bad name: before Ray
     if not args.local:
         _init_ray(args)
-    summary = run_pipeline(_pipeline_config(args, from_stage=args.name, until_stage=args.name))
+    summary = run_pipeline(cfg)
     print(format_summary(summary))
     return 0
 
@@ -127,30 +137,9 @@ def _status(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from pipelines.submit import submit
 
-    common = [
-        "--recipe",
-        args.recipe,
-        "--profile",
-        args.profile,
-        "--storage",
-        args.storage,
-        "--run-id",
-        args.run_id,
-        "--demo-dir",
-        args.demo_dir,
-    ]
-    if args.tracking_uri:
-        common += ["--tracking-uri", args.tracking_uri]
-    if args.max_steps:
-        common += ["--max-steps", str(args.max_steps)]
-    if args.data_mode:
-        common += ["--data-mode", args.data_mode]
-    if args.seed is not None:
-        common += ["--seed", str(args.seed)]
-    if args.workers:
-        common += ["--workers", str(args.workers)]
-    if args.placement:
-        common += ["--placement", args.placement]
+    common = []
+    for name, value in _given(args, *PIPELINE_FLAGS).items():
+        common += [f"--{name.replace('_', '-')}", str(value)]
     if args.local:
         common += ["--local"]
     target = ["run", *common] if args.target == "pipeline" else ["stage", args.target, *common]
@@ -179,9 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.checkpoint)  # its template, grid and video sampling come with it
     records = [json.loads(line) for line in storage.read_text(args.manifest).splitlines() if line.strip()]
-    report = evaluate(
-        model, processor, records, parent_uri(args.manifest), max_new_tokens=args.max_new_tokens
-    )
+    report = evaluate(model, processor, records, parent_uri(args.manifest), **_given(args, "max_new_tokens"))
     print(format_report(report))
     return 0
 
@@ -189,19 +176,17 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pipelines.generate import GenerateConfig, generate, read_contexts
 
+    flags = {"rate_limit": "rate_limit_rps", "timeout": "timeout_s"}  # flag -> GenerateConfig field
+    given = _given(
+        args, "api_key_env", "concurrency", "workers", "rate_limit", "max_retries", "timeout", "seed"
+    )
     config = GenerateConfig(
         endpoint=args.endpoint,
         model=args.model,
         out=args.out,
         types=args.types.split(","),
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        workers=args.workers,
-        rate_limit_rps=args.rate_limit,
-        max_retries=args.max_retries,
-        timeout_s=args.timeout,
         prompt_pack=args.prompt_pack,
-        seed=args.seed,
+        **{flags.get(k, k): v for k, v in given.items()},
     )
     contexts = read_contexts(args.images, args.captions, args.image_prefix)
     _init_ray(args)
@@ -219,29 +204,21 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     from pipelines.recipes import DATA_MODES, PLACEMENTS  # the choices as the recipes define them
 
     p.add_argument(
-        "--recipe", default="llava_onevision", help="a recipe name (pipelines/recipes) or YAML path"
+        "--recipe", help="a recipe name (pipelines/recipes) or YAML path; default: llava_onevision"
     )
+    p.add_argument("--profile", help="tiny (the embedded default) or full (the papers' numbers)")
     p.add_argument(
-        "--profile", default="tiny", help="tiny (the embedded default) or full (the papers' numbers)"
+        "--storage", help="checkpoints and outputs: a directory or s3://bucket/prefix; default: runs"
     )
-    p.add_argument(
-        "--storage", default="runs", help="checkpoints and outputs: a directory or s3://bucket/prefix"
-    )
-    p.add_argument("--run-id", default="default", help="a re-run of the same id skips completed nodes")
-    p.add_argument(
-        "--tracking-uri", default=None, help="MLflow: a directory (sqlite store), sqlite:/// or http://"
-    )
-    p.add_argument("--demo-dir", default="demo_out/data", help="where the tiny profile's demo data lives")
-    p.add_argument(
-        "--max-steps", type=int, default=None, help="cap every stage's optimizer steps (a quick run)"
-    )
+    p.add_argument("--run-id", help="a re-run of the same id skips completed nodes")
+    p.add_argument("--tracking-uri", help="MLflow: a directory (sqlite store), sqlite:/// or http://")
+    p.add_argument("--demo-dir", help="where the tiny profile's demo data lives; default: demo_out/data")
+    p.add_argument("--max-steps", type=int, help="cap every stage's optimizer steps (a quick run)")
     p.add_argument("--data-mode", choices=DATA_MODES, help="how every stage's rows reach the workers")
     p.add_argument(
-        "--seed", type=int, default=None, help="every stage's seed (init, data order); default: the recipe's"
+        "--seed", type=int, help="the run's seed (init, data order, sampling); default: the recipe's"
     )
-    p.add_argument(
-        "--workers", type=int, default=None, help="train on this many workers; default: the profile's"
-    )
+    p.add_argument("--workers", type=int, help="train on this many workers; default: the profile's")
     p.add_argument(
         "--placement",
         choices=PLACEMENTS,
@@ -325,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on a held-out manifest")
     p.add_argument("--checkpoint", required=True, help="an HF export (path or s3://)")
     p.add_argument("--manifest", required=True, help="a JSONL with task and answer fields")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens per answer")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default: evaluate's)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -344,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
     )
     p.add_argument("--model", required=True, help="the teacher's model name")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per actor")
-    p.add_argument("--workers", type=int, default=2, help="actors")
-    p.add_argument("--rate-limit", type=float, default=20.0, help="requests per second, all actors together")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--seed", type=int, default=0, help="seed for question sampling and placement")
+    p.add_argument("--api-key-env", help="the environment variable holding the key")
+    p.add_argument("--concurrency", type=int, help="requests in flight per actor")
+    p.add_argument("--workers", type=int, help="actors")
+    p.add_argument("--rate-limit", type=float, help="requests per second, all actors together")
+    p.add_argument("--max-retries", type=int, help="retries on 429, 5xx and timeouts")
+    p.add_argument("--timeout", type=float, help="seconds per request")
+    p.add_argument("--seed", type=int, help="seed for question sampling and placement")
     # output
     p.add_argument(
         "--out", required=True, help="output URI: llava_instruct.jsonl, brief.jsonl, rejects.jsonl"

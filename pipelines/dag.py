@@ -21,7 +21,8 @@ from components.tracking import TrackingConfig, make_tracker
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
 from pipelines.recipes import Recipe, RecipeError, ensure_demo_data, load_recipe, step_config
-from pipelines.train_stage import StepHook, train_stage
+from pipelines.train.stage import train_stage
+from pipelines.train.worker import StepHook
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def _train_done(node: dict) -> bool:
 def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
     """The recipe with the run's caps, data mode, workers and seed: ``max_steps`` caps every stage (a
     checkpoint half-way, so that a quick run can still be resumed from one); ``data_mode`` replaces every
-    stage's; ``workers`` replaces the profile's; ``seed`` sets the model's initialisation and every stage's
-    seed."""
+    stage's; ``workers`` replaces the profile's; ``seed`` replaces the recipe's one seed."""
     if cfg.max_steps:
         cap = cfg.max_steps
         recipe = replace(
@@ -136,11 +136,7 @@ def with_overrides(recipe: Recipe, cfg: PipelineConfig) -> Recipe:
     if cfg.placement:
         recipe = replace(recipe, placement=cfg.placement)
     if cfg.seed is not None:
-        recipe = replace(
-            recipe,
-            model=replace(recipe.model, seed=cfg.seed),
-            stages=[replace(s, seed=cfg.seed) for s in recipe.stages],
-        )
+        recipe = replace(recipe, seed=cfg.seed)
     return recipe
 
 

@@ -58,7 +58,8 @@ class GenerateConfig:
     max_retries: int = 5
     timeout_s: float = 60.0
     backoff_s: float = 0.5
-    max_tokens: int = 512
+    max_new_tokens: int = 512
+    """Sent as the request's max_tokens."""
     temperature: float = 0.7
     seed: int = 0
     prompt_pack: str | None = None
@@ -106,7 +107,7 @@ class Teacher:
         body = {
             "model": c.model,
             "messages": messages,
-            "max_tokens": c.max_tokens,
+            "max_tokens": c.max_new_tokens,
             "temperature": c.temperature,
             "seed": c.seed,
         }

@@ -15,6 +15,7 @@ import yaml
 
 from components import storage
 from components.anyres import AnyResConfig
+from components.evaluation import ANSWER_TOKENS
 from components.frozen import FrozenDict, freeze
 from components.model import PARTS, TINY_LLM, TINY_VISION, ModelSpec, checkpointable
 from components.processor import ProcessorConfig, VideoSampling
@@ -45,7 +46,7 @@ class EvalSpec:
 
     manifest: str | None = None
     """A JSONL with ``task`` and ``answer`` fields (and ``probe_answer`` for the reversed-order probes)."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = ANSWER_TOKENS
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,6 @@ class StageSpec:
     data_mode: str = "auto"
     """memory (every worker reads the shards once and keeps its rows), stream (Ray Data every epoch), or
     auto (memory when the shards are under a tenth of the object store)."""
-    seed: int = 0
     stall_timeout_s: float = 1800.0
     """A worker that makes no progress (no step, no set-up phase ends) for this long ends the stage with an
     error naming what each worker was doing last, instead of hanging; a first DeepSpeed op build on a fresh
@@ -178,6 +178,9 @@ class Recipe:
     cache), SPREAD (across nodes, soft) or STRICT_SPREAD (one per node, or wait)."""
     eval: EvalSpec = field(default_factory=EvalSpec)
     """The held-out split for post-stage evaluation."""
+    seed: int = 0
+    """The run's one seed: the model's initialisation (what no checkpoint gives), each stage's data order,
+    and the mixtures' sampling (a dataset's own ``seed:`` in a mixture fixes that dataset's draw instead)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -188,6 +191,8 @@ class Recipe:
         object.__setattr__(self, "cpus_per_worker", float(self.cpus_per_worker))
         if not isinstance(self.use_gpu, bool):
             raise RecipeError(f"use_gpu: expected true or false, found {self.use_gpu!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RecipeError(f"seed: expected an int, found {self.seed!r}")
         if self.placement not in PLACEMENTS:
             raise RecipeError(f"placement: expected one of {PLACEMENTS}, found {self.placement!r}")
 
@@ -210,7 +215,7 @@ def step_config(recipe: Recipe, stage: StageSpec):
         model=recipe.model,
         max_length=stage.max_length,
         front_fraction=stage.front_fraction,
-        seed=stage.seed,
+        seed=recipe.seed,
     )
 
 
@@ -295,7 +300,7 @@ def load_recipe(
         if extra:
             raise ValueError(f"recipe {merged['name']}, stage {stage_name}: unknown fields {sorted(extra)}")
         stages.append(StageSpec(name=stage_name, **body))
-    placed = ("data_root", "workers", "use_gpu", "cpus_per_worker", "placement")
+    placed = ("data_root", "workers", "use_gpu", "cpus_per_worker", "placement", "seed")
     given = {k: merged[k] for k in placed if k in merged}
     return Recipe(  # the dataclasses' defaults are the only defaults
         name=merged["name"],

@@ -33,6 +33,7 @@ from components.media import MediaError, MediaPolicy, deadline, read_media, reso
 from components.model import ModelSpec, build_tokenizer
 from components.processor import LlavaProcessor, ProcessorConfig, media_inputs
 from components.video import VideoDecodeError, VideoTooLargeError
+from pipelines.recipes import Recipe, StageSpec  # their fields' defaults are the steps' own
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
@@ -109,14 +110,15 @@ class StepConfig:
     """The stage's processor: architecture, template, AnyRes grid and video sampling (None: the model's)."""
     model: ModelSpec = field(default_factory=ModelSpec)
     """Where the processor's tokenizer comes from (the checkpoint's, the LLM's, or the tiny BPE)."""
-    max_length: int = 4096
-    front_fraction: float = 0.0
+    max_length: int = StageSpec.max_length
+    front_fraction: float = StageSpec.front_fraction
     """Share of media samples in the "in-the-front" layout (Interleave's format mix); the rest interleaved."""
     pixel_dtype: str = "uint8"
     """uint8 (4x smaller rows; normalized at collate) or float32."""
     media: MediaPolicy = field(default_factory=MediaPolicy)
     """Where media may be read from (the manifest's root, allowed roots) and what a sample may cost."""
-    seed: int = 0
+    seed: int = Recipe.seed
+    """The run's seed (the recipe's): each mixture's sampling and the front/interleaved format draw."""
 
     def __post_init__(self) -> None:
         if isinstance(self.media, dict):

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
-from components.model import context_length, load_model
+from components.model import context_length, load_model, torch_threads
 from components.processor import LlavaProcessor
 from components.resample import warm_up
 from serve.protocol import (
@@ -44,7 +44,6 @@ from serve.protocol import (
     parse_body,
     parse_chat_request,
 )
-from serve.request_batching import RequestBatchedModel
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +55,9 @@ class ServeConfig:
     checkpoint: str
     """An HF export of ours (path or s3:// URI)."""
     model_name: str = "llava-ray"
-    scheduler: str = "iteration"
-    """"iteration": the engine, batching at every decode step; "request": the replica before it (batches
-    formed between batches, one stream at a time), kept only as benchmarks/serve.py's baseline."""
-    max_batch_size: int = 8
-    """Sequences a replica decodes together at most (requests join and leave at every decode step)."""
-    max_batch_tokens: int = 8192
-    """Prompt + max_tokens of a replica's active sequences together at most; the rest wait."""
-    max_queue: int = 64
-    """Requests waiting at a replica at most; past it they get a 429 (the client retries, or another
-    replica takes them)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Each replica's decode batch and queue (components/scheduler.py): past the queue, a 429 (the client
+    retries, or another replica takes it)."""
     feature_cache_mb: float = 256.0
     """Vision features of recently seen media kept per replica (LRU; 0: none)."""
     min_replicas: int = 1
@@ -87,15 +79,12 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.limits, dict):
             self.limits = Limits(**self.limits)
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(
                 f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
             )
-        if self.scheduler not in ("iteration", "request"):
-            raise ValueError(f"scheduler: expected 'iteration' or 'request', found {self.scheduler!r}")
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive int, found {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServeConfig":
@@ -127,7 +116,7 @@ class LlavaModel:
 
         warm_up()  # tiling kernels compiled before the first request, not during it
         self.config = ServeConfig.from_dict(config)
-        torch.set_num_threads(max(1, int(self.config.replica_cpus)))
+        torch.set_num_threads(torch_threads(self.config.replica_cpus))
         # the checkpoint's processor: the template, tiling and video sampling it was trained with
         self.model, self.processor = load_model(self.config.checkpoint)
         if self.config.replica_gpus > 0:  # Ray set CUDA_VISIBLE_DEVICES to this replica's GPU
@@ -136,8 +125,7 @@ class LlavaModel:
         features = None
         if self.config.feature_cache_mb > 0:
             features = FeatureCache(int(self.config.feature_cache_mb * 2**20))
-        engine = EngineConfig(self.config.max_batch_size, self.config.max_batch_tokens, self.config.max_queue)
-        self.engine = Engine(self.model, self.processor, engine, features=features).start()
+        self.engine = Engine(self.model, self.processor, self.config.engine, features=features).start()
         # tiling and tokenizing off the engine's thread, so that decode steps go on meanwhile
         self.rows = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rows")
         # which replica answered, and on which node: a response header (operators tracing a request)
@@ -161,13 +149,12 @@ class LlavaModel:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(
             row=row,
-            max_tokens=request.max_tokens,
+            max_new_tokens=request.max_new_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
             stop=tuple(request.stop),
             stream=request.stream,
-            media_keys=request.media_digests,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         )
         self.engine.submit(job)
@@ -408,26 +395,30 @@ class Ingress:
         yield "data: [DONE]\n\n"
 
 
-def build_app(config: ServeConfig):
-    """The Serve application: Ingress -> LlavaModel (autoscaling, batching, limits from the config)."""
-    deployment = LlavaModel if config.scheduler == "iteration" else RequestBatchedModel
-    model = deployment.options(
-        autoscaling_config={
-            "min_replicas": config.min_replicas,
-            "max_replicas": config.max_replicas,
-            "initial_replicas": config.min_replicas,
-            "target_ongoing_requests": config.target_ongoing_requests,
-            "upscale_delay_s": config.upscale_delay_s,
-            "downscale_delay_s": config.downscale_delay_s,
-            "metrics_interval_s": 1.0,
-            "look_back_period_s": 2.0,
-        },
-        max_ongoing_requests=config.max_ongoing_requests,
-        max_replicas_per_node=config.max_replicas_per_node,
-        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-    ).bind(asdict(config))
+def build_app(config: ServeConfig, model_deployment=None):
+    """The Serve application: Ingress -> LlavaModel (autoscaling, batching, limits from the config).
+    ``model_deployment``: another replica class with LlavaModel's methods (a benchmark's baseline)."""
+    model = (
+        (model_deployment or LlavaModel)
+        .options(
+            autoscaling_config={
+                "min_replicas": config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "initial_replicas": config.min_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests,
+                "upscale_delay_s": config.upscale_delay_s,
+                "downscale_delay_s": config.downscale_delay_s,
+                "metrics_interval_s": 1.0,
+                "look_back_period_s": 2.0,
+            },
+            max_ongoing_requests=config.max_ongoing_requests,
+            max_replicas_per_node=config.max_replicas_per_node,
+            ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+        )
+        .bind(asdict(config))
+    )
     # the ingress only parses and awaits: it must admit every request the model replicas can hold (Serve's
-    # default of 5 would cap the batches at 5 whatever max_batch_size says)
+    # default of 5 would cap the batches at 5 whatever engine.max_batch_size says)
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_ongoing_requests * config.max_replicas,

@@ -90,7 +90,8 @@ class Limits:
     """Sampled frames x pixels per frame, read from the container before frames are decoded."""
     max_prompt_tokens: int | None = None
     """None: the model's context length (its config) less the request's max_tokens."""
-    max_tokens: int = 512
+    max_new_tokens: int = 512
+    """The most a request's max_tokens may ask for."""
     max_stop: int = 4
     allowed_media_prefixes: list[str] = field(default_factory=list)
     """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always
@@ -105,7 +106,8 @@ class Limits:
 class ChatRequest:
     model: str
     prompt: Prompt
-    max_tokens: int
+    max_new_tokens: int
+    """The request's max_tokens (or max_completion_tokens)."""
     temperature: float
     top_p: float
     stop: list[str]
@@ -319,7 +321,7 @@ def _valid_text(text: str, param: str) -> None:
 def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limits) -> int:
     """The prompt's tokens (text and media, as the model will see them) against the context: 400 with
     code context_length_exceeded when the prompt and max_tokens do not fit. Returns the count."""
-    budget = limits.max_prompt_tokens or context - request.max_tokens
+    budget = limits.max_prompt_tokens or context - request.max_new_tokens
     chars = sum(len(t.text) for t in request.prompt.turns)
     if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
         raise RequestError(
@@ -332,7 +334,7 @@ def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limit
     if count > budget:
         raise RequestError(
             "messages",
-            f"at most {budget} prompt tokens (context {context} less max_tokens {request.max_tokens})",
+            f"at most {budget} prompt tokens (context {context} less max_tokens {request.max_new_tokens})",
             str(count),
             code="context_length_exceeded",
         )
@@ -557,7 +559,9 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         raise RequestError("seed", "a 64-bit integer", str(seed)[:40])
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
     return {
-        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_tokens, int),
+        "max_new_tokens": _number(
+            {"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_new_tokens, int
+        ),
         "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 1e-6, 1.0),
         "stop": stop,

@@ -85,10 +85,7 @@ def _node_ids(rig) -> dict[str, str]:
 def test_local_paths_are_refused_on_a_cluster_before_any_work(rig, tmp_path):
     """On the two-node cluster, a run whose storage, tracking URI, data root and manifests are local paths
     fails before anything is written, with one error naming each setting and what to use instead.
-    (Checked once with the guard's call removed from run_pipeline: the run made its demo world on this
-    node's disk, then failed in preprocessing with "expected read == accepted + rejected, found read 96,
-    accepted 0, rejected 0": the worker node's tasks could not read the data, nor could their rejects reach
-    the driver.)"""
+    Fails with the guard's call removed from run_pipeline."""
     from pipelines.dag import ClusterPathError, PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(
@@ -234,12 +231,12 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     the world size stays 2, which keeps each step's global batch and therefore its loss. The attempt resumes
     from the S3 checkpoint at step 2 (attempt_start_step), its per-step losses equal the job's uninterrupted
     stage 1 exactly (fp32, CPU), and its MLflow run is one FINISHED run whose loss curve is steps 1-4, each
-    once. Checked once with StageWorker.resume returning 0 (the resume switched off): the restarted attempt
-    began at step 0 and this test failed on attempt_start_step. The worker node is started again after."""
+    once. Fails with StageWorker.resume returning 0. The worker node is started again after."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.dag import PipelineConfig, run_pipeline
-    from pipelines.train_stage import PauseOnce, read_history
+    from pipelines.train.stage import read_history
+    from tests.faults import PauseOnce
 
     assert job["out"].returncode == 0, "needs the job's uninterrupted run"
     marker = f"{BUCKET}/markers/node-lost"
@@ -347,7 +344,7 @@ def test_the_final_export_is_served_with_one_replica_per_node(rig, job):
         upscale_delay_s=1.0,
         downscale_delay_s=4.0,
         target_ongoing_requests=1.0,
-        max_batch_size=4,
+        engine={"max_batch_size": 4},
         replica_cpus=0.5,
     )
     serve.run(build_app(config), name="final", route_prefix="/")

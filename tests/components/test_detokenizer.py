@@ -5,8 +5,7 @@ transformers' own LlamaTokenizer. The text only ever grows at its end; for real 
 multi-byte characters split over byte tokens, special tokens among them) it is the full decode at every
 whole character, and each step decodes a few tokens, not the answer.
 
-Checked once with the window's context left out (each step decoding only the tokens since the last whole
-character): the Llama-style texts lost the space before each word and this test failed."""
+Fails with the window's context left out."""
 
 import json
 
@@ -15,8 +14,8 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from components.decode_output import Detokenizer
 from components.demo_data import tokenizer_corpus
-from components.engine import Detokenizer
 from components.model import build_tiny_tokenizer
 
 TEXTS = [

@@ -112,9 +112,7 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
     """Two requests start (one streamed); three more arrive while they decode and join at the next steps;
     each leaves when it reaches its own max_tokens. Every answer (and every stream, joined) equals
     generate() on that request alone, and the joined ones' token log-probabilities equal those of
-    transformers' generate alone (1e-4). Checked once with the decode step's position_ids left out (every
-    row then takes the padded batch's positions): the texts of this random model stayed equal, their
-    log-probabilities did not, and this test failed on them."""
+    transformers' generate alone (1e-4). Fails with the decode step's position_ids left out."""
     model, processor = tiny
     prompts = _prompts()
     engine = Engine(model, processor, EngineConfig(max_batch_size=8))
@@ -124,7 +122,7 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
             engine.submit(
                 Job(
                     row=processor.prompt_row(prompts[name]),
-                    max_tokens=MAX_TOKENS[name],
+                    max_new_tokens=MAX_TOKENS[name],
                     emit=got[name],
                     stream=name == "long",
                 )
@@ -136,7 +134,7 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
             engine.submit(
                 Job(
                     row=processor.prompt_row(prompts[name]),
-                    max_tokens=MAX_TOKENS[name],
+                    max_new_tokens=MAX_TOKENS[name],
                     emit=got[name],
                     stream=name == "video",
                     logprobs=True,
@@ -165,13 +163,13 @@ def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step
     engine = Engine(model, processor)
     try:
         long, short, late = Collector(), Collector(), Collector()
-        engine.submit(Job(row=processor.prompt_row(prompts["long"]), max_tokens=30, emit=long))
-        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=3, emit=short))
+        engine.submit(Job(row=processor.prompt_row(prompts["long"]), max_new_tokens=30, emit=long))
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_new_tokens=3, emit=short))
         engine.start()
         assert short.result["completion_tokens"] == 3
         while engine.stats()["steps"] < 10:
             time.sleep(0.001)
-        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=2, emit=late))
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_new_tokens=2, emit=late))
         assert late.result["completion_tokens"] == 2 and long.result["completion_tokens"] == 30
         assert late.done_at < long.done_at, "the late request waited for the running one"
         sizes = engine.stats()["batch_sizes"]
@@ -186,26 +184,30 @@ def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step
 
 def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
     """temperature 0.9, top_p 0.8, seed 7: alone, beside two greedy requests, and beside another seeded
-    request, the same text; another seed gives another text. Checked once with the sampler drawing from
-    torch's global generator instead of the request's own: the batched text differed and this test failed."""
+    request, the same text; another seed gives another text.
+    Fails with the sampler drawing from torch's global generator instead of the request's own."""
     model, processor = tiny
     prompts = _prompts()
     sampled = dict(temperature=0.9, top_p=0.8, seed=7)
     engine = Engine(model, processor).start()
     try:
         alone_text = wait_for(
-            engine, dict(row=processor.prompt_row(prompts["text"]), max_tokens=20, **sampled)
+            engine, dict(row=processor.prompt_row(prompts["text"]), max_new_tokens=20, **sampled)
         )
         others = [Collector(), Collector()]
         for name, collector in zip(("long", "image"), others, strict=True):
-            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_tokens=25, emit=collector))
+            engine.submit(Job(row=processor.prompt_row(prompts[name]), max_new_tokens=25, emit=collector))
         mine = Collector()
-        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_tokens=20, emit=mine, **sampled))
+        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_new_tokens=20, emit=mine, **sampled))
         assert mine.result["text"] == alone_text["text"]
         other_seed = wait_for(
             engine,
             dict(
-                row=processor.prompt_row(prompts["text"]), max_tokens=20, temperature=0.9, top_p=0.8, seed=8
+                row=processor.prompt_row(prompts["text"]),
+                max_new_tokens=20,
+                temperature=0.9,
+                top_p=0.8,
+                seed=8,
             ),
         )
         assert other_seed["text"] != alone_text["text"]
@@ -227,7 +229,7 @@ def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny, alone):
         engine.submit(
             Job(
                 row=processor.prompt_row(prompts["long"]),
-                max_tokens=MAX_TOKENS["long"],
+                max_new_tokens=MAX_TOKENS["long"],
                 emit=got,
                 stream=True,
                 stop=(stop,),
@@ -248,19 +250,20 @@ def test_the_queue_is_bounded_and_a_cancelled_request_leaves(tiny):
     model, processor = tiny
     row = processor.prompt_row(_prompts()["text"])
     engine = Engine(model, processor, EngineConfig(max_batch_size=1, max_queue=2))  # not started: all wait
-    first, second = Job(row=row, max_tokens=5, emit=Collector()), Job(row=row, max_tokens=5, emit=Collector())
+    first = Job(row=row, max_new_tokens=5, emit=Collector())
+    second = Job(row=row, max_new_tokens=5, emit=Collector())
     engine.submit(first)
     engine.submit(second)
-    engine.submit(Job(row=row, max_tokens=5, emit=Collector()))
+    engine.submit(Job(row=row, max_new_tokens=5, emit=Collector()))
     with pytest.raises(QueueFull, match="expected at most 2 waiting requests"):
-        engine.submit(Job(row=row, max_tokens=5, emit=Collector()))
+        engine.submit(Job(row=row, max_new_tokens=5, emit=Collector()))
     second.cancelled = True
     engine.start()
     try:
         assert first.emit.result["completion_tokens"] == 5
         time.sleep(0.2)
         assert second.emit.events == [] and engine.stats()["waiting"] == 0
-        running = Job(row=row, max_tokens=500, emit=Collector())
+        running = Job(row=row, max_new_tokens=500, emit=Collector())
         engine.submit(running)
         while engine.stats()["active"] == 0:
             time.sleep(0.001)
@@ -285,7 +288,7 @@ def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alo
         for name in ("image", "multi_image", "video"):
             row = engine.row(prompts[name], DIGESTS[name])
             assert "features" not in row
-            first = wait_for(engine, dict(row=row, max_tokens=MAX_TOKENS[name], media_keys=DIGESTS[name]))
+            first = wait_for(engine, dict(row=row, max_new_tokens=MAX_TOKENS[name]))
             assert first["text"] == alone[name]["text"], name
         assert cache.stats()["entries"] == 4  # one per medium
         with monkeypatch.context() as m:
@@ -298,7 +301,7 @@ def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alo
             for name in ("image", "multi_image", "video"):
                 row = engine.row(_encoded(prompts[name]), DIGESTS[name])
                 assert "features" in row, name
-                again = wait_for(engine, dict(row=row, max_tokens=MAX_TOKENS[name], media_keys=DIGESTS[name]))
+                again = wait_for(engine, dict(row=row, max_new_tokens=MAX_TOKENS[name]))
                 assert again["text"] == alone[name]["text"], name
         assert cache.stats()["hits"] == 3
     finally:
@@ -324,8 +327,8 @@ def _encoded(prompt: Prompt) -> Prompt:
 
 def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
     """Two checkpoints (different weights) share one cache: the second, asked about the image the first
-    has cached, misses and answers as it does alone. Checked once with the weights' fingerprint left out
-    of the key: the second took the first one's features, and its answer differed from its own."""
+    has cached, misses and answers as it does alone. Fails with the weights' fingerprint left out of the
+    key."""
     model_a, processor = tiny
     model_b = copy.deepcopy(model_a)
     torch.manual_seed(1)
@@ -339,9 +342,7 @@ def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
     for model in (model_a, model_b):
         engine = Engine(model, processor, features=cache).start()
         try:
-            out = wait_for(
-                engine, dict(row=engine.row(prompt, ("same",)), max_tokens=12, media_keys=("same",))
-            )
+            out = wait_for(engine, dict(row=engine.row(prompt, ("same",)), max_new_tokens=12))
         finally:
             engine.stop()
     assert cache.stats()["hits"] == 0 and cache.stats()["entries"] == 2

@@ -57,8 +57,10 @@ def test_yaml_mixture_with_nested_mixture_and_pinned_manifest(jsonl, tmp_path):
         "datasets:\n  - json_path: d.jsonl\n    sampling_strategy: first:2\n"
     )
     spec = {
-        "seed": 3,
-        "datasets": [{"json_path": "d.jsonl", "sampling_strategy": "random:3"}, {"json_path": "inner.yaml"}],
+        "datasets": [
+            {"json_path": "d.jsonl", "sampling_strategy": "random:3", "seed": 3},
+            {"json_path": "inner.yaml"},
+        ],
     }
     entries = resolve_mixture(spec, str(tmp_path))
     assert len(entries) == 5
@@ -67,3 +69,13 @@ def test_yaml_mixture_with_nested_mixture_and_pinned_manifest(jsonl, tmp_path):
     assert pinned["count"] == 5 and len(pinned["digest"]) == 64
     with pytest.raises(ManifestError, match="json_path or parquet_path"):
         resolve_mixture({"datasets": [{"path": "x"}]}, str(tmp_path))
+
+
+def test_a_datasets_own_seed_fixes_its_draw_and_a_mixture_wide_seed_is_refused(jsonl, tmp_path):
+    """Guards: --seed reaches every draw but a dataset's own seed:; fails if a mixture's seed: wins."""
+    own = {"datasets": [{"json_path": str(jsonl), "sampling_strategy": "random:4", "seed": 9}]}
+    run = {"datasets": [{"json_path": str(jsonl), "sampling_strategy": "random:4"}]}
+    ids = lambda spec, seed: [e.index for e in resolve_mixture(spec, str(tmp_path), seed)]  # noqa: E731
+    assert ids(own, 0) == ids(own, 1) and ids(run, 0) != ids(run, 1)
+    with pytest.raises(ManifestError, match="seed: expected no mixture-wide seed"):
+        resolve_mixture({**run, "seed": 7}, str(tmp_path))

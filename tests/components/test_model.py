@@ -182,8 +182,8 @@ def test_llava_arch_for_v1_and_v1_5(demo_dir, tmp_path, projector):
 
 
 def test_build_is_deterministic():
-    a, _ = build_model(ModelSpec(seed=3))
-    b, _ = build_model(ModelSpec(seed=3))
+    a, _ = build_model(ModelSpec(), seed=3)
+    b, _ = build_model(ModelSpec(), seed=3)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert np.isclose(float(a.lm_head.weight.sum()), float(b.lm_head.weight.sum()))
@@ -198,8 +198,7 @@ def test_activation_checkpointing_gives_the_same_gradients(demo_dir, trainable):
     """With the LLM's and the vision tower's layers checkpointed, every trainable part's gradients equal those
     without (1e-5, fp32); in Stage-1 (both frozen) only the projector has gradients and they are not zero.
     That the layers really go through torch's checkpoint is counted: each LLM and vision layer calls it
-    once per forward with checkpointing, never without. Checked once with enable_activation_checkpointing
-    a no-op: the count was 0 and this test failed."""
+    once per forward with checkpointing, never without. Fails with enable_activation_checkpointing a no-op."""
     from components.model import enable_activation_checkpointing
 
     grads = []

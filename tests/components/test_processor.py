@@ -247,8 +247,7 @@ def test_every_content_form_of_a_demo_question_gives_its_training_ids(export, de
     """Each held-out demo question with media (single image, multi-image, multi-view, video), sent the ways
     clients send it (interleaved, our placeholders, images first), becomes the sample's own training text
     (content_text, the endpoint's rule), and the export's chat template renders the same parts to the
-    training ids through transformers. Checked once with parts joined by newlines (the old rule): the
-    interleaved multi-image form read "Image 1: \\n<image>\\n\\nImage 2: ..." and this test failed."""
+    training ids through transformers. Fails with parts joined by newlines."""
     from transformers import AutoTokenizer
 
     root, manifests = demo_dir
@@ -325,8 +324,8 @@ def test_chat_template_renders_what_we_train_on(name, tmp_path):
     """The export's chat template, through transformers' apply_chat_template: string content and content
     parts give our ids; add_generation_prompt adds the assistant's prompt; the {% generation %} mask on a
     multi-turn conversation is exactly our labels (assistant answers and their stops, nothing else); a
-    system message takes the default system prompt's place. Checked once with the template prepending the
-    system message to the default prompt: all four templates failed here."""
+    system message takes the default system prompt's place.
+    Fails with the template prepending the system message to the default prompt."""
     from transformers import AutoTokenizer
 
     model, processor = build_model(ModelSpec(template=name))

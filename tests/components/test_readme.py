@@ -1,6 +1,5 @@
 """The README's layout table lists exactly the tree's modules: a module missing from it, or a listed file
-that does not exist, fails here. Checked once with components/processing.py (deleted) still listed: it
-failed naming the file."""
+that does not exist, fails here. Fails with components/processing.py."""
 
 import glob
 import os

@@ -18,8 +18,7 @@ def test_roundtrip_and_listing(tmp_path, prefix):
 
 def test_upload_writes_manifest_last_and_detects_incomplete(tmp_path, monkeypatch):
     """The manifest is the last write (a reader that sees it sees every file); a file cut short after it
-    makes the directory incomplete. Checked once with the manifest written before the files: the order
-    assertion failed."""
+    makes the directory incomplete. Fails with the manifest written before the files."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "w.bin").write_bytes(b"x" * 100)

@@ -17,7 +17,7 @@ import torch
 from components import storage
 from pipelines.dag import PipelineConfig, run_pipeline
 from pipelines.layout import RunLayout
-from pipelines.train_stage import read_history
+from pipelines.train.stage import read_history
 
 pytestmark = pytest.mark.slow
 CLASSES = {
@@ -111,9 +111,9 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_di
     finetune right after its step-2 checkpoint (a step hook that raises), fails with every MLflow run
     FAILED and the error tagged; the re-run skips the done stage and resumes
     the last from that checkpoint: its history continues at step 3 in the same MLflow run, whose loss
-    curve is exactly steps 1-4 (no step twice, none lost), and the run ends. Checked once (on an earlier
-    recipe) with the step hook run before the step's checkpoint instead of after it: the resumed attempts
-    all started at step 0 ([0, 0, 0, 0]) and this test failed. Afterwards no run is left RUNNING, each
+    curve is exactly steps 1-4 (no step twice, none lost), and the run ends.
+    Fails with the step hook run before the step's checkpoint instead of after it. Afterwards no run is left
+    RUNNING, each
     stage has one run with its mixture manifest, the registered model version links to its run and its
     files, and the export loads in transformers with the trained model's logits. A third run skips
     everything and changes nothing."""

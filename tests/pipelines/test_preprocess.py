@@ -25,7 +25,7 @@ POLICY = MediaPolicy(max_video_pixels=2_000_000)  # the demo's clips pass; 3 fra
 def _mixture(root, extra=""):
     path = root / "mix.yaml"
     path.write_text(
-        "seed: 7\ndatasets:\n"
+        "datasets:\n"
         "  - json_path: single_image.jsonl\n  - json_path: multi_image.jsonl\n"
         "  - json_path: video.jsonl\n  - json_path: text.jsonl\n"
         "  - parquet_path: single_image.parquet\n    sampling_strategy: random:3\n" + extra
@@ -47,7 +47,7 @@ def test_parity_with_components_on_every_modality(demo_dir, ray_local, tmp_path,
     root, _ = demo_dir
     config = PreprocessConfig(manifest=str(_mixture(root)), fuse=fuse)
     summary = preprocess(config, str(tmp_path / "out"))
-    entries = load_mixture(config.manifest, seed=7)
+    entries = load_mixture(config.manifest, seed=config.steps.seed)
     assert summary["read"] == len(entries) == summary["accepted"] and summary["rejected"] == 0
     rows = read_output(str(tmp_path / "out"))
     assert {r["modality"] for r in rows} == {"image", "multi_image", "video", "text"}
@@ -198,8 +198,7 @@ def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
 def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(demo_dir, ray_local, tmp_path):
     """The exact sets: every good sample kept (the one without an id under its line's name), every bad one
     rejected with its type, in the project's grammar, and nothing outside the media root opened (its access
-    time, set in the past, never moves). Checked once with the root check off (resolve_media returning
-    the joined path): bad-absolute, bad-dotdot and others were accepted and this test failed."""
+    time, set in the past, never moves). Fails with the root check off."""
     import os
 
     root, _ = demo_dir
@@ -320,8 +319,7 @@ def test_same_seed_same_ids_same_order_and_a_pinned_mixture(demo_dir, ray_local,
 def test_interleave_format_mix_is_deterministic_per_sample(demo_dir, ray_local, tmp_path):
     """Interleave's "in-the-front" / "interleaved" mix, as its recipe configures it (front_fraction 0.5 in
     interleave_m4): two runs give every sample the same layout, both layouts occur, a front row's ids
-    hold every image first, and another seed deals them differently. Checked once with the mix switched
-    off (Tokenize.layout_for always "interleaved"): this test failed."""
+    hold every image first, and another seed deals them differently. Fails with the mix switched off."""
     import dataclasses
 
     from pipelines.recipes import load_recipe, step_config

@@ -251,8 +251,7 @@ def test_seed_workers_and_step_cap_reach_the_model_and_every_stage(demo_dir):
     """``llava-ray run --seed 1 --max-steps 4 --workers 1``: the seed sets the model's initialisation
     (another seed, other weights) and every stage's seed (data order, mixture sampling); the cap limits
     every stage and keeps a checkpoint half-way; the workers replace the profile's. Without the flags the
-    recipe is unchanged. Checked once with with_overrides leaving the model's seed alone (stages only):
-    the model's seed stayed 0, and this test failed."""
+    recipe is unchanged. Fails with with_overrides leaving the model's seed alone."""
     import torch
 
     from components.model import build_model
@@ -268,12 +267,12 @@ def test_seed_workers_and_step_cap_reach_the_model_and_every_stage(demo_dir):
     assert (cfg.seed, cfg.max_steps, cfg.workers) == (1, 4, 1)
     seeded = with_overrides(recipe, cfg)
     assert recipe.workers == 2 and seeded.workers == 1
-    assert seeded.model.seed == 1 and {s.seed for s in seeded.stages} == {1}
+    assert (recipe.seed, seeded.seed) == (0, 1)
     assert [(s.max_steps, s.checkpoint_every) for s in seeded.stages] == [(4, 2), (4, 2)]
     assert with_overrides(recipe, _pipeline_config(build_parser().parse_args(["run"]))) == recipe
     weights = [
-        build_model(spec)[0].state_dict()["model.multi_modal_projector.linear.weight"]
-        for spec in (recipe.model, seeded.model)
+        build_model(r.model, seed=r.seed)[0].state_dict()["model.multi_modal_projector.linear.weight"]
+        for r in (recipe, seeded)
     ]
     assert not torch.equal(*weights)
 
@@ -337,8 +336,7 @@ def test_every_tiny_recipe_model_exports_a_transformers_checkpoint(name, demo_di
     its architecture's transformers class with no missing or unexpected keys, and gives the logits of the
     model that was saved (the in-memory one, an independent reference: a weight or config field lost on
     save shows) on its processor's probe batch. Untrained, without a stage: the e2e DAG test checks every
-    recipe's trained exports against their training-time logits. Checked once with image_newline zeroed
-    on save: the three recipes with a row newline failed here."""
+    recipe's trained exports against their training-time logits. Fails with image_newline zeroed on save."""
     import torch
     from transformers import AutoModelForImageTextToText
 

@@ -12,14 +12,10 @@ from components import storage
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
 from pipelines.recipes import LoraSpec, load_recipe, step_config
-from pipelines.train_stage import (
-    LocalContext,
-    StageWorker,
-    data_stats,
-    init_one_rank_group,
-    plan_stage,
-    read_history,
-)
+from pipelines.train.local import LocalContext, init_one_rank_group
+from pipelines.train.plan import plan_stage
+from pipelines.train.stage import data_stats, read_history
+from pipelines.train.worker import StageWorker
 
 DEVICES = [
     "cpu",
@@ -85,16 +81,13 @@ def test_the_real_loop_with_lora_interrupted_and_resumed(device, demo_dir, tmp_p
         )
         preprocess(config, layout, local=True)  # no Ray here (the GPU machine has none)
         positions, _ = data_stats(layout)
-        plans[name] = plan_stage(
-            recipe, stage, layout, positions, has_video=False, init_from=None, local=True
-        )
+        plans[name] = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None)
     context = LocalContext(str(tmp_path / "whole-checkpoints"))
     StageWorker(plans["whole"], context).train()
     histories["whole"] = read_history(plans["whole"].layout.history)
     checkpoints = str(tmp_path / "resumed-checkpoints")
-    interrupted = dataclasses.replace(plans["resumed"], step_hooks=(_stop_after(2),))
     with pytest.raises(Interrupt):
-        StageWorker(interrupted, LocalContext(checkpoints)).train()
+        StageWorker(plans["resumed"], LocalContext(checkpoints), (_stop_after(2),)).train()
     StageWorker(plans["resumed"], LocalContext(checkpoints)).train()  # a new attempt: resumes at step 2
     histories["resumed"] = read_history(plans["resumed"].layout.history)
     assert [m["step"] for m in histories["resumed"]] == [1, 2, 3, 4]
@@ -127,10 +120,9 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
     """Under ZeRO-3 the stage worker's setup_model builds the base model, and loads a previous stage's export,
     straight into DeepSpeed's partitions (transformers' zero.Init path, ``partitioned_build``): every
     parameter is partitioned before DeepSpeed wraps the model, and the gathered values equal the export's,
-    whose every weight was moved away from the stage's own base model before it was saved. Checked once
-    with partitioned_build made a no-op (a plain build): no parameter was partitioned and this test failed;
-    and once with setup_model ignoring init_from (building the base model): the gathered values differed
-    and this test failed."""
+    whose every weight was moved away from the stage's own base model before it was saved.
+    Fails with partitioned_build made a no-op, or with setup_model
+    ignoring init_from."""
     import deepspeed
 
     from components.model import build_model, save_model
@@ -151,7 +143,7 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
         local=True,
     )
     positions, _ = data_stats(layout)
-    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None, local=True)
+    plan = plan_stage(recipe, stage, layout, positions, has_video=False, init_from=None)
     built, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert all(hasattr(p, "ds_id") for p in built.parameters()), "built whole, then partitioned"
 

@@ -17,7 +17,9 @@ from components.model import build_model
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess
 from pipelines.recipes import load_recipe, step_config
-from pipelines.train_stage import HangOnce, StageStalled, train_stage
+from pipelines.train.stage import train_stage
+from pipelines.train.watchdog import StageStalled
+from tests.faults import HangOnce
 
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,9 +43,8 @@ def test_a_stage_starts_despite_the_lock_a_killed_op_build_left(demo_dir, tmp_pa
     """The lock file a killed build leaves (torch's baton, ``lock`` in the op's build directory) is planted
     in a copy of the extensions cache; then ``llava-ray stage --local`` runs a real stage in a fresh
     process (DeepSpeed loads its op there, not in this test's process, where it is loaded already). The
-    stage starts, trains and exports, and the stale lock is gone. Checked once with ensure_ops leaving the
-    baton alone: the stage hung in FileBaton.wait, as the issue's py-spy dump showed, and this test failed
-    at its deadline."""
+    stage starts, trains and exports, and the stale lock is gone.
+    Fails with ensure_ops leaving the baton alone."""
     root, _ = demo_dir
     extensions = tmp_path / "torch_extensions"
     shared = build_directory("deepspeed_shm_comm")  # this machine's built op (~90 s to build from nothing)
@@ -128,8 +129,7 @@ def test_a_hung_worker_ends_a_ray_train_stage_naming_every_workers_phase(demo_di
     step 2 and waits for it in the gradients' all-reduce. Each worker's watchdog (stall_timeout_s = 45 s:
     every set-up phase, two workers' cold imports and op load on 2 cores included, must fit in it)
     ends its process; the driver raises StageStalled naming both ranks' last phases, within a bounded
-    time instead of waiting for ever. Checked once with the watchdog thread not started: the stage waited
-    out the hook, then finished, and this test failed."""
+    time instead of waiting for ever. Fails with the watchdog thread not started."""
     recipe, stage, layout = _tiny_stage(demo_dir, tmp_path, workers=2, stall_timeout_s=45.0)
     start = time.monotonic()
     with pytest.raises(StageStalled) as error:

@@ -18,17 +18,12 @@ from components.tracking import TrackingConfig
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, step_config
-from pipelines.train_stage import (
-    FailOnce,
-    InMemorySteps,
-    LocalContext,
-    StageWorker,
-    own_rows,
-    plan_stage,
-    read_history,
-    shard_batches,
-    train_stage,
-)
+from pipelines.train.data import InMemorySteps, own_rows, shard_batches
+from pipelines.train.local import LocalContext
+from pipelines.train.plan import plan_stage
+from pipelines.train.stage import read_history, train_stage
+from pipelines.train.worker import StageWorker
+from tests.faults import FailOnce
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +47,7 @@ def _prepare(recipe, stage, layout):
 
 
 def test_cosine_schedule_and_plan(demo_dir, tmp_path):
-    from pipelines.train_stage import cosine_with_warmup
+    from pipelines.train.plan import cosine_with_warmup
 
     assert cosine_with_warmup(0, 100, 0.03) == pytest.approx(1 / 3)
     assert cosine_with_warmup(3, 100, 0.03) == pytest.approx(1.0)
@@ -63,23 +58,23 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
         recipe.stage("stage1"), global_batch=16, micro_batch=2, max_steps=None, epochs=2
     )
     layout = RunLayout(tmp_path, "r").stage("stage1")
-    plan = plan_stage(recipe, stage, layout, list(range(41)), has_video=False, init_from=None, local=True)
+    plan = plan_stage(recipe, stage, layout, list(range(41)), has_video=False, init_from=None)
     assert (plan.grad_accum, plan.rows_per_rank, plan.steps_per_epoch, plan.total_steps) == (4, 20, 2, 4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.total_steps = 5  # the plan is resolved once; nobody changes it afterwards
     with pytest.raises(TypeError, match="cannot change"):  # nor anything inside it, at any depth
         plan.stage.data["datasets"][0]["json_path"] = "elsewhere.jsonl"
     with pytest.raises(TypeError, match="cannot change"):
-        plan.model.llm["num_hidden_layers"] = 40
+        plan.recipe.model.llm["num_hidden_layers"] = 40
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.recipe.model.anyres.max_tiles = 1
     assert isinstance(plan.stage.trainable, tuple) and isinstance(plan.recipe.stages, tuple)
     # the plan refers to the recipe's settings instead of copying them
-    assert (plan.workers, plan.micro_batch, plan.model) == (recipe.workers, stage.micro_batch, recipe.model)
+    assert (plan.recipe, plan.stage) == (recipe, stage)
     assert plan.processor == stage.processor_config(recipe.model)
     assert plan.resolved()["deepspeed"]["train_batch_size"] == 2 * 4 * recipe.workers
     with pytest.raises(ValueError, match="rows for one step"):
-        plan_stage(recipe, stage, layout, list(range(10)), has_video=False, init_from=None, local=True)
+        plan_stage(recipe, stage, layout, list(range(10)), has_video=False, init_from=None)
     with pytest.raises(ValueError, match="data_mode: expected"):
         dataclasses.replace(stage, data_mode="disk")
 
@@ -125,7 +120,6 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
         list(range(101)),
         has_video=False,
         init_from=None,
-        local=True,
     )
     source = InMemorySteps(plan, 1, 3)
     epochs = [list(source.epoch(e)) for e in range(3)]
@@ -138,8 +132,7 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
 
 def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
     """The stage's frozen parts stay frozen (set_trainable): Stage-1 changes the projector and nothing else,
-    and the export reproduces the training model's logits. Checked once with set_trainable switched off
-    (every part trainable): "model.vision_tower. changed in Stage-1", and this test failed."""
+    and the export reproduces the training model's logits. Fails with set_trainable switched off."""
     root, _ = demo_dir
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
     # 8 rows, 2 workers x micro-batch 2: two steps per epoch, two epochs from the rows each worker kept
@@ -202,8 +195,7 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
 ):
     """ZeRO-3 gathers each module's parameters collectively, so every rank must run the same modules each
     step: rank 0 holds only images, rank 1 only text, rank 2 only video, and MediaFiller gives each
-    micro-batch the media it lacks. Checked once with MediaFiller left out of the batch maker (collate of
-    the rank's own rows only): the stage died with a WorkerGroupError (rank 1 lost) and this test failed.
+    micro-batch the media it lacks. Fails with MediaFiller left out of the batch maker.
 
     The rows stream through Ray Data (the large-data path): each rank keeps its positions in the shards'
     order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
@@ -362,8 +354,8 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     composed model keeps SigLIP's first layers only (vision_layers, as OneVision drops the last) and gives
     before any step the vision features and text logits of the parts themselves, and the recipe's Stage-1,
     through the stage's own path (plan_stage, then StageWorker.setup_model, as every worker runs it),
-    builds the same weights with the vision tower frozen. Checked once with plan_stage taking a default
-    ModelSpec instead of the recipe's: the vision tower's weights differed and this test failed. (That Stage-1
+    builds the same weights with the vision tower frozen.
+    Fails with plan_stage taking a default ModelSpec instead of the recipe's. (That Stage-1
     then trains the projector alone is test_stage1_changes_only_the_projector; a Ray Train run here again
     would cost a minute and check nothing new.)"""
     from transformers import (
@@ -402,7 +394,7 @@ def test_stage1_starts_from_separate_vision_and_llm_checkpoints(demo_dir, tmp_pa
     recipe = dataclasses.replace(recipe, model=spec, workers=1)
     stage = recipe.stage("stage1")
     layout = RunLayout(tmp_path, "run").stage("stage1")
-    plan = plan_stage(recipe, stage, layout, list(range(64)), has_video=False, init_from=None, local=True)
+    plan = plan_stage(recipe, stage, layout, list(range(64)), has_video=False, init_from=None)
     rebuilt, _ = StageWorker(plan, LocalContext(str(tmp_path / "c"))).setup_model()
     assert _weights(rebuilt).keys() == _weights(model).keys()
     for name, tensor in _weights(model).items():

@@ -130,7 +130,7 @@ def endpoint(ray_local, checkpoint, upstream):
         upscale_delay_s=1.0,
         downscale_delay_s=4.0,
         target_ongoing_requests=1.0,
-        max_batch_size=4,
+        engine={"max_batch_size": 4},
         replica_cpus=0.25,
         api_key_env="LLAVA_RAY_NO_SUCH_KEY",
         limits={
@@ -151,9 +151,8 @@ def endpoint(ray_local, checkpoint, upstream):
         replica_cpus=0.25,
         min_replicas=1,
         max_replicas=1,
-        max_batch_size=4,
-        max_queue=2,
-        limits={"max_tokens": 3900},  # long enough to hold the batch while a test looks past its queue
+        engine={"max_batch_size": 4, "max_queue": 2},
+        limits={"max_new_tokens": 3900},  # long enough to hold the batch while a test looks past its queue
     )
     serve.run(build_app(secured), name="secured", route_prefix="/secured")
     ENDPOINT["url"] = f"http://127.0.0.1:{port}"
@@ -463,9 +462,8 @@ def test_a_slow_upstream_delays_only_its_own_requests(client, endpoint, upstream
 def test_an_upstream_that_trickles_is_cut_at_the_fetch_deadline(endpoint, upstream):
     """One deadline for the whole fetch, read by read: an allow-listed upstream that sends a byte every
     second (each read gets data, so no single read times out) is cut at fetch_timeout_s (4 s) with a 400
-    naming the host, and the server answers the next request. Checked once with ``read`` in place of
-    ``read1`` and no per-read socket timeout (the loop's deadline checked only between reads): the request
-    took the whole trickle (about a minute) and this test failed."""
+    naming the host, and the server answers the next request.
+    Fails with ``read`` in place of ``read1`` and no per-read socket timeout."""
     body = _body(
         [
             {"type": "image_url", "image_url": {"url": f"{upstream.url}/trickle"}},
@@ -509,8 +507,7 @@ def test_upstream_failures_and_redirects_are_4xx_naming_the_host(endpoint, upstr
 
 def test_seeded_sampling_streams_the_same_text(client):
     """A seed gives the same sampled text, streamed or not, and another seed other text (so the seed is
-    what fixes it, not a sampler that ignores the temperature). Checked once with the replica ignoring
-    the seed (no generator seeding): the two seed-1234 streams differed and this test failed."""
+    what fixes it, not a sampler that ignores the temperature). Fails with the replica ignoring the seed."""
 
     def sample(stream: bool, seed: int = 1234) -> str:
         out = client.chat.completions.create(

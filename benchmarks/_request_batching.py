@@ -1,6 +1,6 @@
 """The replica as it was before the engine (components/engine.py): batches formed between batches with
 ``serve.batch`` and an adaptive wait, and each stream a ``generate`` of its own under the model lock. Kept
-only as the baseline of benchmarks/serve.py (``ServeConfig.scheduler: request``)."""
+only as the baseline of benchmarks/serve.py (``build_app(config, RequestBatchedModel)``)."""
 
 import asyncio
 import collections
@@ -17,7 +17,7 @@ from transformers import TextIteratorStreamer
 
 from components.batching import to_device
 from components.generation import generate
-from components.model import load_model
+from components.model import load_model, torch_threads
 from components.resample import warm_up
 from serve.protocol import ChatRequest, internal_error
 
@@ -28,8 +28,8 @@ IDLE_BATCH_WAIT_S = 0.001
 @serve.deployment
 class RequestBatchedModel:
     """One replica as it was before the engine: a batched generate between batches (``serve.batch``), and
-    each stream its own ``generate`` under the model lock. Kept selectable (``scheduler: request``) as the
-    baseline that benchmarks/serve.py measures the engine against."""
+    each stream its own ``generate`` under the model lock. Kept as the baseline that benchmarks/serve.py
+    measures the engine against."""
 
     def __init__(self, config: dict):
 
@@ -43,14 +43,14 @@ class RequestBatchedModel:
                 "limits": SimpleNamespace(**config["limits"]),
             }
         )
-        torch.set_num_threads(max(1, int(self.config.replica_cpus)))
+        torch.set_num_threads(torch_threads(self.config.replica_cpus))
         # the checkpoint's processor: the template, tiling and video sampling it was trained with
         self.model, self.processor = load_model(self.config.checkpoint)
         self.tokenizer = self.processor.tokenizer
         if self.config.replica_gpus > 0:  # Ray set CUDA_VISIBLE_DEVICES to this replica's GPU
             self.model.to("cuda", torch.bfloat16)
         self.model.eval()
-        self.generate_batched.set_max_batch_size(self.config.max_batch_size)
+        self.generate_batched.set_max_batch_size(config["engine"]["max_batch_size"])
         self.lock = threading.Lock()
         self.ongoing = 0
         self.overlapped_at = -1e9
@@ -111,7 +111,7 @@ class RequestBatchedModel:
                         self.model,
                         self.processor,
                         [rows[i] for i in ids],
-                        max_new_tokens=max(requests[i].max_tokens for i in ids),
+                        max_new_tokens=max(requests[i].max_new_tokens for i in ids),
                         temperature=temperature,
                         top_p=top_p,
                         stop=list(stop),
@@ -129,7 +129,7 @@ class RequestBatchedModel:
                         log.exception("request %s failed", i)
                         out[i] = {"error": internal_error("generate", e), "status": 500}
             for i, res in results.items():
-                out[i] = self._trim(res, requests[i].max_tokens)
+                out[i] = self._trim(res, requests[i].max_new_tokens)
         return out
 
     def _trim(self, result: dict, max_tokens: int) -> dict:
@@ -201,7 +201,7 @@ class RequestBatchedModel:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             **batch,
-            max_new_tokens=request.max_tokens,
+            max_new_tokens=request.max_new_tokens,
             streamer=streamer,
             eos_token_id=self.processor.stop_ids,
             pad_token_id=self.processor.pad_token_id,

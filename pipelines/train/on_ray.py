@@ -1,0 +1,211 @@
+"""A stage on Ray Train: the only module of the train stage that imports Ray (with ray_private.py, which
+holds the private APIs it uses). The TorchTrainer and its workers' rank context, the streamed row source
+(Ray Data every epoch), where the workers go, and the object store's size for the plan."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from components import storage
+from pipelines.train.data import Step, steps_of
+from pipelines.train.net import bind_to_address
+from pipelines.train.plan import StagePlan
+from pipelines.train.ray_private import torch_config_binding
+from pipelines.train.watchdog import STALL_EXIT, ProgressBoard, StageStalled, stall_message
+from pipelines.train.worker import StageWorker, StepHook
+
+log = logging.getLogger(__name__)
+
+
+def object_store_bytes() -> float:
+    """The cluster's object store (the plan sizes ``auto`` data against it)."""
+    return ray.cluster_resources().get("object_store_memory", 0)
+
+
+class StreamedSteps:
+    """Large data: each epoch streams the shards through Ray Data; this rank keeps the rows at its positions
+    (rank, rank+W, ...), in the shards' order (files by name, rows as written), the first rows_per_rank.
+    The same rows in the same order on every attempt: a resume skips exactly the steps it has done."""
+
+    def __init__(self, plan: StagePlan, rank: int, world: int):
+        self.plan, self.rank, self.world = plan, rank, world
+
+    def epoch(self, epoch: int) -> Iterator[Step]:
+        fs, path = storage.resolve(self.plan.layout.data)
+        rank, world = self.rank, self.world
+        ds = ray.data.read_parquet(path, filesystem=fs, shuffle=None)
+        ds.context.execution_options.preserve_order = True  # this dataset only, not the process's context
+        mine = ds.map_batches(
+            lambda t: t.filter(np.asarray(t.column("position")) % world == rank), batch_format="pyarrow"
+        )
+        left = self.plan.rows_per_rank
+        for w, batch in enumerate(mine.iter_batches(batch_size=self.plan.window, batch_format="pyarrow")):
+            rows = batch.to_pylist()[:left]
+            left -= len(rows)
+            yield from steps_of(rows, self.plan, epoch, w)
+            if left <= 0:
+                return
+
+
+class RayTrainContext:
+    """The rank context of a Ray Train worker: rank, world, the checkpoint to resume from, and reports."""
+
+    ends_process = True
+
+    def __init__(self, board=None):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.board = board
+        if board is not None:
+            node = ray.get_runtime_context()
+            board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
+
+    def note(self, phase: str) -> None:
+        if self.board is not None:
+            self.board.note.remote(self.rank, phase, time.time())
+
+    def stalled(self, message: str) -> None:
+        """Record the stall on the board, print every thread's stack to the worker's log, end the worker
+        (a thread cannot interrupt a rank blocked in C: a collective, a lock wait)."""
+        print(f"llava-ray watchdog: {message}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        if self.board is not None:
+            with contextlib.suppress(Exception):
+                ray.get(self.board.stalled.remote(self.rank, message), timeout=10)
+        os._exit(STALL_EXIT)
+
+    @contextlib.contextmanager
+    def resume_dir(self):
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, directory: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def row_source(self, plan: StagePlan) -> StreamedSteps:
+        return StreamedSteps(plan, self.rank, self.world)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    context = RayTrainContext(config.get("board"))
+    StageWorker(config["plan"], context, config.get("step_hooks", ())).train()
+
+
+def _bind_here() -> dict[str, str]:
+    """On a worker, before its process group forms: bind to the node's Ray address (train/net.py)."""
+    return bind_to_address(ray.util.get_node_ip_address())
+
+
+def _waited_in_python(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a daemon thread, waited for in short joins. A ``ray.get`` runs no signal handler until its
+    object arrives, so a driver blocked in ``fit()`` would ignore Ctrl-C and a test's timeout for a whole
+    stage; waiting here keeps this thread in Python, where both are handled."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # handed to the waiting thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="llava-ray-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
+    """Under SPREAD (a soft strategy), wait until each of up to ``workers`` live nodes has room for one
+    worker, so the stage's placement group really spreads: the actors of the stage's own Ray Data step give
+    their CPUs back asynchronously, and a placement group made at that moment packs every rank onto the
+    head. Probed with a STRICT_SPREAD group of one worker's bundle per node, removed at once. False (and
+    the stage goes on, soft) when the room did not come within ``timeout_s``."""
+    recipe = plan.recipe
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if recipe.placement != "SPREAD" or recipe.workers < 2 or nodes < 2:
+        return True
+    bundle = {"CPU": recipe.cpus_per_worker, **({"GPU": 1} if recipe.use_gpu else {})}
+    probe = placement_group([dict(bundle)] * min(recipe.workers, nodes), strategy="STRICT_SPREAD")
+    try:
+        ready = probe.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(probe)
+    if not ready:
+        log.warning(
+            "stage %s: no room for one worker on each of %d nodes after %.0f s; placing softly",
+            plan.stage.name,
+            min(recipe.workers, nodes),
+            timeout_s,
+        )
+    return ready
+
+
+def fit_on_ray(
+    plan: StagePlan, max_failures: int, step_hooks: Sequence[StepHook] = ()
+) -> tuple[str | None, list]:
+    """The TorchTrainer of the stage; returns its last checkpoint's URI and where each rank of each attempt
+    ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
+    checkpoint. The progress board lives on the driver's node (a hard affinity: a lost worker node must
+    not take with it what the driver reads afterwards)."""
+    recipe = plan.recipe
+    fs, path = storage.resolve(plan.layout.checkpoints)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
+    _wait_for_room_to_spread(plan)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"plan": plan, "board": board, "step_hooks": tuple(step_hooks)},
+        torch_config=torch_config_binding(_bind_here, "nccl" if recipe.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=recipe.workers,
+            use_gpu=recipe.use_gpu,
+            resources_per_worker={"CPU": recipe.cpus_per_worker},
+            placement_strategy=recipe.placement,
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = _waited_in_python(trainer.fit)
+        placements = ray.get(board.placements.remote())
+    except Exception as e:
+        last, stalls = ray.get(board.read.remote())
+        if stalls:
+            raise StageStalled(
+                stall_message(plan.stage.name, plan.stage.stall_timeout_s, last, stalls, time.time())
+            ) from e
+        raise
+    finally:
+        ray.kill(board)
+    uri = result.checkpoint.path if result.checkpoint else None
+    if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
+        uri = "s3://" + uri
+    return uri, placements

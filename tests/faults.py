@@ -1,0 +1,67 @@
+"""Faults the tests inject into a stage through its step-hook seam (``train_stage(..., hooks=...)``): each
+runs on every rank after each optimizer step (and its checkpoint, when one is due) as hook(step, rank).
+Pickled by value, so a Ray worker on any node runs them without importing the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from ray import cloudpickle
+
+from components import storage
+from pipelines.train.ray_private import wait_until_registered
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@dataclass(frozen=True)
+class FailOnce:
+    """Kills ``rank`` once, right after ``step``; ``marker`` (a path or s3:// URI, which every node
+    reaches) records that it happened. Ray Train then restarts the worker group from the last checkpoint,
+    as after a lost node."""
+
+    step: int
+    rank: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank and not storage.exists(self.marker):
+            storage.write_text(self.marker, "")
+            time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
+            os._exit(1)
+
+
+@dataclass(frozen=True)
+class PauseOnce:
+    """Every rank stops for ``seconds`` right after ``step`` and its checkpoint (registered by Ray Train's
+    controller, when under it), unless ``marker`` (a path or s3:// URI) exists; rank 0 writes it first. A
+    test waits for the marker and then does something to the cluster (kills a node) at a known point."""
+
+    step: int
+    marker: str
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or storage.exists(self.marker):
+            return
+        if rank == 0:
+            wait_until_registered(step)
+            storage.write_text(self.marker, str(time.time()))
+        time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class HangOnce:
+    """``rank`` stops making progress for ``seconds`` right after ``step`` (a hung worker: a lost peer, a
+    stale lock), once per process."""
+
+    step: int
+    rank: int
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank:
+            time.sleep(self.seconds)
