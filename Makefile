@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/llava-ray demo --out demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check components pipelines serve tests benchmarks
-	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks
+	$(VENV)/bin/ruff check components pipelines serve tests benchmarks .ci
+	$(VENV)/bin/ruff format --check components pipelines serve tests benchmarks .ci
 	$(PY) .ci/fmt_skips.py components pipelines serve tests benchmarks
 
 test: $(STAMP) lint

@@ -1,5 +1,6 @@
 """Per-tier test times from pytest's JUnit report (`make test` writes it): tests, seconds and the slowest
-test of each tier (tests/components, pipelines, serve, e2e, cluster; one report per pytest run), as in the README's table."""
+test of each tier (tests/components, pipelines, serve, e2e, cluster; one report per pytest run), as in the
+README's table."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def main(paths: list[str]) -> int:
     print(f"{'tier':12s} {'tests':>5s} {'seconds':>8s}  slowest")
     for tier, cases in sorted(tiers.items(), key=lambda kv: -sum(t for t, _ in kv[1])):
         slowest = max(cases)
-        print(f"{tier:12s} {len(cases):5d} {sum(t for t, _ in cases):8.0f}  {slowest[1]} ({slowest[0]:.0f} s)")
+        seconds = sum(t for t, _ in cases)
+        print(f"{tier:12s} {len(cases):5d} {seconds:8.0f}  {slowest[1]} ({slowest[0]:.0f} s)")
     print(f"{'all':12s} {sum(map(len, tiers.values())):5d} {total:8.0f}")
     return 0
 

@@ -173,21 +173,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import GenerateConfig, generate, read_contexts
+def _generate_config(args: argparse.Namespace):
+    from pipelines.generate import GenerateConfig
 
     flags = {"rate_limit": "rate_limit_rps", "timeout": "timeout_s"}  # flag -> GenerateConfig field
     given = _given(
         args, "api_key_env", "concurrency", "workers", "rate_limit", "max_retries", "timeout", "seed"
     )
-    config = GenerateConfig(
+    return GenerateConfig(
         endpoint=args.endpoint,
         model=args.model,
         out=args.out,
-        types=args.types.split(","),
+        **({"types": args.types.split(",")} if args.types else {}),
         prompt_pack=args.prompt_pack,
         **{flags.get(k, k): v for k, v in given.items()},
     )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import generate, read_contexts
+
+    config = _generate_config(args)
     contexts = read_contexts(args.images, args.captions, args.image_prefix)
     _init_ray(args)
     summary = generate(contexts, config)
@@ -314,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--captions", help="COCO captions JSON (beside --images)")
     p.add_argument("--image-prefix", default="", help="prefix for COCO file names in the records")
-    p.add_argument("--types", default="conversation,detail,reasoning", help="response types to generate")
+    p.add_argument("--types", help="response types to generate, comma-separated; default: all three")
     p.add_argument("--prompt-pack", help="a YAML overriding the system prompts and seed examples")
     # the teacher
     p.add_argument(

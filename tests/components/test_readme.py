@@ -17,7 +17,7 @@ def test_layout_table_lists_exactly_the_modules():
     modules = {
         os.path.relpath(p, ROOT)
         for package in ("components", "pipelines", "serve")
-        for p in glob.glob(os.path.join(ROOT, package, "*.py"))
+        for p in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)
         if not os.path.basename(p).startswith("__")
     }
     assert not listed - modules, f"listed but not in the tree: {sorted(listed - modules)}"

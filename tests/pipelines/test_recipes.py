@@ -354,3 +354,34 @@ def test_every_tiny_recipe_model_exports_a_transformers_checkpoint(name, demo_di
     assert type(hf).__name__ == HF_CLASSES[recipe.model.arch]
     with torch.no_grad():
         assert torch.allclose(hf.eval()(**batch).logits, saved, atol=1e-5)
+
+
+def test_each_config_given_no_values_is_its_dataclass_defaults(tmp_path):
+    """Guards: each setting defined once; fails if the CLI, serve.yaml's loader or a derived config states
+    a default of its own."""
+    from components.evaluation import ANSWER_TOKENS, evaluate
+    from components.scheduler import EngineConfig
+    from pipelines.cli import _generate_config, _pipeline_config, build_parser
+    from pipelines.dag import PipelineConfig
+    from pipelines.generate import GenerateConfig
+    from pipelines.recipes import EvalSpec, Recipe, StageSpec
+    from pipelines.steps import StepConfig
+    from serve.app import ServeConfig, load_serve_config
+
+    parser = build_parser()
+    assert _pipeline_config(parser.parse_args(["run"])) == PipelineConfig()
+    required = ["--images", "i.json", "--endpoint", "http://x/v1", "--model", "m", "--out", "o"]
+    assert _generate_config(parser.parse_args(["generate", *required])) == GenerateConfig(
+        endpoint="http://x/v1", model="m", out="o"
+    )
+    empty = tmp_path / "serve.yaml"
+    empty.write_text("")
+    assert load_serve_config(str(empty), "ckpt") == ServeConfig(checkpoint="ckpt")
+    assert ServeConfig(checkpoint="ckpt").engine == EngineConfig()
+    steps = StepConfig()
+    assert (steps.max_length, steps.front_fraction, steps.seed) == (
+        StageSpec.max_length,
+        StageSpec.front_fraction,
+        Recipe.seed,
+    )
+    assert EvalSpec().max_new_tokens == ANSWER_TOKENS == evaluate.__kwdefaults__["max_new_tokens"]
