@@ -153,6 +153,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    import benchmarks._request_batching as request_batching
     from benchmarks._common import final_line, machine, scratch
     from benchmarks._request_batching import RequestBatchedModel
     from components.model import ModelSpec, build_model, save_model
@@ -162,6 +163,8 @@ def main() -> None:
     checkpoint = os.path.join(scratch("llava-ray-serve-bench-"), "hf")
     model, processor = build_model(ModelSpec(vision=VISION))
     save_model(model, processor, checkpoint)
+    # the baseline replica's module is not installed: its class travels by value to the replica
+    ray.cloudpickle.register_pickle_by_value(request_batching)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

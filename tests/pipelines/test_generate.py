@@ -171,7 +171,7 @@ def test_plumbing_against_the_project_serve_app(demo_dir, ray_local, tmp_path):
             endpoint=f"http://127.0.0.1:{port}/v1",
             model="llava-ray",
             out=str(tmp_path / "gen"),
-            max_tokens=16,
+            max_new_tokens=16,
             types=["conversation", "detail"],
             timeout_s=60,
         )

@@ -136,7 +136,7 @@ def endpoint(ray_local, checkpoint, upstream):
         limits={
             "max_images": 3,
             "max_image_pixels": 1000 * 1000,
-            "max_tokens": 64,
+            "max_new_tokens": 64,
             "max_image_bytes": 200_000,
             "max_body_bytes": 1_000_000,
             "allowed_media_prefixes": [upstream.url + "/"],
