@@ -108,6 +108,18 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
         raise SampleError(default_id, "<record>", "a JSON object", type(record).__name__)
     raw_id = record.get("id", record.get("sample_id"))
     sample_id = default_id if raw_id is None or raw_id == "" else str(raw_id)
+    images, video = _media(record, sample_id)
+    field_name = "conversations" if "conversations" in record else "messages"
+    turns = _turns(record.get("conversations", record.get("messages")), sample_id, field_name)
+    _check_order(turns, sample_id, field_name)
+    if video is not None:  # LLaVA-NeXT's own video data marks the video with <image>: the same placeholder
+        turns = [Turn(t.role, t.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for t in turns]
+    _check_placeholders(turns, len(images) + (video is not None), video is not None, sample_id, field_name)
+    return Sample(id=sample_id, turns=turns, images=list(images), video=video, source=source)
+
+
+def _media(record: dict, sample_id: str) -> tuple[list[str], str | None]:
+    """(image paths, video path) of a record: ``image`` (a path or a list) or ``images``, or a ``video``."""
     if "image" in record and "images" in record:
         raise SampleError(sample_id, "image", "one of image or images", "both", "ambiguous_media")
     images = record.get("image", record.get("images"))
@@ -122,9 +134,11 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
         raise SampleError(sample_id, "video", "a path", short_repr(video))
     if video is not None and images:
         raise SampleError(sample_id, "image", "no images beside a video", f"{len(images)} images and a video")
+    return images, video
 
-    raw_turns = record.get("conversations", record.get("messages"))
-    field_name = "conversations" if "conversations" in record else "messages"
+
+def _turns(raw_turns, sample_id: str, field_name: str) -> list[Turn]:
+    """Each turn's role (its alias resolved) and non-empty text."""
     if not isinstance(raw_turns, list) or not raw_turns:
         raise SampleError(sample_id, field_name, "a non-empty list of turns", short_repr(raw_turns))
     turns: list[Turn] = []
@@ -145,11 +159,13 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
                 sample_id, f"{where}.value", "a non-empty turn", "an empty string", "empty_turn"
             )
         turns.append(Turn(ROLE_ALIASES[role], text))
+    return turns
 
-    if turns[0].role == "system":
-        system, rest = turns[:1], turns[1:]
-    else:
-        system, rest = [], turns
+
+def _check_order(turns: list[Turn], sample_id: str, field_name: str) -> None:
+    """An optional system turn, then user and assistant alternating, the assistant last."""
+    system = 1 if turns[0].role == "system" else 0
+    rest = turns[system:]
     if not rest:
         raise SampleError(
             sample_id, field_name, "at least one user and one assistant turn", "only a system turn"
@@ -158,14 +174,17 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
         expected = "user" if i % 2 == 0 else "assistant"
         if turn.role != expected:
             raise SampleError(
-                sample_id, f"{field_name}[{i + len(system)}].from", f"{expected} (turns alternate)", turn.role
+                sample_id, f"{field_name}[{i + system}].from", f"{expected} (turns alternate)", turn.role
             )
     if rest[-1].role != "assistant":
         raise SampleError(sample_id, field_name, "the last turn from the assistant", "a user turn")
 
-    if video is not None:  # LLaVA-NeXT's own video data marks the video with <image>: the same placeholder
-        turns = [Turn(t.role, t.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for t in turns]
-    elif any(VIDEO_PLACEHOLDER in t.text for t in turns):
+
+def _check_placeholders(
+    turns: list[Turn], num_media: int, has_video: bool, sample_id: str, field_name: str
+) -> None:
+    """One placeholder per medium, of the medium's kind, in user turns only."""
+    if not has_video and any(VIDEO_PLACEHOLDER in t.text for t in turns):
         raise SampleError(
             sample_id,
             field_name,
@@ -174,7 +193,6 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
             "placeholder_mismatch",
         )
     placeholders = sum(len(_PLACEHOLDER_RE.findall(t.text)) for t in turns)
-    num_media = len(images) + (1 if video is not None else 0)
     if placeholders != num_media:
         raise SampleError(
             sample_id,
@@ -188,7 +206,6 @@ def parse_sample(record: dict, source: str = "", default_id: str = "?") -> Sampl
             raise SampleError(
                 sample_id, field_name, "placeholders only in user turns", f"one in a {t.role} turn"
             )
-    return Sample(id=sample_id, turns=turns, images=list(images), video=video, source=source)
 
 
 # ---- a message's content parts -------------------------------------------------------------
@@ -267,6 +284,9 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+
+DEFAULT_TEMPLATE = "chatml"
+"""The conversational template where none is named (OneVision's and Interleave's Qwen-2 ChatML)."""
 
 TEMPLATES: dict[str, Template] = {
     # Stage-1 pre-training: the image, then the caption.
@@ -369,48 +389,52 @@ def tokenize(
     if layout not in ("interleaved", "front"):
         raise ValueError(f"layout: expected 'interleaved' or 'front', found {layout!r}")
     turns = _move_media_to_front(sample.turns) if layout == "front" else sample.turns
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
-    media_id = video_id if sample.video is not None else image_id
-
-    ids: list[int] = []
-    labels: list[int] = []
-
-    def add(text: str, labelled: bool) -> None:
-        if not text:
-            return
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        ids.extend(piece)
-        labels.extend(piece if labelled else [IGNORE_INDEX] * len(piece))
-
-    counts = iter(media_token_counts)
-
-    def add_user(text: str) -> None:
-        formatted = template.user_format.format(text=text if template.text_in_user else _only_media(text))
-        formatted += template.assistant_prompt  # one piece with the user turn: as a whole string tokenizes
-        pos = 0
-        for m in _PLACEHOLDER_RE.finditer(formatted):
-            add(formatted[pos : m.start()], False)
-            n = next(counts)
-            ids.extend([media_id] * n)
-            labels.extend([IGNORE_INDEX] * n)
-            pos = m.end()
-        add(formatted[pos:], False)
-
+    placeholder = VIDEO_PLACEHOLDER if sample.video is not None else IMAGE_PLACEHOLDER
+    out = _Tokens(tokenizer, tokenizer.convert_tokens_to_ids(placeholder), media_token_counts)
     if template.add_bos and tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
+        out.ids.append(tokenizer.bos_token_id)
+        out.labels.append(IGNORE_INDEX)
     system = next((t.text for t in turns if t.role == "system"), None)
-    add(template.prefix(system), False)
+    out.add(template.prefix(system), False)
     for t in turns:
         if t.role == "user":
-            add_user(t.text)
+            text = t.text if template.text_in_user else _only_media(t.text)
+            # the assistant's prompt in one piece with the user turn: as the whole string tokenizes
+            out.add_with_media(template.user_format.format(text=text) + template.assistant_prompt)
         elif t.role == "assistant":
-            add(template.assistant_format.format(text=t.text), True)
-            add(template.after_assistant, False)
-    if max_length is not None and len(ids) > max_length:
-        raise SampleTooLongError(sample.id, len(ids), max_length)
-    return TokenizedSample(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+            out.add(template.assistant_format.format(text=t.text), True)
+            out.add(template.after_assistant, False)
+    if max_length is not None and len(out.ids) > max_length:
+        raise SampleTooLongError(sample.id, len(out.ids), max_length)
+    return TokenizedSample(np.asarray(out.ids, dtype=np.int32), np.asarray(out.labels, dtype=np.int32))
+
+
+class _Tokens:
+    """Ids and labels as a sample's pieces are added; each placeholder becomes its medium's token count."""
+
+    def __init__(self, tokenizer, media_id: int, media_token_counts: list[int]):
+        self.tokenizer, self.media_id = tokenizer, media_id
+        self.counts = iter(media_token_counts)
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+
+    def add(self, text: str, labelled: bool) -> None:
+        if not text:
+            return
+        piece = self.tokenizer.encode(text, add_special_tokens=False)
+        self.ids.extend(piece)
+        self.labels.extend(piece if labelled else [IGNORE_INDEX] * len(piece))
+
+    def add_with_media(self, text: str) -> None:
+        """Unlabelled text whose placeholders expand to media tokens."""
+        pos = 0
+        for m in _PLACEHOLDER_RE.finditer(text):
+            self.add(text[pos : m.start()], False)
+            n = next(self.counts)
+            self.ids.extend([self.media_id] * n)
+            self.labels.extend([IGNORE_INDEX] * n)
+            pos = m.end()
+        self.add(text[pos:], False)
 
 
 def assistant_targets(sample: Sample, template: Template | str) -> str:

@@ -99,27 +99,7 @@ def evaluate(
     that answer (a model that reads the order gets them right; one that guesses does not). Only what the
     architecture takes is asked (LLaVA and LLaVA-1.5 get no video); the rest is reported as skipped."""
     model.eval()
-    by_task = {t.record_task: t for t in tasks}
-    items, skipped = [], defaultdict(int)
-    for record in records:
-        task = by_task.get(record.get("task"))
-        if task is None:
-            continue
-        if task.modality == "video" and not processor.arch.takes_video:
-            skipped[task.name] += 1
-            continue
-        sample = parse_sample(record)
-        question = next(t for t in sample.turns if t.role == "user").text
-        answer = record.get("answer") or next(t.text for t in sample.turns if t.role == "assistant")
-        images, frames = load_media(processor, sample.images, sample.video, media_root)
-        prompt = Prompt([Turn("user", question)], images, frames, sample.id)
-        items.append(_Item(task, sample.id, question, answer, processor.prompt_row(prompt)))
-        if record.get("probe_answer") is not None:
-            reversed_frames = None if frames is None else np.ascontiguousarray(frames[::-1])
-            flipped = Prompt([Turn("user", question)], images[::-1], reversed_frames, sample.id)
-            items.append(
-                _Item(task, sample.id, question, record["probe_answer"], processor.prompt_row(flipped), True)
-            )
+    items, skipped = _items(processor, records, media_root, tasks)
     answers_by_task = defaultdict(list)
     for item in items:
         if not item.probe:
@@ -152,6 +132,33 @@ def evaluate(
         for name, n in sorted(skipped.items())
     }
     return out
+
+
+def _items(processor: LlavaProcessor, records: list[dict], media_root: str, tasks) -> tuple[list, dict]:
+    """(the questions to ask, each with its prompt row, then its reversed-order probe where it has one;
+    per task, how many records were skipped because the architecture takes no video)."""
+    by_task = {t.record_task: t for t in tasks}
+    items, skipped = [], defaultdict(int)
+    for record in records:
+        task = by_task.get(record.get("task"))
+        if task is None:
+            continue
+        if task.modality == "video" and not processor.arch.takes_video:
+            skipped[task.name] += 1
+            continue
+        sample = parse_sample(record)
+        question = next(t for t in sample.turns if t.role == "user").text
+        answer = record.get("answer") or next(t.text for t in sample.turns if t.role == "assistant")
+        images, frames = load_media(processor, sample.images, sample.video, media_root)
+        prompt = Prompt([Turn("user", question)], images, frames, sample.id)
+        items.append(_Item(task, sample.id, question, answer, processor.prompt_row(prompt)))
+        if record.get("probe_answer") is not None:
+            reversed_frames = None if frames is None else np.ascontiguousarray(frames[::-1])
+            flipped = Prompt([Turn("user", question)], images[::-1], reversed_frames, sample.id)
+            items.append(
+                _Item(task, sample.id, question, record["probe_answer"], processor.prompt_row(flipped), True)
+            )
+    return items, skipped
 
 
 def report(results: list[dict]) -> dict:

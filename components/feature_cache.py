@@ -49,12 +49,12 @@ class FeatureCache:
     def keys(self, digests: tuple[str, ...], kind: str, settings: dict, weights: str) -> list[str]:
         """One key per medium: its bytes' digest, the kind and company it came in, the processor's
         settings and the fingerprint of the weights that encode it (``features_fingerprint``)."""
-        context = json.dumps(
+        setting = json.dumps(
             {"kind": kind, "alone": len(digests) == 1, "settings": settings, "weights": weights},
             sort_keys=True,
             default=str,
         )
-        return [hashlib.sha256(f"{digest}|{context}".encode()).hexdigest() for digest in digests]
+        return [hashlib.sha256(f"{digest}|{setting}".encode()).hexdigest() for digest in digests]
 
     def get(self, keys: list[str]) -> list[torch.Tensor] | None:
         """Every key's features, or None (a miss) unless all are here."""

@@ -31,7 +31,7 @@ class ParseError(Mismatch):
 
 
 @dataclass
-class ImageContext:
+class ImageAnnotations:
     image_id: str
     image: str
     """The image's path (relative to the media root) as it goes into the LLaVA record."""
@@ -49,7 +49,7 @@ class ImageContext:
 class PromptPack:
     system: str
     examples: list[tuple[str, str]]
-    """(context, response) seed pairs, shown as user/assistant turns before the query."""
+    """(annotations, response) seed pairs, shown as user/assistant turns before the query."""
 
 
 BRIEF_QUESTIONS = [
@@ -158,8 +158,10 @@ def load_packs(path: str | None) -> dict[str, PromptPack]:
     return packs
 
 
-def read_coco(instances: dict, captions: dict | None = None, image_prefix: str = "") -> list[ImageContext]:
-    """COCO annotations (instances with bbox [x, y, w, h] in pixels, and/or captions) -> contexts."""
+def read_coco(
+    instances: dict, captions: dict | None = None, image_prefix: str = ""
+) -> list[ImageAnnotations]:
+    """COCO annotations (instances with bbox [x, y, w, h] in pixels, and/or captions) -> annotations."""
     categories = {c["id"]: c["name"] for c in instances.get("categories", [])}
     images = {im["id"]: im for im in instances.get("images", []) + (captions or {}).get("images", [])}
     caps: dict = {}
@@ -182,7 +184,7 @@ def read_coco(instances: dict, captions: dict | None = None, image_prefix: str =
     for image_id in sorted(images, key=str):
         if image_id in caps or image_id in boxes:
             out.append(
-                ImageContext(
+                ImageAnnotations(
                     str(image_id),
                     image_prefix + images[image_id]["file_name"],
                     caps.get(image_id, []),
@@ -192,7 +194,7 @@ def read_coco(instances: dict, captions: dict | None = None, image_prefix: str =
     return out
 
 
-def read_contexts_jsonl(text: str) -> list[ImageContext]:
+def read_annotations_jsonl(text: str) -> list[ImageAnnotations]:
     """The plain form: {"id", "image", "captions": [...], "boxes": [{"category", "bbox": [x1, y1, x2,
     y2]}]}."""
     out = []
@@ -201,7 +203,7 @@ def read_contexts_jsonl(text: str) -> list[ImageContext]:
             continue
         r = json.loads(line)
         boxes = [(b["category"], [float(v) for v in b["bbox"]]) for b in r.get("boxes", [])]
-        out.append(ImageContext(str(r.get("id", i)), r["image"], list(r.get("captions", [])), boxes))
+        out.append(ImageAnnotations(str(r.get("id", i)), r["image"], list(r.get("captions", [])), boxes))
     return out
 
 
@@ -210,10 +212,10 @@ def _place_image(question: str, rng: random.Random) -> str:
     return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
 
 
-def naive_expansion(contexts: list[ImageContext], seed: int = 0) -> list[dict]:
+def naive_expansion(annotations: list[ImageAnnotations], seed: int = 0) -> list[dict]:
     """Stage-1 data: a brief-description question, the caption as the answer; deterministic with a seed."""
     out = []
-    for ctx in contexts:
+    for ctx in annotations:
         for k, caption in enumerate(ctx.captions):
             rng = random.Random(f"{seed}:{ctx.image_id}:{k}")
             question = _place_image(rng.choice(BRIEF_QUESTIONS), rng)
@@ -230,11 +232,11 @@ def naive_expansion(contexts: list[ImageContext], seed: int = 0) -> list[dict]:
     return out
 
 
-def build_messages(pack: PromptPack, ctx: ImageContext) -> list[dict]:
-    """OpenAI chat messages: the system prompt, the seed examples as turns, then this image's context."""
+def build_messages(pack: PromptPack, ctx: ImageAnnotations) -> list[dict]:
+    """OpenAI chat messages: the system prompt, the seed examples as turns, then this image's annotations."""
     messages = [{"role": "system", "content": pack.system}]
-    for context, response in pack.examples:
-        messages += [{"role": "user", "content": context}, {"role": "assistant", "content": response}]
+    for example, response in pack.examples:
+        messages += [{"role": "user", "content": example}, {"role": "assistant", "content": response}]
     messages.append({"role": "user", "content": ctx.symbolic()})
     return messages
 
@@ -245,7 +247,7 @@ _QA = re.compile(
 )
 
 
-def parse_response(kind: str, text: str, ctx: ImageContext, seed: int = 0) -> dict:
+def parse_response(kind: str, text: str, ctx: ImageAnnotations, seed: int = 0) -> dict:
     """A teacher response -> a validated LLaVA record; raises ParseError (with the raw text) otherwise."""
     sample_id = f"{ctx.image_id}-{kind}"
     rng = random.Random(f"{seed}:{sample_id}")

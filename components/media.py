@@ -1,7 +1,7 @@
 """Reading a sample's media safely: inside its root, regular files only, within budgets, before a deadline.
 
     uri = resolve_media("images/a.png", media_root, policy, sample_id="s1", field="image[0]")
-    data = read_media(uri, policy.max_image_bytes, sample_id="s1", field="image[0]")
+    data = read_media(uri, policy.budget.max_image_bytes, sample_id="s1", field="image[0]")
 
 A manifest is data from elsewhere. Every path it names must resolve (after normalisation and symlink
 resolution) inside the manifest's media root or one of the policy's allowed roots or buckets; anything
@@ -18,7 +18,7 @@ import posixpath
 import signal
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from components import storage
 from components.conversation import short_repr
@@ -34,35 +34,43 @@ class MediaError(Mismatch):
 
 
 @dataclass(frozen=True)
-class MediaPolicy:
-    """Where media may be read from and what one sample may cost; the defaults suit the full profiles."""
+class MediaBudget:
+    """What one sample's or one request's media may cost: training (MediaPolicy) and serving (Limits) each
+    hold one, with their own defaults."""
 
-    allowed_roots: tuple[str, ...] = ()
-    """Directories or s3://bucket/prefix URIs samples may read besides their manifest's media root."""
     max_image_bytes: int = 64 * 1024 * 1024
-    max_video_bytes: int = 1024 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     """Per image, read from its header before it is decoded (OneVision's 6x6 grid at 384 px is 5.3 MP)."""
     max_images: int = 12
     """Images per sample (OneVision's multi-image data holds at most 12)."""
+    max_video_bytes: int = 1024 * 1024 * 1024
     max_video_pixels: int = 32 * 1920 * 1080
-    """Sampled frames x pixels per frame (32 frames of 1080p), checked on the first frame."""
+    """Sampled frames x pixels per frame (32 frames of 1080p), read from the container before frames are
+    decoded."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"media.{f.name}: expected a positive int, found {value!r}")
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Where a training sample's media may be read from and what they may cost; the defaults suit the full
+    profiles."""
+
+    allowed_roots: tuple[str, ...] = ()
+    """Directories or s3://bucket/prefix URIs samples may read besides their manifest's media root."""
+    budget: MediaBudget = MediaBudget()
     decode_deadline_s: float = 120.0
     """The most one sample's decoding may take (enforced where the stage runs on its process's main
     thread)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_roots", tuple(self.allowed_roots))
-        for name in (
-            "max_image_bytes",
-            "max_video_bytes",
-            "max_image_pixels",
-            "max_images",
-            "max_video_pixels",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MediaPolicy.{name}: expected a positive int, found {value!r}")
+        if isinstance(self.budget, dict):
+            object.__setattr__(self, "budget", MediaBudget(**self.budget))
 
 
 def _inside(path: str, root: str) -> bool:

@@ -30,7 +30,7 @@ from torch import nn
 from components import storage
 from components.anyres import AnyResConfig
 from components.architectures import MODEL_TYPES, architecture
-from components.conversation import SPECIAL_TOKENS, TEMPLATES
+from components.conversation import DEFAULT_TEMPLATE, SPECIAL_TOKENS, TEMPLATES
 from components.demo_data import tokenizer_corpus
 from components.frozen import FrozenDict, freeze
 from components.processor import (
@@ -89,7 +89,7 @@ class ModelSpec:
     """Keep only the first N layers of a pretrained vision tower (OneVision: 26, as the release and the
     llava-hf conversions do); None: all of them."""
     anyres: AnyResConfig = field(default_factory=lambda: AnyResConfig(tile_size=56))
-    template: str = "chatml"
+    template: str = DEFAULT_TEMPLATE
     """The conversational template (a stage may train with another, e.g. Stage-1's plain)."""
     checkpoint: str | None = None
     """A full LLaVA checkpoint (an HF export of ours, or an llava-hf release); overrides vision/llm."""
@@ -531,8 +531,9 @@ def load_model(uri: str, *, dtype: torch.dtype | None = None, default_template: 
     return model, processor
 
 
-def context_length(uri: str) -> int:
-    """The LLM's context (max_position_embeddings) of a checkpoint, from its config alone."""
+def max_positions(uri: str) -> int:
+    """The LLM's max_position_embeddings of a checkpoint (the most tokens it attends to), from its config
+    alone."""
     with tempfile.TemporaryDirectory() as tmp:
         path = local_dir(uri, tmp) if not storage.is_s3(uri) else _config_only(uri, tmp)
         config = transformers.AutoConfig.from_pretrained(path)

@@ -31,6 +31,7 @@ from components import storage
 from components.anyres import AnyResConfig
 from components.architectures import MODEL_TYPES, Architecture, MediaInputs, architecture
 from components.conversation import (
+    DEFAULT_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     SPECIAL_TOKENS,
@@ -80,7 +81,7 @@ class ProcessorConfig:
     """What a processor is, beside its tokenizer: written to ``llava_ray_processor.json``."""
 
     arch: str = "llava_onevision"
-    template: str = "chatml"
+    template: str = DEFAULT_TEMPLATE
     """The chat format rows are built with (``plain`` in Stage-1; an export records the conversational
     one)."""
     anyres: AnyResConfig = field(default_factory=AnyResConfig)
@@ -276,7 +277,7 @@ class LlavaProcessor:
 
     def prompt_ids(self, prompt: Prompt) -> np.ndarray:
         """The ids ``prompt_row`` builds, from the media's sizes alone (no tiling): what serving counts
-        against the context, and the row of a prompt whose media features are cached."""
+        against the model's positions, and the row of a prompt whose media features are cached."""
         if prompt.video_frames is not None:
             counts = [self.arch.video_tokens(len(prompt.video_frames), self.anyres)]
         else:
@@ -426,6 +427,46 @@ def ensure_media_tokens(tokenizer) -> None:
 # ---- the chat template ------------------------------------------------------------------------
 
 
+# content_text (components/conversation.py) in Jinja, as the macro ``render(content)``: placeholders in the
+# text; images first, labelled; the parts in order, a newline where media meets text without whitespace
+_RENDER_MACRO = "".join(
+    [
+        "{%- macro render(content) -%}",
+        "{%- if content is string -%}{{ content }}{%- else -%}",
+        "{%- set ns = namespace(texts='', parts=[], media=[], lead=-1, out='', prev='', labelled=[]) -%}",
+        "{%- for p in content -%}",
+        "{%- if p['type'] == 'text' and p['text'] -%}",
+        "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
+        "{%- set ns.texts = ns.texts + p['text'] -%}{%- set ns.parts = ns.parts + [['text', p['text']]] -%}",
+        "{%- elif p['type'] in ['image', 'image_url'] -%}",
+        "{%- set ns.parts = ns.parts + [['media', '" + IMAGE_PLACEHOLDER + "']] -%}",
+        "{%- set ns.media = ns.media + ['image'] -%}",
+        "{%- elif p['type'] in ['video', 'video_url'] -%}",
+        "{%- set ns.parts = ns.parts + [['media', '" + VIDEO_PLACEHOLDER + "']] -%}",
+        "{%- set ns.media = ns.media + ['video'] -%}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- if '" + IMAGE_PLACEHOLDER + "' in ns.texts or '" + VIDEO_PLACEHOLDER + "' in ns.texts -%}",
+        "{{ ns.texts }}{%- else -%}",
+        "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
+        "{%- if ns.lead == ns.media | length and ns.lead >= 2 and 'video' not in ns.media -%}",
+        "{%- for k in range(ns.lead) -%}",
+        "{%- set ns.labelled = ns.labelled + [['text', 'Image ' ~ (k + 1) ~ ': '], ns.parts[k]] -%}",
+        "{%- endfor -%}",
+        "{%- set ns.parts = ns.labelled + ns.parts[ns.lead:] -%}",
+        "{%- endif -%}",
+        "{%- for kind, piece in ns.parts -%}",
+        "{%- if ns.prev and (ns.prev == 'media' or kind == 'media')"
+        " and not (ns.out[-1:].isspace() or piece[:1].isspace()) -%}",
+        "{%- set ns.out = ns.out + '\\n' -%}",
+        "{%- endif -%}",
+        "{%- set ns.out = ns.out + piece -%}{%- set ns.prev = kind -%}",
+        "{%- endfor -%}",
+        "{{ ns.out }}",
+        "{%- endif -%}{%- endif -%}{%- endmacro -%}",
+    ]
+)
+
+
 def chat_template(template: Template) -> str:
     """A Jinja chat template that renders exactly what ``tokenize`` builds, for HF's apply_chat_template.
 
@@ -446,41 +487,7 @@ def chat_template(template: Template) -> str:
     user_text = "text" if template.text_in_user else media
     return "".join(
         [
-            # content_text (components/conversation.py) in Jinja: placeholders in the text; images first,
-            # labelled; the parts in order, a newline where media meets text without whitespace
-            "{%- macro render(content) -%}",
-            "{%- if content is string -%}{{ content }}{%- else -%}",
-            "{%- set ns = namespace(texts='', parts=[], media=[], lead=-1, out='', prev='', labelled=[]) -%}",
-            "{%- for p in content -%}",
-            "{%- if p['type'] == 'text' and p['text'] -%}",
-            "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
-            "{%- set ns.texts = ns.texts + p['text'] -%}"
-            "{%- set ns.parts = ns.parts + [['text', p['text']]] -%}",
-            "{%- elif p['type'] in ['image', 'image_url'] -%}",
-            "{%- set ns.parts = ns.parts + [['media', '" + IMAGE_PLACEHOLDER + "']] -%}",
-            "{%- set ns.media = ns.media + ['image'] -%}",
-            "{%- elif p['type'] in ['video', 'video_url'] -%}",
-            "{%- set ns.parts = ns.parts + [['media', '" + VIDEO_PLACEHOLDER + "']] -%}",
-            "{%- set ns.media = ns.media + ['video'] -%}",
-            "{%- endif -%}{%- endfor -%}",
-            "{%- if '" + IMAGE_PLACEHOLDER + "' in ns.texts or '" + VIDEO_PLACEHOLDER + "' in ns.texts -%}",
-            "{{ ns.texts }}{%- else -%}",
-            "{%- if ns.lead < 0 -%}{%- set ns.lead = ns.parts | length -%}{%- endif -%}",
-            "{%- if ns.lead == ns.media | length and ns.lead >= 2 and 'video' not in ns.media -%}",
-            "{%- for k in range(ns.lead) -%}",
-            "{%- set ns.labelled = ns.labelled + [['text', 'Image ' ~ (k + 1) ~ ': '], ns.parts[k]] -%}",
-            "{%- endfor -%}",
-            "{%- set ns.parts = ns.labelled + ns.parts[ns.lead:] -%}",
-            "{%- endif -%}",
-            "{%- for kind, piece in ns.parts -%}",
-            "{%- if ns.prev and (ns.prev == 'media' or kind == 'media')"
-            " and not (ns.out[-1:].isspace() or piece[:1].isspace()) -%}",
-            "{%- set ns.out = ns.out + '\\n' -%}",
-            "{%- endif -%}",
-            "{%- set ns.out = ns.out + piece -%}{%- set ns.prev = kind -%}",
-            "{%- endfor -%}",
-            "{{ ns.out }}",
-            "{%- endif -%}{%- endif -%}{%- endmacro -%}",
+            _RENDER_MACRO,
             "{%- set sys = namespace(text=" + q(template.system) + ") -%}",
             "{%- for m in messages if m['role'] == 'system' -%}"
             "{%- set sys.text = render(m['content']) -%}{%- endfor -%}",

@@ -50,7 +50,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         from components.model import ModelSpec
 
         config = PreprocessConfig(
-            manifest=args.manifest, steps=StepConfig(model=ModelSpec(template=args.template))
+            manifest=args.manifest, steps=StepConfig(model=ModelSpec(**_given(args, "template")))
         )
     else:
         raise SystemExit("preprocess: give --recipe and --stage, or --manifest")
@@ -191,12 +191,12 @@ def _generate_config(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import generate, read_contexts
+    from pipelines.generate import generate, read_annotations
 
     config = _generate_config(args)
-    contexts = read_contexts(args.images, args.captions, args.image_prefix)
+    annotations = read_annotations(args.images, args.captions, args.image_prefix)
     _init_ray(args)
-    summary = generate(contexts, config)
+    summary = generate(annotations, config)
     return 0 if summary["failed"] == 0 else 1
 
 
@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest", help="instead of a recipe: a JSON/JSONL/Parquet manifest or YAML mixture URI"
     )
     p.add_argument(
-        "--template", default="chatml", help="with --manifest: plain, vicuna_v0, vicuna_v1, chatml"
+        "--template",
+        help="with --manifest: plain, vicuna_v0, vicuna_v1, chatml; default: the model's (chatml)",
     )
     p.add_argument("--demo-dir", default="demo_out/data", help="where the tiny profile's demo data lives")
     # where to write, and with what

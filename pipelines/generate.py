@@ -4,7 +4,7 @@
         --types conversation,detail,reasoning --endpoint http://127.0.0.1:8000/v1 --model teacher \\
         --out runs/instruct
 
-Reads top to bottom: contexts and prompt packs on the driver, the Stage-1 naive expansion, then one
+Reads top to bottom: annotations and prompt packs on the driver, the Stage-1 naive expansion, then one
 work item per (image, response type) through ``Teacher`` actors: bounded requests in flight per actor,
 a global rate limit (one token-bucket actor), retries with backoff on 429, 5xx and timeouts. Each
 batch's results are written as they finish (retry-safe names), so a re-run skips every id already
@@ -28,7 +28,7 @@ import ray
 from components import storage
 from components.instruct import (
     TYPES,
-    ImageContext,
+    ImageAnnotations,
     ParseError,
     build_messages,
     load_packs,
@@ -38,7 +38,7 @@ from components.instruct import (
 
 log = logging.getLogger(__name__)
 
-ITEM_SCHEMA = pa.schema([("image_id", pa.string()), ("kind", pa.string()), ("context", pa.string())])
+ITEM_SCHEMA = pa.schema([("image_id", pa.string()), ("kind", pa.string()), ("annotations", pa.string())])
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Teacher:
         return None, error, c.max_retries + 1
 
     def _one(self, item: dict) -> dict:
-        ctx = ImageContext(**json.loads(item["context"]))
+        ctx = ImageAnnotations(**json.loads(item["annotations"]))
         text, error, attempts = self._post(build_messages(self.packs[item["kind"]], ctx))
         result = {"id": f"{ctx.image_id}-{item['kind']}", "kind": item["kind"], "attempts": attempts}
         if text is None:
@@ -174,15 +174,15 @@ def done_ids(out: str) -> set[str]:
     return ids
 
 
-def generate(contexts: list[ImageContext], config: GenerateConfig) -> dict:
+def generate(annotations: list[ImageAnnotations], config: GenerateConfig) -> dict:
     """Generate the missing (image, type) items; write the merged manifest, rejects and a summary."""
     log.info("generate config: %s", json.dumps({k: v for k, v in asdict(config).items()}))  # holds no key
-    brief = naive_expansion(contexts, config.seed)
+    brief = naive_expansion(annotations, config.seed)
     storage.write_text(storage.join(config.out, "brief.jsonl"), "".join(json.dumps(r) + "\n" for r in brief))
     done = done_ids(config.out)
     items = [
-        {"image_id": c.image_id, "kind": k, "context": json.dumps(asdict(c))}
-        for c in contexts
+        {"image_id": c.image_id, "kind": k, "annotations": json.dumps(asdict(c))}
+        for c in annotations
         for k in config.types
         if f"{c.image_id}-{k}" not in done
     ]
@@ -235,12 +235,14 @@ def generate(contexts: list[ImageContext], config: GenerateConfig) -> dict:
     return summary
 
 
-def read_contexts(images: str, captions: str | None = None, image_prefix: str = "") -> list[ImageContext]:
+def read_annotations(
+    images: str, captions: str | None = None, image_prefix: str = ""
+) -> list[ImageAnnotations]:
     """COCO annotation JSON (instances and/or captions) or the plain JSONL form."""
-    from components.instruct import read_coco, read_contexts_jsonl
+    from components.instruct import read_annotations_jsonl, read_coco
 
     if images.endswith(".jsonl"):
-        return read_contexts_jsonl(storage.read_text(images))
+        return read_annotations_jsonl(storage.read_text(images))
     instances = json.loads(storage.read_text(images))
     caps = json.loads(storage.read_text(captions)) if captions else None
     return read_coco(instances, caps, image_prefix)

@@ -216,12 +216,12 @@ class LoadMedia(Step):
                 raise MediaError("unsupported_media", row["sample_id"], key, "images or a video", key)
         sample = parse_sample(record, source=row["source"], default_id=row["sample_id"])
         policy = self.config.media
-        if len(sample.images) > policy.max_images:
+        if len(sample.images) > policy.budget.max_images:
             raise MediaError(
                 "too_many_images",
                 sample.id,
                 "image",
-                f"at most {policy.max_images} images",
+                f"at most {policy.budget.max_images} images",
                 str(len(sample.images)),
             )
         row["modality"] = sample.modality
@@ -230,12 +230,12 @@ class LoadMedia(Step):
             row["image_data"] = list(embedded)
         else:
             row["image_data"] = [
-                self._read(row, f"image[{i}]", p, IMAGE_EXTENSIONS, policy.max_image_bytes)
+                self._read(row, f"image[{i}]", p, IMAGE_EXTENSIONS, policy.budget.max_image_bytes)
                 for i, p in enumerate(sample.images)
             ]
         if sample.video is not None:
             row["video_data"] = self._read(
-                row, "video", sample.video, VIDEO_EXTENSIONS, policy.max_video_bytes
+                row, "video", sample.video, VIDEO_EXTENSIONS, policy.budget.max_video_bytes
             )
         row["embedded_images"] = []
         return row
@@ -265,7 +265,7 @@ class DecodeVideo(Step):
             return row
         video = self.config.processor.video  # the sampling the checkpoint records and serving repeats
         try:
-            clip = video.read(row["video_data"], max_pixels=self.config.media.max_video_pixels)
+            clip = video.read(row["video_data"], max_pixels=self.config.media.budget.max_video_pixels)
         except VideoDecodeError as e:
             kind = "too_large" if isinstance(e, VideoTooLargeError) else "corrupt_video"
             raise MediaError(kind, row["sample_id"], "video", e.expected, e.found) from e
@@ -320,7 +320,7 @@ class TileMedia(Step):
     def _open(self, row: dict, i: int, data: bytes, jpeg_draft: bool = False) -> Image.Image:
         """The image, its size checked against the budget from its header, before it is decoded."""
         sid, field_name = row["sample_id"], f"image[{i}]"
-        budget = self.config.media.max_image_pixels
+        budget = self.config.media.budget.max_image_pixels
         try:
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > budget:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
-from components.model import context_length, load_model, torch_threads
+from components.model import load_model, max_positions, torch_threads
 from components.processor import LlavaProcessor
 from components.resample import warm_up
 from serve.protocol import (
@@ -239,9 +239,9 @@ class Ingress:
         self.config = ServeConfig.from_dict(config)
         self.api_key = os.environ.get(self.config.api_key_env) or None
         # the checkpoint's processor (no weights): its video sampling decodes the frames training saw, and
-        # every prompt is counted here, against the model's context, before it joins a batch
+        # every prompt is counted here, against the model's positions, before it joins a batch
         self.processor = LlavaProcessor.from_pretrained(self.config.checkpoint)
-        self.context = context_length(self.config.checkpoint)
+        self.positions = max_positions(self.config.checkpoint)
         limits = self.config.limits
         # media fetches and decodes in their own bounded pool: a slow upstream delays only its request
         self.media_pool = concurrent.futures.ThreadPoolExecutor(
@@ -299,10 +299,10 @@ class Ingress:
 
     def _parse(self, body) -> ChatRequest:
         """Every check before a request reaches the model: fields, media (fetched, budgeted, decoded with the
-        checkpoint's video sampling), and its prompt's tokens against the context."""
+        checkpoint's video sampling), and its prompt's tokens against the model's positions."""
         limits = self.config.limits
         parsed = parse_chat_request(body, [self.config.model_name], limits, self.processor.video, self.known)
-        check_prompt(parsed, self.processor.count_tokens, self.context, limits)
+        check_prompt(parsed, self.processor.count_tokens, self.positions, limits)
         return parsed
 
     @app.post("/v1/chat/completions")

@@ -4,7 +4,7 @@ No Ray and no FastAPI here: the ingress calls ``parse_body`` and ``parse_chat_re
 ``RequestError`` into an OpenAI-style error body. Everything is checked before a request reaches the
 model: the body's size, nesting and numbers, every field's range and encoding, media budgets (bytes,
 pixels from the header, frames x pixels from the container), and (``check_prompt``) the prompt's tokens
-against the model's context. Media comes as data: URLs; http(s) and s3:// only when allow-listed, with one
+against the model's positions. Media comes as data: URLs; http(s) and s3:// only when allow-listed, with one
 deadline for the whole fetch and no redirect off the allow-list.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from components import storage
 from components.conversation import MEDIA_PLACEHOLDERS, Turn, content_text
 from components.errors import Mismatch
+from components.media import MediaBudget
 from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
 from components.video import VideoDecodeError, VideoTooLargeError
 
@@ -74,6 +76,12 @@ def internal_error(where: str, exc: BaseException) -> dict:
     }
 
 
+SERVING_MEDIA = MediaBudget(
+    max_image_bytes=8 * 1024 * 1024, max_image_pixels=4096 * 4096, max_video_bytes=64 * 1024 * 1024
+)
+"""A request's media budget by default; ``limits: {media: {...}}`` in serve.yaml changes what it names."""
+
+
 @dataclass
 class Limits:
     """What one request may carry."""
@@ -81,15 +89,11 @@ class Limits:
     max_body_bytes: int = 96 * 1024 * 1024
     """The whole request body (413 beyond): room for 12 images of max_image_bytes as base64."""
     max_json_depth: int = 32
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    """Per image, read from its header before it is decoded."""
-    max_images: int = 12
-    max_video_bytes: int = 64 * 1024 * 1024
-    max_video_pixels: int = 32 * 1920 * 1080
-    """Sampled frames x pixels per frame, read from the container before frames are decoded."""
+    media: MediaBudget = SERVING_MEDIA
+    """What a request's media may cost (images and their pixels, read from headers before decoding; the
+    video's bytes, and its sampled frames x pixels per frame, read from the container)."""
     max_prompt_tokens: int | None = None
-    """None: the model's context length (its config) less the request's max_tokens."""
+    """None: the model's positions (max_position_embeddings) less the request's max_tokens."""
     max_new_tokens: int = 512
     """The most a request's max_tokens may ask for."""
     max_stop: int = 4
@@ -100,6 +104,10 @@ class Limits:
     """One deadline for a whole fetch (connect, redirects, every read)."""
     fetch_concurrency: int = 4
     """Fetches and decodes in flight at once (their own threads: a slow upstream delays only its request)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.media, dict):
+            self.media = dataclasses.replace(SERVING_MEDIA, **self.media)
 
 
 @dataclass
@@ -294,10 +302,10 @@ def _image(data: bytes, limits: Limits, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         pixels = image.width * image.height
-        if pixels > limits.max_image_pixels:
+        if pixels > limits.media.max_image_pixels:
             raise RequestError(
                 param,
-                f"at most {limits.max_image_pixels} pixels",
+                f"at most {limits.media.max_image_pixels} pixels",
                 f"{image.width}x{image.height}",
                 status=413,
                 code="too_large",
@@ -318,10 +326,11 @@ def _valid_text(text: str, param: str) -> None:
         raise RequestError(param, "valid Unicode text", f"a lone surrogate at {e.start}") from e
 
 
-def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limits) -> int:
-    """The prompt's tokens (text and media, as the model will see them) against the context: 400 with
-    code context_length_exceeded when the prompt and max_tokens do not fit. Returns the count."""
-    budget = limits.max_prompt_tokens or context - request.max_new_tokens
+def check_prompt(request: ChatRequest, count_tokens, positions: int, limits: Limits) -> int:
+    """The prompt's tokens (text and media, as the model will see them) against the model's positions:
+    400 with OpenAI's code context_length_exceeded when the prompt and max_tokens do not fit. Returns the
+    count."""
+    budget = limits.max_prompt_tokens or positions - request.max_new_tokens
     chars = sum(len(t.text) for t in request.prompt.turns)
     if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
         raise RequestError(
@@ -334,7 +343,8 @@ def check_prompt(request: ChatRequest, count_tokens, context: int, limits: Limit
     if count > budget:
         raise RequestError(
             "messages",
-            f"at most {budget} prompt tokens (context {context} less max_tokens {request.max_new_tokens})",
+            f"at most {budget} prompt tokens ({positions} positions less max_tokens "
+            f"{request.max_new_tokens})",
             str(count),
             code="context_length_exceeded",
         )
@@ -408,15 +418,15 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
     if role != "user":
         raise RequestError(pparam, "media only in user messages", f"it in a {role} message")
     if kind == "image_url":
-        if len(media.images) >= limits.max_images:
+        if len(media.images) >= limits.media.max_images:
             raise RequestError(
                 pparam,
-                f"at most {limits.max_images} images",
+                f"at most {limits.media.max_images} images",
                 "more",
                 status=413,
                 code="too_many_images",
             )
-        data = _fetch(_url_of(part, "image_url", pparam), limits, limits.max_image_bytes, pparam)
+        data = _fetch(_url_of(part, "image_url", pparam), limits, limits.media.max_image_bytes, pparam)
         digest = hashlib.sha256(data).hexdigest()
         size = media.known.get(("image", digest)) if media.known is not None else None
         if size is None:  # first sight: decoded (that validates it), and sent decoded
@@ -429,7 +439,7 @@ def _parse_part(part, pparam: str, role: str, limits: Limits, sampling: VideoSam
     else:
         if media.video is not None:
             raise RequestError(pparam, "at most one video", "a second")
-        data = _fetch(_url_of(part, "video_url", pparam), limits, limits.max_video_bytes, pparam)
+        data = _fetch(_url_of(part, "video_url", pparam), limits, limits.media.max_video_bytes, pparam)
         digest = hashlib.sha256(data).hexdigest()
         key = ("video", digest, sampling)
         frames = media.known.get(key) if media.known is not None else None
@@ -477,7 +487,7 @@ def _parse_message(message, param: str, limits: Limits, sampling: VideoSampling,
 def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
     """The video's frames as the checkpoint was trained (its sampling); 413 past the frame budget."""
     try:
-        return sampling.read(data, max_pixels=limits.max_video_pixels).frames
+        return sampling.read(data, max_pixels=limits.media.max_video_pixels).frames
     except VideoTooLargeError as e:
         raise RequestError(*e.about(param), status=413, code="too_large") from e
     except VideoDecodeError as e:

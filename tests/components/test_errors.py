@@ -9,7 +9,7 @@ import json
 import pytest
 
 from components.errors import Mismatch
-from components.instruct import ImageContext, ParseError, parse_response
+from components.instruct import ImageAnnotations, ParseError, parse_response
 from components.manifest import ManifestError, read_records
 from components.media import DeadlineExceeded
 from components.video import VideoDecodeError, read_frames
@@ -78,7 +78,7 @@ def test_manifest_teacher_and_deadline_errors(tmp_path):
         read_records(str(bad), "bad")
     assert str(caught.value) == f"{bad}: expected a JSON list of records, found unreadable JSON at line 1"
     with pytest.raises(ParseError) as parsed:
-        parse_response("detail", "Too short.", ImageContext("img1", "a.png", ["A cat."]))
+        parse_response("detail", "Too short.", ImageAnnotations("img1", "a.png", ["A cat."]))
     assert str(parsed.value) == (
         "sample 'img1-detail', response 'detail': expected a descriptive paragraph of 5 words or more, "
         "found 'Too short.'"

@@ -1,20 +1,21 @@
-"""Instruction-data generation: COCO contexts, naive expansion, prompts, and parsing of recorded responses."""
+"""Instruction-data generation: COCO annotations, naive expansion, prompts, and parsing of recorded
+responses."""
 
 import pytest
 
 from components.conversation import parse_sample
 from components.instruct import (
     DEFAULT_PACKS,
-    ImageContext,
+    ImageAnnotations,
     ParseError,
     build_messages,
     naive_expansion,
     parse_response,
+    read_annotations_jsonl,
     read_coco,
-    read_contexts_jsonl,
 )
 
-CTX = ImageContext(
+CTX = ImageAnnotations(
     "42",
     "coco/000042.jpg",
     ["A dog sits on a red sofa.", "A brown dog rests indoors."],
@@ -63,7 +64,7 @@ def test_read_coco_normalizes_boxes_and_joins_captions():
     assert ctx.image == "coco/000007.jpg" and ctx.captions == ["A cat."]
     assert ctx.boxes == [("cat", [0.1, 0.1, 0.6, 0.6])]
     assert "cat: [0.100, 0.100, 0.600, 0.600]" in ctx.symbolic()
-    (j,) = read_contexts_jsonl(
+    (j,) = read_annotations_jsonl(
         '{"id": "a", "image": "a.jpg", "captions": ["x"], "boxes": [{"category": "c", "bbox": [0, 0, 1, 1]}]}'
     )
     assert j.boxes == [("c", [0.0, 0.0, 1.0, 1.0])]
@@ -79,7 +80,7 @@ def test_naive_expansion_is_deterministic_and_valid():
         assert first.startswith("<image>\n") or first.endswith("\n<image>")
 
 
-def test_messages_are_system_then_seed_examples_then_the_context():
+def test_messages_are_system_then_seed_examples_then_the_annotations():
     messages = build_messages(DEFAULT_PACKS["conversation"], CTX)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[-1]["content"] == CTX.symbolic()

@@ -47,9 +47,8 @@ def _loads_in_transformers(record: dict) -> str:
     """A stage's export loads with AutoModelForImageTextToText alone, no missing or unexpected keys, and
     gives the logits that the model being trained gave on a fixed batch (its processor's probe), which the
     stage wrote before it saved the export (``probe_logits.safetensors``): an independent reference, so a
-    weight or a config field lost on export (LlavaNext's ``image_newline``, its unpadding) shows. Checked
-    once with ``model.image_newline`` zeroed in the saved state (components.model.save_model): the HD
-    recipe's logits differed and this test failed. Returns the class name."""
+    weight or a config field lost on export (LlavaNext's ``image_newline``, its unpadding) shows. Fails with
+    ``model.image_newline`` zeroed in the saved state. Returns the class name."""
     from safetensors.torch import load as load_tensors
     from transformers import AutoModelForImageTextToText
 

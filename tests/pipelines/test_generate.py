@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from components.instruct import ImageContext
+from components.instruct import ImageAnnotations
 from pipelines.generate import GenerateConfig, generate
 from pipelines.preprocess import PreprocessConfig, preprocess
 from tests.conftest import free_port
@@ -27,7 +27,7 @@ RESPONSES = {
 
 
 class FaultyTeacher:
-    """An OpenAI-compatible chat endpoint that fails on purpose: per context, a 429, a 500, a slow reply."""
+    """An OpenAI-compatible chat endpoint that fails on purpose: per image, a 429, a 500, a slow reply."""
 
     def __init__(self, faults=True, down_for=()):
         self.calls = Counter()
@@ -43,7 +43,7 @@ class FaultyTeacher:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 system = body["messages"][0]["content"]
-                context = body["messages"][-1]["content"]
+                annotations = body["messages"][-1]["content"]
                 kind = (
                     "conversation"
                     if "conversation" in system
@@ -51,12 +51,12 @@ class FaultyTeacher:
                     if "paragraph" in system
                     else "reasoning"
                 )
-                key = (context, kind)
+                key = (annotations, kind)
                 with teacher.lock:
                     teacher.calls[key] += 1
                     n = teacher.calls[key]
-                color, shape = context.split("\n")[0].split(" ")[1:3]
-                if any(f"id={i};" in context for i in teacher.down_for):
+                color, shape = annotations.split("\n")[0].split(" ")[1:3]
+                if any(f"id={i};" in annotations for i in teacher.down_for):
                     return self._send(503, {"error": "down"})
                 if teacher.faults and n == 1:
                     return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
@@ -91,21 +91,23 @@ class FaultyTeacher:
         self.server.shutdown()
 
 
-def contexts(demo_dir):
+def annotations(demo_dir):
     root, manifests = demo_dir
     out = []
     for line in open(manifests["stage1_captions"]):
         r = json.loads(line)
         caption = r["conversations"][1]["value"]
         out.append(
-            ImageContext(r["id"], r["image"], [caption, f"id={r['id']};"], [("shape", [0.1, 0.1, 0.8, 0.8])])
+            ImageAnnotations(
+                r["id"], r["image"], [caption, f"id={r['id']};"], [("shape", [0.1, 0.1, 0.8, 0.8])]
+            )
         )
     return out
 
 
 def test_retries_then_resume_generates_only_missing_ids(demo_dir, ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", "sk-test-secret")
-    ctxs = contexts(demo_dir)
+    ctxs = annotations(demo_dir)
     down = {c.image_id for c in ctxs[::2]}
     teacher = FaultyTeacher(faults=True, down_for=down)
     config = GenerateConfig(
@@ -166,7 +168,7 @@ def test_plumbing_against_the_project_serve_app(demo_dir, ray_local, tmp_path):
         route_prefix="/",
     )
     try:
-        ctxs = contexts(demo_dir)[:3]
+        ctxs = annotations(demo_dir)[:3]
         config = GenerateConfig(
             endpoint=f"http://127.0.0.1:{port}/v1",
             model="llava-ray",

@@ -12,14 +12,16 @@ from components import storage
 from components.anyres import normalize_tiles
 from components.conversation import parse_sample
 from components.manifest import load_mixture
-from components.media import MediaPolicy
+from components.media import MediaBudget, MediaPolicy
 from components.model import build_tokenizer
 from components.processor import LlavaProcessor
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.steps import StepConfig, read_rejects
 from tests.conftest import make_h264, upload_tree
 
-POLICY = MediaPolicy(max_video_pixels=2_000_000)  # the demo's clips pass; 3 frames of 1280x720 do not
+POLICY = MediaPolicy(
+    budget=MediaBudget(max_video_pixels=2_000_000)
+)  # the demo's clips pass; 3 frames of 1280x720 do not
 
 
 def _mixture(root, extra=""):

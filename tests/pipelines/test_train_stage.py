@@ -199,12 +199,11 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
 
     The rows stream through Ray Data (the large-data path): each rank keeps its positions in the shards'
     order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
-    per-step loss and token count of an uninterrupted run of the same seed, exactly (fp32, CPU). Checked
-    once with the resume switched off (StageWorker.resume returning step 0 without loading the
-    checkpoint): the attempts started at [0, 0, 0, 0] and this test failed; Ray Data's arrival order (a
-    streaming_split) gives no such guarantee. The stage's MLflow run (a real server) holds exactly one
+    per-step loss and token count of an uninterrupted run of the same seed, exactly (fp32, CPU); fails with
+    StageWorker.resume returning step 0 (Ray Data's arrival order, a streaming_split, would give no such
+    guarantee). The stage's MLflow run (a real server) holds exactly one
     loss curve, steps 1-4 (none twice, none lost), the mixture manifest and the resolved plan, and ends
-    FINISHED. This test also guards the streamed path's resume that a separate two-worker test did."""
+    FINISHED."""
     root, _ = demo_dir
     # 3 workers x 0.25 CPU leave a CPU for the Ray Data reads that each rank's stream runs (at 0.5 each, the
     # reads waited for a CPU that never came); a stall fails within 120 s instead of at the test's timeout

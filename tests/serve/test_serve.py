@@ -134,10 +134,8 @@ def endpoint(ray_local, checkpoint, upstream):
         replica_cpus=0.25,
         api_key_env="LLAVA_RAY_NO_SUCH_KEY",
         limits={
-            "max_images": 3,
-            "max_image_pixels": 1000 * 1000,
+            "media": {"max_images": 3, "max_image_pixels": 1000 * 1000, "max_image_bytes": 200_000},
             "max_new_tokens": 64,
-            "max_image_bytes": 200_000,
             "max_body_bytes": 1_000_000,
             "allowed_media_prefixes": [upstream.url + "/"],
             "fetch_timeout_s": 4,
@@ -682,9 +680,8 @@ def test_lmms_evals_openai_backend_gets_our_own_evaluations_answers(
     item of the demo's held-out split: each question sent as its text reads (text and media parts
     interleaved; the video as a video_url from an allow-listed host, ``pass_video_url``), 8 tokens, greedy.
     Every answer equals our own evaluation's (components/evaluation.py, the checkpoint in this process,
-    each item alone) on the same item, for text, single image, multi-image, multi-view and video. Checked
-    once with the endpoint joining parts by newlines (the old rule): the multi-image items' answers
-    differed and this test failed."""
+    each item alone) on the same item, for text, single image, multi-image, multi-view and video. Fails
+    with the endpoint joining parts by newlines."""
     import json
     import shutil
 
