@@ -309,14 +309,23 @@ class LlavaProcessor:
         return self.prompt_row(Prompt([Turn("user", IMAGE_PLACEHOLDER)], [blank], id="blank-image"))
 
     def probe_batch(self) -> dict:
-        """A fixed batch (an image question and a text question) every rank builds identically: used to
-        check that an export gives the logits of the model that trained it."""
+        """A fixed batch every rank builds identically, one row per path the architecture takes: an image
+        question, two images, a video (where it takes video) and text. It checks that an export gives the
+        logits of the model that trained it, so an export field that only one path reads shows."""
         image = Image.new("RGB", (150, 100), (245, 245, 245))
         ImageDraw.Draw(image).ellipse((30, 10, 110, 90), fill=(220, 30, 30))
+        other = Image.new("RGB", (90, 120), (20, 20, 40))
+        ImageDraw.Draw(other).rectangle((10, 30, 70, 90), fill=(40, 200, 60))
         rows = [
             self.prompt_row(Prompt([Turn("user", "<image>\nWhat color is the circle?")], [image])),
-            self.prompt_row(Prompt([Turn("user", "What is two plus three?")])),
+            self.prompt_row(Prompt([Turn("user", "<image>\n<image>\nWhich has a square?")], [image, other])),
         ]
+        if self.arch.takes_video:
+            frames = np.zeros((4, 64, 80, 3), dtype=np.uint8)
+            for k in range(4):  # a square moving right, red then blue
+                frames[k, 20:44, 8 + 12 * k : 32 + 12 * k] = (220, 30, 30) if k < 2 else (30, 30, 220)
+            rows.append(self.prompt_row(Prompt([Turn("user", "<video>\nWhere does it go?")], [], frames)))
+        rows.append(self.prompt_row(Prompt([Turn("user", "What is two plus three?")])))
         return self.collate(rows)
 
     # ---- save / load ---------------------------------------------------------------------------

@@ -29,6 +29,9 @@ class TrackingConfig:
     experiment: str = "llava-ray"
     artifact_location: str | None = None
     """Where a new experiment's artifacts go; for a local store, beside its database."""
+    system_metrics_s: float = 10.0
+    """Seconds between samples of the training node's CPU, memory, disk, network and GPU (MLflow's own
+    system-metrics monitor, in each stage's run, from rank 0's node); 0: none."""
 
     def resolved(self) -> tuple[str, str | None]:
         """(tracking URI, artifact location) with a local directory turned into a sqlite store."""
@@ -71,6 +74,8 @@ class NoopTracker:
     def end_run(self, status: str = "FINISHED") -> None: ...
     def resume_run(self) -> None: ...
     def fail(self, error: BaseException) -> None: ...
+    def start_system_metrics(self) -> None: ...
+    def stop_system_metrics(self) -> None: ...
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -101,6 +106,27 @@ class MlflowTracker(NoopTracker):
         else:
             self.experiment_id = experiment.experiment_id
         self.run_id = run_id
+        self.monitor = None
+
+    def start_system_metrics(self) -> None:
+        """MLflow's system-metrics monitor on this run ("system/..." metrics: CPU, memory, disk, network,
+        and the GPU where NVML is present), sampling this node every ``system_metrics_s``."""
+        if not self.config.system_metrics_s or self.monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.config.system_metrics_s,
+            resume_logging=True,  # a resumed attempt continues the run's system-metric steps
+            tracking_uri=self.config.resolved()[0],
+        )
+        self.monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
     def start_run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str:
         all_tags = dict(tags or {})

@@ -1,7 +1,18 @@
-"""`llava-ray`: the command line. Each subcommand is a thin wrapper over a pipeline or component.
+"""llava-ray trains the LLaVA family (LLaVA, LLaVA-1.5, LLaVA-NeXT-Interleave, LLaVA-OneVision) in stages
+on Ray, and serves the result behind an OpenAI-compatible endpoint.
 
-Each subcommand imports what it runs inside its own function: `llava-ray --help`, `status` and a bad
-argument answer without starting or loading Ray, DeepSpeed or MLflow for commands not run."""
+A first run, on this machine (tiny models, demo data, no GPU needed):
+
+  llava-ray demo                                          the whole OneVision curriculum, evaluated and served
+  llava-ray run --recipe llava_onevision --run-id r1      a recipe through its stages (re-run: resumes)
+  llava-ray serve --checkpoint runs/r1/stage2_ov/hf       the last stage's export behind /v1/chat/completions
+
+Then: `llava-ray status r1` shows each stage and a running stage's step, loss and ETA; `llava-ray submit`
+runs the same on a cluster. Docs: README.md (start here), cluster/README.md (KubeRay, ray up, spot
+nodes), docs/SCALING.md (GPU-hours, memory), benchmarks/RESULTS.md."""
+
+# Each subcommand imports what it runs inside its own function: --help, status and a bad argument answer
+# without starting or loading Ray, DeepSpeed or MLflow.
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -72,6 +84,7 @@ PIPELINE_FLAGS = (
     "seed",
     "workers",
     "placement",
+    "progress_every_s",
 )
 """The run flags that map one to one onto PipelineConfig's fields (their defaults are the dataclass's)."""
 
@@ -119,18 +132,25 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from components import storage
+    from components.progress import clock
     from pipelines.layout import RunLayout
 
-    uri = RunLayout(args.storage, args.run_id).state
-    if not storage.exists(uri):
-        print(f"run {args.run_id!r}: expected a state file at {uri}, found none")
+    layout = RunLayout(args.storage, args.run_id)
+    if not storage.exists(layout.state):
+        print(f"run {args.run_id!r}: expected a state file at {layout.state}, found none")
         return 1
-    state = json.loads(storage.read_text(uri))
+    state = json.loads(storage.read_text(layout.state))
     print(f"{'node':26s} {'status':10s} output")
     for name, node in state["nodes"].items():
-        print(
-            f"{name:26s} {node.get('status', '-'):10s} {node.get('hf_uri') or node.get('output_uri') or ''}"
-        )
+        status = node.get("status", "-")
+        print(f"{name:26s} {status:10s} {node.get('hf_uri') or node.get('output_uri') or ''}")
+        progress = layout.stage(name.split(":", 1)[1]).progress if name.startswith("train:") else None
+        if status == "started" and progress and storage.exists(progress):
+            p = json.loads(storage.read_text(progress))
+            print(
+                f"{'':26s} step {p['step']}/{p['total']}, loss {p['loss']:.4f}, ETA {clock(p.get('eta_s'))}, "
+                f"world {p['world']}, {clock(time.time() - p['time'])} ago"
+            )
     return 0
 
 
@@ -236,12 +256,19 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no Ray: every node in this process, training on one rank (small runs, debugging)",
     )
+    p.add_argument(
+        "--progress-every-s",
+        type=float,
+        help="away from a terminal, a progress line this often (default 30 s); a terminal gets a live bar",
+    )
     p.add_argument("--address", help="a Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-ray", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llava-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="write the deterministic demo world (JSONL + media + Parquet)")

@@ -61,6 +61,9 @@ class PipelineConfig:
     """Run every node in this process, without Ray: preprocessing in-process and training on one rank
     (the global batch kept by accumulation). For small runs, debugging and a machine without a cluster;
     the run state, MLflow runs, exports and resume are the same."""
+    progress_every_s: float = 30.0
+    """Away from a terminal (CI, ``ray job logs``, a file), a progress line this often; a terminal gets a
+    live bar."""
     step_hooks: dict[str, tuple[StepHook, ...]] = field(default_factory=dict)
     """Per stage name, hooks run on every rank after each step (tests inject faults with them)."""
 
@@ -299,6 +302,7 @@ def _train(recipe, stage, stage_layout, cfg, state, tracking, parent, *, init_fr
         max_failures=cfg.max_failures,
         step_hooks=cfg.step_hooks.get(stage.name, ()),
         local=cfg.local,
+        progress_every_s=cfg.progress_every_s,
     )
     state.set(
         name,

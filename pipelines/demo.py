@@ -40,7 +40,6 @@ def run_demo(out: str, num_cpus: int = 2, seed: int = 0) -> int:
     data = ensure_demo_data(os.path.join(out, "data"))
     tracking = os.path.join(out, "mlflow")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     config = PipelineConfig(
         recipe="llava_onevision",
         profile="tiny",

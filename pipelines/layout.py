@@ -9,7 +9,7 @@ status command and the demo, so that no two places build the same path.
         <stage>/
             data/  rejects/  mixture.json  summary.json     preprocessing's output
             train/                                          Ray Train's checkpoints (its run name: "train")
-            history/  probe_logits.safetensors  hf/  result.json
+            plan.json  progress.json  history/  probe_logits.safetensors  hf/  result.json
 """
 
 from __future__ import annotations
@@ -65,6 +65,17 @@ class StageLayout:
     @property
     def result(self) -> str:
         return storage.join(self.root, "result.json")
+
+    @property
+    def plan(self) -> str:
+        """The stage's resolved plan, written by the driver before it trains."""
+        return storage.join(self.root, "plan.json")
+
+    @property
+    def progress(self) -> str:
+        """Rank 0's last step (step, total, loss, tokens/s, elapsed, ETA, world), rewritten every step:
+        ``llava-ray status`` reads it from any machine that reads the storage."""
+        return storage.join(self.root, "progress.json")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -122,9 +123,8 @@ def build_dataset(config: PreprocessConfig, rejects_uri: str, entries: list[Entr
     table = work_table(entries)
     n_blocks = input_blocks(len(entries), config)
     ds = ray.data.from_arrow([table.take(list(range(j, len(entries), n_blocks))) for j in range(n_blocks)])
-    ds.context.execution_options.preserve_order = (
-        True  # same seed, same order (this dataset, not the process's)
-    )
+    ds.context.execution_options.preserve_order = True  # same seed, same order (this dataset only)
+    ds.context.enable_progress_bars = sys.stderr.isatty()  # Ray Data's bars on a terminal, no log lines
     pool = ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
     common = {"batch_format": "pyarrow", "batch_size": config.batch_size, "compute": pool}
     if config.fuse:
@@ -166,11 +166,13 @@ def summarize(entries: list[Entry], accepted: int, rejects_uri: str) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    lines = [f"{'read':>10s} {summary['read']:8d}", f"{'accepted':>10s} {summary['accepted']:8d}"]
-    lines.append(f"{'rejected':>10s} {summary['rejected']:8d}")
+def format_summary(summary: dict, name: str = "preprocess") -> str:
+    """One line (rows kept, rejected, time), then one per reject reason."""
+    seconds = f" in {summary['seconds']:.1f} s" if "seconds" in summary else ""
+    kept, read, rejected = summary["accepted"], summary["read"], summary["rejected"]
+    lines = [f"{name}: {kept} of {read} rows kept, {rejected} rejected{seconds}"]
     for reason, n in summary["rejected_by_reason"].items():
-        lines.append(f"{'':>12s}{reason:24s} {n:6d}")
+        lines.append(f"  rejected {n:6d}  {reason}")
     return "\n".join(lines)
 
 
@@ -213,7 +215,7 @@ def preprocess(config: PreprocessConfig, out: StageLayout | str, *, local: bool 
     summary["seconds"] = round(time.monotonic() - start, 2)
     summary["mixture_digest"] = mixture_manifest(entries)["digest"]
     storage.write_text(out.preprocess_summary, json.dumps(summary, indent=1))
-    print(format_summary(summary))
+    print(format_summary(summary, f"preprocess {out.root}"))
     return summary
 
 

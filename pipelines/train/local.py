@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from components import storage
+from components.progress import ProgressPrinter
 from pipelines.train.plan import StagePlan
 from pipelines.train.worker import StageWorker, StepHook
 
@@ -41,8 +42,9 @@ class LocalContext:
 
     ends_process = False
 
-    def __init__(self, root: str, rank: int = 0, world: int = 1):
+    def __init__(self, root: str, rank: int = 0, world: int = 1, printer: ProgressPrinter | None = None):
         self.root, self.rank, self.world = storage.absolute(root), rank, world
+        self.printer = printer
 
     def note(self, phase: str) -> None:
         pass
@@ -68,6 +70,10 @@ class LocalContext:
     def report(self, metrics: dict, directory: str) -> None:
         storage.upload_dir(directory, storage.join(self.root, str(metrics["step"])))
 
+    def progress(self, record: dict) -> None:
+        if self.printer is not None:
+            self.printer.update(record)
+
     def row_source(self, plan: StagePlan):
         raise ValueError(
             f"stage {plan.stage.name}: a local run has no Ray Data to stream with: expected data_mode "
@@ -75,11 +81,13 @@ class LocalContext:
         )
 
 
-def fit_here(plan: StagePlan, step_hooks: Sequence[StepHook] = ()) -> str | None:
+def fit_here(
+    plan: StagePlan, step_hooks: Sequence[StepHook] = (), printer: ProgressPrinter | None = None
+) -> str | None:
     """The stage in this process, one rank, no Ray Train; returns its last checkpoint's URI. The caller's
     torch thread count is restored afterwards."""
     init_one_rank_group(plan.recipe.use_gpu)
-    context = LocalContext(storage.join(plan.layout.checkpoints, "local"))
+    context = LocalContext(storage.join(plan.layout.checkpoints, "local"), printer=printer)
     threads = torch.get_num_threads()
     try:
         StageWorker(plan, context, step_hooks).train()

@@ -22,6 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from components import storage
+from components.progress import ProgressPrinter
 from pipelines.train.data import Step, steps_of
 from pipelines.train.net import bind_to_address
 from pipelines.train.plan import StagePlan
@@ -101,6 +102,10 @@ class RayTrainContext:
     def report(self, metrics: dict, directory: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
+    def progress(self, record: dict) -> None:
+        if self.board is not None:
+            self.board.progress.remote(record)
+
     def row_source(self, plan: StagePlan) -> StreamedSteps:
         return StreamedSteps(plan, self.rank, self.world)
 
@@ -116,10 +121,11 @@ def _bind_here() -> dict[str, str]:
     return bind_to_address(ray.util.get_node_ip_address())
 
 
-def _waited_in_python(fn: Callable[[], Any]) -> Any:
-    """``fn()`` in a daemon thread, waited for in short joins. A ``ray.get`` runs no signal handler until its
-    object arrives, so a driver blocked in ``fit()`` would ignore Ctrl-C and a test's timeout for a whole
-    stage; waiting here keeps this thread in Python, where both are handled."""
+def _waited_in_python(fn: Callable[[], Any], every_s: Callable[[], None] = lambda: None) -> Any:
+    """``fn()`` in a daemon thread, waited for in short joins, calling ``every_s()`` about once a second. A
+    ``ray.get`` runs no signal handler until its object arrives, so a driver blocked in ``fit()`` would
+    ignore Ctrl-C and a test's timeout for a whole stage; waiting here keeps this thread in Python, where
+    both are handled."""
     out: dict = {}
 
     def run() -> None:
@@ -130,8 +136,12 @@ def _waited_in_python(fn: Callable[[], Any]) -> Any:
 
     worker = threading.Thread(target=run, name="llava-ray-fit", daemon=True)
     worker.start()
+    polled = time.monotonic()
     while worker.is_alive():
         worker.join(0.2)
+        if time.monotonic() - polled >= 1.0:
+            every_s()
+            polled = time.monotonic()
     if "error" in out:
         raise out["error"]
     return out["result"]
@@ -164,7 +174,10 @@ def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
 
 
 def fit_on_ray(
-    plan: StagePlan, max_failures: int, step_hooks: Sequence[StepHook] = ()
+    plan: StagePlan,
+    max_failures: int,
+    step_hooks: Sequence[StepHook] = (),
+    printer: ProgressPrinter | None = None,
 ) -> tuple[str | None, list]:
     """The TorchTrainer of the stage; returns its last checkpoint's URI and where each rank of each attempt
     ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
@@ -193,8 +206,17 @@ def fit_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
+
+    def show_progress() -> None:  # what rank 0 last reported, on this console
+        if printer is not None:
+            with contextlib.suppress(Exception):
+                record = ray.get(board.latest.remote(), timeout=5)
+                if record:
+                    printer.update(record)
+
     try:
-        result = _waited_in_python(trainer.fit)
+        result = _waited_in_python(trainer.fit, show_progress)
+        show_progress()
         placements = ray.get(board.placements.remote())
     except Exception as e:
         last, stalls = ray.get(board.read.remote())

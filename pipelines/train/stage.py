@@ -20,6 +20,7 @@ from components import storage
 from components.evaluation import evaluate, format_report
 from components.manifest import parent_uri
 from components.model import load_model
+from components.progress import ProgressPrinter
 from components.tracking import TrackingConfig, loss_curve_png, make_tracker
 from pipelines.layout import StageLayout
 from pipelines.preprocess import shards_dataset
@@ -70,10 +71,12 @@ def train_stage(
     max_failures: int = 1,
     step_hooks: Sequence[StepHook] = (),
     local: bool = False,
+    progress_every_s: float = 30.0,
 ) -> dict:
     """Train one stage; returns its record (steps, final loss, checkpoint and HF URIs, MLflow run, eval).
     ``mlflow_run_id``: the stage's run from an interrupted attempt, continued (one curve, one run).
     ``step_hooks``: called on every rank after each step (pipelines/train/worker.py's StepHook).
+    ``progress_every_s``: away from a terminal, a progress line this often (a terminal gets a live bar).
     ``local``: in this process on one rank (the recipe's workers must be 1), no Ray: small runs, debugging,
     a machine without a cluster; an interrupted local stage resumes from its last checkpoint too."""
     start = time.monotonic()
@@ -91,15 +94,17 @@ def train_stage(
             )
         plan = _plan(recipe, stage, layout, init_from, local, tracking, tracker.run_id)
         _log_plan(plan, tracker)
-        if local:
-            checkpoint_uri, placements = (
-                fit_here(plan, step_hooks),
-                [{"rank": 0, "node_id": None, "node_ip": "local"}],
-            )
-        else:
-            from pipelines.train.on_ray import fit_on_ray  # Ray only where the stage runs on it
+        printer = ProgressPrinter(stage.name, plan.total_steps, every_s=progress_every_s)
+        try:
+            if local:
+                checkpoint_uri = fit_here(plan, step_hooks, printer)
+                placements = [{"rank": 0, "node_id": None, "node_ip": "local"}]
+            else:
+                from pipelines.train.on_ray import fit_on_ray  # Ray only where the stage runs on it
 
-            checkpoint_uri, placements = fit_on_ray(plan, max_failures, step_hooks)
+                checkpoint_uri, placements = fit_on_ray(plan, max_failures, step_hooks, printer)
+        finally:
+            printer.close()
         record = _finish(recipe, plan, tracker, checkpoint_uri)
         record["workers"] = placements
     except BaseException as e:
@@ -134,8 +139,11 @@ def _plan(recipe, stage, layout, init_from, local, tracking, run_id) -> StagePla
 
 
 def _log_plan(plan: StagePlan, tracker) -> None:
-    resolved = plan.resolved()
-    log.info("stage %s resolved plan: %s", plan.stage.name, json.dumps(resolved, default=str))
+    """The resolved plan to the stage's storage (plan.json) and to MLflow (params, and the JSON as an
+    artifact); the console gets its gist."""
+    resolved = json.loads(json.dumps(plan.resolved(), default=str))
+    storage.write_text(plan.layout.plan, json.dumps(resolved, indent=1))
+    print(plan_summary(plan), flush=True)
     tracker.log_params(
         {
             "stage": asdict(plan.stage),
@@ -146,9 +154,21 @@ def _log_plan(plan: StagePlan, tracker) -> None:
             "data_mode": plan.data_mode,
         }
     )
-    tracker.log_dict(json.loads(json.dumps(resolved, default=str)), "resolved_config.json")
+    tracker.log_dict(resolved, "plan.json")
     if storage.exists(plan.layout.mixture):
         tracker.log_dict(json.loads(storage.read_text(plan.layout.mixture)), "mixture.json")
+
+
+def plan_summary(plan: StagePlan) -> str:
+    """Two lines: the batch arithmetic and the stage's shape, and where the whole plan is."""
+    recipe, stage = plan.recipe, plan.stage
+    epochs = plan.total_steps / plan.steps_per_epoch
+    return (
+        f"stage {stage.name}: {recipe.workers} workers x {stage.micro_batch} micro-batch x "
+        f"{plan.grad_accum} accumulation = {plan.rows_per_step * recipe.workers} global batch; "
+        f"{plan.total_steps} steps ({epochs:.3g} epochs); data {plan.data_mode}; ZeRO-{stage.zero_stage}\n"
+        f"stage {stage.name}: the resolved plan is in {plan.layout.plan}"
+    )
 
 
 def _finish(recipe: Recipe, plan: StagePlan, tracker, checkpoint_uri: str | None) -> dict:

@@ -26,6 +26,7 @@ class ProgressBoard:
         self.last: dict[int, tuple[str, float]] = {}
         self.stalls: dict[int, str] = {}
         self.placed: list[dict] = []
+        self.last_progress: dict | None = None
 
     def place(self, rank: int, node_id: str, node_ip: str, at: float) -> None:
         """Where a rank's worker runs: recorded by each rank of each attempt, in the stage's record."""
@@ -33,6 +34,13 @@ class ProgressBoard:
 
     def placements(self) -> list[dict]:
         return self.placed
+
+    def progress(self, record: dict) -> None:
+        """Rank 0's progress record of its last step (the driver's console shows it)."""
+        self.last_progress = record
+
+    def latest(self) -> dict | None:
+        return self.last_progress
 
     def note(self, rank: int, phase: str, at: float) -> None:
         self.last[rank] = (phase, at)

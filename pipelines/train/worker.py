@@ -35,6 +35,7 @@ from components.model import (
     set_trainable,
 )
 from components.processor import LlavaProcessor
+from components.progress import eta_s
 from components.tracking import make_tracker
 from pipelines.train.data import InMemorySteps, RowSource, Step
 from pipelines.train.plan import StagePlan, cosine_with_warmup, deepspeed_config
@@ -63,6 +64,9 @@ class RankContext(Protocol):
 
     def report(self, metrics: dict, directory: str) -> None:
         """Publish a checkpoint written to ``directory`` with its step's metrics."""
+
+    def progress(self, record: dict) -> None:
+        """Rank 0's progress after a step, for the driver's console."""
 
     def row_source(self, plan: StagePlan) -> RowSource:
         """Where this rank's rows come from (the plan's data mode)."""
@@ -103,12 +107,25 @@ class StageWorker:
         step = self.resume(ds_model)
         self.setup_step(ds_model, optimizer, processor, start_step=step)
         tracker, history = self.tracker(), []
+        tracker.start_system_metrics()
+        try:
+            self._steps_until_done(ds_model, source, tracker, history, step)
+        finally:
+            tracker.stop_system_metrics()
+        progress("exporting the HF checkpoint")
+        self.export(ds_model, processor)
+
+    def _steps_until_done(self, ds_model, source: RowSource, tracker, history: list[dict], step: int) -> None:
+        """Every step left, each logged, checkpointed when due, and followed by the step hooks."""
+        plan, progress = self.plan, self.progress
         while step < plan.total_steps:
             for micro_batches, waited, last_end in self._steps(source, step):
                 progress(f"step {step + 1}")
                 step, metrics = self.train_step(micro_batches, step, waited, last_end)
                 history.append(metrics)
                 tracker.log_metrics(_loggable(metrics), step=step)
+                if self.rank == 0:
+                    self.report_progress(metrics)
                 if step % plan.stage.checkpoint_every == 0 or step == plan.total_steps:
                     progress(f"saving the checkpoint of step {step}")
                     self.save_checkpoint(ds_model, step, metrics, history)
@@ -119,8 +136,6 @@ class StageWorker:
                 if step == plan.total_steps or step % plan.steps_per_epoch == 0:
                     break
             progress(f"reading the data of epoch {step // plan.steps_per_epoch}")
-        progress("exporting the HF checkpoint")
-        self.export(ds_model, processor)
 
     def _steps(self, source: RowSource, step: int) -> Iterator[tuple[Step, float, float]]:
         """The rest of ``step``'s epoch: (micro-batches, seconds waited for them, when the previous step
@@ -218,6 +233,8 @@ class StageWorker:
             optimizer.param_groups, "multi_modal_projector"
         )
         self.vision_group = group_of(optimizer.param_groups, "vision_tower")
+        self.started = time.monotonic()
+        self.first_step_at: float | None = None
 
     def make_batch(self, micro: list[dict]) -> dict:
         """Rows of one micro-batch -> the model's inputs (media filled in, collated, on the device; bf16 on
@@ -268,6 +285,27 @@ class StageWorker:
             "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
             "modalities": sorted(set().union(*micro_modalities)),
         }
+
+    def report_progress(self, metrics: dict) -> None:
+        """Rank 0, after each step: the progress record, to the stage's storage (``llava-ray status``) and
+        to the driver's console (through the rank context). ETA: the pace of this attempt's steps."""
+        now = time.monotonic()
+        if self.first_step_at is None:
+            self.first_step_at = now - metrics["step_s"]
+        step, total = metrics["step"], self.plan.total_steps
+        record = {
+            "stage": self.plan.stage.name,
+            "step": step,
+            "total": total,
+            "loss": metrics["loss"],
+            "tokens_per_s": metrics["tokens_per_s"],
+            "elapsed_s": round(now - self.started, 3),
+            "eta_s": eta_s(now - self.first_step_at, step, total, self.start_step),
+            "world": self.world,
+            "time": time.time(),
+        }
+        storage.write_text(self.plan.layout.progress, json.dumps(record))
+        self.context.progress(record)
 
     def tracker(self):
         return make_tracker(self.plan.tracking, rank=self.rank, run_id=self.plan.mlflow_run_id)

@@ -8,13 +8,17 @@ in the cluster tier, tests/cluster. Every stage is capped at a few optimizer ste
 (``PipelineConfig.max_steps``): these check the plumbing; the accuracies the full tiny recipes reach,
 seeds 0 and 1, are in the README."""
 
+import contextlib
+import io
 import json
 import os
+import re
 
 import pytest
 import torch
 
 from components import storage
+from pipelines.cli import main as cli_main
 from pipelines.dag import PipelineConfig, run_pipeline
 from pipelines.layout import RunLayout
 from pipelines.train.stage import read_history
@@ -37,6 +41,19 @@ class CrashOnce:
         if step == self.step and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise RuntimeError(f"injected failure after step {step}")
+
+
+class StatusAt:
+    """A step hook: ``llava-ray status`` run at ``step`` (the stage still running), its output kept."""
+
+    def __init__(self, step: int, storage_uri: str, run_id: str):
+        self.step, self.args, self.out = step, ["status", run_id, "--storage", storage_uri], None
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and self.out is None:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                assert cli_main(self.args) == 0
+            self.out = out.getvalue()
 
 
 def _events(layout):
@@ -105,24 +122,28 @@ def test_tiny_recipe_runs_and_its_export_loads_in_transformers(name, demo_dir, t
     assert summary["final_model"] == summary["stages"][-1]["hf_uri"]
 
 
-def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_dir, tmp_path):
+def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(
+    demo_dir, tmp_path, capfd, monkeypatch
+):
     """LLaVA-1.5's two stages in this process (the finetune under ZeRO-3), 4 steps each, failing in the
     finetune right after its step-2 checkpoint (a step hook that raises), fails with every MLflow run
-    FAILED and the error tagged; the re-run skips the done stage and resumes
-    the last from that checkpoint: its history continues at step 3 in the same MLflow run, whose loss
-    curve is exactly steps 1-4 (no step twice, none lost), and the run ends.
-    Fails with the step hook run before the step's checkpoint instead of after it. Afterwards no run is left
-    RUNNING, each
-    stage has one run with its mixture manifest, the registered model version links to its run and its
-    files, and the export loads in transformers with the trained model's logits. A third run skips
-    everything and changes nothing."""
+    FAILED and the error tagged; the re-run skips the done stage and resumes the last from that checkpoint:
+    its history continues at step 3 in the same MLflow run, whose loss curve is exactly steps 1-4 (no step
+    twice, none lost), and the run ends. Fails with the step hook run before the step's checkpoint instead
+    of after it. Afterwards no run is left RUNNING, each stage has one run with its mixture manifest and
+    MLflow's system metrics, the registered model version links to its run and its files, and the export
+    loads in transformers with the trained model's logits. A third run skips everything and changes
+    nothing. While the finetune runs, ``llava-ray status`` shows its step, loss and ETA from the run's
+    storage, and the console shows each stage's progress lines (plain: this is no terminal)."""
     from mlflow.tracking import MlflowClient
 
     from components.tracking import TrackingConfig, audit_pipeline_run
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # samples within a short stage
     root, _ = demo_dir
     layout = RunLayout(tmp_path / "runs", "r")
     hook = CrashOnce(step=2, marker=str(tmp_path / "killed"))
+    status = StatusAt(2, str(tmp_path / "runs"), "r")
     cfg = PipelineConfig(
         recipe="llava_v1_5",
         profile="tiny",
@@ -132,12 +153,25 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_di
         demo_dir=str(root),
         max_failures=0,
         max_steps=4,
-        step_hooks={"finetune": (hook,)},
+        step_hooks={"finetune": (status, hook)},
         local=True,
+        progress_every_s=0.0,
     )
     with pytest.raises(RuntimeError, match="injected failure after step 2"):
         run_pipeline(cfg)
     assert (tmp_path / "killed").exists()
+    assert re.search(
+        r"train:finetune +started *\n +step 2/4, loss \d+\.\d{4}, ETA \d+:\d\d, world 1", status.out
+    )
+    captured = capfd.readouterr()
+    for stage in ("pretrain", "finetune"):
+        assert re.search(rf"stage {stage}: 1 workers x \d+ micro-batch x \d+ accumulation = ", captured.out)
+        for step in (1, 2) if stage == "finetune" else (1, 2, 3, 4):
+            assert re.search(
+                rf"stage {stage}: step {step}/4  loss \d+\.\d{{4}}  [\d,]+ tokens/s  elapsed \d+:\d\d  "
+                r"ETA \d+:\d\d  world 1",
+                captured.err,
+            ), (stage, step, captured.err[-2000:])
     client = MlflowClient(tracking_uri=TrackingConfig(uri=cfg.tracking_uri).resolved()[0])
     experiment = client.get_experiment_by_name("llava-ray").experiment_id
     failed = [r for r in client.search_runs([experiment]) if r.info.status == "FAILED"]
@@ -158,7 +192,8 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(demo_di
     stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_parent_run_id"]]
     assert sorted(r.info.run_name for r in stage_runs) == ["finetune", "pretrain"]
     for run in stage_runs:
-        assert "mixture.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"mixture.json", "plan.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "system/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
     last = next(r for r in stage_runs if r.info.run_name == "finetune")
     assert sorted(m.step for m in client.get_metric_history(last.info.run_id, "loss")) == [1, 2, 3, 4]
     version = client.get_model_version("llava_v1_5", summary["registered_model"]["version"])
