@@ -95,6 +95,20 @@ def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+RETRY_AFTER_S = 1
+"""A 429's Retry-After: a replica's queue moves at the pace of decode steps (milliseconds to a second)."""
+
+
+def _refused(result: dict) -> JSONResponse:
+    """A replica's refusal in OpenAI's shape; a 429 says when to retry (Retry-After), as clients expect."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if result["status"] == 429 else None
+    return JSONResponse(result["error"], status_code=result["status"], headers=headers)
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def _rate_limited(exc: QueueFull) -> dict:
     """OpenAI's shape for a 429: clients (the openai package included) back off and retry."""
     return {
@@ -190,7 +204,9 @@ class LlavaModel:
                 if "delta" in event:
                     yield json.dumps({"delta": event["delta"]})
                 elif "done" in event:
-                    yield json.dumps({"finish": event["done"]["finish_reason"]})
+                    done = event["done"]
+                    usage = _usage(done["prompt_tokens"], done["completion_tokens"])
+                    yield json.dumps({"finish": done["finish_reason"], "usage": usage})
                     return
                 else:
                     yield json.dumps({"error": internal_error("stream", event["error"]), "status": 500})
@@ -319,7 +335,7 @@ class Ingress:
             items = self.model.options(stream=True).stream.remote(parsed)
             first = json.loads(await items.__anext__())  # accepted, or refused (4xx/429) before any event
             if "error" in first:
-                return JSONResponse(first["error"], status_code=first["status"])
+                return _refused(first)
             return StreamingResponse(self._sse(parsed, completion_id, items), media_type="text/event-stream")
         try:
             result = await asyncio.wait_for(
@@ -337,7 +353,7 @@ class Ingress:
                 status_code=504,
             )
         if "error" in result:
-            return JSONResponse(result["error"], status_code=result["status"])
+            return _refused(result)
         body = {
             "id": completion_id,
             "object": "chat.completion",
@@ -350,11 +366,7 @@ class Ingress:
                     "finish_reason": result["finish_reason"],
                 }
             ],
-            "usage": {
-                "prompt_tokens": result["prompt_tokens"],
-                "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-            },
+            "usage": _usage(result["prompt_tokens"], result["completion_tokens"]),
         }
         where = result.get("where", {})
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
@@ -374,7 +386,7 @@ class Ingress:
             return f"data: {json.dumps(body)}\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
-        finish = "length"
+        finish, usage = "length", None
         try:
             async for piece in items:
                 item = json.loads(piece)
@@ -385,13 +397,23 @@ class Ingress:
                 if item.get("delta"):
                     yield chunk({"content": item["delta"]})
                 if item.get("finish"):
-                    finish = item["finish"]
+                    finish, usage = item["finish"], item.get("usage")
         except Exception as e:
             log.exception("stream %s failed", completion_id)
             yield f"data: {json.dumps(internal_error('stream', e))}\n\n"
             yield "data: [DONE]\n\n"
             return
         yield chunk({}, finish)
+        if parsed.include_usage and usage:  # OpenAI's shape: a last chunk with no choices, and the usage
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": parsed.model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
 

@@ -93,7 +93,8 @@ class Limits:
     """What a request's media may cost (images and their pixels, read from headers before decoding; the
     video's bytes, and its sampled frames x pixels per frame, read from the container)."""
     max_prompt_tokens: int | None = None
-    """None: the model's positions (max_position_embeddings) less the request's max_tokens."""
+    """At most this many prompt tokens, and never more than the model's positions (max_position_embeddings)
+    leave after the request's max_tokens; None: what they leave."""
     max_new_tokens: int = 512
     """The most a request's max_tokens may ask for."""
     max_stop: int = 4
@@ -122,6 +123,8 @@ class ChatRequest:
     seed: int | None
     stream: bool
     num_media: int = 0
+    include_usage: bool = False
+    """stream_options.include_usage: the stream ends with a chunk that carries the usage."""
     media_digests: tuple[str, ...] = ()
     """SHA-256 of each medium's bytes, in the prompt's order."""
 
@@ -330,7 +333,8 @@ def check_prompt(request: ChatRequest, count_tokens, positions: int, limits: Lim
     """The prompt's tokens (text and media, as the model will see them) against the model's positions:
     400 with OpenAI's code context_length_exceeded when the prompt and max_tokens do not fit. Returns the
     count."""
-    budget = limits.max_prompt_tokens or positions - request.max_new_tokens
+    room = positions - request.max_new_tokens  # what the model's positions leave the prompt
+    budget = min(limits.max_prompt_tokens, room) if limits.max_prompt_tokens else room
     chars = sum(len(t.text) for t in request.prompt.turns)
     if chars > 8 * budget:  # no tokenizer yields fewer than one token per 8 characters of this much text
         raise RequestError(
@@ -343,8 +347,8 @@ def check_prompt(request: ChatRequest, count_tokens, positions: int, limits: Lim
     if count > budget:
         raise RequestError(
             "messages",
-            f"at most {budget} prompt tokens ({positions} positions less max_tokens "
-            f"{request.max_new_tokens})",
+            f"at most {budget} prompt tokens (the smaller of max_prompt_tokens {limits.max_prompt_tokens} "
+            f"and {positions} positions less max_tokens {request.max_new_tokens})",
             str(count),
             code="context_length_exceeded",
         )
@@ -494,6 +498,57 @@ def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
         raise RequestError(*e.about(param)) from e
 
 
+HANDLED_FIELDS = (
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "n",
+)
+"""The request fields this endpoint acts on."""
+NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "media_io_kwargs")
+"""Accepted and without effect on the answer: a client's own bookkeeping, and vLLM's media_io_kwargs
+(frames are sampled as the checkpoint was trained, whatever a client asks)."""
+DEFAULT_VALUES = {
+    "response_format": ({"type": "text"},),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logprobs": (False,),
+    "tool_choice": ("none",),
+    "tools": ([],),
+}
+"""Fields this endpoint does not act on, accepted only at values that ask for nothing (OpenAI's defaults)."""
+
+
+def _unsupported(body: dict) -> None:
+    """A field the endpoint would otherwise ignore (tools, response_format, logit_bias, ...) gets a 400
+    naming it: a client must never believe it was honoured."""
+    known = set(HANDLED_FIELDS) | set(NO_EFFECT_FIELDS)
+    asked = sorted(
+        k
+        for k, v in body.items()
+        if k not in known and (v is not None) and not any(v == d for d in DEFAULT_VALUES.get(k, ()))
+    )
+    if asked:
+        raise RequestError(
+            ", ".join(asked),
+            f"only the fields this endpoint supports ({', '.join(HANDLED_FIELDS)})",
+            "unsupported " + ", ".join(f"{k}={short(body[k])}" for k in asked),
+            code="unsupported_field",
+        )
+
+
+def short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_chat_request(
     body,
     served_models: list[str],
@@ -520,6 +575,7 @@ def parse_chat_request(
         raise RequestError("messages", "a non-empty list", type(messages).__name__)
     if body.get("n", 1) != 1:
         raise RequestError("n", "1", f"{body.get('n')!r}")
+    _unsupported(body)
     media = _Media(known)
     turns = [
         _parse_message(m, f"messages[{i}]", limits, video or VideoSampling(), media)
@@ -567,8 +623,17 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
     ):
         raise RequestError("seed", "a 64-bit integer", str(seed)[:40])
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise RequestError("stream_options", "an object with include_usage", short(options))
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError("stream_options.include_usage", "true or false", short(include_usage))
+    if options is not None and not stream:
+        raise RequestError("stream_options", "only with stream: true", "stream false")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
     return {
+        "include_usage": include_usage,
         "max_new_tokens": _number(
             {"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_new_tokens, int
         ),

@@ -1,8 +1,10 @@
-"""The ingress's side of "media encoded once", without Ray: an image or video it has decoded and found
-valid is not decoded again when it comes back; it travels to the replica as its bytes."""
+"""The ingress's checks without Ray: an image or video it has decoded and found valid is not decoded
+again when it comes back (it travels to the replica as its bytes); a prompt is held to the model's
+positions."""
 
 import base64
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from PIL import Image
 from components.processor import EncodedImage, EncodedVideo, VideoSampling
 from serve import protocol
 from serve.protocol import KnownMedia, Limits, parse_chat_request
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _body(parts):
@@ -69,3 +73,20 @@ def test_media_seen_valid_are_not_decoded_again(monkeypatch, h264):
     }
     with pytest.raises(protocol.RequestError, match="expected an image"):
         parse_chat_request(_body([corrupt]), ["m"], Limits(), sampling, known)
+
+
+def test_a_prompt_past_the_models_positions_is_refused_under_the_shipped_limits():
+    """Guards: the prompt budget is the smaller of max_prompt_tokens and what the model's positions leave
+    after max_tokens; fails if serve.yaml's max_prompt_tokens (8192) alone decides on a 4096-position
+    model."""
+    from serve.app import load_serve_config
+    from serve.protocol import RequestError, check_prompt
+
+    limits = load_serve_config(str(ROOT / "serve" / "serve.yaml"), "unused").limits
+    assert limits.max_prompt_tokens == 8192
+    request = parse_chat_request(_body([{"type": "text", "text": "Q?"}]), ["m"], limits)
+    room = 4096 - request.max_new_tokens
+    assert check_prompt(request, lambda prompt: room, 4096, limits) == room
+    with pytest.raises(RequestError, match=f"at most {room} prompt tokens") as refused:
+        check_prompt(request, lambda prompt: room + 1, 4096, limits)
+    assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"

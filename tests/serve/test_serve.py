@@ -267,6 +267,23 @@ def test_streaming(client):
         .message.content
     )
     assert streamed.strip() == whole
+    counted = list(
+        client.chat.completions.create(
+            model="llava-ray",
+            messages=[{"role": "user", "content": "Say something."}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.usage is None for c in counted[:-1]) and counted[-1].choices == []
+    produced = sum(1 for c in counted[:-1] if c.choices[0].delta.content)  # each holds a token or more
+    usage = counted[-1].usage
+    assert (
+        usage.prompt_tokens > 0
+        and usage.completion_tokens >= produced
+        and usage.total_tokens == (usage.prompt_tokens + usage.completion_tokens)
+    )
 
 
 def _body(content=None, **extra):
@@ -296,6 +313,15 @@ BAD = [
     ("temperature", _body(temperature=5), 400, "temperature"),
     ("top-p", _body(top_p=0), 400, "top_p"),
     ("n-two", _body(n=2), 400, "n:"),
+    ("tools", _body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools: expected only"),
+    ("json-mode", _body(response_format={"type": "json_object"}), 400, "unsupported response_format"),
+    ("logit-bias", _body(logit_bias={"5": 10}), 400, "logit_bias"),
+    (
+        "usage-without-stream",
+        _body(stream_options={"include_usage": True}),
+        400,
+        "stream_options: expected only",
+    ),
     ("bad-stop", _body(stop=[1, 2]), 400, "stop"),
     (
         "bad-base64",
@@ -608,13 +634,15 @@ def test_past_the_queue_a_request_gets_429_and_the_server_stays_up(endpoint):
     try:
         with pytest.raises(openai.RateLimitError) as refused:
             ask(client, "One more?", max_tokens=4)
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as refused_stream:
             list(ask(client, "Stream?", max_tokens=4, stream=True))
     finally:
         for stream in held:
             stream.close()
     error = refused.value
     assert error.status_code == 429 and error.code == "rate_limit_exceeded" and error.type == "requests"
+    for e in (error, refused_stream.value):  # when to retry, on every 429
+        assert e.response.headers["retry-after"] == "1"
     assert "expected at most 2 waiting requests" in error.message
     assert ask(client, "still there?", max_tokens=2).choices[0].finish_reason in ("stop", "length")
 
