@@ -1,7 +1,7 @@
-"""A stage's progress on the driver's console: step and total, the step's loss, tokens/s, elapsed time and
-ETA, and the world size. On a terminal a live bar (tqdm); otherwise (CI, ``ray job logs``, a file) one
-plain line every ``every_s`` seconds and at the last step. Fed by what rank 0 reports after each step,
-never printed by a rank itself."""
+"""A stage's progress on the driver's console: rank 0's set-up phases, then step and total, the step's
+loss, tokens/s, elapsed time and ETA, and the world size. On a terminal a live bar (tqdm); otherwise (CI,
+``ray job logs``, a file) one plain line every ``every_s`` seconds and at the last step. Fed by what rank 0
+reports, never printed by a rank itself."""
 
 from __future__ import annotations
 
@@ -43,6 +43,19 @@ class ProgressPrinter:
         self.bar = None
         self.last_line = -float("inf")
         self.shown = 0
+        self.last_phase: str | None = None
+
+    def phase(self, text: str) -> None:
+        """Rank 0's set-up phase (importing, building the model, loading a checkpoint): a line each while
+        no step has run, so that a stage's start-up is never silent."""
+        if self.shown or text == self.last_phase or text.startswith(("step ", "saving ")):
+            return
+        self.last_phase = text
+        line = f"stage {self.stage}: {text}"
+        if self.live:
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def update(self, record: dict) -> None:
         """Show a progress record (a step already shown is ignored)."""

@@ -47,7 +47,8 @@ class LocalContext:
         self.printer = printer
 
     def note(self, phase: str) -> None:
-        pass
+        if self.printer is not None:
+            self.printer.phase(phase)
 
     def stalled(self, message: str) -> None:
         """Nothing to end: this process is the caller's; the watchdog raises StageStalled in the rank."""

@@ -207,12 +207,16 @@ def fit_on_ray(
         ),
     )
 
-    def show_progress() -> None:  # what rank 0 last reported, on this console
+    def show_progress() -> None:  # what rank 0 is doing, or its last step, on this console
         if printer is not None:
             with contextlib.suppress(Exception):
                 record = ray.get(board.latest.remote(), timeout=5)
                 if record:
                     printer.update(record)
+                else:
+                    last, _ = ray.get(board.read.remote(), timeout=5)
+                    if 0 in last:
+                        printer.phase(last[0][0])
 
     try:
         result = _waited_in_python(trainer.fit, show_progress)

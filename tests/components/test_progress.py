@@ -21,10 +21,14 @@ def test_plain_lines_every_n_seconds_and_the_last_step_and_a_bar_on_a_terminal()
     """Guards: the printer's pacing; fails if it prints every step, skips the last, or repeats a step."""
     out = io.StringIO()
     printer = ProgressPrinter("s1", 4, every_s=3600.0, stream=out, live=False)
+    for phase in ("setting up: the model", "setting up: the model", "step 1"):
+        printer.phase(phase)
     for step in (1, 2, 2, 3, 4):
         printer.update(_record(step))
+    printer.phase("exporting the HF checkpoint")  # after the steps: the bar's last line says it all
     lines = out.getvalue().splitlines()
     assert lines == [
+        "stage s1: setting up: the model",
         "stage s1: step 1/4  loss 2.5000  1,234 tokens/s  elapsed 0:10  ETA 0:30  world 2",
         "stage s1: step 4/4  loss 0.6250  1,234 tokens/s  elapsed 0:40  ETA 0:00  world 2",
     ]
