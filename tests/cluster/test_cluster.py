@@ -85,7 +85,7 @@ def _node_ids(rig) -> dict[str, str]:
 def test_local_paths_are_refused_on_a_cluster_before_any_work(rig, tmp_path):
     """On the two-node cluster, a run whose storage, tracking URI, data root and manifests are local paths
     fails before anything is written, with one error naming each setting and what to use instead.
-    Fails with the guard's call removed from run_pipeline."""
+    Guards: the local-path guard; fails with its call removed from run_pipeline."""
     from pipelines.dag import ClusterPathError, PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(
@@ -231,7 +231,8 @@ def test_a_node_lost_mid_stage_resumes_from_s3_on_the_head(rig, job, tmp_path):
     the world size stays 2, which keeps each step's global batch and therefore its loss. The attempt resumes
     from the S3 checkpoint at step 2 (attempt_start_step), its per-step losses equal the job's uninterrupted
     stage 1 exactly (fp32, CPU), and its MLflow run is one FINISHED run whose loss curve is steps 1-4, each
-    once. Fails with StageWorker.resume returning 0. The worker node is started again after."""
+    once. The worker node is started again after.
+    Guards: the resume from S3; fails with StageWorker.resume returning 0."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.dag import PipelineConfig, run_pipeline

@@ -84,7 +84,7 @@ def test_video_answers_are_the_decoded_first_and_last_frames(demo_dir):
     """Each video record's answer is the colour of its decoded first frame ("at the start") or last frame
     ("at the end"), and ``probe_answer`` is the other one: the answer once the frames are reversed. The
     two differ in every clip, so only a model that reads the frames in order gets both right.
-    Fails with every record given."""
+    Guards: each record's answer follows its question; fails with every record given (first, last)."""
     root, manifests = demo_dir
     records = [json.loads(line) for split in ("video", "eval") for line in open(manifests[split])]
     videos = [r for r in records if "video" in r]
@@ -101,7 +101,7 @@ def test_video_answers_are_the_decoded_first_and_last_frames(demo_dir):
 def test_a_stale_demo_world_is_refused(tmp_path):
     """A demo world made by another version of the generator (an old demo_out after an update) or for
     another tile size is refused with both versions named, not trained on with the old tasks.
-    Fails with check_demo_world's comparison switched off."""
+    Guards: check_demo_world; fails with its comparison switched off."""
     import pytest
 
     from components.demo_data import WORLD_VERSION

@@ -5,7 +5,7 @@ transformers' own LlamaTokenizer. The text only ever grows at its end; for real 
 multi-byte characters split over byte tokens, special tokens among them) it is the full decode at every
 whole character, and each step decodes a few tokens, not the answer.
 
-Fails with the window's context left out."""
+Guards: the window's prefix; fails with it left out (spaces before words lost)."""
 
 import json
 

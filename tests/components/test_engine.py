@@ -112,7 +112,8 @@ def test_greedy_in_a_shared_batch_equals_generate_alone_on_every_modality(tiny, 
     """Two requests start (one streamed); three more arrive while they decode and join at the next steps;
     each leaves when it reaches its own max_tokens. Every answer (and every stream, joined) equals
     generate() on that request alone, and the joined ones' token log-probabilities equal those of
-    transformers' generate alone (1e-4). Fails with the decode step's position_ids left out."""
+    transformers' generate alone (1e-4).
+    Guards: each row's own positions; fails with the decode step's position_ids left out."""
     model, processor = tiny
     prompts = _prompts()
     engine = Engine(model, processor, EngineConfig(max_batch_size=8))
@@ -185,7 +186,7 @@ def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step
 def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
     """temperature 0.9, top_p 0.8, seed 7: alone, beside two greedy requests, and beside another seeded
     request, the same text; another seed gives another text.
-    Fails with the sampler drawing from torch's global generator instead of the request's own."""
+    Guards: a generator per request; fails with the sampler drawing from torch's global one."""
     model, processor = tiny
     prompts = _prompts()
     sampled = dict(temperature=0.9, top_p=0.8, seed=7)
@@ -327,8 +328,8 @@ def _encoded(prompt: Prompt) -> Prompt:
 
 def test_a_new_export_never_meets_an_old_ones_features(tiny, monkeypatch):
     """Two checkpoints (different weights) share one cache: the second, asked about the image the first
-    has cached, misses and answers as it does alone. Fails with the weights' fingerprint left out of the
-    key."""
+    has cached, misses and answers as it does alone.
+    Guards: the weights' fingerprint in the feature key; fails with it left out."""
     model_a, processor = tiny
     model_b = copy.deepcopy(model_a)
     torch.manual_seed(1)

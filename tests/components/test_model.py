@@ -198,7 +198,8 @@ def test_activation_checkpointing_gives_the_same_gradients(demo_dir, trainable):
     """With the LLM's and the vision tower's layers checkpointed, every trainable part's gradients equal those
     without (1e-5, fp32); in Stage-1 (both frozen) only the projector has gradients and they are not zero.
     That the layers really go through torch's checkpoint is counted: each LLM and vision layer calls it
-    once per forward with checkpointing, never without. Fails with enable_activation_checkpointing a no-op."""
+    once per forward with checkpointing, never without.
+    Guards: enable_activation_checkpointing; fails with it a no-op."""
     from components.model import enable_activation_checkpointing
 
     grads = []

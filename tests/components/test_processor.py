@@ -247,7 +247,8 @@ def test_every_content_form_of_a_demo_question_gives_its_training_ids(export, de
     """Each held-out demo question with media (single image, multi-image, multi-view, video), sent the ways
     clients send it (interleaved, our placeholders, images first), becomes the sample's own training text
     (content_text, the endpoint's rule), and the export's chat template renders the same parts to the
-    training ids through transformers. Fails with parts joined by newlines."""
+    training ids through transformers.
+    Guards: content_text, one rule for parts; fails with parts joined by newlines."""
     from transformers import AutoTokenizer
 
     root, manifests = demo_dir
@@ -325,7 +326,7 @@ def test_chat_template_renders_what_we_train_on(name, tmp_path):
     parts give our ids; add_generation_prompt adds the assistant's prompt; the {% generation %} mask on a
     multi-turn conversation is exactly our labels (assistant answers and their stops, nothing else); a
     system message takes the default system prompt's place.
-    Fails with the template prepending the system message to the default prompt."""
+    Guards: a system message replaces the default prompt; fails with it prepended to the default."""
     from transformers import AutoTokenizer
 
     model, processor = build_model(ModelSpec(template=name))

@@ -1,5 +1,6 @@
 """The README's layout table lists exactly the tree's modules: a module missing from it, or a listed file
-that does not exist, fails here. Fails with components/processing.py."""
+that does not exist, fails here.
+Guards: the layout table matches the tree; fails with a deleted module still listed."""
 
 import glob
 import os

@@ -18,7 +18,8 @@ def test_roundtrip_and_listing(tmp_path, prefix):
 
 def test_upload_writes_manifest_last_and_detects_incomplete(tmp_path, monkeypatch):
     """The manifest is the last write (a reader that sees it sees every file); a file cut short after it
-    makes the directory incomplete. Fails with the manifest written before the files."""
+    makes the directory incomplete.
+    Guards: the manifest written last; fails with it written before the files."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "w.bin").write_bytes(b"x" * 100)

@@ -64,8 +64,9 @@ def _loads_in_transformers(record: dict) -> str:
     """A stage's export loads with AutoModelForImageTextToText alone, no missing or unexpected keys, and
     gives the logits that the model being trained gave on a fixed batch (its processor's probe), which the
     stage wrote before it saved the export (``probe_logits.safetensors``): an independent reference, so a
-    weight or a config field lost on export (LlavaNext's ``image_newline``, its unpadding) shows. Fails with
-    ``model.image_newline`` zeroed in the saved state. Returns the class name."""
+    weight or a config field lost on export (LlavaNext's ``image_newline``, its unpadding) shows.
+    Returns the class name. Guards: the export's weights; fails with ``model.image_newline`` zeroed on
+    save."""
     from safetensors.torch import load as load_tensors
     from transformers import AutoModelForImageTextToText
 
@@ -127,14 +128,15 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(
 ):
     """LLaVA-1.5's two stages in this process (the finetune under ZeRO-3), 4 steps each, failing in the
     finetune right after its step-2 checkpoint (a step hook that raises), fails with every MLflow run
-    FAILED and the error tagged; the re-run skips the done stage and resumes the last from that checkpoint:
-    its history continues at step 3 in the same MLflow run, whose loss curve is exactly steps 1-4 (no step
-    twice, none lost), and the run ends. Fails with the step hook run before the step's checkpoint instead
-    of after it. Afterwards no run is left RUNNING, each stage has one run with its mixture manifest and
-    MLflow's system metrics, the registered model version links to its run and its files, and the export
-    loads in transformers with the trained model's logits. A third run skips everything and changes
-    nothing. While the finetune runs, ``llava-ray status`` shows its step, loss and ETA from the run's
-    storage, and the console shows each stage's progress lines (plain: this is no terminal)."""
+    FAILED and the error tagged; the re-run skips the done stage and resumes the last from that
+    checkpoint: its history continues at step 3 in the same MLflow run, whose loss curve is exactly steps
+    1-4 (no step twice, none lost), and the run ends. Guards: the resume from the last checkpoint; fails
+    with the step hook run before the step's checkpoint instead of after it. Afterwards no run is left
+    RUNNING, each stage has one run with its mixture manifest and MLflow's system metrics, the registered
+    model version links to its run and its files, and the export loads in transformers with the trained
+    model's logits. A third run skips everything and changes nothing. While the finetune runs, ``llava-ray
+    status`` shows its step, loss and ETA from the run's storage, and the console shows each stage's
+    progress lines (plain: this is no terminal)."""
     from mlflow.tracking import MlflowClient
 
     from components.tracking import TrackingConfig, audit_pipeline_run

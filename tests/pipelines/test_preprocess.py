@@ -200,7 +200,8 @@ def _corrupt_corpus(root, dest, *, local_tricks: bool = True):
 def test_corrupt_corpus_rejects_each_with_its_reason_and_reads_nothing_outside(demo_dir, ray_local, tmp_path):
     """The exact sets: every good sample kept (the one without an id under its line's name), every bad one
     rejected with its type, in the project's grammar, and nothing outside the media root opened (its access
-    time, set in the past, never moves). Fails with the root check off."""
+    time, set in the past, never moves).
+    Guards: resolve_media's root check; fails with it off."""
     import os
 
     root, _ = demo_dir
@@ -321,7 +322,8 @@ def test_same_seed_same_ids_same_order_and_a_pinned_mixture(demo_dir, ray_local,
 def test_interleave_format_mix_is_deterministic_per_sample(demo_dir, ray_local, tmp_path):
     """Interleave's "in-the-front" / "interleaved" mix, as its recipe configures it (front_fraction 0.5 in
     interleave_m4): two runs give every sample the same layout, both layouts occur, a front row's ids
-    hold every image first, and another seed deals them differently. Fails with the mix switched off."""
+    hold every image first, and another seed deals them differently.
+    Guards: the seeded format mix; fails with every sample interleaved."""
     import dataclasses
 
     from pipelines.recipes import load_recipe, step_config

@@ -251,7 +251,8 @@ def test_seed_workers_and_step_cap_reach_the_model_and_every_stage(demo_dir):
     """``llava-ray run --seed 1 --max-steps 4 --workers 1``: the seed sets the model's initialisation
     (another seed, other weights) and every stage's seed (data order, mixture sampling); the cap limits
     every stage and keeps a checkpoint half-way; the workers replace the profile's. Without the flags the
-    recipe is unchanged. Fails with with_overrides leaving the model's seed alone."""
+    recipe is unchanged.
+    Guards: --seed reaches the recipe's one seed; fails with with_overrides leaving it alone."""
     import torch
 
     from components.model import build_model
@@ -336,7 +337,8 @@ def test_every_tiny_recipe_model_exports_a_transformers_checkpoint(name, demo_di
     its architecture's transformers class with no missing or unexpected keys, and gives the logits of the
     model that was saved (the in-memory one, an independent reference: a weight or config field lost on
     save shows) on its processor's probe batch. Untrained, without a stage: the e2e DAG test checks every
-    recipe's trained exports against their training-time logits. Fails with image_newline zeroed on save."""
+    recipe's trained exports against their training-time logits.
+    Guards: save_model keeps every weight; fails with image_newline zeroed on save."""
     import torch
     from transformers import AutoModelForImageTextToText
 

@@ -121,8 +121,8 @@ def test_zero3_builds_and_loads_straight_into_partitions(demo_dir, tmp_path, pro
     straight into DeepSpeed's partitions (transformers' zero.Init path, ``partitioned_build``): every
     parameter is partitioned before DeepSpeed wraps the model, and the gathered values equal the export's,
     whose every weight was moved away from the stage's own base model before it was saved.
-    Fails with partitioned_build made a no-op, or with setup_model
-    ignoring init_from."""
+    Guards: partitioned_build and setup_model's init_from; fails with partitioned_build a no-op, or with
+    setup_model ignoring init_from."""
     import deepspeed
 
     from components.model import build_model, save_model

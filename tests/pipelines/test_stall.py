@@ -44,7 +44,7 @@ def test_a_stage_starts_despite_the_lock_a_killed_op_build_left(demo_dir, tmp_pa
     in a copy of the extensions cache; then ``llava-ray stage --local`` runs a real stage in a fresh
     process (DeepSpeed loads its op there, not in this test's process, where it is loaded already). The
     stage starts, trains and exports, and the stale lock is gone.
-    Fails with ensure_ops leaving the baton alone."""
+    Guards: ensure_ops clears a dead holder's lock; fails with it leaving the baton alone."""
     root, _ = demo_dir
     extensions = tmp_path / "torch_extensions"
     shared = build_directory("deepspeed_shm_comm")  # this machine's built op (~90 s to build from nothing)
@@ -107,7 +107,8 @@ def _tiny_stage(demo_dir, tmp_path, workers: int, **over):
 def test_a_hung_rank_ends_a_local_stage_naming_its_phase(demo_dir, tmp_path):
     """One rank in this process (``local``): a step hook that hangs for 60 s after step 1 ends the stage
     within about stall_timeout_s (10 s, once the process has imported its libraries and loaded the op),
-    with StageStalled naming the rank, the phase and the wait. Fails with the watchdog thread not started."""
+    with StageStalled naming the rank, the phase and the wait.
+    Guards: the watchdog; fails with its thread not started."""
     recipe, stage, layout = _tiny_stage(demo_dir, tmp_path, workers=1, stall_timeout_s=10.0)
     ensure_ops()  # this process's cold imports and op load (4-30 s here) before the 10 s bound applies
     build_model(recipe.model)
@@ -127,7 +128,8 @@ def test_a_hung_worker_ends_a_ray_train_stage_naming_every_workers_phase(demo_di
     step 2 and waits for it in the gradients' all-reduce. Each worker's watchdog (stall_timeout_s = 45 s:
     every set-up phase, two workers' cold imports and op load on 2 cores included, must fit in it)
     ends its process; the driver raises StageStalled naming both ranks' last phases, within a bounded
-    time instead of waiting for ever. Fails with the watchdog thread not started."""
+    time instead of waiting for ever.
+    Guards: the watchdog and the board; fails with the watchdog thread not started."""
     recipe, stage, layout = _tiny_stage(demo_dir, tmp_path, workers=2, stall_timeout_s=45.0)
     start = time.monotonic()
     with pytest.raises(StageStalled) as error:

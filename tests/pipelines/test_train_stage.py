@@ -132,7 +132,8 @@ def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, t
 
 def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
     """The stage's frozen parts stay frozen (set_trainable): Stage-1 changes the projector and nothing else,
-    and the export reproduces the training model's logits. Fails with set_trainable switched off."""
+    and the export reproduces the training model's logits.
+    Guards: set_trainable; fails with it switched off."""
     root, _ = demo_dir
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
     # 8 rows, 2 workers x micro-batch 2: two steps per epoch, two epochs from the rows each worker kept
@@ -195,7 +196,7 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
 ):
     """ZeRO-3 gathers each module's parameters collectively, so every rank must run the same modules each
     step: rank 0 holds only images, rank 1 only text, rank 2 only video, and MediaFiller gives each
-    micro-batch the media it lacks. Fails with MediaFiller left out of the batch maker.
+    micro-batch the media it lacks. Guards: MediaFiller; fails with it left out of the batch maker.
 
     The rows stream through Ray Data (the large-data path): each rank keeps its positions in the shards'
     order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every

@@ -30,8 +30,8 @@ def _png(color) -> str:
 def test_media_seen_valid_are_not_decoded_again(monkeypatch, h264):
     """First sight: decoded (which validates it) and sent decoded, with its SHA-256. Second sight: the
     same digest, sent as bytes with its size (video: its sampled frame count), and decoding made to raise
-    is not called. Another image is still decoded; a corrupt one still gets its 400. Fails with KnownMedia.get
-    always missing."""
+    is not called. Another image is still decoded; a corrupt one still gets its 400.
+    Guards: KnownMedia; fails with KnownMedia.get always missing."""
     known = KnownMedia()
     sampling = VideoSampling(fps=2.0, max_frames=5)
     image = {"type": "image_url", "image_url": {"url": _png((200, 0, 0))}}

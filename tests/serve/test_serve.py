@@ -487,7 +487,7 @@ def test_an_upstream_that_trickles_is_cut_at_the_fetch_deadline(endpoint, upstre
     """One deadline for the whole fetch, read by read: an allow-listed upstream that sends a byte every
     second (each read gets data, so no single read times out) is cut at fetch_timeout_s (4 s) with a 400
     naming the host, and the server answers the next request.
-    Fails with ``read`` in place of ``read1`` and no per-read socket timeout."""
+    Guards: one deadline for the whole fetch; fails with ``read`` for ``read1`` and no per-read timeout."""
     body = _body(
         [
             {"type": "image_url", "image_url": {"url": f"{upstream.url}/trickle"}},
@@ -531,7 +531,8 @@ def test_upstream_failures_and_redirects_are_4xx_naming_the_host(endpoint, upstr
 
 def test_seeded_sampling_streams_the_same_text(client):
     """A seed gives the same sampled text, streamed or not, and another seed other text (so the seed is
-    what fixes it, not a sampler that ignores the temperature). Fails with the replica ignoring the seed."""
+    what fixes it, not a sampler that ignores the temperature).
+    Guards: the request's seed reaches its sampler; fails with the replica ignoring the seed."""
 
     def sample(stream: bool, seed: int = 1234) -> str:
         out = client.chat.completions.create(
