@@ -361,3 +361,24 @@ def test_the_cache_keeps_to_its_budget_least_recently_used_out():
     assert cache.stats()["bytes"] <= 1200 and cache.stats()["evictions"] == 1
     assert cache.keys(("a",), "image", {}, "w") != cache.keys(("a",), "image", {}, "other weights")
     assert cache.keys(("a",), "image", {"anyres": 1}, "w") != cache.keys(("a",), "image", {}, "w")
+
+
+def test_the_decode_batch_keeps_one_row_per_sequence_and_says_when_it_does_not(tiny):
+    """Guards: DecodeBatch's invariant (cache, mask, positions and last tokens: one row per sequence, the
+    cache as wide as the mask); fails with check() a no-op."""
+    from components.decode_batch import DecodeBatch
+    from components.prefill import Prefill
+
+    model, processor = tiny
+    prompts, prefill, batch = _prompts(), Prefill(model, processor), DecodeBatch(model.device)
+    with torch.no_grad():
+        for name in ("text", "image", "long"):
+            cache, mask, _ = prefill(processor.prompt_row(prompts[name]))
+            batch.concatenate(name, cache, mask)
+        batch.forward(model)
+        batch.filter([0, 2])
+    assert batch.sequences == ["text", "long"] and batch.mask.shape[0] == batch.positions.shape[0] == 2
+    assert batch.cache.layers[0].keys.shape[2] == batch.mask.shape[1]
+    batch.positions = batch.positions[:1]  # one structure loses a row
+    with pytest.raises(AssertionError, match="expected 2 rows everywhere"):
+        batch.check()
