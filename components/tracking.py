@@ -31,7 +31,8 @@ class TrackingConfig:
     """Where a new experiment's artifacts go; for a local store, beside its database."""
     system_metrics_s: float = 10.0
     """Seconds between samples of the training node's CPU, memory, disk, network and GPU (MLflow's own
-    system-metrics monitor, in each stage's run, from rank 0's node); 0: none."""
+    system-metrics monitor, in each stage's run, from rank 0's node, set-up to export); 0: none. MLflow
+    publishes a sample once a whole interval has passed."""
 
     def resolved(self) -> tuple[str, str | None]:
         """(tracking URI, artifact location) with a local directory turned into a sqlite store."""

@@ -92,6 +92,16 @@ class StageWorker:
             self._train()
 
     def _train(self) -> None:
+        """The stage's seams in order; the node's system metrics recorded from the first to the last
+        (set-up and export included: a stage's memory peaks while it builds and saves)."""
+        tracker = self.tracker()
+        tracker.start_system_metrics()
+        try:
+            self._seams(tracker)
+        finally:
+            tracker.stop_system_metrics()
+
+    def _seams(self, tracker) -> None:
         plan, progress = self.plan, self.progress
         torch.set_num_threads(plan.torch_threads)
         torch.manual_seed(plan.recipe.seed + self.rank)
@@ -106,12 +116,7 @@ class StageWorker:
         progress("resuming from the last checkpoint")
         step = self.resume(ds_model)
         self.setup_step(ds_model, optimizer, processor, start_step=step)
-        tracker, history = self.tracker(), []
-        tracker.start_system_metrics()
-        try:
-            self._steps_until_done(ds_model, source, tracker, history, step)
-        finally:
-            tracker.stop_system_metrics()
+        self._steps_until_done(ds_model, source, tracker, [], step)
         progress("exporting the HF checkpoint")
         self.export(ds_model, processor)
 

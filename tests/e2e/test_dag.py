@@ -141,7 +141,8 @@ def test_a_run_failed_after_a_checkpoint_resumes_there_in_its_mlflow_run(
 
     from components.tracking import TrackingConfig, audit_pipeline_run
 
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # samples within a short stage
+    # MLflow publishes a sample once a whole interval has passed: 0.2 s, well within a stage's set-up
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     root, _ = demo_dir
     layout = RunLayout(tmp_path / "runs", "r")
     hook = CrashOnce(step=2, marker=str(tmp_path / "killed"))
