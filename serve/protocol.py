@@ -32,6 +32,7 @@ from components.errors import Mismatch
 from components.media import MediaBudget
 from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
 from components.video import VideoDecodeError, VideoTooLargeError
+from serve.fields import refusal, short
 
 
 class RequestError(Mismatch):
@@ -498,57 +499,6 @@ def _video(data: bytes, limits: Limits, sampling: VideoSampling, param: str):
         raise RequestError(*e.about(param)) from e
 
 
-HANDLED_FIELDS = (
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "stream",
-    "stream_options",
-    "n",
-)
-"""The request fields this endpoint acts on."""
-NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "media_io_kwargs")
-"""Accepted and without effect on the answer: a client's own bookkeeping, and vLLM's media_io_kwargs
-(frames are sampled as the checkpoint was trained, whatever a client asks)."""
-DEFAULT_VALUES = {
-    "response_format": ({"type": "text"},),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logprobs": (False,),
-    "tool_choice": ("none",),
-    "tools": ([],),
-}
-"""Fields this endpoint does not act on, accepted only at values that ask for nothing (OpenAI's defaults)."""
-
-
-def _unsupported(body: dict) -> None:
-    """A field the endpoint would otherwise ignore (tools, response_format, logit_bias, ...) gets a 400
-    naming it: a client must never believe it was honoured."""
-    known = set(HANDLED_FIELDS) | set(NO_EFFECT_FIELDS)
-    asked = sorted(
-        k
-        for k, v in body.items()
-        if k not in known and (v is not None) and not any(v == d for d in DEFAULT_VALUES.get(k, ()))
-    )
-    if asked:
-        raise RequestError(
-            ", ".join(asked),
-            f"only the fields this endpoint supports ({', '.join(HANDLED_FIELDS)})",
-            "unsupported " + ", ".join(f"{k}={short(body[k])}" for k in asked),
-            code="unsupported_field",
-        )
-
-
-def short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def parse_chat_request(
     body,
     served_models: list[str],
@@ -575,7 +525,8 @@ def parse_chat_request(
         raise RequestError("messages", "a non-empty list", type(messages).__name__)
     if body.get("n", 1) != 1:
         raise RequestError("n", "1", f"{body.get('n')!r}")
-    _unsupported(body)
+    if (refused := refusal(body)) is not None:
+        raise RequestError(*refused, code="unsupported_field")
     media = _Media(known)
     turns = [
         _parse_message(m, f"messages[{i}]", limits, video or VideoSampling(), media)
