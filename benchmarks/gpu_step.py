@@ -19,6 +19,14 @@ cheapest honest loop, so the overhead it shows is at most what DeepSpeed's mixed
 
     python benchmarks/gpu_step.py --quick                 # CPU smoke test, tiny shapes (< 45 s)
     python benchmarks/gpu_step.py --shapes 0.5b,7b-4      # on a GPU: the table, then the headline line
+    python benchmarks/gpu_step.py --cpu-shapes 0.5b       # by hand, no GPU: one ZeRO-3 step at 2 ranks
+
+``--cpu-shapes``: the real shapes through the stage worker on the CPU (fp32, gloo), ZeRO-3 across two
+rank processes, one 384x768 image (AnyRes at 384-px tiles) on one rank and one 8-frame video on the
+other. It reports each rank's peak resident memory beside the memory model below, and the visual tokens
+beside components/anyres.py's counts. DeepSpeed's bucket sizes are set as transformers' Trainer sets
+its "auto" values (from the LLM's hidden size): DeepSpeed's own defaults size buffers for a GPU (a
+5e8-element reduce bucket is 2 GB in fp32), more than this machine's share per rank.
 """
 
 from __future__ import annotations
@@ -148,10 +156,20 @@ def make_manifest(root: str, s: Shape, images: int, videos: int) -> str:
 
 
 def stage_plan(
-    s: Shape, root: str, manifest: str, *, gpu: bool, micro: int, steps: int, ckpt: bool, attn: str
+    s: Shape,
+    root: str,
+    manifest: str,
+    *,
+    gpu: bool,
+    micro: int,
+    steps: int,
+    ckpt: bool,
+    attn: str,
+    workers: int = 1,
+    zero_stage: int = 2,
 ):
-    """The OneVision recipe's Stage-2 (full profile: its AnyRes grid and video sampling) at this shape, one
-    worker, ZeRO-2, bf16 on the GPU: the plan our Ray Train workers would get."""
+    """The OneVision recipe's Stage-2 (full profile: its AnyRes grid and video sampling) at this shape,
+    ZeRO-2 on one worker unless told, bf16 on the GPU: the plan our Ray Train workers would get."""
     from pipelines.layout import RunLayout
     from pipelines.preprocess import PreprocessConfig, preprocess
     from pipelines.recipes import load_recipe, step_config
@@ -164,14 +182,14 @@ def stage_plan(
         recipe.model, vision=s.vision, llm=s.llm, anyres=anyres, vision_layers=None, attn_implementation=attn
     )
     recipe = dataclasses.replace(
-        recipe, model=model, workers=1, use_gpu=gpu, cpus_per_worker=8, data_root=root
+        recipe, model=model, workers=workers, use_gpu=gpu, cpus_per_worker=8 if gpu else 1, data_root=root
     )
     stage = dataclasses.replace(
         recipe.stage("stage2_ov"),
         data={"datasets": [{"json_path": manifest}]},
-        zero_stage=2,
+        zero_stage=zero_stage,
         micro_batch=micro,
-        global_batch=micro,
+        global_batch=micro * workers,
         max_steps=steps,
         activation_checkpointing=("language_model", "vision_tower") if ckpt else (),
         max_length=16384,
@@ -331,6 +349,267 @@ def _figures(times, flops, llm_flops, tokens, samples, peak, batches, processor,
     }
 
 
+# ---- the real shapes on the CPU: ZeRO-3 at two ranks (--cpu-shapes) -------------------------------------
+
+
+def _auto_buckets(config: dict, hidden: int) -> dict:
+    """transformers' Trainer "auto" ZeRO-3 buffer sizes, from the LLM's hidden size."""
+    zero = dict(config["zero_optimization"])
+    if zero.get("stage") == 3:
+        zero.update(
+            reduce_bucket_size=hidden * hidden,
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            stage3_max_live_parameters=hidden * hidden * 10,
+            stage3_max_reuse_distance=hidden * hidden * 10,
+            sub_group_size=10**8,
+        )
+    return {**config, "zero_optimization": zero}
+
+
+class _RankMemory:
+    """This rank's resident memory sampled every 50 ms, its peak per phase written to a JSON file (the
+    parent reads it even if the rank is killed for memory)."""
+
+    def __init__(self, path: str, rank: int):
+        import threading
+
+        self.path, self.rank, self.phase, self.peaks, self.extra = path, rank, "start", {}, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.rss())
+            self.write()
+
+    def enter(self, phase: str) -> None:
+        self.peaks[phase] = self.rss()
+        self.phase = phase
+        self.write()
+
+    def write(self) -> None:
+        record = {"rank": self.rank, "phase": self.phase, "peaks": self.peaks, **self.extra}
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def _cpu_rank(rank: int, world: int, port: int, plan, out: str, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import pipelines.train.worker as worker_module
+    from pipelines.train.local import LocalContext
+    from pipelines.train.worker import StageWorker
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    memory = _RankMemory(os.path.join(out, f"rank{rank}.json"), rank)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    hidden = plan.recipe.model.llm["hidden_size"]
+    ours = worker_module.deepspeed_config
+    worker_module.deepspeed_config = lambda p: _auto_buckets(ours(p), hidden)
+    worker = StageWorker(plan, LocalContext(scratch("cpu-shapes-ckpt-"), rank, world))
+    memory.enter("build (ZeRO-3 partitioned)")
+    start = time.perf_counter()
+    model, processor = worker.setup_model()
+    memory.extra["build_s"] = time.perf_counter() - start
+    memory.enter("deepspeed.initialize")
+    ds_model, optimizer = worker.setup_optimizer(model)
+    worker.setup_step(ds_model, optimizer, processor, start_step=0)
+    batches = list(worker.setup_data().epoch(0))[:steps]
+    rows = [r for micro in batches[0] for r in micro]
+    memory.extra["rows"] = [
+        {
+            "id": r["sample_id"],
+            "modality": r["modality"],
+            "tokens": len(r["input_ids"]),
+            "media_tokens": list(r.get("media_tokens") or []),
+            "sizes": r.get("image_sizes"),
+            "frames": (r.get("pixel_shape") or [0])[0],
+        }
+        for r in rows
+    ]
+    memory.extra["padded"] = list(worker.make_batch(batches[0][0])["input_ids"].shape)
+    times, losses = [], []
+    for i, micro_batches in enumerate(batches):
+        memory.enter(f"step {i + 1}")
+        start = time.perf_counter()
+        _, metrics = worker.train_step(micro_batches, i, 0.0, start)
+        times.append(time.perf_counter() - start)
+        losses.append(metrics["loss"])
+        memory.extra.update(step_s=times, loss=losses)
+    memory.enter("done")
+    memory.stop.set()
+    memory.write()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def memory_model(plan, world: int, tokens: int) -> dict:
+    """docs/SCALING.md's per-rank model at fp32 (bytes per parameter: weights 4 + DeepSpeed's fp32 copy 4
+    + gradients 4 + Adam 8, each 1/W under ZeRO-3), plus the checkpointed activations and the LM head's
+    logits over the padded micro-batch (logits, their log-softmax and both gradients: 4 copies)."""
+    from components.model import build_model
+
+    model, _ = build_model(plan.recipe.model, seed=0)
+    n = sum(p.numel() for p in model.parameters())
+    text = model.config.text_config
+    del model
+    states = 20 * n / world
+    activations = 4 * tokens * text.hidden_size * text.num_hidden_layers
+    logits = 4 * 4 * tokens * text.vocab_size
+    return {
+        "parameters": n,
+        "states": states,
+        "activations": activations,
+        "logits": logits,
+        "vocab": text.vocab_size,
+    }
+
+
+def run_cpu_shapes(name: str, steps: int) -> None:
+    """One short ZeRO-3 step of the real shapes at two rank processes on this machine; a watchdog ends
+    the ranks when the machine's available memory falls under 0.7 GiB and reports how far they got."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from components.anyres import num_image_tokens
+
+    world = 2
+    s = shape(name)
+    s = dataclasses.replace(s, sizes=s.sizes[:1])
+    root = scratch(f"cpu-shapes-{name}-")
+    manifest = make_manifest_small(root, s)
+    plan = stage_plan(
+        s,
+        root,
+        manifest,
+        gpu=False,
+        micro=1,
+        steps=steps,
+        ckpt=True,
+        attn="sdpa",
+        workers=world,
+        zero_stage=3,
+    )
+    out = scratch("cpu-shapes-out-")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    print(f"machine: {machine()}; {name} shapes, ZeRO-3 at {world} ranks (gloo, fp32), {steps} step(s)")
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_cpu_rank, args=(r, world, port, plan, out, steps)) for r in range(world)]
+    for p in procs:
+        p.start()
+    start, killed = time.perf_counter(), None
+    while any(p.is_alive() for p in procs):
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        if available < 0.7 * 2**30 and killed is None:
+            killed = f"killed for memory after {time.perf_counter() - start:.0f} s"
+            for p in procs:
+                p.kill()
+        time.sleep(0.2)
+    records = []
+    for r in range(world):
+        path = os.path.join(out, f"rank{r}.json")
+        records.append(json.load(open(path)) if os.path.exists(path) else {"rank": r, "peaks": {}})
+    gib = 2**30
+    print("\n| rank | phase | peak RSS GiB |\n|---|---|---|")
+    for rec in records:
+        for phase, peak in rec["peaks"].items():
+            print(f"| {rec['rank']} | {phase} | {peak / gib:.2f} |")
+    anyres = plan.processor.anyres
+    from components.architectures import architecture
+
+    arch = architecture(plan.processor.arch)
+    print("\n| rank | row | modality | tokens | visual tokens | components/anyres.py | padded batch |")
+    print("|---|---|---|---|---|---|---|")
+    padded_tokens = 0
+    for rec in records:
+        for row in rec.get("rows", []):
+            if row["modality"] == "video":
+                expect = arch.video_tokens(row["frames"], anyres)
+            else:
+                expect = num_image_tokens(tuple(row["sizes"][0]), anyres, reduce=arch.reduces_grid)
+            print(
+                f"| {rec['rank']} | {row['id']} | {row['modality']} | {row['tokens']} | "
+                f"{sum(row['media_tokens'])} | {expect} | {rec.get('padded')} |"
+            )
+        if rec.get("padded"):
+            padded_tokens = max(padded_tokens, rec["padded"][0] * rec["padded"][1])
+    model = memory_model(plan, world, padded_tokens)
+    print(
+        f"\nmemory model per rank (fp32): {model['parameters'] / 1e9:.2f} B parameters; states "
+        f"{model['states'] / gib:.2f} GiB (20 B/param / {world}), checkpointed activations "
+        f"{model['activations'] / gib:.2f} GiB, LM-head logits and their gradients "
+        f"{model['logits'] / gib:.2f} GiB ({padded_tokens} padded tokens x "
+        f"{model['vocab']})"
+        f" = {(model['states'] + model['activations'] + model['logits']) / gib:.2f} GiB"
+    )
+    for rec in records:
+        if rec.get("step_s"):
+            print(f"rank {rec['rank']}: step s {rec['step_s']}, loss {rec['loss']}")
+    peak = max((max(rec["peaks"].values(), default=0) for rec in records), default=0)
+    print(f"gpu_step --cpu-shapes {name}: peak {peak / gib:.2f} GiB per rank, " + (killed or "done"))
+
+
+def make_manifest_small(root: str, s: Shape) -> str:
+    """One image (the shape's first size) and one 8-frame video: a rank's row each at world 2."""
+    import random
+
+    import numpy as np
+
+    from components.demo_data import DemoConfig as Demo
+    from components.demo_data import color_change_frames, shape_image, write_video
+
+    rng = random.Random(0)
+    os.makedirs(os.path.join(root, "media"), exist_ok=True)
+    height, width = s.sizes[0]
+    shape_image(rng, s.tile, "red", "circle").resize((width, height)).save(
+        os.path.join(root, "media", "im0.png")
+    )
+    frames = color_change_frames(rng, "red", "blue", "square", Demo(video_frames=8, video_size=s.video_size))
+    write_video(os.path.join(root, "media", "v0.mp4"), np.ascontiguousarray(frames), fps=1)
+    answer = "the shape is drawn with a single colour on a light background " * 3
+    records = [
+        {
+            "id": "im0",
+            "image": "media/im0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": answer},
+            ],
+        },
+        {
+            "id": "v0",
+            "video": "media/v0.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat happens in the video?"},
+                {"from": "gpt", "value": answer},
+            ],
+        },
+    ]
+    path = os.path.join(root, "small.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 
 
@@ -403,7 +682,13 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa,eager")
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--cpu-shapes", default=None, help="0.5b: one ZeRO-3 step at two ranks on the CPU (by hand: slow)"
+    )
     args = parser.parse_args()
+    if args.cpu_shapes:
+        run_cpu_shapes(args.cpu_shapes, steps=1)
+        return
     import torch
 
     gpu = torch.cuda.is_available() and not args.quick
