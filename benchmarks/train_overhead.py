@@ -63,7 +63,7 @@ def baseline(recipe, stage, layout) -> tuple[float, int, int]:
         optimizer.zero_grad()
         tokens_done.append(tokens)
         seconds.append(time.perf_counter() - start)
-    return sum(tokens_done[2:-1]) / sum(seconds[2:-1]), len(all_steps), plan.rows_per_rank
+    return sum(tokens_done[2:-1]) / sum(seconds[2:-1]), len(all_steps), plan.rows_per_epoch
 
 
 def ray_train(recipe, stage, workers: int, layout, local: bool = False) -> tuple[float, dict]:

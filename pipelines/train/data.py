@@ -1,7 +1,9 @@
 """Where a rank's rows come from. A ``RowSource`` gives, for each epoch, this rank's optimizer steps (each
 a list of micro-batches of rows), the same rows in the same order on every attempt, so a resumed stage
-sees exactly what an uninterrupted one would. ``InMemorySteps`` (small data: read once, kept) is here;
-the streamed source runs on Ray Data and lives with the rest of the Ray adapter (pipelines/train/on_ray.py).
+sees exactly what an uninterrupted one would. The epoch's global steps are cut without the world size;
+each rank then takes its share of every step, so a stage sees the same steps at any world size.
+``InMemorySteps`` (small data: read once, kept) is here; the streamed source runs on Ray Data and lives
+with the rest of the Ray adapter (pipelines/train/on_ray.py).
 """
 
 from __future__ import annotations
@@ -24,21 +26,34 @@ class RowSource(Protocol):
         ...
 
 
-def steps_of(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[Step]:
-    """Window ``w`` of an epoch's rows -> optimizer steps of ``grad_accum`` micro-batches. Grouped
-    (group_by_modality): the window is sorted by (modality, frames, length) before it is cut (LLaVA's
-    megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in an order
-    seeded by the stage seed, the epoch and the window."""
-    micro_batch = plan.stage.micro_batch
-    n_steps = len(rows) // plan.rows_per_step
-    rows = rows[: n_steps * plan.rows_per_step]
-    count = n_steps * plan.grad_accum
+def global_steps(rows: list[dict], plan: StagePlan, epoch: int, w: int) -> list[list[list[dict]]]:
+    """Window ``w`` of an epoch's rows -> its global optimizer steps, each the plan's
+    ``micro_batches_per_step`` micro-batches (every rank's together). Nothing here depends on the world
+    size: which rows make up a step is a function of the rows, the stage seed, the epoch and the window.
+    Grouped (group_by_modality): the window is sorted by (modality, frames, length) before it is cut
+    (LLaVA's megabatch grouping; see benchmarks/padding.py), and the micro-batches are dealt to steps in an
+    order seeded by the stage seed, the epoch and the window."""
+    micro_batch, per_step = plan.stage.micro_batch, plan.micro_batches_per_step
+    n_steps = len(rows) // plan.global_rows
+    rows = rows[: n_steps * plan.global_rows]
+    count = n_steps * per_step
     if plan.stage.group_by_modality:
         micro = group_rows(rows, micro_batch, count)
         random.Random(plan.recipe.seed + 1000 * epoch + w).shuffle(micro)
     else:
         micro = [rows[i * micro_batch : (i + 1) * micro_batch] for i in range(count)]
-    return [micro[s * plan.grad_accum : (s + 1) * plan.grad_accum] for s in range(n_steps)]
+    return [micro[s * per_step : (s + 1) * per_step] for s in range(n_steps)]
+
+
+def rank_share(step: list[list[dict]], rank: int, world: int) -> Step:
+    """The micro-batches of a global step that ``rank`` of ``world`` trains on: its virtual shards, slots
+    rank, rank+W, ... (``micro_batches_per_step / W`` of them, the rank's accumulation)."""
+    if len(step) % world:
+        raise ValueError(
+            f"a step of {len(step)} micro-batches cannot be shared by {world} ranks: expected a world size "
+            f"that divides {len(step)}"
+        )
+    return step[rank::world]
 
 
 def shard_batches(uri: str, columns: list[str] | None = None):
@@ -46,29 +61,28 @@ def shard_batches(uri: str, columns: list[str] | None = None):
     return shards_dataset(uri).to_batches(batch_size=1024, columns=columns)
 
 
-def own_rows(batches: Callable[[], Iterable], rank: int, world: int, count: int) -> list[dict]:
-    """Small data: a rank's rows, those at positions rank, rank+W, ... of the mixture (the ``position``
-    preprocessing wrote: the order of (dataset, index), whatever order its tasks wrote the files in), in
-    that order, the first ``count``. Every rank gets the same mix of a mixture's datasets."""
-    mine = []
-    for batch in batches():
-        keep = [i for i, p in enumerate(batch.column("position").to_pylist()) if p % world == rank]
-        if keep:
-            mine.extend(batch.take(keep).to_pylist())
-    return sorted(mine, key=lambda r: r["position"])[:count]
+def all_rows(batches: Callable[[], Iterable]) -> list[dict]:
+    """Small data: every row, in the mixture's order (the ``position`` preprocessing wrote: the order of
+    (dataset, index), whatever order its tasks wrote the files in)."""
+    rows = [r for batch in batches() for r in batch.to_pylist()]
+    return sorted(rows, key=lambda r: r["position"])
 
 
 class InMemorySteps:
-    """Small data: every rank reads the shards once and keeps its rows; each epoch reshuffles them (seeded
-    by the stage seed, the epoch and the rank, so a resumed attempt sees the same windows)."""
+    """Small data: every rank reads the shards once and keeps every row (a step's rows depend on the epoch's
+    order alone, not on the rank); each epoch reshuffles them, seeded by the stage seed and the epoch, so
+    every world size and every resumed attempt sees the same global steps; the rank trains on its share."""
 
     def __init__(self, plan: StagePlan, rank: int, world: int):
-        self.plan, self.rank = plan, rank
-        self.rows = own_rows(lambda: shard_batches(plan.layout.data), rank, world, plan.rows_per_rank)
+        self.plan, self.rank, self.world = plan, rank, world
+        self.rows = all_rows(lambda: shard_batches(plan.layout.data))
 
     def epoch(self, epoch: int) -> Iterator[Step]:
+        plan = self.plan
         rows = list(self.rows)
-        random.Random(f"{self.plan.recipe.seed}:{epoch}:{self.rank}").shuffle(rows)
-        windows = [rows[i : i + self.plan.window] for i in range(0, len(rows), self.plan.window)]
+        random.Random(f"{plan.recipe.seed}:{epoch}").shuffle(rows)
+        rows = rows[: plan.rows_per_epoch]
+        windows = [rows[i : i + plan.window] for i in range(0, len(rows), plan.window)]
         for w, window in enumerate(windows):
-            yield from steps_of(window, self.plan, epoch, w)
+            for step in global_steps(window, plan, epoch, w):
+                yield rank_share(step, self.rank, self.world)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -23,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from components import storage
 from components.progress import ProgressPrinter
-from pipelines.train.data import Step, steps_of
+from pipelines.train.data import Step, global_steps, rank_share
 from pipelines.train.net import bind_to_address
 from pipelines.train.plan import StagePlan
 from pipelines.train.ray_private import torch_config_binding
@@ -39,26 +38,25 @@ def object_store_bytes() -> float:
 
 
 class StreamedSteps:
-    """Large data: each epoch streams the shards through Ray Data; this rank keeps the rows at its positions
-    (rank, rank+W, ...), in the shards' order (files by name, rows as written), the first rows_per_rank.
-    The same rows in the same order on every attempt: a resume skips exactly the steps it has done."""
+    """Large data: each epoch streams the shards through Ray Data in the shards' order (files by name, rows
+    as written), the first ``rows_per_epoch`` rows, cut into global steps window by window; this rank keeps
+    its share of each step. Every rank streams every row (a step's rows do not depend on the world size, so
+    no rank can know its rows before the window is cut); the same steps on every attempt and at every
+    world size, so a resume skips exactly the steps it has done."""
 
     def __init__(self, plan: StagePlan, rank: int, world: int):
         self.plan, self.rank, self.world = plan, rank, world
 
     def epoch(self, epoch: int) -> Iterator[Step]:
         fs, path = storage.resolve(self.plan.layout.data)
-        rank, world = self.rank, self.world
         ds = ray.data.read_parquet(path, filesystem=fs, shuffle=None)
         ds.context.execution_options.preserve_order = True  # this dataset only, not the process's context
-        mine = ds.map_batches(
-            lambda t: t.filter(np.asarray(t.column("position")) % world == rank), batch_format="pyarrow"
-        )
-        left = self.plan.rows_per_rank
-        for w, batch in enumerate(mine.iter_batches(batch_size=self.plan.window, batch_format="pyarrow")):
+        left = self.plan.rows_per_epoch
+        for w, batch in enumerate(ds.iter_batches(batch_size=self.plan.window, batch_format="pyarrow")):
             rows = batch.to_pylist()[:left]
             left -= len(rows)
-            yield from steps_of(rows, self.plan, epoch, w)
+            for step in global_steps(rows, self.plan, epoch, w):
+                yield rank_share(step, self.rank, self.world)
             if left <= 0:
                 return
 

@@ -5,7 +5,6 @@ positions, the shards' size, the object store's size); nothing here asks Ray or 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, is_dataclass
 
 from components.frozen import thaw
@@ -31,8 +30,7 @@ class StagePlan:
     init_from: str | None
     """The previous stage's HF export; None: build the base models (Stage-1)."""
     grad_accum: int
-    rows_per_rank: int
-    """Rows each rank trains on per epoch: ranks keep rows at positions rank, rank+W, ... (equal counts)."""
+    """Micro-batches per rank per step at the recipe's ``workers``: ``micro_batches_per_step / workers``."""
     steps_per_epoch: int
     total_steps: int
     data_mode: str
@@ -52,14 +50,24 @@ class StagePlan:
         return torch_threads(self.recipe.cpus_per_worker)
 
     @property
-    def rows_per_step(self) -> int:
-        """Rows one rank trains on per optimizer step."""
-        return self.stage.micro_batch * self.grad_accum
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of one global step (every rank's): the global batch over the micro-batch; each of
+        W ranks trains on 1/W of them (the virtual shards), whatever W is."""
+        return self.stage.global_batch // self.stage.micro_batch
+
+    @property
+    def global_rows(self) -> int:
+        """Rows of one optimizer step, every rank's together: the global batch."""
+        return self.stage.micro_batch * self.micro_batches_per_step
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.global_rows * self.steps_per_epoch
 
     @property
     def window(self) -> int:
-        """Rows grouped together before they are cut into steps: ``group_steps`` optimizer steps' worth."""
-        return self.rows_per_step * self.stage.group_steps
+        """Rows grouped together before they are cut into steps: ``group_steps`` global steps' worth."""
+        return self.global_rows * self.stage.group_steps
 
     def resolved(self) -> dict:
         """The plan as data (logged first, and an artifact of the stage's run): what the stage trains with,
@@ -74,7 +82,8 @@ class StagePlan:
             "workers": recipe.workers,
             "micro_batch": self.stage.micro_batch,
             "grad_accum": self.grad_accum,
-            "rows_per_rank": self.rows_per_rank,
+            "global_batch": self.global_rows,
+            "rows_per_epoch": self.rows_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "data_mode": self.data_mode,
@@ -90,11 +99,10 @@ class StagePlan:
         return thaw({k: asdict(v) if is_dataclass(v) else v for k, v in out.items()})
 
 
-def rank_counts(positions: Iterable[int], world: int) -> list[int]:
-    counts = [0] * world
-    for p in positions:
-        counts[p % world] += 1
-    return counts
+def world_sizes(stage: StageSpec) -> list[int]:
+    """The world sizes that hold the stage's global batch: those that divide its micro-batches per step."""
+    per_step = stage.global_batch // stage.micro_batch
+    return [w for w in range(1, per_step + 1) if per_step % w == 0]
 
 
 def plan_stage(
@@ -116,12 +124,17 @@ def plan_stage(
     stream: small data is read by every worker once and kept for every epoch (no Ray Data pipeline to
     start, no epoch restarting the reads); large data streams through Ray Data every epoch."""
     workers, micro = recipe.workers, stage.micro_batch
-    accum = max(1, stage.global_batch // (micro * workers))
-    rows_per_rank = min(rank_counts(positions, workers))
-    steps_per_epoch = rows_per_rank // (micro * accum)
+    if stage.global_batch % micro or (stage.global_batch // micro) % workers:
+        raise ValueError(
+            f"stage {stage.name}: global_batch {stage.global_batch} cannot be held at {workers} workers x "
+            f"micro-batch {micro}: expected a global batch that is a multiple of the micro-batch and "
+            f"workers among {world_sizes(stage)}"
+        )
+    accum = stage.global_batch // (micro * workers)
+    steps_per_epoch = len(positions) // stage.global_batch
     if steps_per_epoch < 1:
         raise ValueError(
-            f"stage {stage.name}: expected at least {micro * accum * workers} rows for one step "
+            f"stage {stage.name}: expected at least {stage.global_batch} rows for one step "
             f"({workers} workers x {micro} micro-batch x {accum} accumulation), found {len(positions)}"
         )
     data_mode = stage.data_mode
@@ -134,7 +147,6 @@ def plan_stage(
         layout=layout,
         init_from=init_from,
         grad_accum=accum,
-        rows_per_rank=rows_per_rank,
         steps_per_epoch=steps_per_epoch,
         total_steps=stage.max_steps or steps_per_epoch * stage.epochs,
         data_mode=data_mode,
@@ -158,7 +170,7 @@ def deepspeed_config(plan: StagePlan) -> dict:
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": plan.rows_per_step * plan.recipe.workers,
+        "train_batch_size": plan.global_rows,
         "gradient_clipping": stage.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": use_gpu},

@@ -165,7 +165,7 @@ def plan_summary(plan: StagePlan) -> str:
     epochs = plan.total_steps / plan.steps_per_epoch
     return (
         f"stage {stage.name}: {recipe.workers} workers x {stage.micro_batch} micro-batch x "
-        f"{plan.grad_accum} accumulation = {plan.rows_per_step * recipe.workers} global batch; "
+        f"{plan.grad_accum} accumulation = {plan.global_rows} global batch; "
         f"{plan.total_steps} steps ({epochs:.3g} epochs); data {plan.data_mode}; ZeRO-{stage.zero_stage}\n"
         f"stage {stage.name}: the resolved plan is in {plan.layout.plan}"
     )

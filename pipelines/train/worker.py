@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
 from components import storage
 from components.batching import to_device
+from components.conversation import IGNORE_INDEX
 from components.deepspeed_ops import ensure_ops
 from components.generation import MediaFiller
 from components.model import (
@@ -250,37 +252,46 @@ class StageWorker:
         )
 
     def train_step(self, micro_batches: Step, step: int, waited: float, last_end: float):
-        """One optimizer step over its micro-batches; returns (step, metrics). Throughput counts every
-        rank's tokens over the wall-clock interval since the previous step ended (data wait, logging and
-        checkpointing included)."""
-        # every rank's own rows: batches differ in length between ranks, so the step's totals need every
-        # rank's counts. They are known before the step, so their all-reduce runs in the background (gloo's
-        # thread) under the forward pass instead of adding one more cross-rank wait after the step.
+        """One optimizer step over its micro-batches; returns (step, metrics). The step's objective is the
+        global batch's: every supervised token's loss (all ranks, all micro-batches) summed and divided by
+        the global batch's supervised-token count, so the gradient and the logged loss are the same at any
+        world size and accumulation. Throughput counts every rank's tokens over the wall-clock interval
+        since the previous step ended (data wait, logging and checkpointing included)."""
+        ds_model, world = self.ds_model, self.world
+        # every rank's counts, summed before the first forward: the loss's denominator is the global one
         counts = torch.tensor(
             [
                 sum(len(r["input_ids"]) for micro in micro_batches for r in micro),
                 sum(map(len, micro_batches)),
+                sum(supervised_tokens(r) for micro in micro_batches for r in micro),
             ],
             dtype=torch.float64,
         )
-        summed = torch.distributed.all_reduce(counts, async_op=True) if self.world > 1 else None
-        ds_model, losses, micro_modalities = self.ds_model, [], []
+        if world > 1:
+            torch.distributed.all_reduce(counts)
+        tokens, samples, supervised = (int(c) for c in counts)
+        denominator = torch.tensor(float(max(1, supervised)))
+        share, micro_modalities = torch.zeros((), dtype=torch.float64), []
         for micro in micro_batches:
             micro_modalities.append({r["modality"] for r in micro})
-            out = ds_model(**self.make_batch(micro))
-            ds_model.backward(out.loss)
+            out = ds_model(**self.make_batch(micro), num_items_in_batch=denominator)
+            # out.loss: this micro-batch's summed token losses over the global count. DeepSpeed averages
+            # gradients over the ranks, and would divide by the accumulation: undo both, so the summed
+            # gradient is the global objective's
+            ds_model.backward(out.loss * world, scale_wrt_gas=False)
             ds_model.step()
-            losses.append(float(out.loss.detach()))
-        if summed is not None:
-            summed.wait()
-        tokens, samples = int(counts[0]), int(counts[1])
+            share += float(out.loss.detach())
+        if world > 1:
+            torch.distributed.all_reduce(share)
         interval = time.perf_counter() - last_end
         return step + 1, {
             "step": step + 1,
-            "loss": sum(losses) / len(losses),
+            "loss": float(share),
             "lr": self.main_group["lr"],
             "grad_norm": float(ds_model.get_global_grad_norm() or 0.0),
             "tokens": tokens,
+            "supervised_tokens": supervised,
+            "world": world,
             "step_s": interval,
             "tokens_per_s": tokens / interval,
             "samples_per_s": samples / interval,
@@ -372,6 +383,12 @@ def apply_lora(model, lora) -> None:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
     )
     model.model.language_model = get_peft_model(model.model.language_model, config)
+
+
+def supervised_tokens(row: dict) -> int:
+    """Tokens of a row that its loss counts: labels after the one-token shift that are not ignored (as
+    transformers' causal-LM loss counts them)."""
+    return int((np.asarray(row["labels"])[1:] != IGNORE_INDEX).sum())
 
 
 def _loggable(metrics: dict) -> dict:
