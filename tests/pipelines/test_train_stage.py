@@ -18,7 +18,7 @@ from components.tracking import TrackingConfig
 from pipelines.layout import RunLayout
 from pipelines.preprocess import PreprocessConfig, preprocess, read_output
 from pipelines.recipes import load_recipe, step_config
-from pipelines.train.data import InMemorySteps, own_rows, shard_batches
+from pipelines.train.data import InMemorySteps, shard_batches
 from pipelines.train.local import LocalContext
 from pipelines.train.plan import plan_stage
 from pipelines.train.stage import read_history, train_stage
@@ -59,7 +59,7 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
     )
     layout = RunLayout(tmp_path, "r").stage("stage1")
     plan = plan_stage(recipe, stage, layout, list(range(41)), has_video=False, init_from=None)
-    assert (plan.grad_accum, plan.rows_per_rank, plan.steps_per_epoch, plan.total_steps) == (4, 20, 2, 4)
+    assert (plan.grad_accum, plan.rows_per_epoch, plan.steps_per_epoch, plan.total_steps) == (4, 32, 2, 4)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.total_steps = 5  # the plan is resolved once; nobody changes it afterwards
     with pytest.raises(TypeError, match="cannot change"):  # nor anything inside it, at any depth
@@ -79,55 +79,75 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
         dataclasses.replace(stage, data_mode="disk")
 
 
-def test_ranks_keep_their_positions_reshuffled_each_epoch(demo_dir, ray_local, tmp_path):
-    """Small data: each rank reads the shards from storage and keeps the rows at positions rank, rank+W, ...
-    (the mixture's order, whatever order the files were written in), the same count on every rank; the
-    ranks together hold every row once (minus the remainder); every epoch reshuffles a rank's rows (the
-    same way on a resumed attempt) into windows of the plan's size."""
+def _global_ids(source_of, world: int, epochs: int) -> list[list[list[str]]]:
+    """Each epoch's global steps as every rank of ``world`` trains them: step s = the sample ids of its
+    micro-batch slots, rank r's k-th micro-batch in slot k * world + r."""
+    shares = [[list(source_of(rank, world).epoch(e)) for rank in range(world)] for e in range(epochs)]
+    out = []
+    for per_rank in shares:
+        steps = []
+        for s in range(len(per_rank[0])):
+            assert len({len(per_rank[r]) for r in range(world)}) == 1  # every rank the same step count
+            slots = [None] * sum(len(per_rank[r][s]) for r in range(world))
+            for r in range(world):
+                for k, micro in enumerate(per_rank[r][s]):
+                    slots[k * world + r] = [row["sample_id"] for row in micro]
+            steps.append(slots)
+        out.append(steps)
+    return out
+
+
+def test_each_step_holds_the_same_rows_at_any_world_size(demo_dir, ray_local, tmp_path):
+    """Which rows make up global step s depends on the seed, the epoch and s only: at W = 1, 2 and 4 every
+    step holds the same sample ids in the same micro-batches, exactly, on the in-memory path (reshuffled each
+    epoch) and the streamed one (Ray Data, the shards' order), epoch after epoch and on a resumed attempt;
+    each rank trains on 1/W of a step's micro-batches. A world size that cannot hold the global batch is
+    refused when the plan is made, naming those that can.
+    Guards: global_steps/rank_share (the world-independent order); fails with rank-strided rows instead."""
     import ray
 
-    # a mixture of two datasets, stored in 5 files in an order unlike the mixture's (as preprocessing's
-    # tasks may finish)
+    from pipelines.train.on_ray import StreamedSteps
+
+    # a mixture of two datasets of rows of many lengths, stored in 5 files in an order unlike the
+    # mixture's (as preprocessing's tasks may finish)
     rows = [
         {
-            "i": i,
+            "sample_id": f"s{i}",
             "position": i,
             "source": "a_image" if i < 61 else "b_video",
-            "modality": "text",
-            "input_ids": [1] * (i % 7 + 1),
+            "modality": "image" if i % 3 else "text",
+            "input_ids": [1] * (i * 7 % 23 + 1),
         }
         for i in range(101)
     ]
     ray.data.from_items(rows[50:] + rows[:50]).repartition(5).write_parquet(
         str(tmp_path / "r" / "s" / "data")
     )
-    kept = {
-        rank: own_rows(lambda: shard_batches(str(tmp_path / "r" / "s" / "data")), rank, 3, 33)
-        for rank in range(3)
-    }
-    for rank, mine in kept.items():
-        assert [r["i"] for r in mine] == list(range(rank, 99, 3))  # 33 rows each: 101 // 3
-        assert sum(r["source"] == "b_video" for r in mine) in (12, 13)  # of 38
-    assert sorted(r["i"] for mine in kept.values() for r in mine) == list(range(99))
-
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(demo_dir[0]))
-    stage = dataclasses.replace(recipe.stage("stage1"), micro_batch=2, global_batch=2, group_steps=4)
-    layout = RunLayout(tmp_path, "r").stage("s")
-    plan = plan_stage(
-        dataclasses.replace(recipe, workers=3),
-        stage,
-        layout,
-        list(range(101)),
-        has_video=False,
-        init_from=None,
+    stage = dataclasses.replace(
+        recipe.stage("stage1"), micro_batch=2, global_batch=8, group_steps=3, group_by_modality=True
     )
-    source = InMemorySteps(plan, 1, 3)
-    epochs = [list(source.epoch(e)) for e in range(3)]
-    for steps in epochs:
-        assert len(steps) == plan.steps_per_epoch == 16  # 33 rows, micro-batch 2, no accumulation
-        assert len({r["i"] for step in steps for micro in step for r in micro}) == 32
-    assert epochs[0] != epochs[1] != epochs[2]
-    assert list(InMemorySteps(plan, 1, 3).epoch(1)) == epochs[1]  # a resumed attempt: the same steps
+    layout = RunLayout(tmp_path, "r").stage("s")
+
+    def plan(world):
+        return plan_stage(
+            dataclasses.replace(recipe, workers=world), stage, layout, list(range(101)), has_video=False,
+            init_from=None,
+        )
+
+    for name, source in (("memory", InMemorySteps), ("stream", StreamedSteps)):
+        ids = {w: _global_ids(lambda rank, world: source(plan(world), rank, world), w, 2) for w in (1, 2, 4)}
+        assert plan(4).grad_accum == 1 and plan(1).grad_accum == 4
+        for w in (2, 4):
+            assert ids[w] == ids[1], f"{name}: the steps at W={w} differ from W=1's"
+        for steps in ids[1]:
+            assert len(steps) == plan(1).steps_per_epoch == 12  # 101 rows // 8
+            assert len({i for step in steps for micro in step for i in micro}) == 96
+        if name == "memory":
+            assert ids[1][0] != ids[1][1]  # every epoch reshuffles
+        assert _global_ids(lambda rank, world: source(plan(world), rank, world), 2, 2) == ids[2]  # a resume
+    with pytest.raises(ValueError, match=r"cannot be held at 3 workers.*\[1, 2, 4\]"):
+        plan(3)
 
 
 def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
@@ -177,8 +197,8 @@ def test_stage1_changes_only_the_projector(demo_dir, ray_local, tmp_path):
 
 
 def _one_modality_per_rank(root):
-    """One manifest whose positions cycle image, text, video: with 3 ranks, rank 0 gets only images, rank 1
-    only text and rank 2 only video."""
+    """One manifest whose positions cycle image, text, video: with 3 ranks and micro-batches of one row in
+    the mixture's order (no grouping), rank 0 gets only images, rank 1 only text and rank 2 only video."""
     import json as _json
 
     split = {
@@ -198,8 +218,8 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
     step: rank 0 holds only images, rank 1 only text, rank 2 only video, and MediaFiller gives each
     micro-batch the media it lacks. Guards: MediaFiller; fails with it left out of the batch maker.
 
-    The rows stream through Ray Data (the large-data path): each rank keeps its positions in the shards'
-    order, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
+    The rows stream through Ray Data (the large-data path): every rank cuts the same global steps from the
+    shards' order and keeps its share, so a rank killed after the step-2 checkpoint (on S3) resumes there and the stage gives every
     per-step loss and token count of an uninterrupted run of the same seed, exactly (fp32, CPU); fails with
     StageWorker.resume returning step 0 (Ray Data's arrival order, a streaming_split, would give no such
     guarantee). The stage's MLflow run (a real server) holds exactly one
@@ -226,8 +246,12 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
         data_mode="stream",
     )
     prepared = _prepare(recipe, stage, RunLayout(f"{s3_bucket}/runs", "whole").stage("stage2_ov"))
+    from pipelines.train.on_ray import StreamedSteps
+    from pipelines.train.stage import data_stats
+
+    plan = plan_stage(recipe, stage, prepared, data_stats(prepared)[0], has_video=True, init_from=None)
     for rank, modality in enumerate(("image", "text", "video")):
-        kept = own_rows(lambda: shard_batches(prepared.data), rank, 3, 4)
+        kept = [r for step in StreamedSteps(plan, rank, 3).epoch(0) for micro in step for r in micro]
         assert {r["modality"] for r in kept} == {modality}
     whole = train_stage(recipe, stage, prepared, init_from=None)
     layout = RunLayout(f"{s3_bucket}/runs", "z3").stage("stage2_ov")
