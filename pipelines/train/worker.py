@@ -276,9 +276,11 @@ class StageWorker:
             micro_modalities.append({r["modality"] for r in micro})
             out = ds_model(**self.make_batch(micro), num_items_in_batch=denominator)
             # out.loss: this micro-batch's summed token losses over the global count. DeepSpeed averages
-            # gradients over the ranks, and would divide by the accumulation: undo both, so the summed
-            # gradient is the global objective's
-            ds_model.backward(out.loss * world, scale_wrt_gas=False)
+            # gradients over the ranks (undone by x world) and divides by the accumulation unless told not
+            # to; told so, DeepSpeed 0.19 still divides when the tensor given is the model's output itself
+            # (its output hook runs first), so the backward is of a new tensor, at every world size
+            objective = out.loss * world
+            ds_model.backward(objective, scale_wrt_gas=False)
             ds_model.step()
             share += float(out.loss.detach())
         if world > 1:

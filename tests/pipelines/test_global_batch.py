@@ -78,17 +78,29 @@ def _run(plan, world: int, out: str) -> dict:
     return load_file(os.path.join(out, f"world{world}.safetensors"))
 
 
+def _same_gradient(got: dict, expected: dict, label: str) -> None:
+    """Every parameter's gradient within fp32 rounding (a parameter no row reached: None or zeros)."""
+    names = (set(got) | set(expected)) - {"loss", "supervised"}
+    assert len(names) > 50
+    for name in sorted(names):
+        a, b = got.get(name), expected.get(name)
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{label}: {n}: {m}")
+
+
 @pytest.mark.timeout(420)
 def test_one_global_batch_one_loss_and_gradient_at_1x4_2x2_4x1(demo_dir, tmp_path):
     """Four rows of unlike lengths and modalities (so per-micro-batch means would weigh their tokens
     unequally): the step's loss and every parameter's gradient agree within fp32 rounding at 1 x 4, 2 x 2
     and 4 x 1, and the loss equals the global batch's summed token losses over its supervised tokens,
-    computed by transformers' model alone.
+    and its gradient, computed by transformers' model alone.
     Guards: the global normalisation (num_items_in_batch = the global supervised-token count, the loss
-    scaled back from DeepSpeed's rank and accumulation averaging); fails with per-micro-batch means."""
+    scaled back from DeepSpeed's rank and accumulation averaging); fails with per-micro-batch means, and
+    with the backward of the model's own output tensor (DeepSpeed then divides by the accumulation)."""
     import json
 
-    from components.model import build_model
+    from components.model import build_model, set_trainable
     from components.processor import LlavaProcessor
     from pipelines.train.data import InMemorySteps
 
@@ -97,10 +109,12 @@ def test_one_global_batch_one_loss_and_gradient_at_1x4_2x2_4x1(demo_dir, tmp_pat
     recipe = load_recipe("llava_onevision", "tiny", demo_dir=str(root))
     mixed = root / "one_of_each_modality.jsonl"  # beside the demo media its paths name
     records = [
-        json.loads(line)
+        json.loads(next(iter(open(root / f"{k}.jsonl"))))
         for k in ("text", "single_image", "video", "multi_image")
-        for line in list(open(root / f"{k}.jsonl"))[:1]
     ]
+    # unlike supervised-token counts: a three-turn text conversation, a longer multi-image answer
+    records[0]["conversations"] = records[0]["conversations"] * 3
+    records[3]["conversations"][1]["value"] = " ".join([records[3]["conversations"][1]["value"]] * 4)
     mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
     stage = dataclasses.replace(
         recipe.stage("stage2_ov"),
@@ -141,26 +155,23 @@ def test_one_global_batch_one_loss_and_gradient_at_1x4_2x2_4x1(demo_dir, tmp_pat
     model, processor = build_model(recipe.model, seed=recipe.seed)
     processor = LlavaProcessor(plan.processor, processor.tokenizer)
     processor.arch.set_stage_config(model.config, processor.anyres)
+    set_trainable(model, stage.trainable)
     rows = [r for micro in next(iter(InMemorySteps(plan, 0, 1).epoch(0))) for r in micro]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            batch = processor.collate([row])
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
-            labels = batch["labels"][0, 1:]
-            keep = labels != -100
-            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-            count += int(keep.sum())
+    count = sum(int((torch.as_tensor(r["labels"][1:]) != -100).sum()) for r in rows)
+    total = 0.0
+    for row in rows:
+        batch = processor.collate([row])
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
+        labels = batch["labels"][0, 1:]
+        keep = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum") / count
+        loss.backward()
+        total += loss.item()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert count == int(results[1]["supervised"])
-    assert float(results[1]["loss"]) == pytest.approx(total / count, rel=1e-5)
+    assert len({len([t for t in r["labels"][1:] if t != -100]) for r in rows}) >= 3  # unlike counts
+    assert float(results[1]["loss"]) == pytest.approx(total, rel=1e-5)
+    _same_gradient(results[1], reference, "transformers")
     for world in (2, 4):
         assert float(results[world]["loss"]) == pytest.approx(float(results[1]["loss"]), rel=1e-5), world
-        names = (set(results[1]) | set(results[world])) - {"loss", "supervised"}
-        for name in sorted(names):
-            one = results[1].get(name)
-            other = results[world].get(name)
-            one = torch.zeros_like(other) if one is None else one
-            other = torch.zeros_like(one) if other is None else other
-            torch.testing.assert_close(
-                other, one, rtol=1e-4, atol=1e-6, msg=lambda m: f"{world}: {name}: {m}"
-            )
+        _same_gradient(results[world], results[1], f"{world} ranks")
