@@ -1,10 +1,12 @@
 """A stage in this process on one rank, with no Ray (``llava-ray run --local``, tests, the GPU machine):
 the same StageWorker, a process group of this process alone, checkpoints under ``root/<step>`` through the
-URI layer (a local directory or s3://), resumed from the newest complete one."""
+URI layer (a local directory or s3://), resumed from the newest complete one. ``LocalContext`` also serves
+each of several gloo rank processes that share ``root`` (tests and benchmarks of other world sizes)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import tempfile
@@ -69,7 +71,19 @@ class LocalContext:
             yield storage.download_dir(storage.join(self.root, str(done[-1])), scratch)
 
     def report(self, metrics: dict, directory: str) -> None:
-        storage.upload_dir(directory, storage.join(self.root, str(metrics["step"])))
+        """Every rank's files under ``root/<step>``; with several ranks, rank 0 publishes one manifest of
+        them all once every rank has written."""
+        target = storage.join(self.root, str(metrics["step"]))
+        if self.world == 1:
+            storage.upload_dir(directory, target)
+            return
+        record = storage.upload_dir(directory, target, manifest=False)
+        records: list = [None] * self.world
+        dist.all_gather_object(records, record["files"])
+        if self.rank == 0:
+            files = {k: v for r in records for k, v in r.items()}
+            storage.write_text(storage.join(target, storage.MANIFEST), json.dumps({"files": files}, indent=1))
+        dist.barrier()
 
     def progress(self, record: dict) -> None:
         if self.printer is not None:

@@ -39,6 +39,7 @@ from components.model import (
 from components.processor import LlavaProcessor
 from components.progress import eta_s
 from components.tracking import make_tracker
+from pipelines.train import portable
 from pipelines.train.data import InMemorySteps, RowSource, Step
 from pipelines.train.plan import StagePlan, cosine_with_warmup, deepspeed_config
 from pipelines.train.watchdog import Watchdog
@@ -217,14 +218,19 @@ class StageWorker:
         return self.context.row_source(self.plan)
 
     def resume(self, ds_model) -> int:
-        """The step of the newest checkpoint (0 without one), weights, optimizer and schedule restored."""
+        """The step of the newest checkpoint (0 without one): weights, optimizer moments and step count, LR
+        schedule and RNG restored at whatever world size this attempt has, then checked against the
+        checkpoint bit for bit before the first step (pipelines/train/portable.py)."""
         with self.context.resume_dir() as d:
             if d is None:
                 return 0
-            _, client = ds_model.load_checkpoint(d)  # the tag named in its "latest" file
-        step = int(client["step"])
+            meta = portable.load(ds_model, d, self.rank)
+            portable.verify(ds_model, d, self.rank)
+        step = int(meta["step"])
         if self.rank == 0:
-            print(f"resumed from checkpoint at step {step}")
+            print(
+                f"resumed from checkpoint at step {step} (saved at world {meta['world']}, now {self.world})"
+            )
         return step
 
     def setup_step(self, ds_model, optimizer, processor, start_step: int) -> None:
@@ -335,7 +341,7 @@ class StageWorker:
                 storage.join(self.plan.layout.history, f"{step:07d}.json"), json.dumps(history)
             )
         with tempfile.TemporaryDirectory() as d:
-            ds_model.save_checkpoint(d, tag=f"step{step}", client_state={"step": step})
+            portable.save(ds_model, d, step, self.rank, self.world)
             self.context.report(metrics, d)
 
     def export(self, ds_model, processor) -> None:
