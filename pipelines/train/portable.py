@@ -87,25 +87,26 @@ def _ensure_moments(ds_model) -> None:
     a tensor's first step with a gradient: before a resume's first step, or a partition that has had no
     gradient), then DeepSpeed's ZeRO-1/2 links each parameter's fragment of it (its private
     ``_lazy_init_hp_params_optimizer_state``, DeepSpeed 0.19.8; ZeRO-3 reads the state directly)."""
-    base = _base_optimizer(ds_model)
-    for group in base.param_groups:
-        for t in group["params"]:
-            state = base.state[t]
-            if "exp_avg" not in state:
-                state["step"] = state.get("step", torch.tensor(0.0))
-                for key in MOMENTS:
-                    state[key] = torch.zeros_like(t, memory_format=torch.preserve_format)
-    optimizer = ds_model.optimizer
+    base, optimizer = _base_optimizer(ds_model), ds_model.optimizer
+    # ZeRO-3 steps its flat fp32 partitions one sub-group at a time, putting each in the torch optimizer's
+    # groups only for its step; ZeRO-1/2 and stage 0 keep theirs in the groups
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    for t in flat if flat is not None else [t for g in base.param_groups for t in g["params"]]:
+        state = base.state[t]
+        if "exp_avg" not in state:
+            state["step"] = state.get("step", torch.tensor(0.0))
+            for key in MOMENTS:
+                state[key] = torch.zeros_like(t, memory_format=torch.preserve_format)
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _optimizer_step(ds_model) -> float:
-    steps = {float(s["step"]) for s in _base_optimizer(ds_model).state.values() if "step" in s}
-    if len(steps) > 1:
-        raise ReshardMismatch(f"optimizer step count: expected one value, found {sorted(steps)}")
-    return steps.pop() if steps else 0.0
+    """Adam's step count (every tensor the optimizer steps has the same)."""
+    return max(
+        (float(s["step"]) for s in _base_optimizer(ds_model).state.values() if "step" in s), default=0.0
+    )
 
 
 @contextlib.contextmanager
@@ -206,6 +207,9 @@ def verify(ds_model, directory: str, rank: int) -> None:
                     problems.append(label)
             if not torch.equal(weight.reshape(want.shape), want.to(p.dtype).float()):
                 problems.append(f"{name} (model weight)")
+    with safe_open(os.path.join(directory, f"rng-{rank % meta['world']}.safetensors"), framework="pt") as f:
+        if not torch.equal(torch.get_rng_state(), f.get_tensor("cpu")):
+            problems.append(f"rank {rank}'s RNG state")
     if rank == 0:
         if _optimizer_step(ds_model) != meta["optimizer_step"]:
             problems.append(f"optimizer step {_optimizer_step(ds_model)} != {meta['optimizer_step']}")
@@ -213,9 +217,9 @@ def verify(ds_model, directory: str, rank: int) -> None:
         if lrs != meta["group_lrs"]:
             problems.append(f"learning rates {lrs} != {meta['group_lrs']}")
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        shared = [problems]
-        torch.distributed.broadcast_object_list(shared, src=0)  # every rank stops, none waits in a step
-        problems = shared[0]
+        shared: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shared, problems)  # every rank stops, none waits in a step
+        problems = [p for ranks in shared for p in ranks]
     if problems:
         raise ReshardMismatch(
             f"{directory}: after the resume at another world size, expected every state equal to the "
