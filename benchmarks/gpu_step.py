@@ -420,7 +420,7 @@ def _cpu_rank(rank: int, world: int, port: int, plan, out: str, steps: int) -> N
     dist.init_process_group("gloo", rank=rank, world_size=world)
     hidden = plan.recipe.model.llm["hidden_size"]
     ours = worker_module.deepspeed_config
-    worker_module.deepspeed_config = lambda p: _auto_buckets(ours(p), hidden)
+    worker_module.deepspeed_config = lambda p, world=None: _auto_buckets(ours(p, world), hidden)
     worker = StageWorker(plan, LocalContext(scratch("cpu-shapes-ckpt-"), rank, world))
     memory.enter("build (ZeRO-3 partitioned)")
     start = time.perf_counter()

@@ -169,7 +169,14 @@ class Recipe:
     stages: tuple[StageSpec, ...]
     profile: str
     data_root: str = "."
-    workers: int = 2
+    workers: int | tuple[int, int] = 2
+    """Training workers: a number, or a range ``[min, max]`` (elastic: the stage goes on with the workers
+    that fit when a node is lost, and grows back when one arrives; the global batch is held at every size)."""
+    worker_resources: dict = field(default_factory=dict)
+    """Ray resources each training worker needs beside its CPUs (and GPU): a custom resource that counts a
+    node's training slots, say."""
+    resize_check_s: float = 60.0
+    """Elastic stages: how often Ray Train looks for room to grow the worker group."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """CPUs per training worker; the tiny profiles use 0.5 so that Ray Data keeps a CPU to feed them."""
@@ -184,8 +191,24 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise RecipeError(f"workers: expected a positive int, found {self.workers!r}")
+        workers = self.workers
+        if isinstance(workers, (list, tuple)):
+            workers = tuple(workers)
+            if len(workers) == 2 and workers[0] == workers[1]:
+                workers = workers[0]
+            object.__setattr__(self, "workers", workers)
+        sizes = workers if isinstance(workers, tuple) else (workers,)
+        if (
+            len(sizes) not in (1, 2)
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in sizes)
+            or sizes[0] > sizes[-1]
+        ):
+            raise RecipeError(
+                f"workers: expected a positive int or a range [min, max], found {self.workers!r}"
+            )
+        object.__setattr__(self, "worker_resources", freeze(dict(self.worker_resources)))
+        if not isinstance(self.resize_check_s, (int, float)) or not self.resize_check_s > 0:
+            raise RecipeError(f"resize_check_s: expected a positive number, found {self.resize_check_s!r}")
         if not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
             raise RecipeError(f"cpus_per_worker: expected a positive number, found {self.cpus_per_worker!r}")
         object.__setattr__(self, "cpus_per_worker", float(self.cpus_per_worker))
@@ -195,6 +218,18 @@ class Recipe:
             raise RecipeError(f"seed: expected an int, found {self.seed!r}")
         if self.placement not in PLACEMENTS:
             raise RecipeError(f"placement: expected one of {PLACEMENTS}, found {self.placement!r}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
 
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
@@ -300,7 +335,16 @@ def load_recipe(
         if extra:
             raise ValueError(f"recipe {merged['name']}, stage {stage_name}: unknown fields {sorted(extra)}")
         stages.append(StageSpec(name=stage_name, **body))
-    placed = ("data_root", "workers", "use_gpu", "cpus_per_worker", "placement", "seed")
+    placed = (
+        "data_root",
+        "workers",
+        "worker_resources",
+        "resize_check_s",
+        "use_gpu",
+        "cpus_per_worker",
+        "placement",
+        "seed",
+    )
     given = {k: merged[k] for k in placed if k in merged}
     return Recipe(  # the dataclasses' defaults are the only defaults
         name=merged["name"],

@@ -89,6 +89,10 @@ class LocalContext:
         if self.printer is not None:
             self.printer.update(record)
 
+    def interruption(self, plan: StagePlan) -> None:
+        """No scheduler ends a local attempt: nothing to prepare for."""
+        return None
+
     def row_source(self, plan: StagePlan):
         raise ValueError(
             f"stage {plan.stage.name}: a local run has no Ray Data to stream with: expected data_mode "

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -27,7 +28,7 @@ from pipelines.train.net import bind_to_address
 from pipelines.train.plan import StagePlan
 from pipelines.train.ray_private import torch_config_binding
 from pipelines.train.watchdog import STALL_EXIT, ProgressBoard, StageStalled, stall_message
-from pipelines.train.worker import StageWorker, StepHook
+from pipelines.train.worker import Interruption, StageWorker, StepHook
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class RayTrainContext:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.board = board
+        self._noticed: tuple | None = None
+        self._grow_noticed = False
         if board is not None:
             node = ray.get_runtime_context()
             board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
@@ -106,6 +109,46 @@ class RayTrainContext:
 
     def row_source(self, plan: StagePlan) -> StreamedSteps:
         return StreamedSteps(plan, self.rank, self.world)
+
+    def interruption(self, plan: StagePlan) -> Interruption | None:
+        """A preemption notice (Ray Train's own, agreed by every worker: ``ray drain-node --reason
+        PREEMPTION`` or a cloud's reclaim), each notice once; for an elastic stage below its most workers,
+        room for more (rank 0 reads the cluster's free resources and tells every rank): Ray Train will
+        restart the group larger at its next resize check."""
+        info = ray.train.get_preemption_info()
+        if info is not None:
+            key = (tuple(info.preempted_node_ids), info.deadline_ms)
+            if key != self._noticed:
+                self._noticed = key
+                left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else 60.0
+                return Interruption(
+                    f"preemption notice for rank(s) {info.preempted_ranks}, "
+                    f"{max(0.0, left):.0f} s before the deadline",
+                    wait_s=max(0.0, left) + PREEMPTION_GRACE_S,
+                )
+        recipe = plan.recipe
+        if recipe.elastic and self.world < recipe.max_workers:
+            room = torch.tensor([_room_for_workers(recipe) if self.rank == 0 else 0])
+            torch.distributed.broadcast(room, src=0)
+            fits = min(int(room.item()), recipe.max_workers - self.world)
+            if fits > 0 and not self._grow_noticed:
+                self._grow_noticed = True
+                return Interruption(
+                    f"room for {fits} more worker(s)", wait_s=2 * recipe.resize_check_s + PREEMPTION_GRACE_S
+                )
+        return None
+
+
+PREEMPTION_GRACE_S = 30.0
+"""How long past a notice's deadline (or a resize check) a checkpointed rank waits to be restarted."""
+
+
+def _room_for_workers(recipe) -> int:
+    """How many more training workers the cluster's free resources hold (Ray's scheduler may still place
+    them elsewhere; a rough count, for the notice only)."""
+    free = ray.available_resources()
+    need = {**_worker_resources(recipe), **({"GPU": 1} if recipe.use_gpu else {})}
+    return min(int(free.get(k, 0.0) // v) for k, v in need.items() if v > 0)
 
 
 def train_loop(config: dict) -> None:
@@ -153,10 +196,10 @@ def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
     the stage goes on, soft) when the room did not come within ``timeout_s``."""
     recipe = plan.recipe
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    if recipe.placement != "SPREAD" or recipe.workers < 2 or nodes < 2:
+    if recipe.placement != "SPREAD" or recipe.max_workers < 2 or nodes < 2:
         return True
-    bundle = {"CPU": recipe.cpus_per_worker, **({"GPU": 1} if recipe.use_gpu else {})}
-    probe = placement_group([dict(bundle)] * min(recipe.workers, nodes), strategy="STRICT_SPREAD")
+    bundle = {**_worker_resources(recipe), **({"GPU": 1} if recipe.use_gpu else {})}
+    probe = placement_group([dict(bundle)] * min(recipe.max_workers, nodes), strategy="STRICT_SPREAD")
     try:
         ready = probe.wait(timeout_seconds=timeout_s)
     finally:
@@ -165,10 +208,14 @@ def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
         log.warning(
             "stage %s: no room for one worker on each of %d nodes after %.0f s; placing softly",
             plan.stage.name,
-            min(recipe.workers, nodes),
+            min(recipe.max_workers, nodes),
             timeout_s,
         )
     return ready
+
+
+def _worker_resources(recipe) -> dict:
+    return {"CPU": recipe.cpus_per_worker, **recipe.worker_resources}
 
 
 def fit_on_ray(
@@ -191,10 +238,11 @@ def fit_on_ray(
         train_loop_config={"plan": plan, "board": board, "step_hooks": tuple(step_hooks)},
         torch_config=torch_config_binding(_bind_here, "nccl" if recipe.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.workers,
+            num_workers=(recipe.min_workers, recipe.max_workers) if recipe.elastic else recipe.max_workers,
             use_gpu=recipe.use_gpu,
-            resources_per_worker={"CPU": recipe.cpus_per_worker},
+            resources_per_worker=_worker_resources(recipe),
             placement_strategy=recipe.placement,
+            elastic_resize_monitor_interval_s=recipe.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name="train",

@@ -105,6 +105,12 @@ def world_sizes(stage: StageSpec) -> list[int]:
     return [w for w in range(1, per_step + 1) if per_step % w == 0]
 
 
+def accumulation(plan: StagePlan, world: int) -> int:
+    """Micro-batches each of ``world`` ranks accumulates per step: the global batch held at any size the
+    plan allows."""
+    return plan.micro_batches_per_step // world
+
+
 def plan_stage(
     recipe: Recipe,
     stage: StageSpec,
@@ -123,12 +129,14 @@ def plan_stage(
     (``object_store_bytes`` None: a local run) or the shards (``data_bytes``) are small beside it, else
     stream: small data is read by every worker once and kept for every epoch (no Ray Data pipeline to
     start, no epoch restarting the reads); large data streams through Ray Data every epoch."""
-    workers, micro = recipe.workers, stage.micro_batch
-    if stage.global_batch % micro or (stage.global_batch // micro) % workers:
+    workers, micro = recipe.max_workers, stage.micro_batch
+    sizes = range(recipe.min_workers, recipe.max_workers + 1)
+    held = world_sizes(stage) if stage.global_batch % micro == 0 else []
+    if any(w not in held for w in sizes):
         raise ValueError(
-            f"stage {stage.name}: global_batch {stage.global_batch} cannot be held at {workers} workers x "
-            f"micro-batch {micro}: expected a global batch that is a multiple of the micro-batch and "
-            f"workers among {world_sizes(stage)}"
+            f"stage {stage.name}: global_batch {stage.global_batch} cannot be held at "
+            f"{' or '.join(str(w) for w in sizes if w not in held)} workers x micro-batch {micro}: expected "
+            f"a global batch that is a multiple of the micro-batch and workers among {held}"
         )
     accum = stage.global_batch // (micro * workers)
     steps_per_epoch = len(positions) // stage.global_batch
@@ -156,8 +164,10 @@ def plan_stage(
     )
 
 
-def deepspeed_config(plan: StagePlan) -> dict:
+def deepspeed_config(plan: StagePlan, world: int | None = None) -> dict:
+    """DeepSpeed's config at ``world`` ranks (None: the recipe's most workers)."""
     stage, use_gpu = plan.stage, plan.recipe.use_gpu
+    world = world or plan.recipe.max_workers
     zero: dict = {"stage": stage.zero_stage}
     if stage.zero_stage >= 2 and not use_gpu:
         # the contiguous gradient buffer fights GPU memory fragmentation; on CPU it only adds a copy of
@@ -169,7 +179,7 @@ def deepspeed_config(plan: StagePlan) -> dict:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0)
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_accumulation_steps": accumulation(plan, world),
         "train_batch_size": plan.global_rows,
         "gradient_clipping": stage.grad_clip,
         "zero_optimization": zero,

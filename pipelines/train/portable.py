@@ -121,7 +121,7 @@ def _gathered_weight(p, modify: bool):
         yield p
 
 
-def save(ds_model, directory: str, step: int, rank: int, world: int) -> None:
+def save(ds_model, directory: str, step: int, rank: int, world: int, extra: dict | None = None) -> None:
     """Every rank: gather each trainable parameter's states (collectives), rank 0 writes them with the
     meta; every rank writes its RNG state."""
     _ensure_moments(ds_model)
@@ -144,6 +144,7 @@ def save(ds_model, directory: str, step: int, rank: int, world: int) -> None:
         "global_steps": ds_model.global_steps,
         "global_samples": ds_model.global_samples,
         "parameters": [n for n, _ in _trainable(ds_model)],
+        **(extra or {}),
     }
     with open(os.path.join(directory, META), "w") as f:
         json.dump(meta, f)

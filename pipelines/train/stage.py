@@ -26,7 +26,7 @@ from pipelines.layout import StageLayout
 from pipelines.preprocess import shards_dataset
 from pipelines.recipes import Recipe, StageSpec
 from pipelines.train.local import fit_here
-from pipelines.train.plan import StagePlan, plan_stage
+from pipelines.train.plan import StagePlan, accumulation, plan_stage
 from pipelines.train.worker import StepHook
 
 log = logging.getLogger(__name__)
@@ -159,13 +159,24 @@ def _log_plan(plan: StagePlan, tracker) -> None:
         tracker.log_dict(json.loads(storage.read_text(plan.layout.mixture)), "mixture.json")
 
 
+def _workers(recipe: Recipe) -> str:
+    return f"{recipe.min_workers}-{recipe.max_workers}" if recipe.elastic else str(recipe.max_workers)
+
+
+def _accumulations(plan: StagePlan) -> str:
+    recipe = plan.recipe
+    if not recipe.elastic:
+        return str(plan.grad_accum)
+    return f"{accumulation(plan, recipe.max_workers)}-{accumulation(plan, recipe.min_workers)}"
+
+
 def plan_summary(plan: StagePlan) -> str:
     """Two lines: the batch arithmetic and the stage's shape, and where the whole plan is."""
     recipe, stage = plan.recipe, plan.stage
     epochs = plan.total_steps / plan.steps_per_epoch
     return (
-        f"stage {stage.name}: {recipe.workers} workers x {stage.micro_batch} micro-batch x "
-        f"{plan.grad_accum} accumulation = {plan.global_rows} global batch; "
+        f"stage {stage.name}: {_workers(recipe)} workers x {stage.micro_batch} micro-batch x "
+        f"{_accumulations(plan)} accumulation = {plan.global_rows} global batch; "
         f"{plan.total_steps} steps ({epochs:.3g} epochs); data {plan.data_mode}; ZeRO-{stage.zero_stage}\n"
         f"stage {stage.name}: the resolved plan is in {plan.layout.plan}"
     )

@@ -13,6 +13,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +50,15 @@ StepHook = Callable[[int, int], None]
 checkpoint, when one is due) as hook(step, rank). Tests inject faults through it (tests/faults.py)."""
 
 
+@dataclass(frozen=True)
+class Interruption:
+    """Ray Train is about to end this attempt: a node's preemption notice, or room for more workers."""
+
+    reason: str
+    wait_s: float
+    """How long to wait for the restart after the checkpoint before going on."""
+
+
 class RankContext(Protocol):
     rank: int
     world: int
@@ -74,6 +84,9 @@ class RankContext(Protocol):
     def row_source(self, plan: StagePlan) -> RowSource:
         """Where this rank's rows come from (the plan's data mode)."""
 
+    def interruption(self, plan: StagePlan) -> Interruption | None:
+        """After each step, on every rank (the same answer on each): whether the attempt is about to end."""
+
 
 def _deepspeed():
     import deepspeed  # in the training process only: it probes the accelerator and its ops at import
@@ -87,6 +100,8 @@ class StageWorker:
     def __init__(self, plan: StagePlan, context: RankContext, step_hooks: Sequence[StepHook] = ()):
         self.plan, self.context, self.step_hooks = plan, context, tuple(step_hooks)
         self.rank, self.world = context.rank, context.world
+        self.replayed = 0
+        """Steps trained again after a restart, over every attempt of the stage so far."""
 
     def train(self) -> None:
         """The stage on this rank, under a watchdog (``stall_timeout_s``) that names the phase it stalled
@@ -134,10 +149,18 @@ class StageWorker:
                 tracker.log_metrics(_loggable(metrics), step=step)
                 if self.rank == 0:
                     self.report_progress(metrics)
-                if step % plan.stage.checkpoint_every == 0 or step == plan.total_steps:
+                saved = step % plan.stage.checkpoint_every == 0 or step == plan.total_steps
+                if saved:
                     progress(f"saving the checkpoint of step {step}")
                     self.save_checkpoint(ds_model, step, metrics, history)
                     history = []
+                notice = self.context.interruption(plan) if step < plan.total_steps else None
+                if notice is not None:  # the group is about to restart: nothing trained after this is lost
+                    if not saved:
+                        progress(f"saving the checkpoint of step {step} ({notice.reason})")
+                        self.save_checkpoint(ds_model, step, metrics, history)
+                        history = []
+                    self.await_restart(notice)
                 progress(f"step hooks after step {step}")
                 for hook in self.step_hooks:
                     hook(step, self.rank)
@@ -157,12 +180,25 @@ class StageWorker:
             yield micro_batches, time.perf_counter() - last_end, last_end
             last_end = time.perf_counter()
 
+    def await_restart(self, notice: Interruption) -> None:
+        """After the checkpoint a notice asked for: wait for Ray Train to end this attempt (a preempted node
+        reclaimed, a group resized), the watchdog told; if no restart comes within the notice's wait, the
+        stage goes on from here."""
+        if self.rank == 0:
+            print(f"stage {self.plan.stage.name}: {notice.reason}: checkpointed, waiting for the restart")
+        end = time.monotonic() + notice.wait_s
+        while time.monotonic() < end:
+            self.progress(f"waiting for Ray Train to restart the workers ({notice.reason})")
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
     def setup_model(self):
         """(model, processor): the previous stage's export (or the base models) prompted with this stage's
         processor, its AnyRes grid in the config, LoRA applied, the stage's parts trainable."""
         plan = self.plan
         dtype = torch.bfloat16 if plan.recipe.use_gpu else torch.float32  # never a whole fp32 copy on a GPU
-        with partitioned_build(deepspeed_config(plan)):  # ZeRO-3: each rank builds only its partition
+        with partitioned_build(
+            deepspeed_config(plan, self.world)
+        ):  # ZeRO-3: each rank builds only its partition
             if plan.init_from:
                 model, processor = load_model(plan.init_from, dtype=dtype)
             else:
@@ -208,7 +244,10 @@ class StageWorker:
             optimizer, lambda s: cosine_with_warmup(s, total, warmup)
         )
         ds_model, optimizer, _, _ = _deepspeed().initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(self.plan)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=deepspeed_config(self.plan, self.world),
         )
         return ds_model, optimizer
 
@@ -220,18 +259,30 @@ class StageWorker:
     def resume(self, ds_model) -> int:
         """The step of the newest checkpoint (0 without one): weights, optimizer moments and step count, LR
         schedule and RNG restored at whatever world size this attempt has, then checked against the
-        checkpoint bit for bit before the first step (pipelines/train/portable.py)."""
+        checkpoint bit for bit before the first step (pipelines/train/portable.py). Steps an earlier
+        attempt trained past that checkpoint are counted as replayed (from the progress record rank 0
+        keeps in the stage's storage)."""
         with self.context.resume_dir() as d:
-            if d is None:
-                return 0
-            meta = portable.load(ds_model, d, self.rank)
-            portable.verify(ds_model, d, self.rank)
-        step = int(meta["step"])
-        if self.rank == 0:
+            meta = None
+            if d is not None:
+                meta = portable.load(ds_model, d, self.rank)
+                portable.verify(ds_model, d, self.rank)
+        step = int(meta["step"]) if meta else 0
+        self.replayed = (meta or {}).get("replayed", 0) + max(0, self._last_trained_step() - step)
+        if meta and self.rank == 0:
             print(
-                f"resumed from checkpoint at step {step} (saved at world {meta['world']}, now {self.world})"
+                f"resumed from checkpoint at step {step} (saved at world {meta['world']}, now {self.world}; "
+                f"{self.replayed} step(s) replayed in all)"
             )
         return step
+
+    def _last_trained_step(self) -> int:
+        """The last step an earlier attempt of this stage finished (its progress record), 0 if none."""
+        layout = self.plan.layout
+        if not storage.exists(layout.progress):
+            return 0
+        record = json.loads(storage.read_text(layout.progress))
+        return int(record.get("step", 0)) if record.get("stage") == self.plan.stage.name else 0
 
     def setup_step(self, ds_model, optimizer, processor, start_step: int) -> None:
         """What every step of this attempt shares: the DeepSpeed model, how rows become the model's
@@ -306,6 +357,7 @@ class StageWorker:
             "data_wait_share": min(1.0, waited / interval),
             "lr_vision": self.vision_group["lr"] if self.vision_group else None,
             "attempt_start_step": self.start_step,
+            "replayed_steps": self.replayed,
             "text_only_batches": sum(1 for m in micro_modalities if m == {"text"}),
             "modalities": sorted(set().union(*micro_modalities)),
         }
@@ -341,7 +393,7 @@ class StageWorker:
                 storage.join(self.plan.layout.history, f"{step:07d}.json"), json.dumps(history)
             )
         with tempfile.TemporaryDirectory() as d:
-            portable.save(ds_model, d, step, self.rank, self.world)
+            portable.save(ds_model, d, step, self.rank, self.world, extra={"replayed": self.replayed})
             self.context.report(metrics, d)
 
     def export(self, ds_model, processor) -> None:
