@@ -340,8 +340,12 @@ class StageWorker:
             ds_model.backward(objective, scale_wrt_gas=False)
             ds_model.step()
             share += float(out.loss.detach())
+        ids = [r.get("sample_id") for micro in micro_batches for r in micro]
         if world > 1:
             torch.distributed.all_reduce(share)
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, ids)
+            ids = [i for rank_ids in gathered for i in rank_ids]
         interval = time.perf_counter() - last_end
         return step + 1, {
             "step": step + 1,
@@ -351,6 +355,7 @@ class StageWorker:
             "tokens": tokens,
             "supervised_tokens": supervised,
             "world": world,
+            "sample_ids": sorted(ids),
             "step_s": interval,
             "tokens_per_s": tokens / interval,
             "samples_per_s": samples / interval,

@@ -36,6 +36,9 @@ RUN_DIRS = ("runs", "demo_out")
 """The project's own run directories: a node other than the head starts with them empty."""
 NODE_CPUS = 2
 """Logical CPUs per node, whatever the real cores."""
+TRAIN_SLOT = "train_slot"
+"""A custom resource, one per node, that stands in for a node's GPU: a stage that asks for it per worker
+cannot pack a lost node's worker onto the survivors."""
 
 # The worker node's private view: binds of what the image has, then tmpfs over /tmp and $HOME, then the binds
 # put back; DeepSpeed's op cache copied (writable, private); the project's run directories emptied.
@@ -329,6 +332,7 @@ class Rig:
                 f"--node-ip-address={self.head_ip}",
                 f"--port={self.gcs_port}",
                 f"--num-cpus={NODE_CPUS}",
+                f"--resources={json.dumps({TRAIN_SLOT: 1})}",
                 "--include-dashboard=true",
                 f"--dashboard-host={self.head_ip}",
                 f"--dashboard-port={self.dashboard_port}",
@@ -363,6 +367,7 @@ class Rig:
             f"--address={self.address}",
             f"--node-ip-address={self.worker_ip}",
             f"--num-cpus={NODE_CPUS}",
+            f"--resources={json.dumps({TRAIN_SLOT: 1})}",
             "--object-store-memory=400000000",
             "--disable-usage-stats",
         ]
@@ -390,6 +395,19 @@ class Rig:
         self._spawn("worker", cmd, env)
         if wait:
             self.wait_nodes(2)
+
+    def drain(self, node_id: str, deadline_s: int) -> None:
+        """``ray drain-node --reason PREEMPTION`` with a deadline, as a cloud's spot reclaim notice does
+        (the node is not killed: the caller does that at the deadline)."""
+        _run(
+            f"{BIN}/ray",
+            "drain-node",
+            f"--address={self.address}",
+            f"--node-id={node_id}",
+            "--reason=DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message=spot reclaim (test)",
+            f"--deadline-remaining-seconds={deadline_s}",
+        )
 
     def nodes(self) -> list[dict]:
         """The cluster's alive nodes, from the dashboard's API (no Ray client needed)."""
