@@ -5,8 +5,8 @@ mid-stage, the final export served with one replica per node, and the guard agai
 The tests run in order and share the job's run (``run``); each says what it guards."""
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
