@@ -127,9 +127,9 @@ def save(ds_model, directory: str, step: int, rank: int, world: int, extra: dict
     _ensure_moments(ds_model)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(ds_model):
-        tensors[name] = _full(ds_model, p, None)
-        for key in MOMENTS:
-            tensors[f"{name}::{key}"] = _full(ds_model, p, key)
+        states = {name: _full(ds_model, p, None), **{f"{name}::{k}": _full(ds_model, p, k) for k in MOMENTS}}
+        if rank == 0:  # the others took part in the gathers only
+            tensors.update(states)
     save_file({"cpu": torch.get_rng_state()}, os.path.join(directory, f"rng-{rank}.safetensors"))
     if rank != 0:
         return
