@@ -185,6 +185,9 @@ class Rig:
             RAY_health_check_timeout_ms="500",
             RAY_health_check_failure_threshold="4",
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+            # Ray Train's view of free resources lags a lost node: it first tries the old size and gives up
+            # after this (60 s by default) before it starts the size that fits
+            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
         )
         return env
 
