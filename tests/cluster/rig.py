@@ -187,7 +187,7 @@ class Rig:
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
             # Ray Train's view of free resources lags a lost node: it first tries the old size and gives up
             # after this (60 s by default) before it starts the size that fits
-            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10",
         )
         return env
 

@@ -5,6 +5,7 @@ written at one world size resumes at another, ZeRO-2 and ZeRO-3, every state bit
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import time
 
 import pytest
@@ -249,7 +250,7 @@ def test_one_global_batch_one_loss_and_gradient_at_1x4_2x2_4x1(demo_dir, tmp_pat
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero, before, after", [(2, 2, 4), (3, 2, 1)])
+@pytest.mark.parametrize("zero, before, after", [(2, 2, 1), (3, 1, 2)])
 def test_a_checkpoint_resumes_at_another_world_size(zero, before, after, demo_dir, tmp_path):
     """A ZeRO-{2,3} stage checkpointed at step 2 on `before` ranks resumes on `after`: every weight, Adam
     moment, step count, learning rate and RNG state is checked equal to the checkpoint's, bit for bit,
@@ -294,9 +295,9 @@ def test_a_checkpoint_resumes_at_another_world_size(zero, before, after, demo_di
         _processes(_stage, before, plan(whole, before), str(tmp_path / "ck-whole"), None, False)
         == [0] * before
     )
-    for layout, name in ((moved, "ck-moved"), (bad, "ck-bad")):
-        codes = _processes(_stage, before, plan(layout, before), str(tmp_path / name), 2, False)
-        assert codes == [0] * before
+    codes = _processes(_stage, before, plan(moved, before), str(tmp_path / "ck-moved"), 2, False)
+    assert codes == [0] * before
+    shutil.copytree(tmp_path / "ck-moved", tmp_path / "ck-bad")  # the same checkpoint, for the bad resume
     assert (
         _processes(_stage, after, plan(moved, after), str(tmp_path / "ck-moved"), None, False) == [0] * after
     )
