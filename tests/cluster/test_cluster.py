@@ -1,6 +1,7 @@
 """The product on a real two-node Ray cluster with no shared disk (tests/cluster/rig.py): the OneVision tiny
-curriculum submitted as a job across both nodes with everything in S3 and MLflow over HTTP, a node lost
-mid-stage, the final export served with one replica per node, and the guard against local paths.
+curriculum submitted as a job across both nodes with everything in S3 and MLflow over HTTP, an elastic
+stage through a lost node, its return and a preemption notice, the final export served with one replica
+per node, and the guard against local paths.
 
 The tests run in order and share the job's run (``run``); each says what it guards."""
 

@@ -74,6 +74,28 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
     assert plan.resolved()["deepspeed"]["train_batch_size"] == 2 * 4 * recipe.workers
     with pytest.raises(ValueError, match="rows for one step"):
         plan_stage(recipe, stage, layout, list(range(10)), has_video=False, init_from=None)
+    # an elastic range: every size in it must hold the global batch (8 micro-batches a step)
+    elastic = plan_stage(
+        dataclasses.replace(recipe, workers=[1, 2]),
+        stage,
+        layout,
+        list(range(41)),
+        has_video=False,
+        init_from=None,
+    )
+    assert elastic.recipe.workers == (1, 2) and elastic.resolved()["deepspeed"]["train_batch_size"] == 16
+    from pipelines.train.plan import deepspeed_config
+
+    assert [deepspeed_config(elastic, w)["gradient_accumulation_steps"] for w in (1, 2)] == [8, 4]
+    with pytest.raises(ValueError, match=r"cannot be held at 3 workers.*among \[1, 2, 4, 8\]"):
+        plan_stage(
+            dataclasses.replace(recipe, workers=[2, 4]),
+            dataclasses.replace(stage, global_batch=16, micro_batch=2),
+            layout,
+            list(range(41)),
+            has_video=False,
+            init_from=None,
+        )
     with pytest.raises(ValueError, match="data_mode: expected"):
         dataclasses.replace(stage, data_mode="disk")
 
