@@ -40,10 +40,11 @@ def object_store_bytes() -> float:
 
 class StreamedSteps:
     """Large data: each epoch streams the shards through Ray Data in the shards' order (files by name, rows
-    as written), the first ``rows_per_epoch`` rows, cut into global steps window by window; this rank keeps
-    its share of each step. Every rank streams every row (a step's rows do not depend on the world size, so
-    no rank can know its rows before the window is cut); the same steps on every attempt and at every
-    world size, so a resume skips exactly the steps it has done."""
+    as written; each window then in the mixture's order), the first ``rows_per_epoch`` rows, cut into
+    global steps window by window; this rank keeps its share of each step. Every rank streams every row
+    (a step's rows do not depend on the world size, so no rank can know its rows before the window is
+    cut); the same steps on every attempt and at every world size, so a resume skips exactly the steps it
+    has done."""
 
     def __init__(self, plan: StagePlan, rank: int, world: int):
         self.plan, self.rank, self.world = plan, rank, world
@@ -54,7 +55,8 @@ class StreamedSteps:
         ds.context.execution_options.preserve_order = True  # this dataset only, not the process's context
         left = self.plan.rows_per_epoch
         for w, batch in enumerate(ds.iter_batches(batch_size=self.plan.window, batch_format="pyarrow")):
-            rows = batch.to_pylist()[:left]
+            # in the mixture's order within the window, whatever order preprocessing's tasks wrote it in
+            rows = sorted(batch.to_pylist()[:left], key=lambda r: r["position"])
             left -= len(rows)
             for step in global_steps(rows, self.plan, epoch, w):
                 yield rank_share(step, self.rank, self.world)

@@ -58,6 +58,9 @@ def _full(ds_model, p, key: str | None) -> torch.Tensor:
 def _set(ds_model, p, key: str | None, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    if hasattr(p, "ds_id"):
+        _set_zero3(p, key, value)
+        return
     if _partitioned(p):
         device = _base_device(ds_model)
         if key is None:
@@ -70,6 +73,21 @@ def _set(ds_model, p, key: str | None, value: torch.Tensor) -> None:
             p.copy_(value)
     else:
         _base_optimizer(ds_model).state[p][key].copy_(value)
+
+
+def _set_zero3(p, key: str | None, value: torch.Tensor) -> None:
+    """This rank's slice of a ZeRO-3 parameter's fp32 master (key None) or moment. DeepSpeed's own
+    ``set_full_hp_param`` (0.19.8) slices the full value without its partition padding, so it fails for a
+    parameter whose size the world size does not divide; the slice is taken here the way the gather
+    (``_fp32_state_allgather``) lays it out: partition r holds elements [r*n, (r+1)*n), the tail padded.
+    Private API of DeepSpeed 0.19.8: ``_get_fp32_opt_state_partition``, ``_get_param_partition_rank``."""
+    optimizer = p._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    flat = value.flatten().to(part.device, part.dtype)
+    start = part.numel() * optimizer._get_param_partition_rank(p)
+    count = max(0, min(part.numel(), flat.numel() - start))
+    part.data.zero_()
+    part.data[:count].copy_(flat[start : start + count])
 
 
 def _base_device(ds_model) -> torch.device:
