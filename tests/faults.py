@@ -4,7 +4,6 @@ Pickled by value, so a Ray worker on any node runs them without importing the te
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,23 +14,6 @@ from components import storage
 from pipelines.train.ray_private import wait_until_registered
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@dataclass(frozen=True)
-class FailOnce:
-    """Kills ``rank`` once, right after ``step``; ``marker`` (a path or s3:// URI, which every node
-    reaches) records that it happened. Ray Train then restarts the worker group from the last checkpoint,
-    as after a lost node."""
-
-    step: int
-    rank: int
-    marker: str
-
-    def __call__(self, step: int, rank: int) -> None:
-        if step == self.step and rank == self.rank and not storage.exists(self.marker):
-            storage.write_text(self.marker, "")
-            time.sleep(5)  # let the controller register the last checkpoint, as a later crash would
-            os._exit(1)
 
 
 @dataclass(frozen=True)

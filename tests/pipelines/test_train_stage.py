@@ -22,7 +22,6 @@ from pipelines.train.local import LocalContext
 from pipelines.train.plan import plan_stage
 from pipelines.train.stage import read_history, train_stage
 from pipelines.train.worker import StageWorker
-from tests.faults import FailOnce
 
 pytestmark = pytest.mark.slow
 
@@ -241,7 +240,7 @@ def _one_modality_per_rank(root):
     return str(path)
 
 
-def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
+def test_zero3_ranks_with_one_modality_each_streamed_on_s3_and_mlflow(
     demo_dir, ray_local, s3_bucket, mlflow_server, tmp_path
 ):
     """ZeRO-3 gathers each module's parameters collectively, so every rank must run the same modules each
@@ -249,10 +248,9 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
     micro-batch the media it lacks. Guards: MediaFiller; fails with it left out of the batch maker.
 
     The rows stream through Ray Data (the large-data path): every rank cuts the same global steps from the
-    shards' order and keeps its share; a rank killed after the step-2 checkpoint (on S3) is restarted by Ray
-    Train and the stage resumes there, replaying nothing (the losses against an undisturbed run are the
-    cluster tier's elastic test). The stage's MLflow run (a real server) holds exactly one loss curve, steps
-    1-4 (none twice, none lost), the mixture manifest and the resolved plan, and ends FINISHED."""
+    shards' order and keeps its share; checkpoints go to S3 (moto). The stage's MLflow run (a real server)
+    holds exactly one loss curve, steps 1-4, the mixture manifest and the resolved plan, and ends FINISHED.
+    (A lost rank resumed from S3 with an undisturbed run's losses: the cluster tier's elastic test.)"""
     root, _ = demo_dir
     # 3 workers x 0.25 CPU leave a CPU for the Ray Data reads that each rank's stream runs (at 0.5 each, the
     # reads waited for a CPU that never came); a stall fails within 120 s instead of at the test's timeout
@@ -282,21 +280,10 @@ def test_zero3_ranks_with_one_modality_each_streamed_fault_resume_and_mlflow(
         kept = [r for step in StreamedSteps(plan, rank, 3).epoch(0) for micro in step for r in micro]
         assert {r["modality"] for r in kept} == {modality}
     tracking = TrackingConfig(uri=mlflow_server, experiment="test-train")
-    record = train_stage(
-        recipe,
-        stage,
-        layout,
-        init_from=None,
-        tracking=tracking,
-        max_failures=1,
-        step_hooks=(FailOnce(step=2, rank=1, marker=str(tmp_path / "fault")),),
-    )
-    assert (tmp_path / "fault").exists(), "the fault was injected"
+    record = train_stage(recipe, stage, layout, init_from=None, tracking=tracking)
     history = read_history(layout.history)
     assert [m["step"] for m in history] == [1, 2, 3, 4] and record["steps"] == 4
-    assert [m["attempt_start_step"] for m in history] == [0, 0, 2, 2], "resumed from the step-2 checkpoint"
-    assert [m["replayed_steps"] for m in history] == [0, 0, 0, 0]
-    assert [m["world"] for m in history] == [3] * 4
+    assert [m["world"] for m in history] == [3] * 4 and all(len(m["sample_ids"]) == 3 for m in history)
     assert all(m["modalities"] == ["image"] for m in history)  # rank 0's own rows: images only
     assert record["data_mode"] == "stream"
     assert record["checkpoint_uri"].startswith("s3://") and storage.is_complete(record["hf_uri"])
