@@ -58,18 +58,3 @@ class Slow:
 
     def __call__(self, step: int, rank: int) -> None:
         time.sleep(self.seconds)
-
-
-@dataclass(frozen=True)
-class WaitFor:
-    """Every rank waits right after ``step`` until ``marker`` (a path or s3:// URI) exists, at most
-    ``timeout_s``: the stage holds still while a test changes the cluster."""
-
-    step: int
-    marker: str
-    timeout_s: float
-
-    def __call__(self, step: int, rank: int) -> None:
-        end = time.monotonic() + self.timeout_s
-        while step == self.step and not storage.exists(self.marker) and time.monotonic() < end:
-            time.sleep(0.5)
