@@ -405,19 +405,12 @@ def _cpu_rank(rank: int, world: int, port: int, plan, out: str, steps: int) -> N
     import torch.distributed as dist
 
     import pipelines.train.worker as worker_module
-    from pipelines.train.local import LocalContext
+    from pipelines.train.local import LocalContext, join_local_group
     from pipelines.train.worker import StageWorker
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     memory = _RankMemory(os.path.join(out, f"rank{rank}.json"), rank)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     hidden = plan.recipe.model.llm["hidden_size"]
     ours = worker_module.deepspeed_config
     worker_module.deepspeed_config = lambda p, world=None: _auto_buckets(ours(p, world), hidden)

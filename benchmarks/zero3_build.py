@@ -102,16 +102,10 @@ def rank_main(rank: int, port: int, layers: int, vocab: int, export: str) -> Non
     import torch.distributed as dist
 
     from components.model import build_model, load_model, partitioned_build, save_model
+    from pipelines.train.local import join_local_group
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_local_group(rank, WORLD, port)
     import deepspeed  # noqa: F401 (imported before the measurement starts)
 
     spec = _spec(layers, vocab)

@@ -21,6 +21,19 @@ from pipelines.train.plan import StagePlan
 from pipelines.train.worker import StageWorker, StepHook
 
 
+def join_local_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
+    """Rank ``rank`` of a process group of ``world`` processes on this machine, rendezvous on
+    127.0.0.1:``port`` (the environment DeepSpeed reads set to match)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    dist.init_process_group(backend, rank=rank, world_size=world)
+
+
 def init_one_rank_group(cuda: bool) -> bool:
     """A process group of this process alone on 127.0.0.1 (NCCL on a GPU, gloo on the CPU); True when it
     made one, False when one already exists (DeepSpeed keeps the group it first saw, so it is made once
@@ -30,12 +43,9 @@ def init_one_rank_group(cuda: bool) -> bool:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
     if cuda:
         torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    join_local_group(0, 1, port, "nccl" if cuda else "gloo")
     return True
 
 

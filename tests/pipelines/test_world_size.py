@@ -29,14 +29,11 @@ def _rank(rank: int, world: int, port: int, plan, out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from pipelines.train.local import LocalContext
+    from pipelines.train.local import LocalContext, join_local_group
     from pipelines.train.worker import StageWorker
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
-    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     worker = StageWorker(plan, LocalContext(os.path.join(out, "ckpt"), rank, world))
     model, processor = worker.setup_model()
     ds_model, optimizer = worker.setup_optimizer(model)
@@ -106,13 +103,10 @@ def _stage(rank: int, world: int, port: int, plan, root: str, stop_after: int | 
     import torch.distributed as dist
 
     from pipelines.train import portable
-    from pipelines.train.local import LocalContext
+    from pipelines.train.local import LocalContext, join_local_group
     from pipelines.train.worker import StageWorker
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     if corrupt:
         load = portable.load
 
