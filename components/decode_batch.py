@@ -64,6 +64,14 @@ class DecodeBatch:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
         self.check()
 
+    def row_kv(self, row: int) -> list:
+        """(keys, values) of every layer for ``row``'s own tokens (its mask's ones: the right end)."""
+        n = int(self.mask[row].sum())
+        return [
+            (layer.keys[row : row + 1, :, -n:], layer.values[row : row + 1, :, -n:])
+            for layer in self.cache.layers
+        ]
+
     def set_last(self, row: int, token: int) -> None:
         self.last[row, 0] = token
 

@@ -58,6 +58,8 @@ class Sequence:
         self.sent = 0
         self.finish: str | None = None
         self.logprobs: list[float] = []
+        self.cached_tokens = 0
+        """Prompt tokens whose KV came from the prefix cache (OpenAI's ``cached_tokens``)."""
         self.generator = None
         if job.temperature > 0:
             self.generator = torch.Generator()
@@ -115,6 +117,8 @@ class Sequence:
             "prompt_tokens": len(self.job.row["input_ids"]),
             "completion_tokens": len(self.tokens),
             "finish_reason": self.finish,
+            "cached_tokens": self.cached_tokens,
+            "token_ids": list(self.tokens),
             **({"token_logprobs": self.logprobs} if self.job.logprobs else {}),
         }
 

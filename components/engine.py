@@ -4,7 +4,8 @@ waiting requests and advances every active sequence by one token. Its parts, eac
 - ``Scheduler`` (components/scheduler.py): who waits, who is admitted within the batch's budgets, and
   the bounded queue beyond them (``QueueFull``: 429);
 - ``Prefill`` (components/prefill.py): a new request prefilled alone, its media's features from the
-  feature cache or kept in it;
+  feature cache or kept in it, and only its tokens after the longest prefix whose KV an earlier turn
+  left in the prefix cache (components/prefix_cache.py), where a finished sequence's KV goes;
 - ``DecodeBatch`` (components/decode_batch.py): the active sequences' left-padded KV cache, masks and
   positions, concatenated, filtered and stepped together;
 - ``Sequence`` (components/decode_output.py): picking each token, detokenizing, stops, emitting.
@@ -23,12 +24,14 @@ import logging
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from components.decode_batch import DecodeBatch
 from components.decode_output import Sequence
 from components.feature_cache import FeatureCache
 from components.prefill import Prefill
+from components.prefix_cache import PrefixCache
 from components.processor import LlavaProcessor, Prompt
 from components.scheduler import EngineConfig, QueueFull, Scheduler
 
@@ -70,12 +73,15 @@ class Engine:
         processor: LlavaProcessor,
         config: EngineConfig | None = None,
         features: FeatureCache | None = None,
+        prefix: PrefixCache | None = None,
     ):
         self.model, self.processor = model, processor
         self.config = config or EngineConfig()
         self.features = features
         """A FeatureCache or None: media features reused across requests."""
-        self.prefill = Prefill(model, processor, features)
+        self.prefix = prefix
+        """A PrefixCache or None: finished turns' KV, reused by the turns that follow them."""
+        self.prefill = Prefill(model, processor, features, prefix)
         self.scheduler = Scheduler(self.config)
         self.batch = DecodeBatch(model.device)
         self.eos = set(processor.stop_ids)
@@ -116,6 +122,7 @@ class Engine:
                 "active": len(self.batch),
                 "waiting": len(self.scheduler),
                 "batch_sizes": list(self.batch_sizes),
+                "prefilled_tokens": self.prefill.prefilled_tokens,
             }
 
     def _loop(self) -> None:
@@ -162,13 +169,31 @@ class Engine:
         """Prefill alone, join the batch, and pick the first token."""
         stops = [s for s in [self.processor.template.stop, *job.stop] if s]
         seq = Sequence(job, stops, self.eos, self.processor.tokenizer)
-        cache, mask, logits = self.prefill(job.row)
+        cache, mask, logits, seq.cached_tokens = self.prefill(job.row)
         self.batch.concatenate(seq, cache, mask)
         self.batch.set_last(len(self.batch) - 1, seq.advance(logits))
         self._drop_finished()
 
     def _drop_finished(self) -> None:
-        self.batch.filter([i for i, s in enumerate(self.batch.sequences) if s.finish is None])
+        keep = []
+        for i, seq in enumerate(self.batch.sequences):
+            if seq.finish is None:
+                keep.append(i)
+            elif (
+                seq.finish != "cancelled"
+                and self.prefix is not None
+                and seq.job.row.get("tokens") is not None
+            ):
+                self._keep_kv(i, seq)
+        self.batch.filter(keep)
+
+    def _keep_kv(self, row: int, seq: Sequence) -> None:
+        """The finished sequence's KV (its prompt and every generated token but the last, which was never
+        fed) into the prefix cache, for the conversation's next turn."""
+        layers = self.batch.row_kv(row)
+        covered = layers[0][0].shape[2]
+        tokens = np.concatenate([seq.job.row["tokens"], np.asarray(seq.tokens, dtype=np.int64)])[:covered]
+        self.prefill.keep(tokens, layers)
 
 
 def wait_for(engine: Engine, job_kwargs: dict, timeout: float = 600.0) -> dict:

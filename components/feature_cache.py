@@ -20,20 +20,34 @@ import torch
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "image_newline")
 
 
-def features_fingerprint(model) -> str:
-    """A digest of the weights and settings that turn pixels into features (not the language model's)."""
+def features_fingerprint(model, parts: tuple[str, ...] | None = VISION_PARTS) -> str:
+    """A digest of the weights and settings that turn pixels into features (not the language model's);
+    ``parts=None``: of every weight and setting (what a token's key/values depend on)."""
     h = hashlib.blake2b(digest_size=16)
     config = model.config.to_dict()
     h.update(
         json.dumps(
-            {k: v for k, v in config.items() if k != "text_config"}, sort_keys=True, default=str
+            {k: v for k, v in config.items() if parts is None or k != "text_config"},
+            sort_keys=True,
+            default=str,
         ).encode()
     )
     for name, tensor in sorted(model.state_dict().items()):
-        if any(part in name for part in VISION_PARTS):
+        if parts is None or any(part in name for part in parts):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def media_keys(digests: tuple[str, ...], kind: str, settings: dict, weights: str) -> list[str]:
+    """One key per medium: its bytes' digest, the kind and company it came in, the processor's settings
+    and the fingerprint of the weights that encode it (``features_fingerprint``)."""
+    setting = json.dumps(
+        {"kind": kind, "alone": len(digests) == 1, "settings": settings, "weights": weights},
+        sort_keys=True,
+        default=str,
+    )
+    return [hashlib.sha256(f"{digest}|{setting}".encode()).hexdigest() for digest in digests]
 
 
 class FeatureCache:
@@ -46,15 +60,7 @@ class FeatureCache:
         self.hits = self.misses = self.evictions = 0
         self.lock = threading.Lock()
 
-    def keys(self, digests: tuple[str, ...], kind: str, settings: dict, weights: str) -> list[str]:
-        """One key per medium: its bytes' digest, the kind and company it came in, the processor's
-        settings and the fingerprint of the weights that encode it (``features_fingerprint``)."""
-        setting = json.dumps(
-            {"kind": kind, "alone": len(digests) == 1, "settings": settings, "weights": weights},
-            sort_keys=True,
-            default=str,
-        )
-        return [hashlib.sha256(f"{digest}|{setting}".encode()).hexdigest() for digest in digests]
+    keys = staticmethod(media_keys)
 
     def get(self, keys: list[str]) -> list[torch.Tensor] | None:
         """Every key's features, or None (a miss) unless all are here."""

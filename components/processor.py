@@ -278,12 +278,7 @@ class LlavaProcessor:
     def prompt_ids(self, prompt: Prompt) -> np.ndarray:
         """The ids ``prompt_row`` builds, from the media's sizes alone (no tiling): what serving counts
         against the model's positions, and the row of a prompt whose media features are cached."""
-        if prompt.video_frames is not None:
-            counts = [self.arch.video_tokens(len(prompt.video_frames), self.anyres)]
-        else:
-            counts = self.arch.image_token_counts(
-                [(im.height, im.width) for im in prompt.images], self.anyres
-            )
+        counts = self.media_token_counts(prompt)
         sample = Sample(
             id=prompt.id,
             turns=prompt.turns,
@@ -291,6 +286,14 @@ class LlavaProcessor:
             video="video" if prompt.video_frames is not None else None,
         )
         return self.tokenize(sample, counts).input_ids
+
+    def media_token_counts(self, prompt: Prompt) -> list[int]:
+        """Each medium's tokens in the prompt's ids, in order, from the media's sizes alone."""
+        if prompt.video_frames is not None:
+            return [self.arch.video_tokens(len(prompt.video_frames), self.anyres)]
+        return list(
+            self.arch.image_token_counts([(im.height, im.width) for im in prompt.images], self.anyres)
+        )
 
     def count_tokens(self, prompt: Prompt) -> int:
         """The prompt's length as ``prompt_row`` builds it (checked before a request joins a batch)."""

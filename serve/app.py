@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from components.engine import Engine, EngineConfig, Job, QueueFull
 from components.feature_cache import FeatureCache
 from components.model import load_model, max_positions, torch_threads
+from components.prefix_cache import PrefixCache
 from components.processor import LlavaProcessor
 from components.resample import warm_up
 from serve.protocol import (
@@ -60,6 +61,9 @@ class ServeConfig:
     retries, or another replica takes it)."""
     feature_cache_mb: float = 256.0
     """Vision features of recently seen media kept per replica (LRU; 0: none)."""
+    prefix_cache_mb: float = 1024.0
+    """Finished turns' key/value caches kept per replica, so the next turn of a conversation prefills only
+    its new tokens (LRU; 0: none). On a GPU replica it is GPU memory."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 2.0
@@ -105,8 +109,14 @@ def _refused(result: dict) -> JSONResponse:
     return JSONResponse(result["error"], status_code=result["status"], headers=headers)
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage, with the prompt tokens whose KV came from the replica's prefix cache."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _rate_limited(exc: QueueFull) -> dict:
@@ -139,7 +149,12 @@ class LlavaModel:
         features = None
         if self.config.feature_cache_mb > 0:
             features = FeatureCache(int(self.config.feature_cache_mb * 2**20))
-        self.engine = Engine(self.model, self.processor, self.config.engine, features=features).start()
+        prefix = None
+        if self.config.prefix_cache_mb > 0:
+            prefix = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
+        self.engine = Engine(
+            self.model, self.processor, self.config.engine, features=features, prefix=prefix
+        ).start()
         # tiling and tokenizing off the engine's thread, so that decode steps go on meanwhile
         self.rows = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rows")
         # which replica answered, and on which node: a response header (operators tracing a request)
@@ -153,6 +168,8 @@ class LlavaModel:
         out = self.engine.stats()
         if self.engine.features is not None:
             out["features"] = self.engine.features.stats()
+        if self.engine.prefix is not None:
+            out["prefix"] = self.engine.prefix.stats()
         return out
 
     async def _submit(self, request: ChatRequest) -> tuple[asyncio.Queue, Job]:
@@ -205,7 +222,7 @@ class LlavaModel:
                     yield json.dumps({"delta": event["delta"]})
                 elif "done" in event:
                     done = event["done"]
-                    usage = _usage(done["prompt_tokens"], done["completion_tokens"])
+                    usage = _usage(done["prompt_tokens"], done["completion_tokens"], done["cached_tokens"])
                     yield json.dumps({"finish": done["finish_reason"], "usage": usage})
                     return
                 else:
@@ -366,7 +383,9 @@ class Ingress:
                     "finish_reason": result["finish_reason"],
                 }
             ],
-            "usage": _usage(result["prompt_tokens"], result["completion_tokens"]),
+            "usage": _usage(
+                result["prompt_tokens"], result["completion_tokens"], result.get("cached_tokens", 0)
+            ),
         }
         where = result.get("where", {})
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}

@@ -373,7 +373,7 @@ def test_the_decode_batch_keeps_one_row_per_sequence_and_says_when_it_does_not(t
     prompts, prefill, batch = _prompts(), Prefill(model, processor), DecodeBatch(model.device)
     with torch.no_grad():
         for name in ("text", "image", "long"):
-            cache, mask, _ = prefill(processor.prompt_row(prompts[name]))
+            cache, mask, _, _ = prefill(processor.prompt_row(prompts[name]))
             batch.concatenate(name, cache, mask)
         batch.forward(model)
         batch.filter([0, 2])
