@@ -11,6 +11,7 @@ sequences each have one row per active sequence, and the cache is as wide as the
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 
 class DecodeBatch:
@@ -111,6 +112,14 @@ class DecodeBatch:
                 f"decode batch: expected {n} rows everywhere and a cache as wide as the mask "
                 f"({self.mask.shape[1]}), found rows {wrong or 'agreeing'} and width {width}"
             )
+
+
+def copied(cache):
+    """An independent copy of a one-row KV cache (a choice forked from a shared prefill)."""
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.clone(), layer.values.clone(), i)
+    return out
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from components.structured import mask_logits
+
 
 class Detokenizer:
     """A sequence's text, decoded as its tokens come, in time independent of the answer's length.
@@ -48,8 +50,11 @@ class Detokenizer:
 class Sequence:
     """An active request's output: its tokens so far, its text, its sampler, and what it has streamed."""
 
-    def __init__(self, job, stops: list[str], eos: set[int], tokenizer):
-        self.job = job
+    def __init__(self, job, stops: list[str], eos: set[int], tokenizer, index: int = 0, matcher=None):
+        self.job, self.index = job, index
+        """``index``: which of the request's ``n`` choices this is."""
+        self.matcher = matcher
+        """An llguidance matcher (components/structured.py) when the request asked for a response_format."""
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.text = Detokenizer(tokenizer)
@@ -63,11 +68,13 @@ class Sequence:
         self.generator = None
         if job.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+            self.generator.manual_seed(choice_seed(job.seed, index) if job.seed is not None else torch.seed())
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits (float32): argmax, or a sample after temperature and top-p
         (HF's order and rule: keep the smallest set whose probability reaches top_p, at least one)."""
+        if self.matcher is not None:
+            logits = mask_logits(self.matcher, logits)
         if self.generator is None:
             return int(torch.argmax(logits))
         scores = logits.float() / self.job.temperature
@@ -90,6 +97,13 @@ class Sequence:
             finish = "stop"
         else:
             self.tokens.append(token)
+            if self.matcher is not None and not self.matcher.consume_token(token):  # its own failure only
+                self.finish = "error"
+                error = RuntimeError(
+                    f"response_format: the grammar refused token {token}: {self.matcher.get_error()}"
+                )
+                self.job.emit({"error": error, "index": self.index})
+                return token
         if finish is None and len(self.tokens) >= self.job.max_new_tokens:
             finish = "length"
         seen = len(self.text.text)
@@ -103,11 +117,11 @@ class Sequence:
         if self.job.stream:
             ready = len(text) if finish else safe_prefix(text, self.stops)
             if ready > self.sent:
-                self.job.emit({"delta": text[self.sent : ready]})
+                self.job.emit({"delta": text[self.sent : ready], "index": self.index})
                 self.sent = ready
         if finish:
             self.finish = finish
-            self.job.emit({"done": self.result(text)})
+            self.job.emit({"done": self.result(text), "index": self.index})
         return token
 
     def result(self, text: str) -> dict:
@@ -118,9 +132,16 @@ class Sequence:
             "completion_tokens": len(self.tokens),
             "finish_reason": self.finish,
             "cached_tokens": self.cached_tokens,
+            "index": self.index,
             "token_ids": list(self.tokens),
             **({"token_logprobs": self.logprobs} if self.job.logprobs else {}),
         }
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The generator seed of choice ``index`` of a seeded request: the seed itself for the first, so that
+    n=1 samples what it always did; a seeded request gives the same n texts again."""
+    return seed if index == 0 else (seed * 1_000_003 + index) % 2**63
 
 
 def first_stop(text: str, stops: list[str], since: int = 0) -> int | None:

@@ -27,13 +27,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from components.decode_batch import DecodeBatch
+from components.decode_batch import DecodeBatch, copied
 from components.decode_output import Sequence
 from components.feature_cache import FeatureCache
 from components.prefill import Prefill
 from components.prefix_cache import PrefixCache
 from components.processor import LlavaProcessor, Prompt
 from components.scheduler import EngineConfig, QueueFull, Scheduler
+from components.structured import Grammars
 
 __all__ = ["Engine", "EngineConfig", "Job", "QueueFull", "wait_for"]
 
@@ -56,12 +57,17 @@ class Job:
     stream: bool = False
     logprobs: bool = False
     """Also return each chosen token's log-probability (``token_logprobs``), OpenAI's ``logprobs``."""
+    n: int = 1
+    """Choices: ``n`` sequences forked from one prefill (each event carries its ``index``)."""
+    grammar: str | None = None
+    """An llguidance grammar (components/structured.py's grammar_for) each choice's tokens must follow."""
     cancelled: bool = False
     """Set by the caller that gave up (a client gone): the engine drops it at its next step, silently."""
 
     @property
     def budget(self) -> int:
-        return len(self.row["input_ids"]) + self.max_new_tokens
+        """Batch tokens its choices may hold: each its prompt and max_new_tokens."""
+        return self.n * (len(self.row["input_ids"]) + self.max_new_tokens)
 
 
 class Engine:
@@ -82,6 +88,7 @@ class Engine:
         self.prefix = prefix
         """A PrefixCache or None: finished turns' KV, reused by the turns that follow them."""
         self.prefill = Prefill(model, processor, features, prefix)
+        self.grammars = Grammars(processor.tokenizer, processor.stop_ids)
         self.scheduler = Scheduler(self.config)
         self.batch = DecodeBatch(model.device)
         self.eos = set(processor.stop_ids)
@@ -150,7 +157,8 @@ class Engine:
             if seq.job.cancelled:
                 seq.finish = "cancelled"
         self._drop_finished()
-        for job in self.scheduler.admissible([s.job.budget for s in self.batch.sequences]):
+        active = list({id(s.job): s.job for s in self.batch.sequences}.values())
+        for job in self.scheduler.admissible(active):
             try:
                 self._admit(job)
             except Exception as e:  # its own failure only (a bad medium, a model error on its prompt)
@@ -166,12 +174,25 @@ class Engine:
         self._drop_finished()
 
     def _admit(self, job: Job) -> None:
-        """Prefill alone, join the batch, and pick the first token."""
+        """Prefill alone; each of its n choices joins the batch (on its own copy of the prompt's KV) and
+        picks its first token."""
         stops = [s for s in [self.processor.template.stop, *job.stop] if s]
-        seq = Sequence(job, stops, self.eos, self.processor.tokenizer)
-        cache, mask, logits, seq.cached_tokens = self.prefill(job.row)
-        self.batch.concatenate(seq, cache, mask)
-        self.batch.set_last(len(self.batch) - 1, seq.advance(logits))
+        sequences = [
+            Sequence(
+                job,
+                stops,
+                self.eos,
+                self.processor.tokenizer,
+                index=i,
+                matcher=None if job.grammar is None else self.grammars.matcher(job.grammar),
+            )
+            for i in range(job.n)
+        ]
+        cache, mask, logits, reused = self.prefill(job.row)
+        for i, seq in enumerate(sequences):
+            seq.cached_tokens = reused
+            self.batch.concatenate(seq, cache if i == job.n - 1 else copied(cache), mask)
+            self.batch.set_last(len(self.batch) - 1, seq.advance(logits))
         self._drop_finished()
 
     def _drop_finished(self) -> None:
@@ -197,18 +218,23 @@ class Engine:
 
 
 def wait_for(engine: Engine, job_kwargs: dict, timeout: float = 600.0) -> dict:
-    """Submit one request and block until its result (for tests, evaluation and benchmarks)."""
+    """Submit one request and block until its result (for tests, evaluation and benchmarks); with n > 1,
+    the first choice's result with every choice's in ``choices``."""
     done = threading.Event()
-    result: dict = {}
+    results: dict[int, dict] = {}
+    n = job_kwargs.get("n", 1)
 
     def emit(event: dict) -> None:
         if "done" in event or "error" in event:
-            result.update(event)
-            done.set()
+            results[event.get("index", 0)] = event
+            if "error" in event or len(results) == n:
+                done.set()
 
     engine.submit(Job(emit=emit, **job_kwargs))
     if not done.wait(timeout):
         raise TimeoutError(f"engine: expected a result within {timeout} s, found none")
-    if "error" in result:
-        raise result["error"]
-    return result["done"]
+    for event in results.values():
+        if "error" in event:
+            raise event["error"]
+    choices = [results[i]["done"] for i in range(n)]
+    return {**choices[0], "choices": choices} if n > 1 else choices[0]

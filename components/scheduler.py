@@ -39,7 +39,7 @@ class EngineConfig:
 
 
 class Scheduler:
-    """The waiting requests (anything with ``budget`` and ``cancelled``) and the rule that admits them.
+    """The waiting requests (anything with ``n``, ``budget`` and ``cancelled``) and the rule that admits them.
     Thread-safe: requests arrive from the server's threads, the engine's loop takes them; ``cond`` is
     notified whenever one arrives."""
 
@@ -58,21 +58,24 @@ class Scheduler:
             self.waiting.append(job)
             self.cond.notify()
 
-    def admissible(self, active_budgets: list[int]) -> list:
-        """Waiting requests that fit beside the active ones (their budgets given) now, in arrival order;
-        the first one always, alone. Cancelled ones are dropped on the way."""
+    def admissible(self, active: list) -> list:
+        """Waiting requests that fit beside the active ones now (each ``n`` sequences of ``budget`` tokens
+        in all), in arrival order; the first one always, alone. Cancelled ones are dropped on the way."""
         taken = []
         with self.cond:
-            used = sum(active_budgets)
-            while self.waiting and len(active_budgets) + len(taken) < self.config.max_batch_size:
+            used = sum(job.budget for job in active)
+            places = sum(job.n for job in active)
+            while self.waiting:
                 job = self.waiting[0]
                 if job.cancelled:
                     self.waiting.popleft()
                     continue
-                if (active_budgets or taken) and used + job.budget > self.config.max_batch_tokens:
+                crowded = places + job.n > self.config.max_batch_size
+                if (active or taken) and (crowded or used + job.budget > self.config.max_batch_tokens):
                     break
                 taken.append(self.waiting.popleft())
                 used += job.budget
+                places += job.n
         return taken
 
     def __len__(self) -> int:

@@ -186,6 +186,8 @@ class LlavaModel:
             seed=request.seed,
             stop=tuple(request.stop),
             stream=request.stream,
+            n=request.n,
+            grammar=request.grammar,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         )
         self.engine.submit(job)
@@ -196,38 +198,45 @@ class LlavaModel:
             events, job = await self._submit(request)
         except QueueFull as e:
             return {"error": _rate_limited(e), "status": 429}
+        choices: dict[int, dict] = {}
         try:
-            while True:
+            while len(choices) < request.n:
                 event = await events.get()
                 if "done" in event:
-                    return {**event["done"], "where": self.where}
-                if "error" in event:
+                    choices[event.get("index", 0)] = event["done"]
+                elif "error" in event:
                     return {"error": internal_error("generate", event["error"]), "status": 500}
+            ordered = [choices[i] for i in range(request.n)]
+            return {**ordered[0], "choices": ordered, "where": self.where}
         finally:
             job.cancelled = True  # the caller gave up (a timeout): the engine drops it at its next step
 
     async def stream(self, request: ChatRequest):
         """First ``{"accepted": true}`` (or the error that refused it), then text deltas as the engine
-        produces them, then ``{"finish": reason}``."""
+        produces them (``{"delta", "index"}``), each choice's ``{"finish", "index"}``, then the usage."""
         try:
             events, job = await self._submit(request)
         except QueueFull as e:
             yield json.dumps({"error": _rate_limited(e), "status": 429})
             return
         yield json.dumps({"accepted": True})
+        done: list[dict] = []
         try:
-            while True:
+            while len(done) < request.n:
                 event = await events.get()
+                index = event.get("index", 0)
                 if "delta" in event:
-                    yield json.dumps({"delta": event["delta"]})
+                    yield json.dumps({"delta": event["delta"], "index": index})
                 elif "done" in event:
-                    done = event["done"]
-                    usage = _usage(done["prompt_tokens"], done["completion_tokens"], done["cached_tokens"])
-                    yield json.dumps({"finish": done["finish_reason"], "usage": usage})
-                    return
+                    done.append(event["done"])
+                    yield json.dumps({"finish": event["done"]["finish_reason"], "index": index})
                 else:
                     yield json.dumps({"error": internal_error("stream", event["error"]), "status": 500})
                     return
+            completion = sum(d["completion_tokens"] for d in done)
+            yield json.dumps(
+                {"usage": _usage(done[0]["prompt_tokens"], completion, done[0]["cached_tokens"])}
+            )
         finally:
             job.cancelled = True  # a client that hung up frees its place in the batch
 
@@ -371,6 +380,8 @@ class Ingress:
             )
         if "error" in result:
             return _refused(result)
+        choices = result.get("choices", [result])
+        completion = sum(c["completion_tokens"] for c in choices)
         body = {
             "id": completion_id,
             "object": "chat.completion",
@@ -378,14 +389,13 @@ class Ingress:
             "model": parsed.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "finish_reason": result["finish_reason"],
+                    "index": i,
+                    "message": {"role": "assistant", "content": c["text"]},
+                    "finish_reason": c["finish_reason"],
                 }
+                for i, c in enumerate(choices)
             ],
-            "usage": _usage(
-                result["prompt_tokens"], result["completion_tokens"], result.get("cached_tokens", 0)
-            ),
+            "usage": _usage(result["prompt_tokens"], completion, result.get("cached_tokens", 0)),
         }
         where = result.get("where", {})
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
@@ -394,18 +404,19 @@ class Ingress:
     async def _sse(self, parsed: ChatRequest, completion_id: str, items):
         created = int(time.time())
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
+        def chunk(delta: dict, finish: str | None = None, index: int = 0) -> str:
             body = {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": parsed.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
             }
             return f"data: {json.dumps(body)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        finish, usage = "length", None
+        for index in range(parsed.n):
+            yield chunk({"role": "assistant", "content": ""}, index=index)
+        usage = None
         try:
             async for piece in items:
                 item = json.loads(piece)
@@ -414,15 +425,15 @@ class Ingress:
                     yield "data: [DONE]\n\n"
                     return
                 if item.get("delta"):
-                    yield chunk({"content": item["delta"]})
+                    yield chunk({"content": item["delta"]}, index=item.get("index", 0))
                 if item.get("finish"):
-                    finish, usage = item["finish"], item.get("usage")
+                    yield chunk({}, item["finish"], index=item.get("index", 0))
+                usage = item.get("usage", usage)
         except Exception as e:
             log.exception("stream %s failed", completion_id)
             yield f"data: {json.dumps(internal_error('stream', e))}\n\n"
             yield "data: [DONE]\n\n"
             return
-        yield chunk({}, finish)
         if parsed.include_usage and usage:  # OpenAI's shape: a last chunk with no choices, and the usage
             body = {
                 "id": completion_id,

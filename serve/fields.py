@@ -16,13 +16,13 @@ HANDLED_FIELDS = (
     "stream",
     "stream_options",
     "n",
+    "response_format",
 )
 """The request fields this endpoint acts on."""
 NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "media_io_kwargs")
 """Accepted and without effect on the answer: a client's own bookkeeping, and vLLM's media_io_kwargs
 (frames are sampled as the checkpoint was trained, whatever a client asks)."""
 DEFAULT_VALUES = {
-    "response_format": ({"type": "text"},),
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "logprobs": (False,),

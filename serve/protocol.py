@@ -31,6 +31,7 @@ from components.conversation import MEDIA_PLACEHOLDERS, Turn, content_text
 from components.errors import Mismatch
 from components.media import MediaBudget
 from components.processor import EncodedImage, EncodedVideo, Prompt, VideoSampling
+from components.structured import GrammarError, grammar_for
 from components.video import VideoDecodeError, VideoTooLargeError
 from serve.fields import refusal, short
 
@@ -99,6 +100,8 @@ class Limits:
     max_new_tokens: int = 512
     """The most a request's max_tokens may ask for."""
     max_stop: int = 4
+    max_n: int = 8
+    """The most choices (``n``) one request may ask for."""
     allowed_media_prefixes: list[str] = field(default_factory=list)
     """URL prefixes (https://host/..., s3://bucket/...) the server may fetch; data: URLs are always
     allowed."""
@@ -128,6 +131,10 @@ class ChatRequest:
     """stream_options.include_usage: the stream ends with a chunk that carries the usage."""
     media_digests: tuple[str, ...] = ()
     """SHA-256 of each medium's bytes, in the prompt's order."""
+    n: int = 1
+    """Choices, forked from one prefill."""
+    grammar: str | None = None
+    """response_format as an llguidance grammar (components/structured.py); None: free text."""
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
@@ -523,8 +530,6 @@ def parse_chat_request(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages", "a non-empty list", type(messages).__name__)
-    if body.get("n", 1) != 1:
-        raise RequestError("n", "1", f"{body.get('n')!r}")
     if (refused := refusal(body)) is not None:
         raise RequestError(*refused, code="unsupported_field")
     media = _Media(known)
@@ -555,7 +560,7 @@ def parse_chat_request(
 
 
 def _generation_fields(body: dict, limits: Limits) -> dict:
-    """max_tokens, temperature, top_p, stop, seed and stream, each checked."""
+    """max_tokens, temperature, top_p, stop, seed, stream, n and response_format, each checked."""
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if (
@@ -583,7 +588,13 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
     if options is not None and not stream:
         raise RequestError("stream_options", "only with stream: true", "stream false")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
+    try:
+        grammar = grammar_for(body.get("response_format"))
+    except GrammarError as e:
+        raise RequestError("response_format", str(e), short(body.get("response_format"))) from e
     return {
+        "n": _number(body, "n", 1, 1, limits.max_n, int),
+        "grammar": grammar,
         "include_usage": include_usage,
         "max_new_tokens": _number(
             {"max_tokens": max_tokens}, "max_tokens", 64, 1, limits.max_new_tokens, int

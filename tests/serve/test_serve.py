@@ -5,7 +5,9 @@ tier (tests/cluster/test_cluster.py), with the second replica on the other node.
 import base64
 import concurrent.futures
 import io
+import itertools
 import time
+import typing
 from pathlib import Path
 
 import openai
@@ -312,9 +314,15 @@ BAD = [
     ("max-tokens-string", _body(max_tokens="ten"), 400, "max_tokens"),
     ("temperature", _body(temperature=5), 400, "temperature"),
     ("top-p", _body(top_p=0), 400, "top_p"),
-    ("n-two", _body(n=2), 400, "n:"),
+    ("n-too-many", _body(n=9), 400, "n: expected a value in [1, 8]"),
     ("tools", _body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools: expected only"),
-    ("json-mode", _body(response_format={"type": "json_object"}), 400, "unsupported response_format"),
+    ("format-unknown", _body(response_format={"type": "xml"}), 400, "response_format: expected type"),
+    (
+        "schema-not-an-object",
+        _body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": "nope"}}),
+        400,
+        "response_format: expected json_schema",
+    ),
     ("logit-bias", _body(logit_bias={"5": 10}), 400, "logit_bias"),
     (
         "usage-without-stream",
@@ -551,6 +559,103 @@ def test_seeded_sampling_streams_the_same_text(client):
     assert sample(True) == first == sample(False)
     others = {sample(True, seed) for seed in (1, 2, 3)}
     assert others - {first}, (first, others)  # three other seeds cannot all give the same 8 sampled tokens
+
+
+def test_n_choices_fork_from_one_prefill_and_a_seed_gives_them_again(endpoint):
+    """n=3 sampled with a seed, through the openai client on the one-replica app: three choices (indexes 0-2,
+    not all alike) from one prefill (the replica's prefilled-token counter moves by the prompt once), the
+    same three texts again with the seed, streamed too (each chunk names its choice), choice 0 what n=1
+    samples with that seed, and usage counting every choice's tokens.
+    Guards: one prefill forked into n sequences, each with its own seeded generator; fails with each
+    choice prefilled alone (the counter), or the choices sharing a seed (three equal texts)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LlavaModel", app_name="secured")
+    client = _secured()
+    kw = dict(model="llava-ray", max_tokens=8, temperature=1.0, seed=99)
+    messages = [{"role": "user", "content": "Name three things you can see from a window in spring."}]
+    before = handle.stats.remote().result()["prefilled_tokens"]
+    out = client.chat.completions.create(messages=messages, n=3, **kw)
+    prefilled = handle.stats.remote().result()["prefilled_tokens"] - before
+    usage = out.usage
+    assert prefilled == usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
+    texts = [c.message.content for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2] and len(set(texts)) > 1, texts
+    assert [
+        c.message.content for c in client.chat.completions.create(messages=messages, n=3, **kw).choices
+    ] == texts
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(messages=messages, n=3, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [t.strip() for t in streamed] == texts
+    assert client.chat.completions.create(messages=messages, **kw).choices[0].message.content == texts[0]
+    assert usage.completion_tokens > 8  # every choice's tokens, not the first's alone
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "name": {"type": "string", "maxLength": 10},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["round", "square"]}, "maxItems": 2},
+        "seen": {"type": "boolean"},
+    },
+    "required": ["color", "count", "name", "tags", "seen"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_answers_parse_and_validate(client):
+    """json_object and json_schema (an enum, a bounded integer and string, an array, a boolean), on text
+    and on an image question, greedy (and sampled, the schema), streamed and not: every answer ends
+    (finish_reason stop), parses, and validates
+    against its schema (jsonschema); the openai client's own parse() with a Pydantic model gets the model
+    back. Guards: the grammar masking each step's tokens (llguidance); fails with the mask off (free
+    text)."""
+    import json
+
+    import jsonschema
+    import pydantic
+
+    formats = {
+        "json_object": ({"type": "json_object"}, {"type": "object"}),
+        "json_schema": ({"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}}, SCHEMA),
+    }
+    questions = {
+        "text": "Describe a shape as JSON.",
+        "image": [
+            {"type": "text", "text": "Describe the shape as JSON."},
+            {"type": "image_url", "image_url": {"url": png_url()}},
+        ],
+    }
+    for (fname, (response_format, schema)), (qname, content) in itertools.product(
+        formats.items(), questions.items()
+    ):
+        # sampled only under the bounded schema: a free object's strings may outrun any max_tokens
+        # (finish_reason length, the JSON cut, as OpenAI's own)
+        for sampling in ({}, {"temperature": 1.0, "seed": 3})[: 2 if fname == "json_schema" else 1]:
+            out = ask(client, content, max_tokens=64, response_format=response_format, **sampling)
+            answer = out.choices[0].message.content
+            assert out.choices[0].finish_reason == "stop", (fname, qname, answer)
+            jsonschema.validate(json.loads(answer), schema)
+        streamed = ask(client, content, max_tokens=64, response_format=response_format, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        jsonschema.validate(json.loads(text), schema)
+
+    class Shape(pydantic.BaseModel):
+        color: typing.Literal["red", "green", "blue"]
+        count: int = pydantic.Field(ge=0, le=9)
+        round: bool
+
+    parsed = client.chat.completions.parse(
+        model="llava-ray",
+        messages=[{"role": "user", "content": "A shape?"}],
+        max_tokens=64,
+        response_format=Shape,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Shape)
 
 
 def test_auth_on(endpoint):
