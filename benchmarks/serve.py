@@ -9,10 +9,17 @@ client) on 127.0.0.1, one replica each (1 CPU, one torch thread), the tiny OneVi
 2. A multi-turn chat that re-sends one image (a 448x336 PNG: AnyRes tiles) on each of 4 turns: TTFT of
    turns 2-4 on the engine, with the feature cache (turn 1 encodes, 2-4 hit) against without it (each
    turn's image differs from the last by one pixel: the same shapes and work, never a hit).
+3. A long conversation, as a chat client sends it (the whole history every turn): 8 turns, image A in
+   turn 1 and image B in turn 5, each user turn a passage of about 400 tokens, so the last turn's prompt
+   holds more than 3,000 tokens. TTFT per turn with prefix reuse against without it (each turn opens with
+   a system line of its own, of the same length: no prefix is shared, every turn prefills its history).
 
-    python benchmarks/serve.py [--quick]    (--quick: 2 s of mixed load per mode, 1 chat)
+    python benchmarks/serve.py [--quick]    (--quick: 1 s of mixed load per mode, 1 chat each)
 
-The last line is the p99 TTFT ratio under the mixed load (request / iteration).
+The mixed load also gives inter-token latency (the gaps between a stream's content chunks) and goodput:
+requests per second that met both SLOs, TTFT <= 1 s and mean inter-token latency <= 100 ms (vLLM's
+serving benchmark reports the same two). The last line is the p99 TTFT ratio under the mixed load
+(request / iteration).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
     """16 closed-loop clients; TTFT (s) of the streamed requests (their first content chunk), latency of
     the non-streamed ones, and completion tokens per second over all."""
     ttfts, latencies, tokens, errors = [], [], [0], [0]
+    gaps, good = [], [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
     content = [
@@ -77,13 +85,16 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
                     stream=stream,
                 )
                 if stream:
-                    first, text = None, ""
+                    first, text, arrivals = None, "", []
                     for chunk in out:
                         piece = chunk.choices[0].delta.content if chunk.choices else None
+                        if piece:
+                            arrivals.append(time.perf_counter())
                         if piece and first is None:
                             first = time.perf_counter() - start
                         text += piece or ""
                     count = len(tokenizer.encode(text, add_special_tokens=False))
+                    between = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
                 else:
                     count = out.usage.completion_tokens
             except Exception:  # counted, and reported
@@ -93,6 +104,9 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
             with lock:
                 if stream:
                     ttfts.append(first if first is not None else time.perf_counter() - start)
+                    gaps.extend(between)
+                    itl = statistics.mean(between) if between else 0.0
+                    good[0] += ttfts[-1] <= SLO_TTFT_S and itl <= SLO_ITL_S
                 else:
                     latencies.append(time.perf_counter() - start)
                 tokens[0] += count
@@ -108,11 +122,52 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
         "tok_s": tokens[0] / elapsed,
         "latency_p50": percentile(latencies, 0.5),
         "n": len(ttfts) + len(latencies),
+        "itl_p50": percentile(gaps, 0.5),
+        "itl_p99": percentile(gaps, 0.99),
+        "goodput": good[0] / elapsed,
         "errors": errors[0],
     }
 
 
 FRESH = itertools.count()
+SLO_TTFT_S, SLO_ITL_S = 1.0, 0.1
+WORDS = "the a red blue circle square small large near far left right above below image shows one two".split()
+
+
+def long_chat(client, reuse: bool, turns: int = 8) -> list[tuple[float, int, int]]:
+    """(TTFT s, prompt tokens, cached tokens) of each turn of one conversation that re-sends its whole
+    history; without ``reuse`` each turn opens with a system line of its own (the same length)."""
+    import random
+
+    rng = random.Random(next(FRESH))
+    images = [image_url((448, 336), dot=next(FRESH)), image_url((336, 448), dot=next(FRESH))]
+    history: list[dict] = []
+    out = []
+    for turn in range(turns):
+        passage = " ".join(rng.choice(WORDS) for _ in range(200))
+        parts = [{"type": "text", "text": f"Turn {turn}: {passage}"}]
+        if turn in (0, 4):
+            parts.insert(0, {"type": "image_url", "image_url": {"url": images[turn // 4]}})
+        history.append({"role": "user", "content": parts})
+        system = [] if reuse else [{"role": "system", "content": f"Session {next(FRESH):08d}."}]
+        start = time.perf_counter()
+        first, text, usage = None, "", None
+        for chunk in client.chat.completions.create(
+            model="llava-ray",
+            messages=system + history,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text += piece or ""
+            usage = chunk.usage or usage
+        ttft = first if first is not None else time.perf_counter() - start
+        out.append((ttft, usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens))
+        history.append({"role": "assistant", "content": text or "ok"})
+    return out
 
 
 def chat_ttfts(client, chats: int, cached: bool, text_only: bool = False) -> list[float]:
@@ -196,12 +251,12 @@ def main() -> None:
         )
         for mode in ("iteration", "request")
     }
-    seconds = 2 if args.quick else 30
+    seconds = 1 if args.quick else 30
     print(f"machine: {machine()}; tiny OneVision model, one replica per mode (1 CPU), real HTTP")
     print(f"mixed load: 16 clients (half streaming), max_tokens 8-256, {seconds} s per mode")
     print(
         f"{'mode':>10s} {'TTFT p50 ms':>11s} {'TTFT p99 ms':>11s} {'tokens/s':>9s} {'latency p50':>11s} "
-        f"{'n':>5s} {'err':>4s}   (TTFT: streamed requests; latency: non-streamed)"
+        f"{'n':>5s} {'err':>4s} {'ITL p50':>7s} {'ITL p99':>7s} {'goodput':>7s}"
     )
     url = image_url()
     results = {}
@@ -210,8 +265,13 @@ def main() -> None:
         results[mode] = r
         print(
             f"{mode:>10s} {r['p50'] * 1e3:11.0f} {r['p99'] * 1e3:11.0f} {r['tok_s']:9.1f} "
-            f"{r['latency_p50'] * 1e3:11.0f} {r['n']:5d} {r['errors']:4d}"
+            f"{r['latency_p50'] * 1e3:11.0f} {r['n']:5d} {r['errors']:4d} {r['itl_p50'] * 1e3:7.1f} "
+            f"{r['itl_p99'] * 1e3:7.1f} {r['goodput']:7.2f}"
         )
+    print(
+        f"(TTFT: streamed requests; latency: non-streamed; ITL ms; goodput: streamed requests/s with TTFT "
+        f"<= {SLO_TTFT_S:g} s and mean ITL <= {SLO_ITL_S * 1e3:g} ms)"
+    )
     chats = 1 if args.quick else 10
     print(f"multi-turn: {chats} chats x 4 turns re-sending a 448x336 PNG, TTFT of turns 2-4 (engine)")
     chat_ttfts(clients["iteration"], 1, cached=False)  # warm-up: the replica's first large image
@@ -222,6 +282,28 @@ def main() -> None:
         print(
             f"{name:>10s} TTFT p50 {statistics.median(values) * 1e3:7.1f} ms  p99 "
             f"{percentile(values, 0.99) * 1e3:7.1f} ms"
+        )
+    print(
+        "long conversation: 8 turns, images in turns 1 and 5, ~400-token user turns, the whole history sent"
+    )
+    long_chat(clients["iteration"], reuse=True, turns=2)  # warm-up: both image sizes
+    runs = 1 if args.quick else 3
+    per_mode = {
+        mode: [long_chat(clients["iteration"], reuse=mode) for _ in range(runs)] for mode in (False, True)
+    }
+    print(
+        f"{'turn':>4s} {'prompt':>6s} {'cached':>6s} {'TTFT reuse ms':>13s} {'TTFT none ms':>12s}"
+        f" {'ratio':>6s}"
+    )
+    turn_ratios = []
+    for turn in range(8):
+        none = statistics.median(run[turn][0] for run in per_mode[False])
+        reuse = statistics.median(run[turn][0] for run in per_mode[True])
+        _, prompt, cached = per_mode[True][0][turn]
+        turn_ratios.append(none / reuse)
+        print(
+            f"{turn + 1:4d} {prompt:6d} {cached:6d} {reuse * 1e3:13.1f} {none * 1e3:12.1f}"
+            f" {none / reuse:5.2f}x"
         )
     print(f"measured in {time.monotonic() - began:.0f} s (of which Serve start-up {ready - began:.0f} s)")
     ray.shutdown()  # no graceful drain of the replicas: the measurements are done
@@ -235,6 +317,7 @@ def main() -> None:
         f"multi-turn TTFT p50 (no cache / cache): {cache_ratio:.2f}x (target 2x); above the text-only floor "
         f"(HTTP, Serve's two hops, the prompt's own prefill): {media:.2f}x"
     )
+    print(f"long conversation, turn 8 TTFT (no reuse / reuse): {turn_ratios[-1]:.2f}x (target 3x)")
     print(
         final_line(
             "serve", results["request"]["p99"] / results["iteration"]["p99"], "3x p99 TTFT, mixed load"

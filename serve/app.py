@@ -207,7 +207,10 @@ class LlavaModel:
                 elif "error" in event:
                     return {"error": internal_error("generate", event["error"]), "status": 500}
             ordered = [choices[i] for i in range(request.n)]
-            return {**ordered[0], "choices": ordered, "where": self.where}
+            out = {**ordered[0], "choices": ordered, "where": self.where}
+            if request.return_token_ids:
+                out["prompt_token_ids"] = [int(t) for t in job.row["input_ids"]]
+            return out
         finally:
             job.cancelled = True  # the caller gave up (a timeout): the engine drops it at its next step
 
@@ -397,6 +400,10 @@ class Ingress:
             ],
             "usage": _usage(result["prompt_tokens"], completion, result.get("cached_tokens", 0)),
         }
+        if parsed.return_token_ids:  # vLLM's fields
+            body["prompt_token_ids"] = result["prompt_token_ids"]
+            for choice, c in zip(body["choices"], choices, strict=True):
+                choice["token_ids"] = c["token_ids"]
         where = result.get("where", {})
         headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
         return JSONResponse(body, headers=headers)

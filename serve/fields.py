@@ -17,6 +17,7 @@ HANDLED_FIELDS = (
     "stream_options",
     "n",
     "response_format",
+    "return_token_ids",
 )
 """The request fields this endpoint acts on."""
 NO_EFFECT_FIELDS = ("user", "metadata", "store", "service_tier", "media_io_kwargs")

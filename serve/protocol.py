@@ -135,6 +135,8 @@ class ChatRequest:
     """Choices, forked from one prefill."""
     grammar: str | None = None
     """response_format as an llguidance grammar (components/structured.py); None: free text."""
+    return_token_ids: bool = False
+    """vLLM's extension: the answer carries the prompt's token ids and each choice's."""
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
@@ -587,6 +589,11 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         raise RequestError("stream_options.include_usage", "true or false", short(include_usage))
     if options is not None and not stream:
         raise RequestError("stream_options", "only with stream: true", "stream false")
+    return_token_ids = body.get("return_token_ids", False)
+    if not isinstance(return_token_ids, bool) or (return_token_ids and stream):
+        raise RequestError(
+            "return_token_ids", "true or false, and only without stream", short(return_token_ids)
+        )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 64))
     try:
         grammar = grammar_for(body.get("response_format"))
@@ -594,6 +601,7 @@ def _generation_fields(body: dict, limits: Limits) -> dict:
         raise RequestError("response_format", str(e), short(body.get("response_format"))) from e
     return {
         "n": _number(body, "n", 1, 1, limits.max_n, int),
+        "return_token_ids": return_token_ids,
         "grammar": grammar,
         "include_usage": include_usage,
         "max_new_tokens": _number(

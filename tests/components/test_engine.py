@@ -184,37 +184,42 @@ def test_a_finished_sequence_leaves_at_once_and_a_new_one_joins_at_the_next_step
 
 
 def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tiny):
-    """temperature 0.9, top_p 0.8, seed 7: alone, beside two greedy requests, and beside another seeded
-    request, the same text; another seed gives another text.
+    """temperature 0.9, top_p 0.8: seed 7 alone, then seeds 7 and 8 submitted together beside two greedy
+    requests, sharing decode steps (each one's steps, counted by the engine when it emits, overlap): seed
+    7 gives the same text as alone, and seed 8 another text.
     Guards: a generator per request; fails with the sampler drawing from torch's global one."""
     model, processor = tiny
     prompts = _prompts()
-    sampled = dict(temperature=0.9, top_p=0.8, seed=7)
+    sampled = dict(temperature=0.9, top_p=0.8)
     engine = Engine(model, processor).start()
+    row = processor.prompt_row(prompts["text"])
     try:
-        alone_text = wait_for(
-            engine, dict(row=processor.prompt_row(prompts["text"]), max_new_tokens=20, **sampled)
-        )
+        alone_text = wait_for(engine, dict(row=row, max_new_tokens=20, seed=7, **sampled))
         others = [Collector(), Collector()]
         for name, collector in zip(("long", "image"), others, strict=True):
             engine.submit(Job(row=processor.prompt_row(prompts[name]), max_new_tokens=25, emit=collector))
-        mine = Collector()
-        engine.submit(Job(row=processor.prompt_row(prompts["text"]), max_new_tokens=20, emit=mine, **sampled))
-        assert mine.result["text"] == alone_text["text"]
-        other_seed = wait_for(
-            engine,
-            dict(
-                row=processor.prompt_row(prompts["text"]),
-                max_new_tokens=20,
-                temperature=0.9,
-                top_p=0.8,
-                seed=8,
-            ),
-        )
-        assert other_seed["text"] != alone_text["text"]
+        seeded = {seed: StepCollector(engine) for seed in (7, 8)}
+        for seed, collector in seeded.items():
+            engine.submit(Job(row=row, max_new_tokens=20, emit=collector, stream=True, seed=seed, **sampled))
+        assert seeded[7].result["text"] == alone_text["text"]
+        assert seeded[8].result["text"] != alone_text["text"]
+        first, second = (set(range(c.steps[0], c.steps[-1] + 1)) for c in seeded.values())
+        assert len(first & second) >= 5, (seeded[7].steps, seeded[8].steps)  # decoded in the same steps
         [c.result for c in others]
     finally:
         engine.stop()
+
+
+class StepCollector(Collector):
+    """A Collector that also notes the engine's decode step at each event."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine, self.steps = engine, []
+
+    def __call__(self, event):
+        self.steps.append(self.engine.steps)
+        super().__call__(event)
 
 
 def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny, alone):
@@ -276,21 +281,50 @@ def test_the_queue_is_bounded_and_a_cancelled_request_leaves(tiny):
         engine.stop()
 
 
+def _fresh_features(model, processor, prompt: Prompt) -> list[torch.Tensor]:
+    """Each medium's projected features, encoded now by transformers' own get_*_features."""
+    batch = processor.collate([processor.prompt_row(prompt)], left_pad=True)
+    inner = model.model
+    with torch.no_grad():
+        if prompt.video_frames is not None:
+            out = inner.get_video_features(batch["pixel_values_videos"], return_dict=True)
+        else:
+            out = inner.get_image_features(
+                batch["pixel_values"],
+                batch["image_sizes"],
+                batch_num_images=batch.get("batch_num_images"),
+                return_dict=True,
+            )
+    return list(out.pooler_output)
+
+
 def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alone, monkeypatch):
     """Each media request twice through an engine with a feature cache: the first time a miss (tiled and
-    encoded, its features kept), the second a hit whose row carries the features, its media still as bytes
-    (decoding, tiling and the tower not called: all made to raise), and both answers equal generate()
-    alone."""
+    encoded, its features kept, equal to a fresh encode by transformers), the second a hit whose row
+    carries the features, its media still as bytes (decoding, tiling and the tower not called: all made
+    to raise), and both answers' token log-probs equal generate() alone within 1e-4. The first of the
+    two images asked about alone is another key (OneVision tiles a lone image, not one of several): a
+    miss, with other features.
+    Guards: the feature cache's keys and the features it scatters; fails with 'alone' left out of the key
+    (the lone image's row carries the pair's features) or the cached features of another medium."""
     model, processor = tiny
     prompts = _prompts()
     cache = FeatureCache(64 << 20)
     engine = Engine(model, processor, features=cache).start()
+
+    def answer(row, name):
+        out = wait_for(engine, dict(row=row, max_new_tokens=MAX_TOKENS[name], logprobs=True))
+        assert out["text"] == alone[name]["text"], name
+        np.testing.assert_allclose(out["token_logprobs"], alone[name]["token_logprobs"], atol=1e-4)
+
     try:
         for name in ("image", "multi_image", "video"):
             row = engine.row(prompts[name], DIGESTS[name])
             assert "features" not in row
-            first = wait_for(engine, dict(row=row, max_new_tokens=MAX_TOKENS[name]))
-            assert first["text"] == alone[name]["text"], name
+            answer(row, name)
+            kept = [cache.entries[k] for k in row["feature_keys"][1]]
+            for got, fresh in zip(kept, _fresh_features(model, processor, prompts[name]), strict=True):
+                torch.testing.assert_close(got, fresh, rtol=0, atol=1e-6)
         assert cache.stats()["entries"] == 4  # one per medium
         with monkeypatch.context() as m:
             m.setattr(type(processor), "media", lambda *a, **k: pytest.fail("tiled on a hit"))
@@ -302,8 +336,16 @@ def test_cached_features_skip_tiling_and_the_tower_and_answer_the_same(tiny, alo
             for name in ("image", "multi_image", "video"):
                 row = engine.row(_encoded(prompts[name]), DIGESTS[name])
                 assert "features" in row, name
-                again = wait_for(engine, dict(row=row, max_new_tokens=MAX_TOKENS[name]))
-                assert again["text"] == alone[name]["text"], name
+                answer(row, name)
+        pair = prompts["multi_image"]
+        lone = Prompt([Turn("user", "<image>\nWhat color is the shape?")], pair.images[:1])
+        row = engine.row(lone, DIGESTS["multi_image"][:1])
+        assert "features" not in row  # the pair's first image, alone: not the features it had in the pair
+        out = wait_for(engine, dict(row=row, max_new_tokens=8))
+        assert (
+            out["text"]
+            == generate(model, processor, [processor.prompt_row(lone)], max_new_tokens=8)[0]["text"]
+        )
         assert cache.stats()["hits"] == 3
     finally:
         engine.stop()
