@@ -13,6 +13,10 @@ client) on 127.0.0.1, one replica each (1 CPU, one torch thread), the tiny OneVi
    turn 1 and image B in turn 5, each user turn a passage of about 400 tokens, so the last turn's prompt
    holds more than 3,000 tokens. TTFT per turn with prefix reuse against without it (each turn opens with
    a system line of its own, of the same length: no prefix is shared, every turn prefills its history).
+4. Routing (full runs only: two more apps' start-up does not fit --quick's 45 s): two replicas behind the
+   conversation router (serve/routing.py) against two behind Serve's default (power of two choices), 8
+   concurrent 4-turn chats about an image each, the whole history sent: the share of turns 2+ that reused
+   the whole previous prompt (the replica's prefix cache), and their TTFT p50.
 
     python benchmarks/serve.py [--quick]    (--quick: 1 s of mixed load per mode, 1 chat each)
 
@@ -132,6 +136,42 @@ def mixed_load(client, tokenizer, seconds: float, url: str) -> dict:
 FRESH = itertools.count()
 SLO_TTFT_S, SLO_ITL_S = 1.0, 0.1
 WORDS = "the a red blue circle square small large near far left right above below image shows one two".split()
+
+
+def routed_chats(client) -> tuple[float, float]:
+    """(hit rate, TTFT p50 s) of turns 2-4 of 8 concurrent 4-turn chats (see the module docstring)."""
+
+    def chat(k: int):
+        image = {"type": "image_url", "image_url": {"url": image_url((448, 336), dot=next(FRESH))}}
+        history = [{"role": "user", "content": [image, {"type": "text", "text": f"Chat {k}: describe it."}]}]
+        out, before = [], None
+        for turn in range(4):
+            start, first, text, usage = time.perf_counter(), None, "", None
+            for chunk in client.chat.completions.create(
+                model="llava-ray",
+                messages=history,
+                max_tokens=16,
+                stream=True,
+                stream_options={"include_usage": True},
+            ):
+                piece = chunk.choices[0].delta.content if chunk.choices else None
+                if piece and first is None:
+                    first = time.perf_counter() - start
+                text += piece or ""
+                usage = chunk.usage or usage
+            if turn:
+                hit = usage.prompt_tokens_details.cached_tokens >= before
+                out.append((hit, first if first is not None else time.perf_counter() - start))
+            before = usage.prompt_tokens
+            history += [
+                {"role": "assistant", "content": text or "ok"},
+                {"role": "user", "content": f"And then, turn {turn + 2}?"},
+            ]
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        turns = [t for chat_turns in pool.map(chat, range(8)) for t in chat_turns]
+    return sum(h for h, _ in turns) / len(turns), statistics.median(t for _, t in turns)
 
 
 def long_chat(client, reuse: bool, turns: int = 8) -> list[tuple[float, int, int]]:
@@ -305,6 +345,30 @@ def main() -> None:
             f"{turn + 1:4d} {prompt:6d} {cached:6d} {reuse * 1e3:13.1f} {none * 1e3:12.1f}"
             f" {none / reuse:5.2f}x"
         )
+    if not args.quick:
+        serve.delete("request")
+        serve.delete("iteration")
+        pair = dict(common, min_replicas=2, max_replicas=2, replica_cpus=0.5)
+        serve.run_many(
+            [
+                serve.RunTarget(build_app(ServeConfig(**pair)), name="routed", route_prefix="/routed"),
+                serve.RunTarget(
+                    build_app(ServeConfig(**pair, router="power_of_two")),
+                    name="spread",
+                    route_prefix="/spread",
+                ),
+            ]
+        )
+        print("routing: 2 replicas (0.5 CPU each), 8 concurrent 4-turn chats, the whole history sent")
+        for mode, label in (("spread", "Serve's default"), ("routed", "conversation")):
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/{mode}/v1", api_key="-", max_retries=0, timeout=120
+            )
+            rate, ttft = routed_chats(client)
+            print(
+                f"{label:>16s} router: turns 2+ reusing their history {rate:6.1%}, "
+                f"TTFT p50 {ttft * 1e3:6.1f} ms"
+            )
     print(f"measured in {time.monotonic() - began:.0f} s (of which Serve start-up {ready - began:.0f} s)")
     ray.shutdown()  # no graceful drain of the replicas: the measurements are done
     throughput = results["iteration"]["tok_s"] / results["request"]["tok_s"]

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
 
 from components.engine import Engine, EngineConfig, Job, QueueFull
@@ -45,6 +46,7 @@ from serve.protocol import (
     parse_body,
     parse_chat_request,
 )
+from serve.routing import SESSION_HEADER, conversation_key
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,19 @@ class ServeConfig:
     api_key_env: str = "LLAVA_RAY_API_KEY"
     """When this environment variable is set, requests need ``Authorization: Bearer <its value>``."""
     limits: Limits = field(default_factory=Limits)
+    router: str = "conversation"
+    """How requests find a model replica: ``conversation`` (serve/routing.py: every turn of a chat on one
+    replica, where its prefix and feature caches are) or ``power_of_two`` (Serve's default)."""
+    router_imbalance: int = 4
+    """The queue-length lead past which the conversation's replica is passed over for the least loaded."""
 
     def __post_init__(self) -> None:
         if isinstance(self.limits, dict):
             self.limits = Limits(**self.limits)
         if isinstance(self.engine, dict):
             self.engine = EngineConfig(**self.engine)
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {sorted(ROUTERS)}, found {self.router!r}")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(
                 f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
@@ -93,6 +102,12 @@ class ServeConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ServeConfig":
         return cls(**data)
+
+
+ROUTERS = {
+    "conversation": "serve.routing:ConversationRouter",
+    "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+}
 
 
 def _error(exc: RequestError) -> JSONResponse:
@@ -342,12 +357,14 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _parse(self, body) -> ChatRequest:
+    def _parse(self, body, session: str | None) -> ChatRequest:
         """Every check before a request reaches the model: fields, media (fetched, budgeted, decoded with the
-        checkpoint's video sampling), and its prompt's tokens against the model's positions."""
+        checkpoint's video sampling), and its prompt's tokens against the model's positions; then the key
+        that routes it to its conversation's replica."""
         limits = self.config.limits
         parsed = parse_chat_request(body, [self.config.model_name], limits, self.processor.video, self.known)
         check_prompt(parsed, self.processor.count_tokens, self.positions, limits)
+        parsed.conversation = conversation_key(parsed.prompt.turns, parsed.media_digests, session)
         return parsed
 
     @app.post("/v1/chat/completions")
@@ -356,7 +373,12 @@ class Ingress:
             self._check_auth(request)
             body = parse_body(await self._body(request), self.config.limits)
             pool = self.media_pool if has_media(body) else self.text_pool
-            parsed = await asyncio.get_running_loop().run_in_executor(pool, self._parse, body)
+            session = request.headers.get(SESSION_HEADER)
+            if session is not None and not 0 < len(session) <= 256:
+                raise RequestError(
+                    SESSION_HEADER, "1 to 256 characters", f"{len(session)}", param=SESSION_HEADER
+                )
+            parsed = await asyncio.get_running_loop().run_in_executor(pool, self._parse, body, session)
         except RequestError as e:
             return _error(e)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -473,6 +495,12 @@ def build_app(config: ServeConfig, model_deployment=None):
             max_ongoing_requests=config.max_ongoing_requests,
             max_replicas_per_node=config.max_replicas_per_node,
             ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+            request_router_config=RequestRouterConfig(
+                request_router_class=ROUTERS[config.router],
+                request_router_kwargs={"imbalance": config.router_imbalance}
+                if config.router == "conversation"
+                else {},
+            ),
         )
         .bind(asdict(config))
     )

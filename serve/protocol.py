@@ -137,6 +137,8 @@ class ChatRequest:
     """response_format as an llguidance grammar (components/structured.py); None: free text."""
     return_token_ids: bool = False
     """vLLM's extension: the answer carries the prompt's token ids and each choice's."""
+    conversation: str = ""
+    """The routing key of the conversation this request continues (serve/routing.py)."""
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):

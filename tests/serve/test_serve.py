@@ -154,7 +154,15 @@ def endpoint(ray_local, checkpoint, upstream):
         engine={"max_batch_size": 4, "max_queue": 2},
         limits={"max_new_tokens": 3900},  # long enough to hold the batch while a test looks past its queue
     )
-    serve.run(build_app(secured), name="secured", route_prefix="/secured")
+    pair = ServeConfig(  # two replicas behind the conversation router
+        checkpoint=checkpoint, replica_cpus=0.25, min_replicas=2, max_replicas=2, engine={"max_batch_size": 4}
+    )
+    serve.run_many(  # started together: replica start-up is most of this module's set-up
+        [
+            serve.RunTarget(build_app(secured), name="secured", route_prefix="/secured"),
+            serve.RunTarget(build_app(pair), name="pair", route_prefix="/pair"),
+        ]
+    )
     ENDPOINT["url"] = f"http://127.0.0.1:{port}"
     yield ENDPOINT["url"]
     serve.shutdown()
@@ -660,6 +668,58 @@ def test_response_format_answers_parse_and_validate(endpoint):
         response_format=Shape,
     )
     assert isinstance(parsed.choices[0].message.parsed, Shape)
+
+
+def _chats(base_url: str, at_once: int = 8) -> list[list[tuple[str, int, int]]]:
+    """8 4-turn chats, ``at_once`` at a time, each about an image of its own, the whole history sent each
+    turn (the first four with an x-session-id): per chat, each turn's (replica, prompt tokens, cached
+    tokens)."""
+    client = openai.OpenAI(base_url=base_url, api_key=TEST_API_KEY, max_retries=0, timeout=120)
+
+    def chat(k: int):
+        image = {"type": "image_url", "image_url": {"url": png_url((30 * k, 200 - 20 * k, 90), (96, 64))}}
+        history = [{"role": "user", "content": [image, {"type": "text", "text": f"Chat {k}: what is it?"}]}]
+        headers = {"x-session-id": f"chat-{k}"} if k < 4 else {}
+        turns = []
+        for turn in range(4):
+            raw = client.chat.completions.with_raw_response.create(
+                model="llava-ray", messages=history, max_tokens=4, extra_headers=headers
+            )
+            out = raw.parse()
+            usage = out.usage
+            turns.append(
+                (
+                    raw.headers["x-llava-ray-replica"],
+                    usage.prompt_tokens,
+                    usage.prompt_tokens_details.cached_tokens,
+                )
+            )
+            history += [
+                {"role": "assistant", "content": out.choices[0].message.content or "ok"},
+                {"role": "user", "content": f"And turn {turn + 2}?"},
+            ]
+        return turns
+
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(chat, range(8)))
+
+
+def _hit_rate(chats) -> float:
+    """Turns 2+ that reused the whole of the turn before's prompt."""
+    hits = [t[2] >= before[1] for turns in chats for before, t in zip(turns, turns[1:], strict=False)]
+    return sum(hits) / len(hits)
+
+
+def test_every_turn_of_a_chat_finds_its_replica_and_its_cache(endpoint):
+    """8 concurrent 4-turn chats against two replicas behind the conversation router (half keyed by an
+    x-session-id, half by their opening: text and image hash): every turn of a chat answered by one
+    replica, and turns 2+ reused the previous turn's whole prompt at least 90% as often as on one replica.
+    Guards: serve/routing.py's ConversationRouter; fails with Serve's default router (about half the
+    turns land on the other replica and miss)."""
+    single = _hit_rate(_chats(f"{endpoint}/secured/v1", at_once=2))  # one replica; its queue holds 2
+    chats = _chats(f"{endpoint}/pair/v1")
+    assert all(len({replica for replica, _, _ in turns}) == 1 for turns in chats), chats
+    assert _hit_rate(chats) >= 0.9 * single, (single, chats)
 
 
 def test_auth_on(endpoint):
