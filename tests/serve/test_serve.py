@@ -154,8 +154,13 @@ def endpoint(ray_local, checkpoint, upstream):
         engine={"max_batch_size": 4, "max_queue": 2},
         limits={"max_new_tokens": 3900},  # long enough to hold the batch while a test looks past its queue
     )
-    pair = ServeConfig(  # two replicas behind the conversation router
-        checkpoint=checkpoint, replica_cpus=0.25, min_replicas=2, max_replicas=2, engine={"max_batch_size": 4}
+    pair = ServeConfig(  # two replicas behind the conversation router; its load fallback in test_routing.py
+        checkpoint=checkpoint,
+        replica_cpus=0.25,
+        min_replicas=2,
+        max_replicas=2,
+        engine={"max_batch_size": 4},
+        router_imbalance=16,
     )
     serve.run_many(  # started together: replica start-up is most of this module's set-up
         [
