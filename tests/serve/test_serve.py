@@ -127,11 +127,10 @@ def endpoint(ray_local, checkpoint, upstream):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    open_config = ServeConfig(
+    open_config = ServeConfig(  # one replica: lmms-eval's 32 requests in flight meet one queue
         checkpoint=checkpoint,
-        upscale_delay_s=1.0,
-        downscale_delay_s=4.0,
-        target_ongoing_requests=1.0,
+        min_replicas=1,
+        max_replicas=1,
         engine={"max_batch_size": 4},
         replica_cpus=0.25,
         api_key_env="LLAVA_RAY_NO_SUCH_KEY",
@@ -888,7 +887,7 @@ def test_lmms_evals_openai_backend_gets_our_own_evaluations_answers(
     """lmms-eval 0.7.3 (the ``lmms`` extra), its ``openai`` chat backend pointed at the endpoint, on every
     item of the demo's held-out split: each question sent as its text reads (text and media parts
     interleaved; the video as a video_url from an allow-listed host, ``pass_video_url``), 8 tokens, greedy,
-    32 requests in flight (lmms-eval's own concurrency): none failed.
+    32 requests in flight (lmms-eval's own concurrency) against one replica: none failed.
     Every answer equals our own evaluation's (components/evaluation.py, the checkpoint in this process,
     each item alone) on the same item, for text, single image, multi-image, multi-view and video. Fails
     with the endpoint joining parts by newlines."""
