@@ -138,22 +138,25 @@ SLO_TTFT_S, SLO_ITL_S = 1.0, 0.1
 WORDS = "the a red blue circle square small large near far left right above below image shows one two".split()
 
 
-def routed_chats(client) -> tuple[float, float]:
-    """(hit rate, TTFT p50 s) of turns 2-4 of 8 concurrent 4-turn chats (see the module docstring)."""
+def routed_chats(client) -> tuple[float, float, float]:
+    """(hit rate, TTFT p50 s) of turns 2-4 of 8 concurrent 4-turn chats (see the module docstring), and
+    the share of chats whose turns one replica answered (the x-llava-ray-replica header)."""
 
     def chat(k: int):
         image = {"type": "image_url", "image_url": {"url": image_url((448, 336), dot=next(FRESH))}}
         history = [{"role": "user", "content": [image, {"type": "text", "text": f"Chat {k}: describe it."}]}]
-        out, before = [], None
+        out, before, replicas = [], None, set()
         for turn in range(4):
             start, first, text, usage = time.perf_counter(), None, "", None
-            for chunk in client.chat.completions.create(
+            raw = client.chat.completions.with_raw_response.create(
                 model="llava-ray",
                 messages=history,
                 max_tokens=16,
                 stream=True,
                 stream_options={"include_usage": True},
-            ):
+            )
+            replicas.add(raw.headers.get("x-llava-ray-replica"))
+            for chunk in raw.parse():
                 piece = chunk.choices[0].delta.content if chunk.choices else None
                 if piece and first is None:
                     first = time.perf_counter() - start
@@ -167,11 +170,13 @@ def routed_chats(client) -> tuple[float, float]:
                 {"role": "assistant", "content": text or "ok"},
                 {"role": "user", "content": f"And then, turn {turn + 2}?"},
             ]
-        return out
+        return out, len(replicas) == 1
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        turns = [t for chat_turns in pool.map(chat, range(8)) for t in chat_turns]
-    return sum(h for h, _ in turns) / len(turns), statistics.median(t for _, t in turns)
+        chats = list(pool.map(chat, range(8)))
+    turns = [t for chat_turns, _ in chats for t in chat_turns]
+    kept = sum(one for _, one in chats) / len(chats)
+    return sum(h for h, _ in turns) / len(turns), statistics.median(t for _, t in turns), kept
 
 
 def long_chat(client, reuse: bool, turns: int = 8) -> list[tuple[float, int, int]]:
@@ -364,10 +369,10 @@ def main() -> None:
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/{mode}/v1", api_key="-", max_retries=0, timeout=120
             )
-            rate, ttft = routed_chats(client)
+            rate, ttft, kept = routed_chats(client)
             print(
                 f"{label:>16s} router: turns 2+ reusing their history {rate:6.1%}, "
-                f"TTFT p50 {ttft * 1e3:6.1f} ms"
+                f"TTFT p50 {ttft * 1e3:6.1f} ms, chats on one replica {kept:6.1%}"
             )
     print(f"measured in {time.monotonic() - began:.0f} s (of which Serve start-up {ready - began:.0f} s)")
     ray.shutdown()  # no graceful drain of the replicas: the measurements are done

@@ -84,8 +84,10 @@ class ServeConfig:
     router: str = "conversation"
     """How requests find a model replica: ``conversation`` (serve/routing.py: every turn of a chat on one
     replica, where its prefix and feature caches are) or ``power_of_two`` (Serve's default)."""
-    router_imbalance: int = 4
-    """The queue-length lead past which the conversation's replica is passed over for the least loaded."""
+    router_imbalance: int | None = None
+    """The queue-length lead at which a conversation's replica is passed over for the least loaded (None:
+    the engine's max_batch_size, so a request waits behind a full batch there only when no other replica
+    is as busy)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.limits, dict):
@@ -122,6 +124,11 @@ def _refused(result: dict) -> JSONResponse:
     """A replica's refusal in OpenAI's shape; a 429 says when to retry (Retry-After), as clients expect."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if result["status"] == 429 else None
     return JSONResponse(result["error"], status_code=result["status"], headers=headers)
+
+
+def _where_headers(where: dict) -> dict:
+    """Which replica answered, and on which node (operators tracing a request, streamed or not)."""
+    return {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
 
 
 def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
@@ -237,7 +244,7 @@ class LlavaModel:
         except QueueFull as e:
             yield json.dumps({"error": _rate_limited(e), "status": 429})
             return
-        yield json.dumps({"accepted": True})
+        yield json.dumps({"accepted": True, "where": self.where})
         done: list[dict] = []
         try:
             while len(done) < request.n:
@@ -387,7 +394,11 @@ class Ingress:
             first = json.loads(await items.__anext__())  # accepted, or refused (4xx/429) before any event
             if "error" in first:
                 return _refused(first)
-            return StreamingResponse(self._sse(parsed, completion_id, items), media_type="text/event-stream")
+            return StreamingResponse(
+                self._sse(parsed, completion_id, items),
+                media_type="text/event-stream",
+                headers=_where_headers(first.get("where", {})),
+            )
         try:
             result = await asyncio.wait_for(
                 self.model.generate.remote(parsed), timeout=self.config.request_timeout_s
@@ -426,9 +437,7 @@ class Ingress:
             body["prompt_token_ids"] = result["prompt_token_ids"]
             for choice, c in zip(body["choices"], choices, strict=True):
                 choice["token_ids"] = c["token_ids"]
-        where = result.get("where", {})
-        headers = {"x-llava-ray-replica": where.get("replica", ""), "x-llava-ray-node": where.get("node", "")}
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body, headers=_where_headers(result.get("where", {})))
 
     async def _sse(self, parsed: ChatRequest, completion_id: str, items):
         created = int(time.time())
@@ -497,7 +506,7 @@ def build_app(config: ServeConfig, model_deployment=None):
             ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
             request_router_config=RequestRouterConfig(
                 request_router_class=ROUTERS[config.router],
-                request_router_kwargs={"imbalance": config.router_imbalance}
+                request_router_kwargs={"imbalance": config.router_imbalance or config.engine.max_batch_size}
                 if config.router == "conversation"
                 else {},
             ),
