@@ -45,9 +45,9 @@ class Prefill:
         row["tokens"], row["media_spans"] = None, []
         if self.prefix is not None and (digests or not (prompt.images or prompt.video_frames is not None)):
             row["media_spans"] = self._spans(prompt, row["input_ids"])
-            if row["media_spans"] is not None:
-                kind = "video" if prompt.video_frames is not None else "image"
-                keys = media_keys(digests, kind, self.settings, self.weights) if digests else []
+            kind = "video" if prompt.video_frames is not None else "image"
+            keys = media_keys(digests, kind, self.settings, self.weights) if digests else []
+            if row["media_spans"] is not None and len(keys) == len(row["media_spans"]):
                 media = [(s, c, k) for (s, c), k in zip(row["media_spans"], keys, strict=True)]
                 row["tokens"] = identities(row["input_ids"], media)
         return row
