@@ -10,8 +10,9 @@ sequences each have one row per active sequence, and the cache is as wide as the
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import DynamicCache
 
 
 class DecodeBatch:
@@ -115,10 +116,12 @@ class DecodeBatch:
 
 
 def copied(cache):
-    """An independent copy of a one-row KV cache (a choice forked from a shared prefill)."""
-    out = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys.clone(), layer.values.clone(), i)
+    """An independent copy of a one-row KV cache (a choice forked from a shared prefill), layer kinds
+    (sliding windows) included."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
     return out
 
 

@@ -122,7 +122,7 @@ class Prefill:
     def _extend(self, row: dict, layers: list, reused: int):
         """Run only the tokens after the reused prefix, on the prefix's KV."""
         model = self.model
-        cache = DynamicCache()
+        cache = DynamicCache(config=model.config.get_text_config())  # its layers' kinds (sliding windows)
         for i, (keys, values) in enumerate(layers):
             cache.update(keys[:, :, :reused], values[:, :, :reused], i)
         kwargs = {}
