@@ -8,7 +8,9 @@ waiting requests and advances every active sequence by one token. Its parts, eac
   left in the prefix cache (components/prefix_cache.py), where a finished sequence's KV goes;
 - ``DecodeBatch`` (components/decode_batch.py): the active sequences' left-padded KV cache, masks and
   positions, concatenated, filtered and stepped together;
-- ``Sequence`` (components/decode_output.py): picking each token, detokenizing, stops, emitting.
+- ``Sequence`` (components/decode_output.py): picking each token (within the request's response_format
+  grammar, components/structured.py), detokenizing, stops, emitting; a request's ``n`` choices are ``n``
+  sequences forked from its one prefill.
 
 Greedy output equals ``generate()`` on the request alone: a request is prefilled alone, and each row of
 the batch keeps its own positions. Sampling is per request (temperature, top_p, and a generator seeded by
