@@ -41,12 +41,12 @@ class Prefill:
     def row(self, prompt: Prompt, digests: tuple[str, ...] = ()) -> dict:
         """The request's collate row (call it off the engine's thread: it tiles), with its tokens as the
         prefix cache matches them (``tokens``, None where it cannot: media without digests)."""
-        row = self._row(prompt, digests)
+        kind = "video" if prompt.video_frames is not None else "image"
+        keys = media_keys(digests, kind, self.settings, self.weights) if digests else []
+        row = self._row(prompt, kind, keys)
         row["tokens"], row["media_spans"] = None, []
-        if self.prefix is not None and (digests or not (prompt.images or prompt.video_frames is not None)):
+        if self.prefix is not None and (keys or not (prompt.images or prompt.video_frames is not None)):
             row["media_spans"] = self._spans(prompt, row["input_ids"])
-            kind = "video" if prompt.video_frames is not None else "image"
-            keys = media_keys(digests, kind, self.settings, self.weights) if digests else []
             if row["media_spans"] is not None and len(keys) == len(row["media_spans"]):
                 media = [(s, c, k) for (s, c), k in zip(row["media_spans"], keys, strict=True)]
                 row["tokens"] = identities(row["input_ids"], media)
@@ -67,14 +67,12 @@ class Prefill:
             at += count
         return spans
 
-    def _row(self, prompt: Prompt, digests: tuple[str, ...]) -> dict:
-        """With a feature cache and the media's digests: when every medium's features are cached, a row of
-        ids alone that carries them; otherwise the full row (media decoded here), whose features the
-        prefill will keep."""
-        if self.features is None or not digests:
+    def _row(self, prompt: Prompt, kind: str, keys: list[str]) -> dict:
+        """With a feature cache and the media's keys (media_keys): when every medium's features are cached,
+        a row of ids alone that carries them; otherwise the full row (media decoded here), whose features
+        the prefill will keep."""
+        if self.features is None or not keys:
             return self.processor.prompt_row(prompt.decoded(self.processor.video))
-        kind = "video" if prompt.video_frames is not None else "image"
-        keys = self.features.keys(digests, kind, self.settings, self.weights)
         cached = self.features.get(keys)
         if cached is not None:  # the media stay encoded: their sizes give the token counts
             ids = self.processor.prompt_ids(prompt)

@@ -95,7 +95,7 @@ class ServeConfig:
         if isinstance(self.engine, dict):
             self.engine = EngineConfig(**self.engine)
         if self.router not in ROUTERS:
-            raise ValueError(f"router: expected one of {sorted(ROUTERS)}, found {self.router!r}")
+            raise ValueError(f"router: expected one of {list(ROUTERS)}, found {self.router!r}")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(
                 f"replicas: expected 1 <= min <= max, found {self.min_replicas}, {self.max_replicas}"
@@ -106,10 +106,17 @@ class ServeConfig:
         return cls(**data)
 
 
-ROUTERS = {
-    "conversation": "serve.routing:ConversationRouter",
-    "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
-}
+ROUTERS = ("conversation", "power_of_two")
+
+
+def _router_config(config: ServeConfig) -> RequestRouterConfig:
+    """The model deployment's router: ours, or Serve's own default (named by Ray, not by its private path)."""
+    if config.router == "power_of_two":
+        return RequestRouterConfig()
+    return RequestRouterConfig(
+        request_router_class="serve.routing:ConversationRouter",
+        request_router_kwargs={"imbalance": config.router_imbalance or config.engine.max_batch_size},
+    )
 
 
 def _error(exc: RequestError) -> JSONResponse:
@@ -504,12 +511,7 @@ def build_app(config: ServeConfig, model_deployment=None):
             max_ongoing_requests=config.max_ongoing_requests,
             max_replicas_per_node=config.max_replicas_per_node,
             ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-            request_router_config=RequestRouterConfig(
-                request_router_class=ROUTERS[config.router],
-                request_router_kwargs={"imbalance": config.router_imbalance or config.engine.max_batch_size}
-                if config.router == "conversation"
-                else {},
-            ),
+            request_router_config=_router_config(config),
         )
         .bind(asdict(config))
     )
