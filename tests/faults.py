@@ -58,3 +58,19 @@ class Slow:
 
     def __call__(self, step: int, rank: int) -> None:
         time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class HoldUntil:
+    """Every rank waits right after ``step`` until ``marker`` (a path or s3:// URI) exists, at most
+    ``seconds``: a stage held at a known step while a test changes the cluster (starts a node, drains
+    one)."""
+
+    step: int
+    marker: str
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        end = time.monotonic() + self.seconds
+        while step == self.step and not storage.exists(self.marker) and time.monotonic() < end:
+            time.sleep(0.5)

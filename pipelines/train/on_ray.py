@@ -26,7 +26,12 @@ from components.progress import ProgressPrinter
 from pipelines.train.data import Step, global_steps, rank_share
 from pipelines.train.net import bind_to_address
 from pipelines.train.plan import StagePlan
-from pipelines.train.ray_private import torch_config_binding
+from pipelines.train.ray_private import (
+    draining_nodes,
+    free_resources_per_node,
+    torch_config_binding,
+    wait_until_registered,
+)
 from pipelines.train.watchdog import STALL_EXIT, ProgressBoard, StageStalled, stall_message
 from pipelines.train.worker import Interruption, StageWorker, StepHook
 
@@ -69,9 +74,11 @@ class RayTrainContext:
 
     ends_process = True
 
-    def __init__(self, board=None):
+    def __init__(self, board=None, attempt_max: int | None = None):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.attempt_max = attempt_max or self.world
+        """The most workers Ray Train may grow this attempt to (the driver caps it below a draining node)."""
         self.board = board
         self._noticed: tuple | None = None
         self._grow_noticed = False
@@ -105,6 +112,9 @@ class RayTrainContext:
     def report(self, metrics: dict, directory: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
+    def end_attempt(self, step: int) -> None:
+        wait_until_registered(step)  # a report only queues its checkpoint: the attempt must not end first
+
     def progress(self, record: dict) -> None:
         if self.board is not None:
             self.board.progress.remote(record)
@@ -115,20 +125,27 @@ class RayTrainContext:
     def interruption(self, plan: StagePlan) -> Interruption | None:
         """A preemption notice (Ray Train's own, agreed by every worker: ``ray drain-node --reason
         PREEMPTION`` or a cloud's reclaim), each notice once; for an elastic stage below its most workers,
-        room for more (rank 0 reads the cluster's free resources and tells every rank): Ray Train will
-        restart the group larger at its next resize check."""
+        room for more on nodes not being drained (rank 0 counts, every rank is told).
+
+        An elastic stage whose survivors still make its fewest workers ends the attempt on a notice, so
+        the driver starts the next one on the other nodes at once: Ray Train itself would hold the group
+        until the deadline (and a rank that ended with an error would be charged as a failure). Room for
+        more ends it too when this attempt was capped below a draining node (Ray Train cannot grow it
+        past the cap); otherwise Ray Train grows the group in place at its next resize check."""
+        recipe = plan.recipe
         info = ray.train.get_preemption_info()
         if info is not None:
             key = (tuple(info.preempted_node_ids), info.deadline_ms)
             if key != self._noticed:
                 self._noticed = key
                 left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else 60.0
+                survivors = self.world - len(set(info.preempted_ranks))
                 return Interruption(
                     f"preemption notice for rank(s) {info.preempted_ranks}, "
                     f"{max(0.0, left):.0f} s before the deadline",
                     wait_s=max(0.0, left) + PREEMPTION_GRACE_S,
+                    ends_attempt=recipe.elastic and survivors >= recipe.min_workers,
                 )
-        recipe = plan.recipe
         if recipe.elastic and self.world < recipe.max_workers:
             room = torch.tensor([_room_for_workers(recipe) if self.rank == 0 else 0])
             torch.distributed.broadcast(room, src=0)
@@ -136,7 +153,9 @@ class RayTrainContext:
             if fits > 0 and not self._grow_noticed:
                 self._grow_noticed = True
                 return Interruption(
-                    f"room for {fits} more worker(s)", wait_s=2 * recipe.resize_check_s + PREEMPTION_GRACE_S
+                    f"room for {fits} more worker(s)",
+                    wait_s=2 * recipe.resize_check_s + PREEMPTION_GRACE_S,
+                    ends_attempt=self.world >= self.attempt_max,
                 )
         return None
 
@@ -146,17 +165,34 @@ PREEMPTION_GRACE_S = 30.0
 
 
 def _room_for_workers(recipe) -> int:
-    """How many more training workers the cluster's free resources hold (Ray's scheduler may still place
-    them elsewhere; a rough count, for the notice only)."""
-    free = ray.available_resources()
-    need = {**_worker_resources(recipe), **({"GPU": 1} if recipe.use_gpu else {})}
-    return min(int(free.get(k, 0.0) // v) for k, v in need.items() if v > 0)
+    """How many more training workers the free resources of the nodes not being drained hold (Ray's
+    scheduler may still place them elsewhere; a rough count, for the notice only)."""
+    draining = draining_nodes()
+    free = [r for node, r in free_resources_per_node().items() if node not in draining]
+    return _workers_in(recipe, free)
 
 
-def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    context = RayTrainContext(config.get("board"))
-    StageWorker(config["plan"], context, config.get("step_hooks", ())).train()
+def _workers_in(recipe, nodes: list[dict]) -> int:
+    """How many training workers fit in these nodes' resources, node by node."""
+    need = _bundle(recipe)
+    return sum(min(int(r.get(k, 0.0) // v) for k, v in need.items() if v > 0) for r in nodes)
+
+
+def _attempt_max(recipe) -> int:
+    """The most workers the next attempt may have: those that fit on the live nodes not being drained
+    (each node's whole resources: the last attempt's workers may not have given theirs back yet), at
+    least the stage's fewest (Ray Train then waits for room)."""
+    if not recipe.elastic:
+        return recipe.max_workers
+    draining = draining_nodes()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in draining]
+    return max(recipe.min_workers, min(recipe.max_workers, _workers_in(recipe, nodes)))
+
+
+def train_loop(config: dict) -> dict | None:
+    """Runs on every Ray Train worker; rank 0's answer is the attempt's (StageWorker.train)."""
+    context = RayTrainContext(config.get("board"), config.get("attempt_max"))
+    return StageWorker(config["plan"], context, config.get("step_hooks", ())).train()
 
 
 def _bind_here() -> dict[str, str]:
@@ -190,18 +226,18 @@ def _waited_in_python(fn: Callable[[], Any], every_s: Callable[[], None] = lambd
     return out["result"]
 
 
-def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
-    """Under SPREAD (a soft strategy), wait until each of up to ``workers`` live nodes has room for one
+def _wait_for_room_to_spread(plan: StagePlan, workers: int, timeout_s: float = 30.0) -> bool:
+    """Under SPREAD (a soft strategy), wait until each of up to ``workers`` live nodes (not being drained:
+    they take no new work) has room for one
     worker, so the stage's placement group really spreads: the actors of the stage's own Ray Data step give
     their CPUs back asynchronously, and a placement group made at that moment packs every rank onto the
     head. Probed with a STRICT_SPREAD group of one worker's bundle per node, removed at once. False (and
     the stage goes on, soft) when the room did not come within ``timeout_s``."""
-    recipe = plan.recipe
-    nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    if recipe.placement != "SPREAD" or recipe.max_workers < 2 or nodes < 2:
+    recipe, draining = plan.recipe, draining_nodes()
+    nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["NodeID"] not in draining)
+    if recipe.placement != "SPREAD" or workers < 2 or nodes < 2:
         return True
-    bundle = {**_worker_resources(recipe), **({"GPU": 1} if recipe.use_gpu else {})}
-    probe = placement_group([dict(bundle)] * min(recipe.max_workers, nodes), strategy="STRICT_SPREAD")
+    probe = placement_group([_bundle(recipe)] * min(workers, nodes), strategy="STRICT_SPREAD")
     try:
         ready = probe.wait(timeout_seconds=timeout_s)
     finally:
@@ -210,7 +246,7 @@ def _wait_for_room_to_spread(plan: StagePlan, timeout_s: float = 30.0) -> bool:
         log.warning(
             "stage %s: no room for one worker on each of %d nodes after %.0f s; placing softly",
             plan.stage.name,
-            min(recipe.max_workers, nodes),
+            min(workers, nodes),
             timeout_s,
         )
     return ready
@@ -220,40 +256,25 @@ def _worker_resources(recipe) -> dict:
     return {"CPU": recipe.cpus_per_worker, **recipe.worker_resources}
 
 
+def _bundle(recipe) -> dict:
+    """What one training worker holds (its GPU too)."""
+    return {**_worker_resources(recipe), **({"GPU": 1} if recipe.use_gpu else {})}
+
+
 def fit_on_ray(
     plan: StagePlan,
     max_failures: int,
     step_hooks: Sequence[StepHook] = (),
     printer: ProgressPrinter | None = None,
 ) -> tuple[str | None, list]:
-    """The TorchTrainer of the stage; returns its last checkpoint's URI and where each rank of each attempt
-    ran. The same run name and storage path make Ray Train restore an interrupted run from its latest
-    checkpoint. The progress board lives on the driver's node (a hard affinity: a lost worker node must
-    not take with it what the driver reads afterwards)."""
-    recipe = plan.recipe
-    fs, path = storage.resolve(plan.layout.checkpoints)
+    """The TorchTrainer of the stage, again after each attempt its ranks ended at a checkpoint (a drain
+    notice, room beyond the attempt's cap), each time at the size the nodes not being drained hold;
+    returns the last checkpoint's URI and where each rank of each attempt ran. The same run name and
+    storage path make Ray Train restore each attempt from the latest checkpoint. The progress board lives
+    on the driver's node (a hard affinity: a lost worker node must not take with it what the driver reads
+    afterwards)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
-    _wait_for_room_to_spread(plan)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"plan": plan, "board": board, "step_hooks": tuple(step_hooks)},
-        torch_config=torch_config_binding(_bind_here, "nccl" if recipe.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=(recipe.min_workers, recipe.max_workers) if recipe.elastic else recipe.max_workers,
-            use_gpu=recipe.use_gpu,
-            resources_per_worker=_worker_resources(recipe),
-            placement_strategy=recipe.placement,
-            elastic_resize_monitor_interval_s=recipe.resize_check_s,
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
 
     def show_progress() -> None:  # what rank 0 is doing, or its last step, on this console
         if printer is not None:
@@ -267,8 +288,20 @@ def fit_on_ray(
                         printer.phase(last[0][0])
 
     try:
-        result = _waited_in_python(trainer.fit, show_progress)
-        show_progress()
+        while True:
+            workers = _attempt_max(plan.recipe)
+            _wait_for_room_to_spread(plan, workers)
+            trainer = _trainer(plan, max_failures, workers, board, step_hooks)
+            result = _waited_in_python(trainer.fit, show_progress)
+            show_progress()
+            if not result.return_value:
+                break
+            log.info(
+                "stage %s: the ranks ended the attempt at step %d (%s); starting the next",
+                plan.stage.name,
+                result.return_value["step"],
+                result.return_value["ended"],
+            )
         placements = ray.get(board.placements.remote())
     except Exception as e:
         last, stalls = ray.get(board.read.remote())
@@ -283,3 +316,29 @@ def fit_on_ray(
     if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
         uri = "s3://" + uri
     return uri, placements
+
+
+def _trainer(plan: StagePlan, max_failures: int, workers: int, board, step_hooks) -> TorchTrainer:
+    """One attempt's TorchTrainer: elastic up to ``workers`` (fixed at it for a fixed-size stage)."""
+    recipe = plan.recipe
+    fs, path = storage.resolve(plan.layout.checkpoints)
+    config = {"plan": plan, "board": board, "step_hooks": tuple(step_hooks), "attempt_max": workers}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=torch_config_binding(_bind_here, "nccl" if recipe.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(recipe.min_workers, workers) if recipe.elastic else workers,
+            use_gpu=recipe.use_gpu,
+            resources_per_worker=_worker_resources(recipe),
+            placement_strategy=recipe.placement,
+            elastic_resize_monitor_interval_s=recipe.resize_check_s,
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )

@@ -52,3 +52,20 @@ def wait_until_registered(step: int, timeout_s: float = 60.0) -> None:
             pass  # not written yet
         time.sleep(0.5)
     raise TimeoutError(f"Ray Train did not register the step-{step} checkpoint within {timeout_s:.0f} s")
+
+
+def draining_nodes() -> dict[str, int]:
+    """{node id: deadline in epoch ms (0: none given)} of the nodes being drained (``ray drain-node``, a
+    cloud's reclaim). A draining node stays alive in ``ray.nodes()`` until it goes, so anything counting
+    room for training workers must leave it out. Ray 2.60.0: ``GlobalState.get_draining_nodes``."""
+    from ray._private.state import state
+
+    return dict(state.get_draining_nodes())
+
+
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """{node id: its free resources} of the live nodes. Ray 2.60.0:
+    ``ray._private.state.available_resources_per_node``."""
+    from ray._private.state import available_resources_per_node
+
+    return available_resources_per_node()

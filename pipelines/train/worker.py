@@ -52,11 +52,14 @@ checkpoint, when one is due) as hook(step, rank). Tests inject faults through it
 
 @dataclass(frozen=True)
 class Interruption:
-    """Ray Train is about to end this attempt: a node's preemption notice, or room for more workers."""
+    """This attempt is about to end: a node's preemption notice, or room for more workers."""
 
     reason: str
     wait_s: float
-    """How long to wait for the restart after the checkpoint before going on."""
+    """How long to wait for Ray Train's restart after the checkpoint before going on."""
+    ends_attempt: bool = False
+    """The ranks end the attempt themselves after the checkpoint (the driver starts the next one at the
+    size that fits) rather than wait for Ray Train to end it."""
 
 
 class RankContext(Protocol):
@@ -87,6 +90,10 @@ class RankContext(Protocol):
     def interruption(self, plan: StagePlan) -> Interruption | None:
         """After each step, on every rank (the same answer on each): whether the attempt is about to end."""
 
+    def end_attempt(self, step: int) -> None:
+        """Before the ranks end the attempt themselves (a notice's ``ends_attempt``): ``step``'s checkpoint
+        is the one the next attempt will resume from."""
+
 
 def _deepspeed():
     import deepspeed  # in the training process only: it probes the accelerator and its ops at import
@@ -103,23 +110,24 @@ class StageWorker:
         self.replayed = 0
         """Steps trained again after a restart, over every attempt of the stage so far."""
 
-    def train(self) -> None:
+    def train(self) -> dict | None:
         """The stage on this rank, under a watchdog (``stall_timeout_s``) that names the phase it stalled
-        in."""
+        in. None when the stage is done; ``{"ended": reason, "step": step}`` when the ranks ended the
+        attempt at a checkpoint for the driver to start the next."""
         with Watchdog(self.context, self.plan.stage.stall_timeout_s, self.plan.stage.name) as self.progress:
-            self._train()
+            return self._train()
 
-    def _train(self) -> None:
+    def _train(self) -> dict | None:
         """The stage's seams in order; the node's system metrics recorded from the first to the last
         (set-up and export included: a stage's memory peaks while it builds and saves)."""
         tracker = self.tracker()
         tracker.start_system_metrics()
         try:
-            self._seams(tracker)
+            return self._seams(tracker)
         finally:
             tracker.stop_system_metrics()
 
-    def _seams(self, tracker) -> None:
+    def _seams(self, tracker) -> dict | None:
         plan, progress = self.plan, self.progress
         torch.set_num_threads(plan.torch_threads)
         torch.manual_seed(plan.recipe.seed + self.rank)
@@ -134,12 +142,18 @@ class StageWorker:
         progress("resuming from the last checkpoint")
         step = self.resume(ds_model)
         self.setup_step(ds_model, optimizer, processor, start_step=step)
-        self._steps_until_done(ds_model, source, tracker, [], step)
+        ended = self._steps_until_done(ds_model, source, tracker, [], step)
+        if ended is not None:
+            return ended
         progress("exporting the HF checkpoint")
         self.export(ds_model, processor)
+        return None
 
-    def _steps_until_done(self, ds_model, source: RowSource, tracker, history: list[dict], step: int) -> None:
-        """Every step left, each logged, checkpointed when due, and followed by the step hooks."""
+    def _steps_until_done(
+        self, ds_model, source: RowSource, tracker, history: list[dict], step: int
+    ) -> dict | None:
+        """Every step left, each logged, checkpointed when due, and followed by the step hooks; or the
+        steps until a notice that ends the attempt (returned, with the step checkpointed)."""
         plan, progress = self.plan, self.progress
         while step < plan.total_steps:
             for micro_batches, waited, last_end in self._steps(source, step):
@@ -160,13 +174,20 @@ class StageWorker:
                         progress(f"saving the checkpoint of step {step} ({notice.reason})")
                         self.save_checkpoint(ds_model, step, metrics, history)
                         history = []
-                    self.await_restart(notice)
+                    if not notice.ends_attempt:
+                        self.await_restart(notice)
                 progress(f"step hooks after step {step}")
                 for hook in self.step_hooks:
                     hook(step, self.rank)
+                if notice is not None and notice.ends_attempt:
+                    self.context.end_attempt(step)
+                    if self.rank == 0:
+                        print(f"stage {plan.stage.name}: {notice.reason}: checkpointed, ending this attempt")
+                    return {"ended": notice.reason, "step": step}
                 if step == plan.total_steps or step % plan.steps_per_epoch == 0:
                     break
             progress(f"reading the data of epoch {step // plan.steps_per_epoch}")
+        return None
 
     def _steps(self, source: RowSource, step: int) -> Iterator[tuple[Step, float, float]]:
         """The rest of ``step``'s epoch: (micro-batches, seconds waited for them, when the previous step

@@ -252,12 +252,14 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     standing in for a GPU, so the head cannot take the lost node's worker): 2 workers; the worker node
     SIGKILLed after the step-5 checkpoint (in S3), the stage goes on at 1 without waiting for it; the node
     started again, the stage checkpoints and grows back to 2; `ray drain-node --reason PREEMPTION` with a
-    deadline, the stage checkpoints on the notice and goes on at 1 once the node is gone; it finishes.
-    Against the same stage run undisturbed at 2 workers: every step the same sample ids and token counts
-    exactly, the loss within 1e-5 relative, the world size it ran at, and 0 steps replayed; MLflow holds
-    each step once.
-    Guards: the checkpoint on a notice (worker.py's interruption); fails with it switched off (the
-    growth and the drain then replay the steps since the last periodic checkpoint)."""
+    deadline, the stage checkpoints on the notice and goes on at 1 on the head before the deadline; it
+    finishes. Then the same stage at a fixed 2 workers, started while the node is gone: it waits, no step
+    taken, until the node is back, and runs undisturbed. Against that run: every step the same sample ids
+    and token counts exactly, the loss within 1e-5 relative, the world size it ran at, and 0 steps
+    replayed; MLflow holds each step once.
+    Guards: the checkpoint on a notice (worker.py's interruption: the growth and the drain then replay
+    the steps since the last periodic checkpoint); the ranks ending the attempt on a drain notice
+    (on_ray.py's ends_attempt: Ray Train then holds the group until the deadline)."""
     from dataclasses import replace
     from itertools import groupby
 
@@ -267,9 +269,9 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     from pipelines.recipes import load_recipe
     from pipelines.train.stage import read_history, train_stage
     from tests.cluster.rig import TRAIN_SLOT
-    from tests.faults import PauseOnce, Slow
+    from tests.faults import HoldUntil, PauseOnce, Slow
 
-    steps = 30
+    steps = 20
     base = load_recipe("llava_onevision", "tiny", demo_dir=DEMO)
     base = replace(
         base,
@@ -291,54 +293,85 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     )
     rig.wait_nodes(2)
     steady_layout, elastic_layout = _prepared("steady", base, stage), _prepared("elastic", base, stage)
-    steady = train_stage(replace(base, workers=2), stage, steady_layout, init_from=None)
-    assert steady["steps"] == steps
-
-    kill = f"{BUCKET}/markers/elastic-kill"
+    killed, back, drained = (f"{BUCKET}/markers/elastic-{m}" for m in ("kill", "back", "drained"))
     tracking = TrackingConfig(uri=rig.mlflow, experiment="elastic")
-    # paced (a real step takes seconds): the ranks notice a node or a notice between two steps
-    hooks = (PauseOnce(step=5, marker=kill, seconds=300), Slow(1.5))
+    # paced (a real step takes seconds: Ray Train's preemption watcher polls every 5 s) and held at known
+    # steps while the cluster changes: at 1 worker after step 7 until the node is back, at 2 after step 10
+    # until the drain is issued
+    hooks = (
+        PauseOnce(step=5, marker=killed, seconds=300),
+        HoldUntil(step=7, marker=back, seconds=240),
+        HoldUntil(step=10, marker=drained, seconds=240),
+        Slow(1.0),
+    )
     result: dict = {}
 
-    def run():
+    def run(name: str, recipe, layout, **options):
         try:
-            result["record"] = train_stage(
-                replace(base, workers=(1, 2)),
-                stage,
-                elastic_layout,
-                init_from=None,
-                tracking=tracking,
-                max_failures=2,
-                step_hooks=hooks,
-            )
+            result[name] = train_stage(recipe, stage, layout, init_from=None, **options)
         except BaseException as e:
-            result["error"] = e
+            result[f"{name} error"] = e
 
-    def progress() -> dict:
+    def progress(layout) -> dict:
         with contextlib.suppress(Exception):
-            return json.loads(storage.read_text(elastic_layout.progress))
+            return json.loads(storage.read_text(layout.progress))
         return {}
 
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    _wait("the step-5 checkpoint", lambda: storage.exists(kill), 240, runner, result)
+    elastic = threading.Thread(
+        target=run,
+        args=("elastic", replace(base, workers=(1, 2)), elastic_layout),
+        kwargs=dict(tracking=tracking, max_failures=2, step_hooks=hooks),
+        daemon=True,
+    )
+    elastic.start()
+    _wait("the step-5 checkpoint", lambda: storage.exists(killed), 240, elastic, result)
     rig.kill_worker()
     lost_at = time.monotonic()
-    _wait("a step at 1 worker", lambda: progress().get("world") == 1, 180, runner, result)
+    _wait("a step at 1 worker", lambda: progress(elastic_layout).get("world") == 1, 180, elastic, result)
     went_on = time.monotonic() - lost_at
     rig.start_worker(wait=True)
-    _wait("a step at 2 workers again", lambda: progress().get("world") == 2, 180, runner, result)
-    grown_at = progress()["step"]
+    storage.write_text(back, "")
+    _wait(
+        "a step at 2 workers again", lambda: progress(elastic_layout).get("world") == 2, 180, elastic, result
+    )
     worker = next(n for n, name in _node_ids(rig).items() if name == "worker")
-    deadline_s = 15
+    deadline_s = 30
     rig.drain(worker, deadline_s)
-    time.sleep(deadline_s)
+    drained_at, drained_wall = time.monotonic(), time.time()
+    storage.write_text(drained, "")
+    _wait(
+        "a step at 1 worker after the drain",
+        lambda: progress(elastic_layout).get("world") == 1,
+        60,
+        elastic,
+        result,
+    )
+    shrunk = time.monotonic() - drained_at
+    time.sleep(max(0.0, deadline_s - (time.monotonic() - drained_at)))
     rig.kill_worker()  # the reclaim, at the deadline
-    runner.join(timeout=300)
-    rig.start_worker(wait=False)  # the node back for the next test
-    assert not runner.is_alive(), "the elastic stage did not finish"
-    if "error" in result:
-        raise result["error"]
+    elastic.join(timeout=300)
+    assert not elastic.is_alive(), "the elastic stage did not finish"
+    if "elastic error" in result:
+        raise result["elastic error"]
+
+    # the behaviour this replaces: a fixed-size stage without its node takes no step until the node is back
+    steady = threading.Thread(
+        target=run, args=("steady", replace(base, workers=2), steady_layout), daemon=True
+    )
+    steady.start()
+    _wait("a group of 2 training slots waiting", lambda: [2] == _pending_train_bundles(), 90, steady, result)
+    asked, seen = time.monotonic(), []
+    while time.monotonic() - asked < 15:
+        seen.append(_pending_train_bundles())
+        assert not storage.exists(steady_layout.progress), "the fixed-size stage took a step without its node"
+        time.sleep(1)
+    assert all(b in ([], [2]) for b in seen) and seen.count([2]) >= len(seen) // 2, seen
+    waited = time.monotonic() - asked
+    rig.start_worker(wait=True)
+    steady.join(timeout=300)
+    assert not steady.is_alive(), "the fixed-size stage did not finish"
+    if "steady error" in result:
+        raise result["steady error"]
 
     history, reference = read_history(elastic_layout.history), read_history(steady_layout.history)
     assert [m["step"] for m in history] == list(range(1, steps + 1))
@@ -348,8 +381,14 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     ]
     report("elastic stage1 per step (step, world, loss, undisturbed loss, replayed): " + repr(rows))
     report(
-        f"elastic: went on at 1 worker {went_on:.0f} s after the node was lost; back at 2 by step {grown_at}"
+        f"elastic: went on at 1 worker {went_on:.0f} s after the node was lost; at 1 worker {shrunk:.0f} s "
+        f"after the drain notice (deadline {deadline_s} s); the fixed-size stage waited {waited:.0f} s "
+        "for its node, no step taken"
     )
+    assert shrunk < deadline_s, f"the stage shrank {shrunk:.0f} s after the notice, not before the deadline"
+    after = [p for p in result["elastic"]["workers"] if p["time"] > drained_wall]
+    assert after and all(p["node_id"] != worker for p in after), after
+    assert [m["world"] for m in reference] == [2] * steps
     assert [m["sample_ids"] for m in history] == [m["sample_ids"] for m in reference]
     assert [m["tokens"] for m in history] == [m["tokens"] for m in reference]
     for got, want in zip(history, reference, strict=True):
@@ -358,8 +397,22 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     assert worlds[:5] == [2] * 5 and [w for w, _ in groupby(worlds)] == [2, 1, 2, 1], worlds
     assert all(m["replayed_steps"] == 0 for m in history), rows
     client = MlflowClient(tracking_uri=rig.mlflow)
-    logged = [m.step for m in client.get_metric_history(result["record"]["mlflow_run_id"], "loss")]
+    logged = [m.step for m in client.get_metric_history(result["elastic"]["mlflow_run_id"], "loss")]
     assert sorted(logged) == list(range(1, steps + 1))
+
+
+def _pending_train_bundles() -> list[int]:
+    """The training-slot bundle counts of the placement groups waiting for resources."""
+    from ray.util.state import list_placement_groups
+
+    from tests.cluster.rig import TRAIN_SLOT
+
+    groups = list_placement_groups(detail=True, limit=1000, raise_on_missing_output=False)
+    return [
+        sum(1 for b in g.bundles if TRAIN_SLOT in b.get("unit_resources", {}))
+        for g in groups
+        if g.state == "PENDING" and any(TRAIN_SLOT in b.get("unit_resources", {}) for b in g.bundles)
+    ]
 
 
 def _train_worker_nodes() -> list[str]:
