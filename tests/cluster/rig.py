@@ -180,10 +180,11 @@ class Rig:
             AWS_ENDPOINT_URL=self.s3,
             NO_PROXY="*",
             no_proxy="*",
-            # a lost node is declared dead in about 2 s rather than 30 (Ray's health check)
-            RAY_health_check_period_ms="500",
-            RAY_health_check_timeout_ms="500",
-            RAY_health_check_failure_threshold="4",
+            # a lost node is declared dead in about 6 s rather than 30 (Ray's health check); not less: on
+            # two busy cores a live raylet has missed 2 s of checks and been declared dead
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="6",
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
             # Ray Train's view of free resources lags a lost node: it first tries the old size and gives up
             # after this (60 s by default) before it starts the size that fits

@@ -296,8 +296,8 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     killed, back, drained = (f"{BUCKET}/markers/elastic-{m}" for m in ("kill", "back", "drained"))
     tracking = TrackingConfig(uri=rig.mlflow, experiment="elastic")
     # paced (a real step takes seconds: Ray Train's preemption watcher polls every 5 s) and held at known
-    # steps while the cluster changes: at 1 worker after step 7 until the node is back, at 2 after step 10
-    # until the drain is issued
+    # steps while the cluster changes: at 1 worker after step 7 until the node is back (its slot free, so
+    # the ranks see the room after step 8), at 2 after step 10 until the drain is issued
     hooks = (
         PauseOnce(step=5, marker=killed, seconds=300),
         HoldUntil(step=7, marker=back, seconds=240),
@@ -330,6 +330,7 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     _wait("a step at 1 worker", lambda: progress(elastic_layout).get("world") == 1, 180, elastic, result)
     went_on = time.monotonic() - lost_at
     rig.start_worker(wait=True)
+    _wait("the node's training slot free", lambda: _free_slots(worker=True), 60, elastic, result)
     storage.write_text(back, "")
     _wait(
         "a step at 2 workers again", lambda: progress(elastic_layout).get("world") == 2, 180, elastic, result
@@ -399,6 +400,15 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
     client = MlflowClient(tracking_uri=rig.mlflow)
     logged = [m.step for m in client.get_metric_history(result["elastic"]["mlflow_run_id"], "loss")]
     assert sorted(logged) == list(range(1, steps + 1))
+
+
+def _free_slots(worker: bool) -> int:
+    """The free training slots on the nodes other than the head (``worker``) or on the head."""
+    from pipelines.train.ray_private import free_resources_per_node
+    from tests.cluster.rig import TRAIN_SLOT
+
+    nodes = free_resources_per_node()
+    return sum(r.get(TRAIN_SLOT, 0) for r in nodes.values() if ("node:__internal_head__" not in r) == worker)
 
 
 def _pending_train_bundles() -> list[int]:
