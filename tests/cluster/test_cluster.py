@@ -336,7 +336,7 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
         "a step at 2 workers again", lambda: progress(elastic_layout).get("world") == 2, 180, elastic, result
     )
     worker = next(n for n, name in _node_ids(rig).items() if name == "worker")
-    deadline_s = 30
+    deadline_s = 60  # a cloud gives 30 s to 2 min; a restart costs about 30 s on this machine
     rig.drain(worker, deadline_s)
     drained_at, drained_wall = time.monotonic(), time.time()
     storage.write_text(drained, "")
@@ -348,8 +348,7 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
         result,
     )
     shrunk = time.monotonic() - drained_at
-    time.sleep(max(0.0, deadline_s - (time.monotonic() - drained_at)))
-    rig.kill_worker()  # the reclaim, at the deadline
+    rig.kill_worker()  # the reclaim (a drained raylet with nothing left on it has already gone)
     elastic.join(timeout=300)
     assert not elastic.is_alive(), "the elastic stage did not finish"
     if "elastic error" in result:
