@@ -74,3 +74,23 @@ class HoldUntil:
         end = time.monotonic() + self.seconds
         while step == self.step and not storage.exists(self.marker) and time.monotonic() < end:
             time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class HoldUntilNotice:
+    """Every rank waits right after ``step`` until Ray Train's preemption watcher has seen a drain notice
+    (``ray.train.get_preemption_info``: a barrier, so every rank asks as often as the others), at most
+    ``seconds``: the ranks then notice it after the next step, whatever the watcher's poll interval."""
+
+    step: int
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        import ray.train
+
+        if step != self.step:
+            return
+        for _ in range(int(self.seconds)):  # a count, not a clock: every rank stops at the same call
+            if ray.train.get_preemption_info() is not None:
+                return
+            time.sleep(1.0)
