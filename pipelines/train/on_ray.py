@@ -179,12 +179,14 @@ def _workers_in(recipe, nodes: list[dict]) -> int:
 
 
 def _attempt_max(recipe) -> int:
-    """The most workers the next attempt may have: those that fit on the live nodes not being drained
-    (each node's whole resources: the last attempt's workers may not have given theirs back yet), at
-    least the stage's fewest (Ray Train then waits for room)."""
-    if not recipe.elastic:
-        return recipe.max_workers
+    """The most workers the next attempt may have: the stage's most, unless a node is being drained; then
+    those that fit on the live nodes not being drained (each node's whole resources: the last attempt's
+    workers may not have given theirs back yet), at least the stage's fewest. Ray Train's elastic policy
+    counts a draining node's resources until it is gone, and would start the group on it again. Only then
+    capped: the cap is also what Ray Train asks an autoscaler for."""
     draining = draining_nodes()
+    if not recipe.elastic or not draining:
+        return recipe.max_workers
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in draining]
     return max(recipe.min_workers, min(recipe.max_workers, _workers_in(recipe, nodes)))
 

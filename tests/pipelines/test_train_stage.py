@@ -44,7 +44,10 @@ def _prepare(recipe, stage, layout):
     return layout
 
 
-def test_cosine_schedule_and_plan(demo_dir, tmp_path):
+def test_cosine_schedule_and_plan(demo_dir, tmp_path, monkeypatch):
+    """The LR schedule, the resolved plan (frozen), an elastic range's sizes, and the next attempt's size
+    below a draining node. Guards: the attempt's cap (on_ray._attempt_max); fails with draining nodes
+    counted."""
     from pipelines.train.plan import cosine_with_warmup
 
     assert cosine_with_warmup(0, 100, 0.03) == pytest.approx(1 / 3)
@@ -97,6 +100,18 @@ def test_cosine_schedule_and_plan(demo_dir, tmp_path):
         )
     with pytest.raises(ValueError, match="data_mode: expected"):
         dataclasses.replace(stage, data_mode="disk")
+    # after a drain notice the next attempt counts only the nodes not being drained (Ray Train's elastic
+    # policy counts a draining node until it is gone); with none draining, the range is left whole
+    from pipelines.train import on_ray
+
+    slot = dataclasses.replace(recipe, workers=[1, 4], worker_resources={"slot": 1}, cpus_per_worker=1)
+    nodes = [{"NodeID": n, "Alive": True, "Resources": {"CPU": 8, "slot": 2}} for n in "abc"]
+    nodes.append({"NodeID": "d", "Alive": False, "Resources": {"CPU": 8, "slot": 2}})
+    cases = [({}, 4), ({"a": 1}, 4), ({"a": 1, "b": 1}, 2), ({"a": 1, "b": 1, "c": 1}, 1)]
+    for draining, most in cases:
+        monkeypatch.setattr(on_ray, "draining_nodes", lambda d=draining: d)
+        monkeypatch.setattr(on_ray.ray, "nodes", lambda: nodes)
+        assert on_ray._attempt_max(slot) == most, draining
 
 
 def _global_ids(source_of, world: int, epochs: int) -> list[list[list[str]]]:
