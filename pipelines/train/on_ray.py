@@ -29,6 +29,7 @@ from pipelines.train.plan import StagePlan
 from pipelines.train.ray_private import (
     draining_nodes,
     free_resources_per_node,
+    refresh_train_view,
     torch_config_binding,
     wait_until_registered,
 )
@@ -152,6 +153,8 @@ class RayTrainContext:
             fits = min(int(room.item()), recipe.max_workers - self.world)
             if fits > 0 and not self._grow_noticed:
                 self._grow_noticed = True
+                if self.rank == 0:
+                    _refresh_train_view()  # Ray Train's next resize check sees the new node
                 return Interruption(
                     f"room for {fits} more worker(s)",
                     wait_s=2 * recipe.resize_check_s + PREEMPTION_GRACE_S,
@@ -170,6 +173,15 @@ def _room_for_workers(recipe) -> int:
     draining = draining_nodes()
     free = [r for node, r in free_resources_per_node().items() if node not in draining]
     return _workers_in(recipe, free)
+
+
+def _refresh_train_view() -> None:
+    """refresh_train_view, where Ray Train's coordinator runs (an elastic stage); a failure only delays a
+    resize."""
+    try:
+        refresh_train_view()
+    except Exception as e:  # a view refreshed late is Ray Train's own behaviour, not an error
+        log.warning("could not refresh Ray Train's view of the cluster: %s", e)
 
 
 def _workers_in(recipe, nodes: list[dict]) -> int:
@@ -278,6 +290,17 @@ def fit_on_ray(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
 
+    alive = _alive_nodes() if plan.recipe.elastic else frozenset()
+
+    def every_s() -> None:
+        nonlocal alive
+        if plan.recipe.elastic:
+            with contextlib.suppress(Exception):  # the GCS busy for a moment: the next second's look
+                if (now := _alive_nodes()) != alive:
+                    alive = now  # a node lost or joined: Ray Train's restart or resize decides on it at once
+                    _refresh_train_view()
+        show_progress()
+
     def show_progress() -> None:  # what rank 0 is doing, or its last step, on this console
         if printer is not None:
             with contextlib.suppress(Exception):
@@ -294,7 +317,7 @@ def fit_on_ray(
             workers = _attempt_max(plan.recipe)
             _wait_for_room_to_spread(plan, workers)
             trainer = _trainer(plan, max_failures, workers, board, step_hooks)
-            result = _waited_in_python(trainer.fit, show_progress)
+            result = _waited_in_python(trainer.fit, every_s)
             show_progress()
             if not result.return_value:
                 break
@@ -318,6 +341,10 @@ def fit_on_ray(
     if storage.is_s3(plan.layout.root) and uri and not uri.startswith("s3://"):
         uri = "s3://" + uri
     return uri, placements
+
+
+def _alive_nodes() -> frozenset[str]:
+    return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 
 def _trainer(plan: StagePlan, max_failures: int, workers: int, board, step_hooks) -> TorchTrainer:

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 
+import ray
 import ray.train
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend  # private (Ray 2.60.0: ray/train/torch/config.py)
@@ -69,3 +70,13 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
     from ray._private.state import available_resources_per_node
 
     return available_resources_per_node()
+
+
+def refresh_train_view() -> None:
+    """Make Ray Train's elastic policy see the cluster's nodes as they are now. It reads them through Ray
+    Data's autoscaling coordinator, which looks every 20 s: a lost node's slots are then offered for up to
+    20 s more (Ray Train starts the old size, and waits out its start timeout), and a new node is offered
+    up to 20 s late (a group grows late). Ray 2.60.0: the detached actor ``AutoscalingCoordinator``,
+    ``get_reserved_resources(requester_id, recompute=True)`` looks again at once."""
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("llava-ray", recompute=True), timeout=10)
