@@ -176,7 +176,8 @@ class Recipe:
     """Ray resources each training worker needs beside its CPUs (and GPU): a custom resource that counts a
     node's training slots, say."""
     resize_check_s: float = 60.0
-    """Elastic stages: how often Ray Train looks for room to grow the worker group."""
+    """Elastic stages: how often the ranks look for room to grow the worker group (room found: a
+    checkpoint, then the next attempt larger)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """CPUs per training worker; the tiny profiles use 0.5 so that Ray Data keeps a CPU to feed them."""

@@ -75,14 +75,12 @@ class RayTrainContext:
 
     ends_process = True
 
-    def __init__(self, board=None, attempt_max: int | None = None):
+    def __init__(self, board=None):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.attempt_max = attempt_max or self.world
-        """The most workers Ray Train may grow this attempt to (the driver caps it below a draining node)."""
         self.board = board
+        self._room_checked = time.monotonic()
         self._noticed: tuple | None = None
-        self._grow_noticed = False
         if board is not None:
             node = ray.get_runtime_context()
             board.place.remote(self.rank, node.get_node_id(), ray.util.get_node_ip_address(), time.time())
@@ -113,7 +111,7 @@ class RayTrainContext:
     def report(self, metrics: dict, directory: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    def end_attempt(self, step: int) -> None:
+    def noticed(self, notice: Interruption, step: int) -> None:
         wait_until_registered(step)  # a report only queues its checkpoint: the attempt must not end first
 
     def progress(self, record: dict) -> None:
@@ -131,8 +129,9 @@ class RayTrainContext:
         An elastic stage whose survivors still make its fewest workers ends the attempt on a notice, so
         the driver starts the next one on the other nodes at once: Ray Train itself would hold the group
         until the deadline (and a rank that ended with an error would be charged as a failure). Room for
-        more ends it too when this attempt was capped below a draining node (Ray Train cannot grow it
-        past the cap); otherwise Ray Train grows the group in place at its next resize check."""
+        more (looked for every ``resize_check_s``) ends the attempt too, and the driver starts the next one
+        larger: Ray Train's own resize of a running group is off, since it restarts the group whenever it
+        sees the room, a checkpoint taken or not."""
         recipe = plan.recipe
         info = ray.train.get_preemption_info()
         if info is not None:
@@ -148,23 +147,19 @@ class RayTrainContext:
                     ends_attempt=recipe.elastic and survivors >= recipe.min_workers,
                 )
         if recipe.elastic and self.world < recipe.max_workers:
-            room = torch.tensor([_room_for_workers(recipe) if self.rank == 0 else 0])
+            due = self.rank == 0 and time.monotonic() - self._room_checked >= recipe.resize_check_s
+            if due:
+                self._room_checked = time.monotonic()
+            room = torch.tensor([_room_for_workers(recipe) if due else 0])
             torch.distributed.broadcast(room, src=0)
             fits = min(int(room.item()), recipe.max_workers - self.world)
-            if fits > 0 and not self._grow_noticed:
-                self._grow_noticed = True
-                if self.rank == 0:
-                    _refresh_train_view()  # Ray Train's next resize check sees the new node
-                return Interruption(
-                    f"room for {fits} more worker(s)",
-                    wait_s=2 * recipe.resize_check_s + PREEMPTION_GRACE_S,
-                    ends_attempt=self.world >= self.attempt_max,
-                )
+            if fits > 0:
+                return Interruption(f"room for {fits} more worker(s)", wait_s=0.0, ends_attempt=True)
         return None
 
 
 PREEMPTION_GRACE_S = 30.0
-"""How long past a notice's deadline (or a resize check) a checkpointed rank waits to be restarted."""
+"""How long past a notice's deadline a checkpointed rank waits to be restarted."""
 
 
 def _room_for_workers(recipe) -> int:
@@ -205,7 +200,7 @@ def _attempt_max(recipe) -> int:
 
 def train_loop(config: dict) -> dict | None:
     """Runs on every Ray Train worker; rank 0's answer is the attempt's (StageWorker.train)."""
-    context = RayTrainContext(config.get("board"), config.get("attempt_max"))
+    context = RayTrainContext(config.get("board"))
     return StageWorker(config["plan"], context, config.get("step_hooks", ())).train()
 
 
@@ -316,6 +311,8 @@ def fit_on_ray(
         while True:
             workers = _attempt_max(plan.recipe)
             _wait_for_room_to_spread(plan, workers)
+            if plan.recipe.elastic:
+                _refresh_train_view()  # the attempt starts at the size the nodes hold now
             trainer = _trainer(plan, max_failures, workers, board, step_hooks)
             result = _waited_in_python(trainer.fit, every_s)
             show_progress()
@@ -347,11 +344,14 @@ def _alive_nodes() -> frozenset[str]:
     return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 
+NEVER_S = 1e9
+
+
 def _trainer(plan: StagePlan, max_failures: int, workers: int, board, step_hooks) -> TorchTrainer:
     """One attempt's TorchTrainer: elastic up to ``workers`` (fixed at it for a fixed-size stage)."""
     recipe = plan.recipe
     fs, path = storage.resolve(plan.layout.checkpoints)
-    config = {"plan": plan, "board": board, "step_hooks": tuple(step_hooks), "attempt_max": workers}
+    config = {"plan": plan, "board": board, "step_hooks": tuple(step_hooks)}
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -361,7 +361,9 @@ def _trainer(plan: StagePlan, max_failures: int, workers: int, board, step_hooks
             use_gpu=recipe.use_gpu,
             resources_per_worker=_worker_resources(recipe),
             placement_strategy=recipe.placement,
-            elastic_resize_monitor_interval_s=recipe.resize_check_s,
+            # never: Ray Train restarts a running group when it sees room, whether or not the ranks have
+            # checkpointed; the ranks look for room themselves and end the attempt at a checkpoint
+            elastic_resize_monitor_interval_s=NEVER_S,
         ),
         run_config=ray.train.RunConfig(
             name="train",

@@ -78,5 +78,8 @@ def refresh_train_view() -> None:
     20 s more (Ray Train starts the old size, and waits out its start timeout), and a new node is offered
     up to 20 s late (a group grows late). Ray 2.60.0: the detached actor ``AutoscalingCoordinator``,
     ``get_reserved_resources(requester_id, recompute=True)`` looks again at once."""
-    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # none yet: the first one looks at the nodes when it starts
+        return
     ray.get(coordinator.get_reserved_resources.remote("llava-ray", recompute=True), timeout=10)

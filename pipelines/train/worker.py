@@ -90,9 +90,9 @@ class RankContext(Protocol):
     def interruption(self, plan: StagePlan) -> Interruption | None:
         """After each step, on every rank (the same answer on each): whether the attempt is about to end."""
 
-    def end_attempt(self, step: int) -> None:
-        """Before the ranks end the attempt themselves (a notice's ``ends_attempt``): ``step``'s checkpoint
-        is the one the next attempt will resume from."""
+    def noticed(self, notice: Interruption, step: int) -> None:
+        """After the checkpoint of ``step`` that ``notice`` asked for, before anything may end the attempt:
+        that checkpoint is the one the next attempt resumes from."""
 
 
 def _deepspeed():
@@ -174,13 +174,13 @@ class StageWorker:
                         progress(f"saving the checkpoint of step {step} ({notice.reason})")
                         self.save_checkpoint(ds_model, step, metrics, history)
                         history = []
+                    self.context.noticed(notice, step)
                     if not notice.ends_attempt:
                         self.await_restart(notice)
                 progress(f"step hooks after step {step}")
                 for hook in self.step_hooks:
                     hook(step, self.rank)
                 if notice is not None and notice.ends_attempt:
-                    self.context.end_attempt(step)
                     if self.rank == 0:
                         print(f"stage {plan.stage.name}: {notice.reason}: checkpointed, ending this attempt")
                     return {"ended": notice.reason, "step": step}

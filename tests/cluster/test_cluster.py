@@ -291,7 +291,7 @@ def test_an_elastic_stage_shrinks_grows_back_and_drains_replaying_nothing(rig, w
         eval=replace(base.eval, manifest=None),
         worker_resources={TRAIN_SLOT: 1},
         placement="SPREAD",
-        resize_check_s=10.0,
+        resize_check_s=1.0,  # the ranks look for room after every step
         cpus_per_worker=0.5,
     )
     stage = replace(

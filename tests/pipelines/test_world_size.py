@@ -244,12 +244,14 @@ def test_one_global_batch_one_loss_and_gradient_at_1x4_2x2_4x1(demo_dir, tmp_pat
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero, before, after", [(2, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("zero, before, after", [(2, 2, 1)])
 def test_a_checkpoint_resumes_at_another_world_size(zero, before, after, demo_dir, tmp_path):
-    """A ZeRO-{2,3} stage checkpointed at step 2 on `before` ranks resumes on `after`: every weight, Adam
+    """A ZeRO-2 stage checkpointed at step 2 on `before` ranks resumes on `after`: every weight, Adam
     moment, step count, learning rate and RNG state is checked equal to the checkpoint's, bit for bit,
     before the first resumed step; the resumed steps train on the rows, and give the losses, of the same
     stage run undisturbed (losses within 1e-5: the reduction order differs), each recorded at its world.
+    (ZeRO-3 resumed 2 -> 1 -> 2 -> 1, checked the same way, with an undisturbed run's losses: the cluster
+    tier's elastic test.)
     Guards: the portable checkpoint and its check (portable.verify); fails with an Adam moment changed
     between the load and the check."""
     from pipelines.train.stage import read_history
