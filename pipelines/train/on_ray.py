@@ -171,8 +171,7 @@ def _room_for_workers(recipe) -> int:
 
 
 def _refresh_train_view() -> None:
-    """refresh_train_view, where Ray Train's coordinator runs (an elastic stage); a failure only delays a
-    resize."""
+    """refresh_train_view; a failure only leaves Ray Train to look at its own pace."""
     try:
         refresh_train_view()
     except Exception as e:  # a view refreshed late is Ray Train's own behaviour, not an error
@@ -236,12 +235,12 @@ def _waited_in_python(fn: Callable[[], Any], every_s: Callable[[], None] = lambd
 
 
 def _wait_for_room_to_spread(plan: StagePlan, workers: int, timeout_s: float = 30.0) -> bool:
-    """Under SPREAD (a soft strategy), wait until each of up to ``workers`` live nodes (not being drained:
-    they take no new work) has room for one
-    worker, so the stage's placement group really spreads: the actors of the stage's own Ray Data step give
-    their CPUs back asynchronously, and a placement group made at that moment packs every rank onto the
-    head. Probed with a STRICT_SPREAD group of one worker's bundle per node, removed at once. False (and
-    the stage goes on, soft) when the room did not come within ``timeout_s``."""
+    """Under SPREAD (a soft strategy), wait until each of up to ``workers`` live nodes not being drained
+    (they take no new work) has room for one worker, so the stage's placement group really spreads: the
+    actors of the stage's own Ray Data step give their CPUs back asynchronously, and a placement group made
+    at that moment packs every rank onto the head. Probed with a STRICT_SPREAD group of one worker's bundle
+    per node, removed at once. False (and the stage goes on, soft) when the room did not come within
+    ``timeout_s``."""
     recipe, draining = plan.recipe, draining_nodes()
     nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["NodeID"] not in draining)
     if recipe.placement != "SPREAD" or workers < 2 or nodes < 2:
@@ -277,7 +276,7 @@ def fit_on_ray(
     printer: ProgressPrinter | None = None,
 ) -> tuple[str | None, list]:
     """The TorchTrainer of the stage, again after each attempt its ranks ended at a checkpoint (a drain
-    notice, room beyond the attempt's cap), each time at the size the nodes not being drained hold;
+    notice, room to grow), each time at the size the nodes not being drained hold;
     returns the last checkpoint's URI and where each rank of each attempt ran. The same run name and
     storage path make Ray Train restore each attempt from the latest checkpoint. The progress board lives
     on the driver's node (a hard affinity: a lost worker node must not take with it what the driver reads
@@ -292,7 +291,7 @@ def fit_on_ray(
         if plan.recipe.elastic:
             with contextlib.suppress(Exception):  # the GCS busy for a moment: the next second's look
                 if (now := _alive_nodes()) != alive:
-                    alive = now  # a node lost or joined: Ray Train's restart or resize decides on it at once
+                    alive = now  # a node lost: Ray Train's restart sizes the group without it at once
                     _refresh_train_view()
         show_progress()
 
