@@ -6,13 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test cluster-test lint bench bench-smoke clean
 
-# --no-compile: pip would byte-compile every module of every package (135 s of the install here, 54 s
-# without); Python compiles the ones a run imports, once, on first import
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[test]'
-	$(PY) -m pip install -q --no-compile --no-deps $$($(PY) -c "import tomllib; \
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; \
 		print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['lmms'])")
 	touch $(STAMP)
 
