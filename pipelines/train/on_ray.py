@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchTrainer, get_device
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -150,7 +150,8 @@ class RayTrainContext:
             due = self.rank == 0 and time.monotonic() - self._room_checked >= recipe.resize_check_s
             if due:
                 self._room_checked = time.monotonic()
-            room = torch.tensor([_room_for_workers(recipe) if due else 0])
+            count = _room_for_workers(recipe) if due else 0
+            room = torch.tensor([count], device=get_device())  # the rank's: NCCL's group takes no CPU tensor
             torch.distributed.broadcast(room, src=0)
             fits = min(int(room.item()), recipe.max_workers - self.world)
             if fits > 0:
@@ -168,14 +169,6 @@ def _room_for_workers(recipe) -> int:
     draining = draining_nodes()
     free = [r for node, r in free_resources_per_node().items() if node not in draining]
     return _workers_in(recipe, free)
-
-
-def _refresh_train_view() -> None:
-    """refresh_train_view; a failure only leaves Ray Train to look at its own pace."""
-    try:
-        refresh_train_view()
-    except Exception as e:  # a view refreshed late is Ray Train's own behaviour, not an error
-        log.warning("could not refresh Ray Train's view of the cluster: %s", e)
 
 
 def _workers_in(recipe, nodes: list[dict]) -> int:
@@ -292,7 +285,7 @@ def fit_on_ray(
             with contextlib.suppress(Exception):  # the GCS busy for a moment: the next second's look
                 if (now := _alive_nodes()) != alive:
                     alive = now  # a node lost: Ray Train's restart sizes the group without it at once
-                    _refresh_train_view()
+                    refresh_train_view()
         show_progress()
 
     def show_progress() -> None:  # what rank 0 is doing, or its last step, on this console
@@ -311,7 +304,7 @@ def fit_on_ray(
             workers = _attempt_max(plan.recipe)
             _wait_for_room_to_spread(plan, workers)
             if plan.recipe.elastic:
-                _refresh_train_view()  # the attempt starts at the size the nodes hold now
+                refresh_train_view()  # the attempt starts at the size the nodes hold now
             trainer = _trainer(plan, max_failures, workers, board, step_hooks)
             result = _waited_in_python(trainer.fit, every_s)
             show_progress()

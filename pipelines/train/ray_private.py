@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend  # private (Ray 2.60.0: ray/train/torch/config.py)
+
+log = logging.getLogger(__name__)
 
 
 def torch_config_binding(bind: Callable[[], object], backend: str) -> TorchConfig:
@@ -77,9 +80,13 @@ def refresh_train_view() -> None:
     Data's autoscaling coordinator, which looks every 20 s: a lost node's slots are then offered for up to
     20 s more (Ray Train starts the old size, and waits out its start timeout), and a new node is offered
     up to 20 s late (a group grows late). Ray 2.60.0: the detached actor ``AutoscalingCoordinator``,
-    ``get_reserved_resources(requester_id, recompute=True)`` looks again at once."""
+    ``get_reserved_resources(requester_id, recompute=True)`` looks again at once. A failure only leaves
+    Ray Train to look at its own pace."""
     try:
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     except ValueError:  # none yet: the first one looks at the nodes when it starts
         return
-    ray.get(coordinator.get_reserved_resources.remote("llava-ray", recompute=True), timeout=10)
+    try:
+        ray.get(coordinator.get_reserved_resources.remote("llava-ray", recompute=True), timeout=10)
+    except Exception as e:  # a view refreshed late is Ray Train's own behaviour, not an error
+        log.warning("could not refresh Ray Train's view of the cluster: %s", e)
