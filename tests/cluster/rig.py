@@ -130,6 +130,8 @@ class Rig:
     """Ray's auth token, given to every node and client through the environment."""
     owner: int = field(default_factory=os.getpid)
     procs: dict = field(default_factory=dict)
+    ports: set = field(default_factory=set)
+    """Every port this rig has handed out (``port``)."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -161,8 +163,17 @@ class Rig:
     def mlflow(self) -> str:
         return f"http://{self.head_ip}:{self.mlflow_port}"
 
+    def port(self, host: str) -> int:
+        """A free port on ``host`` that this rig has not handed out before: each probe's socket is closed
+        at once, so the kernel may give the same port to two probes, and Ray refuses a node whose
+        components were given one port twice."""
+        while (port := free_port(host)) in self.ports:
+            pass
+        self.ports.add(port)
+        return port
+
     def free_head_port(self) -> int:
-        return free_port(self.head_ip)
+        return self.port(self.head_ip)
 
     def env(self) -> dict:
         """What every process of the cluster and its clients get: the token, the S3 endpoint (credentials
@@ -271,7 +282,7 @@ class Rig:
         return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
     def _s3(self) -> None:
-        self.s3_port = free_port(self.head_ip)
+        self.s3_port = self.port(self.head_ip)
         code = (
             "import sys, time; from moto.server import ThreadedMotoServer as S; "
             "S(ip_address=sys.argv[1], port=int(sys.argv[2]), verbose=False).start(); time.sleep(1e9)"
@@ -287,7 +298,7 @@ class Rig:
         }
 
     def _mlflow(self) -> None:
-        self.mlflow_port = free_port(self.head_ip)
+        self.mlflow_port = self.port(self.head_ip)
         store = self.root / "mlflow"
         store.mkdir(exist_ok=True)
         self._spawn(
@@ -322,10 +333,10 @@ class Rig:
             "object-manager-port",
             "ray-client-server-port",
         )
-        return [f"--{name}={free_port(host)}" for name in names]
+        return [f"--{name}={self.port(host)}" for name in names]
 
     def _head(self) -> None:
-        self.gcs_port, self.dashboard_port = free_port(self.head_ip), free_port(self.head_ip)
+        self.gcs_port, self.dashboard_port = self.port(self.head_ip), self.port(self.head_ip)
         self._spawn(
             "head",
             [

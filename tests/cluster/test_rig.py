@@ -97,3 +97,13 @@ def test_a_worker_node_still_starting_is_killed_too(tmp_path):
         proc.kill()
         rig.stop()
     assert rig.leftovers() == []
+
+
+def test_no_port_is_handed_out_twice(tmp_path, monkeypatch):
+    """The kernel gave two probes the same port (each probe's socket is closed at once): the rig hands out
+    the next one instead, so no two of a node's components get one port (Ray refuses such a node).
+    Guards: the rig's record of the ports it gave; fails with ``port`` returning the probe's answer."""
+    answers = iter([40001, 40001, 40002, 40001, 40003])
+    monkeypatch.setattr(rig_module, "free_port", lambda host: next(answers))
+    rig = Rig(tmp_path / "rig", with_services=False, owner=os.getppid())
+    assert [rig.port(rig.head_ip) for _ in range(3)] == [40001, 40002, 40003]
